@@ -1,0 +1,5 @@
+import sys
+
+from qdiablo.cli import main
+
+sys.exit(main())

@@ -51,6 +51,7 @@ def make_tiny_llama(
     kv_heads: int = 2,
     vocab: int = 261,
     dtype: torch.dtype = torch.float32,
+    init_range: float = 0.02,
 ):
     """A random LLaMA-architecture causal LM small enough for unit tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -68,6 +69,7 @@ def make_tiny_llama(
         eos_token_id=2,
         pad_token_id=2,
         tie_word_embeddings=False,
+        initializer_range=init_range,
     )
     model = LlamaForCausalLM(config).to(dtype)
     model.eval()

@@ -1,0 +1,180 @@
+"""DiaBloLinear: a frozen base layer plus trainable diagonal blocks.
+
+    y = base(x) + x · blockdiag(B₁ … B_N)        blocks: (N, in/N, out/N), zero-initialised
+
+The base is any module with `in_features`, `out_features` and a forward: `nn.Linear`, the packed
+`quantizers.QuantLinear`, or bitsandbytes' `Linear4bit`. The adapter never looks inside it, except
+to read a dense weight when merging (`dense_weight`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qdiablo.errors import UserError
+
+
+def block_shape(
+    in_features: int, out_features: int, num_blocks: int, indivisible: str = "error", name: str = ""
+) -> tuple[int, int]:
+    """(in/N, out/N), or the padded (ceil(in/N), ceil(out/N)); a clear error if N doesn't divide."""
+    if in_features % num_blocks == 0 and out_features % num_blocks == 0:
+        return in_features // num_blocks, out_features // num_blocks
+    if indivisible == "pad":
+        if num_blocks > max(in_features, out_features):
+            raise UserError(
+                f"layer '{name}': N={num_blocks} exceeds its size {in_features}×{out_features}"
+            )
+        return math.ceil(in_features / num_blocks), math.ceil(out_features / num_blocks)
+    valid = _divisors(math.gcd(in_features, out_features))
+    below = [d for d in valid if d < num_blocks][-2:]
+    above = [d for d in valid if d > num_blocks][:2]
+    raise UserError(
+        f"layer '{name}' ({in_features}→{out_features}): N={num_blocks} does not divide both "
+        f"in_features and out_features; valid N nearby: {', '.join(map(str, below + above))}",
+        hint="pick one of those, or set indivisible='pad' to zero-pad as the reference does",
+    )
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def block_diagonal_matmul(x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x · blockdiag(blocks) for x of any leading shape (..., in) → (..., out).
+
+    One batched matmul over the reshaped input. Zero-pads the input and slices the output when
+    the blocks are padded (indivisible='pad').
+    """
+    n, block_in, block_out = blocks.shape
+    lead = x.shape[:-1]
+    if x.shape[-1] != n * block_in:
+        x = F.pad(x, (0, n * block_in - x.shape[-1]))
+    y = torch.einsum("tni,nio->tno", x.reshape(-1, n, block_in), blocks)
+    y = y.reshape(*lead, n * block_out)
+    return y if n * block_out == out_features else y[..., :out_features]
+
+
+def dense_delta(blocks: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+    """Dᵀ as an (out, in) matrix, so that `W + dense_delta` is the merged weight."""
+    d = torch.block_diag(*blocks)  # (N·in/N, N·out/N): D, mapping input to output
+    return d[:in_features, :out_features].T
+
+
+def dense_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The (out, in) float weight that a base layer multiplies by: the dequantized one if packed."""
+    if hasattr(base_layer, "dequantize_weight"):  # quantizers.QuantLinear
+        return base_layer.dequantize_weight()
+    weight = getattr(base_layer, "weight", None)
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes Linear4bit
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, quant_state)
+    if isinstance(weight, torch.Tensor) and weight.shape == (
+        base_layer.out_features,
+        base_layer.in_features,
+    ):
+        return weight
+    raise UserError(f"cannot read a dense weight from {type(base_layer).__name__} to merge into")
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear whose weight can be edited in place (not a bitsandbytes subclass)."""
+    return type(module) is nn.Linear
+
+
+class DiaBloLinear(nn.Module):
+    """A base linear-like layer plus zero-initialised diagonal blocks, trained in `block_dtype`."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        num_blocks: int,
+        dropout: float = 0.0,
+        block_dtype: torch.dtype = torch.float32,
+        indivisible: str = "error",
+        name: str = "",
+    ):
+        super().__init__()
+        for attr in ("in_features", "out_features"):
+            if not isinstance(getattr(base_layer, attr, None), int):
+                raise UserError(
+                    f"layer '{name}' is a {type(base_layer).__name__}, which has no integer "
+                    f"'{attr}': DiaBlo wraps linear layers (nn.Linear, QuantLinear, Linear4bit)",
+                    hint="exclude it with exclude_modules, or target other layers",
+                )
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.num_blocks = num_blocks
+        self.name = name
+        block_in, block_out = block_shape(
+            self.in_features, self.out_features, num_blocks, indivisible, name
+        )
+        device = next((t.device for t in base_layer.parameters()), None)
+        self.blocks = nn.Parameter(
+            torch.zeros(num_blocks, block_in, block_out, dtype=block_dtype, device=device)
+        )
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.adapter_enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged or not self.adapter_enabled:
+            return y
+        h = self.dropout(x).to(self.blocks.dtype)
+        return y + block_diagonal_matmul(h, self.blocks, self.out_features).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """Dᵀ, the (out, in) update that merging adds to the base weight."""
+        return dense_delta(self.blocks.detach(), self.in_features, self.out_features)
+
+    def merge(self) -> None:
+        """Add Dᵀ into an nn.Linear base in place; packed bases must use merge_and_unload."""
+        if self.merged:
+            return
+        if not is_plain_linear(self.base_layer):
+            raise UserError(
+                f"layer '{self.name}': cannot merge into a {type(self.base_layer).__name__} in "
+                "place, since its weights are packed integers",
+                hint="use merge_and_unload(), which returns float layers holding W_deq + Dᵀ",
+            )
+        w = self.base_layer.weight
+        w.data += self.delta_weight().to(w.dtype)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        w.data -= self.delta_weight().to(w.dtype)
+        self.merged = False
+
+    def merged_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain nn.Linear holding W + Dᵀ, with W the (dequantized) weight the blocks saw."""
+        if self.merged:
+            self.unmerge()
+        w = dense_weight(self.base_layer).detach()
+        dtype = dtype or (w.dtype if w.is_floating_point() else torch.float32)
+        merged = w.to(torch.float32) + self.delta_weight().to(torch.float32)
+        bias = getattr(self.base_layer, "bias", None)
+        out = nn.Linear(self.in_features, self.out_features, bias=bias is not None)
+        out = out.to(device=w.device, dtype=dtype)
+        out.weight.data.copy_(merged.to(dtype))
+        if bias is not None:
+            out.bias.data.copy_(bias.detach().to(dtype))
+        out.weight.requires_grad_(False)
+        if out.bias is not None:
+            out.bias.requires_grad_(False)
+        return out
+
+    def extra_repr(self) -> str:
+        n, bi, bo = self.blocks.shape
+        return f"num_blocks={n}, block=({bi}, {bo}), dtype={self.blocks.dtype}"

@@ -1,0 +1,403 @@
+"""DiaBloModel: wraps a causal LM, swaps target layers for DiaBloLinear, saves and loads adapters.
+
+On disk an adapter is a PEFT-like folder (DESIGN.md §2):
+- `adapter_config.json`: `method: "diablo"`, the DiaBloConfig fields, the base's name and
+  fingerprint, and `format_version`;
+- `adapter_model.safetensors`: one tensor per adapted layer, keyed `<module path>.blocks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qdiablo.diablo.config import DiaBloConfig
+from qdiablo.diablo.layer import DiaBloLinear
+from qdiablo.errors import UserError
+from qdiablo.io import atomic_path, read_json
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+# Keys of adapter_config.json besides the DiaBloConfig fields.
+METADATA_KEYS = {
+    "method",
+    "format_version",
+    "base_model_name_or_path",
+    "base_fingerprint",
+    "trainable_parameters",
+    "qdiablo_version",
+}
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(?:\.|$)")
+
+# --------------------------------------------------------------------------------------------
+# Which layers to wrap
+# --------------------------------------------------------------------------------------------
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "in_features", None), int) and isinstance(
+        getattr(module, "out_features", None), int
+    )
+
+
+def _matches(name: str, spec: list[str] | str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def find_targets(model: nn.Module, config: DiaBloConfig) -> list[str]:
+    """Module paths to wrap, in model order. Errors name the offending module."""
+    output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets = []
+    for name, module in model.named_modules():
+        if not name or ".base_layer" in name:
+            continue
+        if config.target_modules == "all-linear":
+            hit = _is_linear_like(module) and module is not output_head
+        else:
+            hit = _matches(name, config.target_modules)
+        if not hit or (config.exclude_modules and _matches(name, config.exclude_modules)):
+            continue
+        if config.layers_to_transform is not None:
+            m = _LAYER_INDEX.search(name)
+            if m is None or int(m.group(1)) not in config.layers_to_transform:
+                continue
+        if isinstance(module, DiaBloLinear):
+            raise UserError(f"layer '{name}' already has a DiaBlo adapter")
+        if not _is_linear_like(module):
+            raise UserError(
+                f"target '{name}' is a {type(module).__name__}, not a linear layer: DiaBlo wraps "
+                "layers with in_features/out_features (nn.Linear, QuantLinear, Linear4bit)",
+                hint="GPT-2-style Conv1D layers are not supported; target other layers",
+            )
+        targets.append(name)
+    if not targets:
+        examples = [n for n, m in model.named_modules() if _is_linear_like(m)][:6]
+        raise UserError(
+            f"no layer matches target_modules={config.target_modules!r}",
+            hint=f"linear layers in this model look like: {', '.join(examples)}",
+        )
+    return targets
+
+
+# --------------------------------------------------------------------------------------------
+# Base fingerprint: catches an adapter loaded onto a different base (e.g. 2-bit vs 4-bit)
+# --------------------------------------------------------------------------------------------
+
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype", "use_cache"}
+
+
+def _config_identity(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    data = config.to_dict()
+    return {
+        k: v for k, v in data.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS
+    }
+
+
+def _weight_sample(t: torch.Tensor, count: int = 256) -> bytes:
+    """Evenly spaced elements of a tensor; floats rounded to bf16, so fp32/bf16 copies agree."""
+    flat = t.detach().reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, min(count, flat.numel())).long().to(flat.device)
+    sample = flat[idx].cpu()
+    if sample.is_floating_point():
+        sample = sample.to(torch.bfloat16).view(torch.int16)
+    return sample.numpy().tobytes()
+
+
+def base_fingerprint(model: nn.Module, targets: list[str]) -> dict[str, str]:
+    """A hash of the base's config, its quantization settings, and a sample of the weights of
+    the layers the adapter wraps; plus a short readable description for error messages."""
+    identity = _config_identity(model)
+    h = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
+    modules = dict(model.named_modules())
+    for name in targets:
+        base = modules[name]
+        base = base.base_layer if isinstance(base, DiaBloLinear) else base
+        h.update(name.encode())
+        for key, tensor in sorted(base.state_dict().items()):
+            if isinstance(tensor, torch.Tensor) and tensor.numel():
+                h.update(f"{key}{tuple(tensor.shape)}".encode())
+                h.update(_weight_sample(tensor))
+    quant = identity.get("quantization_config") or {}
+    desc = f"{identity.get('model_type', type(model).__name__)}"
+    if "num_hidden_layers" in identity:
+        desc += f", {identity['num_hidden_layers']} layers, hidden {identity.get('hidden_size')}"
+    if quant:
+        method = quant.get("quant_method", "?")
+        bits = quant.get("bits") or ("4" if quant.get("load_in_4bit") else "?")
+        desc += f", {method} {bits}-bit"
+        if quant.get("group_size") is not None:
+            desc += f" g{quant['group_size']}"
+    return {"sha256": h.hexdigest(), "description": desc}
+
+
+# --------------------------------------------------------------------------------------------
+# The wrapper
+# --------------------------------------------------------------------------------------------
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+class DiaBloModel(nn.Module):
+    """A causal LM whose target layers carry DiaBlo blocks; everything else is frozen.
+
+    Forwards (and, through attribute fallback, `generate`, `config`, ...) to the wrapped model.
+    """
+
+    def __init__(self, model: nn.Module, config: DiaBloConfig):
+        super().__init__()
+        self.model = model
+        self.diablo_config = config
+        self.base_model_name_or_path = str(
+            getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+        )
+        targets = find_targets(model, config)
+        self.base_fingerprint = base_fingerprint(model, targets)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        block_dtype = getattr(torch, config.block_dtype)
+        for name in targets:
+            layer = DiaBloLinear(
+                model.get_submodule(name),
+                config.num_blocks,
+                dropout=config.dropout,
+                block_dtype=block_dtype,
+                indivisible=config.indivisible,
+                name=name,
+            )
+            _set_submodule(model, name, layer)
+        log.info(
+            "DiaBlo: wrapped %d layers with N=%d (%s trainable parameters)",
+            len(targets),
+            config.num_blocks,
+            f"{self.num_trainable_parameters():,}",
+        )
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (its target layers are DiaBloLinear until merge_and_unload)."""
+        return self.model
+
+    def diablo_layers(self) -> Iterator[tuple[str, DiaBloLinear]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, DiaBloLinear):
+                yield name, module
+
+    # ---- parameters ----------------------------------------------------------------------
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def num_total_parameters(self) -> int:
+        """All parameters, counting packed weights by their logical (unpacked) size."""
+        total = sum(
+            p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+            for p in self.model.parameters()  # deduplicated: tied embeddings count once
+        )
+        for module in self.model.modules():
+            if "qweight" in getattr(module, "_buffers", {}):
+                total += module.in_features * module.out_features
+        return total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.num_trainable_parameters(), self.num_total_parameters()
+        print(
+            f"trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}"
+        )
+
+    # ---- merging -------------------------------------------------------------------------
+
+    def merge_adapter(self) -> None:
+        """Add Dᵀ into each nn.Linear base in place (undo with unmerge_adapter)."""
+        for _, layer in self.diablo_layers():
+            layer.merge()
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.diablo_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """Replace every DiaBloLinear by a plain nn.Linear holding W + Dᵀ and return the model.
+
+        On a quantized base, W is the dequantized weight the blocks were trained against. Layers
+        that had no adapter stay as they are (packed layers stay packed).
+        """
+        for name, layer in list(self.diablo_layers()):
+            _set_submodule(self.model, name, layer.merged_linear(dtype))
+        return self.model
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside this block."""
+        layers = [layer for _, layer in self.diablo_layers()]
+        for layer in layers:
+            layer.adapter_enabled = False
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.adapter_enabled = True
+
+    # ---- saving and loading --------------------------------------------------------------
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.blocks": layer.blocks.detach() for name, layer in self.diablo_layers()}
+
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """Write adapter_config.json and adapter_model.safetensors, atomically as one folder."""
+        from safetensors.torch import save_file
+
+        from qdiablo import __version__
+
+        config = {
+            "method": "diablo",
+            "format_version": FORMAT_VERSION,
+            **self.diablo_config.to_dict(),
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "base_fingerprint": self.base_fingerprint,
+            "trainable_parameters": self.num_trainable_parameters(),
+            "qdiablo_version": __version__,
+        }
+        tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        with atomic_path(save_directory) as tmp:
+            tmp.mkdir()
+            save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: nn.Module,
+        adapter_dir: str | Path,
+        is_trainable: bool = False,
+        force: bool = False,
+    ) -> DiaBloModel:
+        """Load an adapter strictly: keys, shapes and the base fingerprint must all match.
+
+        `force=True` overrides only the fingerprint check (with a warning).
+        """
+        adapter_dir = Path(adapter_dir)
+        saved = read_adapter_config(adapter_dir)
+        config = DiaBloConfig.from_dict(
+            {k: v for k, v in saved.items() if k not in METADATA_KEYS},
+            source=str(adapter_dir / CONFIG_NAME),
+        )
+        expected = saved.get("base_fingerprint") or {}
+        actual = base_fingerprint(base_model, find_targets(base_model, config))
+        if expected.get("sha256") != actual["sha256"]:
+            msg = (
+                f"adapter {adapter_dir} was trained on a different base: it expects "
+                f"'{saved.get('base_model_name_or_path') or '?'}' ({expected.get('description')}), "
+                f"this base is ({actual['description']}); fingerprints "
+                f"{str(expected.get('sha256'))[:12]} ≠ {actual['sha256'][:12]}"
+            )
+            if not force:
+                raise UserError(msg, hint="pass force=True (CLI: --force) to load it anyway")
+            log.warning("%s (loading anyway: force=True)", msg)
+        tensors = _load_safetensors(adapter_dir / WEIGHTS_NAME)
+        model = cls(base_model, config)
+        layers = dict(model.diablo_layers())
+        expected_keys = {f"{n}.blocks" for n in layers}
+        missing = sorted(expected_keys - tensors.keys())
+        extra = sorted(tensors.keys() - expected_keys)
+        if missing or extra:
+            _unwrap(model)
+            parts = []
+            if missing:
+                parts.append(f"missing for {len(missing)} layer(s), e.g. {missing[0]}")
+            if extra:
+                parts.append(f"{len(extra)} unexpected tensor(s), e.g. {extra[0]}")
+            raise UserError(
+                f"adapter {adapter_dir / WEIGHTS_NAME} does not match this base: "
+                + "; ".join(parts),
+                hint="was it trained with other target_modules or on another architecture?",
+            )
+        for name, layer in layers.items():
+            t = tensors[f"{name}.blocks"]
+            if t.shape != layer.blocks.shape:
+                _unwrap(model)
+                raise UserError(
+                    f"adapter {adapter_dir / WEIGHTS_NAME}: layer '{name}' has blocks of shape "
+                    f"{tuple(t.shape)}, but this base needs {tuple(layer.blocks.shape)}"
+                )
+            with torch.no_grad():
+                layer.blocks.copy_(t)
+            layer.blocks.requires_grad_(is_trainable)
+        return model
+
+
+def _unwrap(model: DiaBloModel) -> None:
+    """Put the original base layers back after a failed load, so the base is left unchanged."""
+    for name, layer in list(model.diablo_layers()):
+        _set_submodule(model.model, name, layer.base_layer)
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """Read and check an adapter's config file; errors name the folder and the field."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise UserError(f"adapter folder not found: {adapter_dir}")
+    path = adapter_dir / CONFIG_NAME
+    saved = read_json(path, what="adapter config")
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    if saved.get("method") != "diablo":
+        raise UserError(
+            f"{path}: 'method' is {saved.get('method')!r}, not 'diablo'",
+            hint="a PEFT LoRA adapter loads with peft.PeftModel.from_pretrained",
+        )
+    version = saved.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserError(f"{path}: format_version {version!r} is not supported (expected 1)")
+    return saved
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UserError(f"adapter weights not found: {path}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable or truncated safetensors file: {e}") from e
+
+
+def get_diablo_model(model: nn.Module, config: DiaBloConfig | None = None) -> DiaBloModel:
+    """Freeze `model` and wrap its target layers with zero-initialised DiaBlo blocks."""
+    return DiaBloModel(model, config or DiaBloConfig())

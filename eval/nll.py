@@ -26,6 +26,7 @@ from eval.generate import batch_order, inference_context
 from qdiablo.data import IGNORE_INDEX, MathRecord, encode_example, reference_response
 
 DEFAULT_MAX_LENGTH = 2048
+_CHUNK = 256  # positions per float64 cross-entropy chunk
 
 
 @dataclass(frozen=True)
@@ -98,11 +99,22 @@ def batch_nll(model, examples: Sequence[dict[str, list[int]]], pad_token_id: int
     ).logits[:, :-1, :]
     targets = ids[:, ids.shape[1] - logits.shape[1] :]
     target_scored = scored[:, ids.shape[1] - logits.shape[1] :]
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    nll = torch.nn.functional.cross_entropy(
-        logits.to(dtype).transpose(1, 2), targets, reduction="none"
+    # Cross-entropy in float64 on the scored positions only, in chunks to bound memory. In
+    # float32 the sum over a 49k vocabulary drops the long tail of unlikely tokens: up to ~1e-4
+    # nats per token with a 3-D cross_entropy on CPU, ~1e-5 with a 2-D one.
+    rows = target_scored.nonzero(as_tuple=True)
+    token_nll = torch.cat(
+        [
+            torch.nn.functional.cross_entropy(
+                logits[rows[0][i : i + _CHUNK], rows[1][i : i + _CHUNK]].double(),
+                targets[rows[0][i : i + _CHUNK], rows[1][i : i + _CHUNK]],
+                reduction="none",
+            )
+            for i in range(0, rows[0].numel(), _CHUNK)
+        ]
     )
-    nll = (nll * target_scored).to(torch.float64).sum(dim=-1)
+    nll = torch.zeros(len(examples), dtype=torch.float64, device=device)
+    nll.index_add_(0, rows[0], token_nll)
     counts = target_scored.sum(dim=-1)
     return [(float(s), int(c)) for s, c in zip(nll.tolist(), counts.tolist())]
 

@@ -163,3 +163,21 @@ def test_nll_does_not_depend_on_batching(tokenizer):
     assert [a.tokens for a in one] == [b.tokens for b in many]
     for a, b in zip(one, many):
         assert a.nll_sum == pytest.approx(b.nll_sum, rel=1e-10)
+
+
+def test_nll_is_accurate_in_float32_with_a_large_vocabulary(tokenizer):
+    """Peaked float32 logits over a 49k vocabulary: the NLL must match a float64 log-softmax of the
+    same logits (float32 cross-entropies lose up to ~5e-5 nats per token here)."""
+    model = make_tiny_llama(seed=4, vocab=49152)
+    with torch.no_grad():  # a real LM's shape: a few likely tokens, a long tail of unlikely ones
+        model.lm_head.weight[:261] *= 30
+        model.lm_head.weight[261:] = 0
+    got = reference_nll(model, tokenizer, RECORDS[:2], template="alpaca", progress=False)
+    for record, item in zip(RECORDS[:2], got):
+        ex = encode_example(tokenizer, record, response=reference_response(record))
+        ids = torch.tensor([ex["input_ids"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1].double()
+        scored = torch.tensor(ex["labels"][1:]) != -100
+        logp = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0]
+        assert item.mean == pytest.approx(-logp[scored].mean().item(), abs=1e-6)

@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         [*(args.tasks or ([] if args.task_file else ["math4"])), *(args.task_file or [])]
     )
 
+    kind = adapter_kind(args.adapter) if args.adapter else None  # fail before loading models
     start = time.time()
     tokenizer = load_tokenizer(
         args.tokenizer or args.model, None if args.tokenizer else args.gguf_file
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         "quant": args.quant,
         "dtype": args.dtype,
         "adapter": args.adapter,
-        "adapter_kind": adapter_kind(args.adapter) if args.adapter else None,
+        "adapter_kind": kind,
         "merged": bool(args.adapter and args.merge_adapter),
     }
     if args.adapter:

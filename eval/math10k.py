@@ -8,8 +8,8 @@ Scoring looks at the generated response only (never the prompt):
 - **Letters** (AQuA): the reference rule takes the first capital A-E anywhere in the response
   (so "Answer: (C)" reads as "A", from "Answer"); it feeds the mean, to stay comparable with
   published numbers. The strict rule, reported beside it, takes the letter the response commits
-  to: the first "answer is (C)" / "Answer: C" / "answer is option C", or a response that opens
-  with an option marker such as "(C)" or "C)".
+  to: the first "answer is (C)" / "Answer: C" / "answer is option C", or else a response that
+  opens with an option marker such as "(C)" or "C)" (unless it goes on to list other options).
 
 None of the extraction functions raise, whatever the text.
 """
@@ -198,6 +198,9 @@ _COMMITTED_LETTER = re.compile(
 )
 # A response that opens with an option marker: "(C) 42", "C) 42", "C.", "C: ...", or just "C".
 _LEADING_LETTER = re.compile(r"^(?:\(([A-E])\)|([A-E])(?:\)|[.:](?=\s|$)|$))")
+# An option marker at the start of a line ("B) 7", "(C) 9", "D. 12"): several distinct ones mean
+# the response lists the choices rather than picking one.
+_LISTED_OPTION = re.compile(r"(?m)^\s*\(?([A-E])(?:\)|[.:](?=\s|$))")
 
 
 def extract_letter_strict(response: str) -> str | None:
@@ -208,7 +211,7 @@ def extract_letter_strict(response: str) -> str | None:
     if m:
         return m.group(1)
     m = _LEADING_LETTER.match(response.strip())
-    if m:
+    if m and len(set(_LISTED_OPTION.findall(response))) <= 1:  # not an echoed list of options
         return m.group(1) or m.group(2)
     return None
 

@@ -85,7 +85,9 @@ LETTER_CASES = [
     ("A train travels 60 km. The answer is (D).", "D", "A", "D"),
     ("Answer Choices: (A) 1 (B) 2", "B", "A", None),  # echoing the choices commits to nothing
     ("Rationale: 2 + 2 = 4. Answer: choice (E)", "E", "A", "E"),
-    ("the answer is a number", "A", "", None),  # lowercase "a" is not an option letter
+    ("the answer is a number", "A", "", None),
+    ("A. 23.65\nB. 1000\nC. 35.62", "A", "A", None),  # lists the options, picks none
+    ("(B) 12\nBecause 3 * 4 = 12.", "B", "B", "B"),  # lowercase "a" is not an option letter
     ("", "A", "", None),
 ]
 

@@ -13,8 +13,10 @@ Here:
 - a quantized base (qdiablo's `QuantLinear`) dequantizes its weights once for the whole run
   instead of at every step (`quantizers.dequantize_cache`).
 
-Batched greedy output equals one-at-a-time greedy output (tested in float64 against
-`model.generate`).
+Greedy here is pure argmax decoding: the model's `generation_config` (sampling settings,
+repetition penalties) is not applied, as the protocol asks. Batched greedy output equals
+one-at-a-time greedy output (tested in float64 against `model.generate`; on SmolLM2 in float32 the
+outputs were identical too, see BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -42,11 +42,11 @@ def test_eval_fp_base_writes_results(tiny_model_dir, tmp_path, capsys, tokenizer
         assert (tmp_path / "out" / f).is_file()
 
 
-def _diablo_adapter(tiny_model_dir, path):
+def _diablo_adapter(tiny_model_dir, path, seed=0):
     from qdiablo import DiaBloConfig, get_diablo_model
 
     model = get_diablo_model(load_model(str(tiny_model_dir)), DiaBloConfig(num_blocks=4))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for _, layer in model.diablo_layers():
             layer.blocks.normal_(0, 0.05)
@@ -60,15 +60,21 @@ def test_eval_with_diablo_adapter_plain_and_merged(tiny_model_dir, tmp_path, tok
     base_nll = direct_nll(load_model(str(tiny_model_dir)), tokenizer)
     expected = direct_nll(wrapped, tokenizer)
     assert abs(expected - base_nll) > 1e-3  # the adapter changes the model
+    retrained = direct_nll(
+        _diablo_adapter(tiny_model_dir, tmp_path / "retrained", seed=1), tokenizer
+    )
     common = ["--model", str(tiny_model_dir), "--tasks", "SVAMP", "--adapter", str(adapter)]
     rc, summary = run_eval(tmp_path, *common, "--nll-only")
     assert rc == 0
     assert summary["model"]["adapter_kind"] == "diablo"
     assert summary["tasks"]["SVAMP"]["nll"] == pytest.approx(expected, rel=1e-6)
     assert "accuracy" not in summary["tasks"]["SVAMP"]
+    # A retrained adapter in the same folder does not resume the old adapter's results.
+    _diablo_adapter(tiny_model_dir, adapter, seed=1)
+    assert cli.main(["eval", *ARGS, "--output", str(tmp_path / "out"), *common, "--nll-only"]) == 2
     rc, merged = run_eval(tmp_path, *common, "--merge-adapter", name="merged")
     assert rc == 0 and merged["model"]["merged"]
-    assert merged["tasks"]["SVAMP"]["nll"] == pytest.approx(expected, rel=1e-5)
+    assert merged["tasks"]["SVAMP"]["nll"] == pytest.approx(retrained, rel=1e-5)
 
 
 def test_eval_with_lora_adapter(tiny_model_dir, tmp_path, tokenizer):

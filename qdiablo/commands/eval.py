@@ -124,9 +124,12 @@ def run(args: argparse.Namespace) -> int:
 
     kind = adapter_kind(args.adapter) if args.adapter else None  # fail before loading models
     start = time.time()
-    tokenizer = load_tokenizer(
-        args.tokenizer or args.model, None if args.tokenizer else args.gguf_file
-    )
+    try:
+        tokenizer = load_tokenizer(
+            args.tokenizer or args.model, None if args.tokenizer else args.gguf_file
+        )
+    except UserError as e:
+        raise UserError(str(e), hint="pass --tokenizer FOLDER (e.g. the original model's)") from e
     model = load_base(args.model, quant=args.quant, gguf_file=args.gguf_file, dtype=args.dtype)
     info = {
         "base": args.model,
@@ -135,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "adapter": args.adapter,
         "adapter_kind": kind,
+        # A retrained adapter in the same folder must not resume the old one's results.
+        "adapter_sha256": _adapter_digest(args.adapter) if args.adapter else None,
         "merged": bool(args.adapter and args.merge_adapter),
     }
     if args.adapter:
@@ -156,3 +161,17 @@ def run(args: argparse.Namespace) -> int:
     print(Path(args.output, MARKDOWN_FILE).read_text(encoding="utf-8"))
     print(f"results in {args.output} ({time.time() - start:.0f} s)")
     return 0 if summary else 1
+
+
+def _adapter_digest(folder: str) -> str:
+    """sha256 of the adapter's weight files (adapters are small: well under a second)."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.bin")):
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

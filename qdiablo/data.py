@@ -217,6 +217,32 @@ def format_answer(answer: str) -> str:
 
 _ANSWER_IS = re.compile(r"answer is", re.IGNORECASE)
 
+# The sentence that states an answer: appended to training outputs that lack one, and the
+# reference response of test records without an `output` (mawps).
+ANSWER_SENTENCE = "The answer is {answer}."
+REFERENCE_MODES = ("output", "answer")
+
+
+def answer_sentence(answer: str) -> str:
+    """'79.0' -> 'The answer is 79.'"""
+    return ANSWER_SENTENCE.format(answer=format_answer(answer))
+
+
+def reference_response(record: MathRecord, mode: str = "output") -> str:
+    """The response scored by the smooth NLL metric (teacher-forced, after the prompt).
+
+    `output`: the record's `output` with surrounding whitespace stripped, or the answer sentence
+    when it is empty (mawps); `answer`: always the answer sentence ("The answer is 42.").
+    """
+    if mode not in REFERENCE_MODES:
+        raise UserError(
+            f"unknown reference mode '{mode}'", hint=f"choose from {', '.join(REFERENCE_MODES)}"
+        )
+    output = record.output.strip()
+    if mode == "output" and output:
+        return output
+    return answer_sentence(record.answer)
+
 
 def with_answer_suffix(record: MathRecord) -> MathRecord:
     """Append "The answer is {answer}." to an output that does not already state its answer."""
@@ -226,7 +252,7 @@ def with_answer_suffix(record: MathRecord) -> MathRecord:
     sep = "\n" if output else ""
     return MathRecord(
         record.instruction,
-        f"{output}{sep}The answer is {format_answer(record.answer)}.",
+        f"{output}{sep}{answer_sentence(record.answer)}",
         record.answer,
         record.source,
     )

@@ -120,3 +120,163 @@ def _forget_gguf_origin(model) -> None:
     if str(quant_method).lower().endswith("gguf"):
         del model.config.quantization_config
         model.hf_quantizer = None
+
+
+# --------------------------------------------------------------------------------------------
+# Bases for evaluation and training: full precision, a quantized folder, or bitsandbytes NF4
+# --------------------------------------------------------------------------------------------
+
+QUANTIZE_CONFIG = "quantize_config.json"
+BASE_QUANT_CHOICES = ("none", "nf4")
+
+
+def is_quantized_folder(path: str | Path) -> bool:
+    """A folder written by qdiablo's quantizers (GPTQ or RTN): it holds quantize_config.json."""
+    return Path(path).is_dir() and (Path(path) / QUANTIZE_CONFIG).is_file()
+
+
+def nf4_config():
+    """QLoRA's base: bitsandbytes NF4 with double quantization (DESIGN.md §3)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+
+
+def load_base(
+    name_or_path: str,
+    *,
+    quant: str | None = None,
+    gguf_file: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+):
+    """Load the base model that an adapter runs on, for evaluation or training.
+
+    - `name_or_path` is a hub id, a local Hugging Face folder, or `smollm2`: a full-precision
+      model (for `smollm2`: the GGUF's Q4_1 weights dequantized, see the module docstring);
+    - a folder holding `quantize_config.json` is a qdiablo GPTQ/RTN checkpoint, loaded with
+      `quantizers.load_quantized` (its linear layers are packed `QuantLinear`);
+    - `quant="nf4"` quantizes a full-precision model with bitsandbytes NF4 + double quantization
+      on load (QLoRA's base); on CPU it runs with `device_map="cpu"`. A GGUF model is dequantized
+      into a temporary folder first, since transformers cannot combine GGUF and bitsandbytes.
+
+    `quant=None` or `"none"` keeps the weights as they are.
+    """
+    quant = None if quant in (None, "none", "fp") else str(quant).lower()
+    if quant is not None and quant not in BASE_QUANT_CHOICES:
+        raise UserError(
+            f"unknown base quantization '{quant}'",
+            hint=f"choose from {', '.join(BASE_QUANT_CHOICES)}, or pass a quantized folder",
+        )
+    if name_or_path != SMOLLM2 and is_quantized_folder(name_or_path):
+        if quant is not None:
+            raise UserError(
+                f"{name_or_path} is already quantized ({QUANTIZE_CONFIG}); "
+                f"it cannot be quantized again with '{quant}'",
+                hint="drop the quantization option, or pass a full-precision model",
+            )
+        return _load_quantized_folder(name_or_path, dtype, device)
+    if quant == "nf4":
+        return _load_nf4(name_or_path, gguf_file, dtype, device)
+    return load_model(name_or_path, gguf_file, dtype=dtype, device=device)
+
+
+def _load_quantized_folder(path: str, dtype, device):
+    import inspect
+
+    try:
+        from quantizers import load_quantized
+    except ImportError as e:
+        raise UserError(
+            f"{path} is a quantized folder, but this installation cannot load it: {e}",
+            hint="install qdiablo with its `quantizers` package",
+        ) from e
+    params = inspect.signature(load_quantized).parameters
+    kwargs = {}
+    if "dtype" in params:
+        kwargs["dtype"] = parse_dtype(dtype)
+    if "device" in params:
+        kwargs["device"] = device
+    log.info("loading the quantized base %s", path)
+    model = load_quantized(str(path), **kwargs)
+    return model.to(device) if "device" not in params else model
+
+
+def _load_nf4(name_or_path: str, gguf_file: str | None, dtype, device):
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("NF4 bases need bitsandbytes", hint='pip install "qdiablo[qlora]"')
+    path, gguf = resolve_model(name_or_path, gguf_file)
+    device_map = str(device) if str(device) != "cuda" else "auto"
+    if gguf:
+        with tempfile.TemporaryDirectory(prefix="qdiablo-nf4-") as tmp:
+            load_model(name_or_path, gguf_file, dtype=dtype).save_pretrained(tmp)
+            model = AutoModelForCausalLM.from_pretrained(
+                tmp,
+                dtype=parse_dtype(dtype),
+                quantization_config=nf4_config(),
+                device_map=device_map,
+            )
+        model.config._name_or_path = name_or_path
+        return model
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=parse_dtype(dtype), quantization_config=nf4_config(), device_map=device_map
+        )
+    except OSError as e:
+        raise UserError(f"could not load a model from '{name_or_path}': {e}") from e
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_kind(adapter_dir: str | Path) -> str:
+    """'diablo' or 'lora' (any PEFT adapter), from the folder's adapter_config.json."""
+    from qdiablo.io import read_json
+
+    folder = Path(adapter_dir)
+    if not folder.is_dir():
+        raise UserError(f"adapter folder not found: {folder}")
+    config = read_json(folder / ADAPTER_CONFIG, what="adapter config")
+    if not isinstance(config, dict):
+        raise UserError(f"{folder / ADAPTER_CONFIG}: expected a JSON object")
+    if config.get("method") == "diablo":
+        return "diablo"
+    if config.get("peft_type"):
+        return str(config["peft_type"]).lower()
+    raise UserError(
+        f"{folder / ADAPTER_CONFIG}: not a DiaBlo adapter (method: diablo) nor a PEFT adapter "
+        "(peft_type)"
+    )
+
+
+def load_adapter(model, adapter_dir: str | Path, *, force: bool = False, merge: bool = False):
+    """Attach a saved adapter to a loaded base: DiaBlo (qdiablo) or PEFT (LoRA and others).
+
+    `merge=True` folds the adapter into the base's weights (`merge_and_unload`) for faster
+    inference; on a quantized base the merged layers are dense. `force` skips DiaBlo's base
+    fingerprint check.
+    """
+    kind = adapter_kind(adapter_dir)
+    if kind == "diablo":
+        from qdiablo import DiaBloModel
+
+        wrapped = DiaBloModel.from_pretrained(model, adapter_dir, force=force)
+    else:
+        try:
+            from peft import PeftModel
+        except ImportError as e:
+            raise UserError("PEFT adapters need peft", hint='pip install "qdiablo[qlora]"') from e
+        wrapped = PeftModel.from_pretrained(model, str(adapter_dir))
+    wrapped.eval()
+    if merge:
+        return wrapped.merge_and_unload()
+    return wrapped

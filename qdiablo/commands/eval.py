@@ -1,0 +1,177 @@
+"""`qdiablo eval`: the Math10K evaluation (GSM8K, SVAMP, MAWPS, AQuA) of a base plus an adapter.
+
+The base is a full-precision model (a hub id, a local folder, or `smollm2`), a qdiablo quantized
+folder (GPTQ/RTN, with quantize_config.json), or a full-precision model quantized to NF4 on load
+(`--quant nf4`). An adapter folder (DiaBlo or PEFT LoRA) is optional. Results go to `--output`:
+per-example JSON Lines, summary.json and results.md; a rerun resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+HELP = "evaluate a model (+ adapter) on the Math10K test sets: accuracy and reference NLL"
+
+log = logging.getLogger("qdiablo.eval")
+
+BASE_QUANT_CHOICES = ("none", "nf4")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from eval.presets import DEFAULT_PRESET, PRESETS
+    from qdiablo.data import REFERENCE_MODES, TEMPLATES
+
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default="smollm2",
+        help="base: hub id, local folder, qdiablo quantized folder, or 'smollm2' (default)",
+    )
+    g.add_argument("--gguf-file", default=None, help="GGUF file inside --model's folder")
+    g.add_argument(
+        "--quant",
+        choices=BASE_QUANT_CHOICES,  # qdiablo.models.BASE_QUANT_CHOICES (imports torch)
+        default="none",
+        help="quantize a full-precision base on load: nf4 = bitsandbytes NF4 + double quant",
+    )
+    g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model)")
+    g.add_argument("--adapter", default=None, help="adapter folder: DiaBlo or PEFT (LoRA)")
+    g.add_argument(
+        "--merge-adapter",
+        action="store_true",
+        help="fold the adapter into the base's weights before evaluating (faster)",
+    )
+    g.add_argument(
+        "--force", action="store_true", help="load a DiaBlo adapter onto a different base"
+    )
+    g.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
+
+    g = p.add_argument_group("tasks and protocol")
+    g.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        metavar="TASK",
+        help="set names (gsm8k SVAMP mawps AQuA AddSub MultiArith SingleEq), groups (math4: the "
+        "four of the mean, the default; extra; all) or test file paths",
+    )
+    g.add_argument(
+        "--task-file",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="a custom test file in the Math10K record format (repeatable); reported apart",
+    )
+    g.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default=DEFAULT_PRESET,
+        help="; ".join(
+            f"{k}: {v.description}, {v.max_new_tokens} tokens" for k, v in PRESETS.items()
+        ),
+    )
+    g.add_argument("--template", choices=list(TEMPLATES), default=None, help="override the preset")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="override the preset")
+    g.add_argument("--num-beams", type=int, default=None, help="override the preset")
+    g.add_argument("--limit", type=int, default=None, help="only the first N items of each set")
+    g.add_argument(
+        "--reference",
+        choices=REFERENCE_MODES,
+        default="output",
+        help="NLL reference response: the record's output (answer sentence when empty), or "
+        "always 'The answer is X.'",
+    )
+    g.add_argument("--no-nll", action="store_true", help="skip the reference-response NLL")
+    g.add_argument("--nll-only", action="store_true", help="only the NLL, no generation")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--batch-size", type=int, default=16, help="examples per batch")
+    g.add_argument("--output", default="outputs/eval", help="results folder (resumable)")
+    g.add_argument("--overwrite", action="store_true", help="discard results already there")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from eval.math10k import resolve_tasks
+    from eval.runner import MARKDOWN_FILE, EvalSettings, evaluate
+    from qdiablo.errors import UserError
+    from qdiablo.models import adapter_kind, load_adapter, load_base, load_tokenizer
+
+    if args.no_nll and args.nll_only:
+        raise UserError("--no-nll and --nll-only exclude each other")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = EvalSettings(
+        preset=args.preset,
+        template=args.template,
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        generate=not args.nll_only,
+        nll=not args.no_nll,
+        reference=args.reference,
+    )
+    settings.resolved()  # check the flags before loading anything
+    tasks = resolve_tasks(
+        [*(args.tasks or ([] if args.task_file else ["math4"])), *(args.task_file or [])]
+    )
+
+    kind = adapter_kind(args.adapter) if args.adapter else None  # fail before loading models
+    start = time.time()
+    try:
+        tokenizer = load_tokenizer(
+            args.tokenizer or args.model, None if args.tokenizer else args.gguf_file
+        )
+    except UserError as e:
+        raise UserError(str(e), hint="pass --tokenizer FOLDER (e.g. the original model's)") from e
+    model = load_base(args.model, quant=args.quant, gguf_file=args.gguf_file, dtype=args.dtype)
+    info = {
+        "base": args.model,
+        "gguf_file": args.gguf_file,
+        "quant": args.quant,
+        "dtype": args.dtype,
+        "adapter": args.adapter,
+        "adapter_kind": kind,
+        # A retrained adapter in the same folder must not resume the old one's results.
+        "adapter_sha256": _adapter_digest(args.adapter) if args.adapter else None,
+        "merged": bool(args.adapter and args.merge_adapter),
+    }
+    if args.adapter:
+        model = load_adapter(model, args.adapter, force=args.force, merge=args.merge_adapter)
+    log.info("model ready in %.0f s", time.time() - start)
+
+    summary = evaluate(
+        model,
+        tokenizer,
+        tasks,
+        args.output,
+        settings,
+        model_info=info,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    from pathlib import Path
+
+    print(Path(args.output, MARKDOWN_FILE).read_text(encoding="utf-8"))
+    print(f"results in {args.output} ({time.time() - start:.0f} s)")
+    return 0 if summary else 1
+
+
+def _adapter_digest(folder: str) -> str:
+    """sha256 of the adapter's weight files (adapters are small: well under a second)."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.bin")):
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -211,20 +211,29 @@ def collect_hessians(
     groups: Sequence[Sequence[str]],
     hidden: Sequence[Tensor],
     kwargs: Sequence[dict],
+    product_dtype: torch.dtype | None = None,
 ) -> dict[str, Tensor]:
     """H = XᵀX / n (float32) of the first layer of each group; the forward pass stops right after
-    the last group's input has been seen."""
+    the last group's input has been seen.
+
+    product_dtype: compute each batch's XᵀX in this dtype (e.g. bfloat16, ~4x faster on CPU),
+    still summing the batches in float32."""
     firsts = [g[0] for g in groups]
     stop_at = groups[-1][-1]
     H: dict[str, Tensor] = {}
     count: dict[str, int] = {}
 
     def accumulate(name: str, x: Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1])
         if name not in H:
             H[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
             count[name] = 0
-        H[name].addmm_(x.t(), x)
+        if product_dtype is None:
+            x = x.float()
+            H[name].addmm_(x.t(), x)
+        else:
+            x = x.to(product_dtype)
+            H[name] += (x.t() @ x).float()
         count[name] += x.shape[0]
 
     def hook(name: str):

@@ -8,6 +8,7 @@ same result as one call per layer, with fewer, larger matrix operations.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
@@ -90,11 +91,19 @@ class QuantReport:
         return "\n".join(lines) + "\n"
 
 
-def relative_output_error(W: Tensor, Q: Tensor, H: Tensor) -> float:
-    """‖X(W−Q)ᵀ‖ / ‖XWᵀ‖ computed from H = XᵀX/n alone."""
-    D = (W - Q).float()
-    num = float(((D @ H) * D).sum())
-    den = float(((W.float() @ H) * W.float()).sum())
+def relative_output_error(
+    W: Tensor, Q: Tensor, H: Tensor, matmul_dtype: torch.dtype | None = None
+) -> float:
+    """‖X(W−Q)ᵀ‖ / ‖XWᵀ‖ computed from H = XᵀX/n alone (matmuls optionally in a faster dtype:
+    it is a report, three digits are plenty)."""
+    D, W = (W - Q).float(), W.float()
+    if matmul_dtype is not None:
+        Hm = H.to(matmul_dtype)
+        num = float(((D.to(matmul_dtype) @ Hm).float() * D).sum())
+        den = float(((W.to(matmul_dtype) @ Hm).float() * W).sum())
+    else:
+        num = float(((D @ H) * D).sum())
+        den = float(((W @ H) * W).sum())
     return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
 
 
@@ -180,16 +189,17 @@ def _quantize_group(
     W = torch.cat([lin.weight.detach().float() for lin in layers])
     result, W_magr = quantize_weights(W, H, config, name=f"{prefix}.{'+'.join(names)}")
     Q = result.dequantize() if H is not None else None
+    fast = fast_matmul_dtype(W.device)
     start = 0
     for name, lin in zip(names, layers):
         end = start + lin.out_features
         entry = LayerReport(f"{prefix}.{name}", (lin.out_features, lin.in_features))
         if H is not None:
-            entry.rel_error = relative_output_error(W[start:end], Q[start:end], H)
+            entry.rel_error = relative_output_error(W[start:end], Q[start:end], H, fast)
         if W_magr is not None:
             entry.max_abs_before = median_max_abs(W[start:end], config.group_size)
             entry.max_abs_after = median_max_abs(W_magr[start:end], config.group_size)
-            entry.magr_change = relative_output_error(W[start:end], W_magr[start:end], H)
+            entry.magr_change = relative_output_error(W[start:end], W_magr[start:end], H, fast)
         report.layers.append(entry)
         log.debug(
             "%s: rel. output error %s%s",
@@ -224,6 +234,12 @@ def _log_block(name: str, layers: list[LayerReport], bar) -> None:
     bar.set_postfix(rel_err=f"{statistics.mean(errors):.4f}")
 
 
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def _check_packable(blocks: nn.ModuleList, prefix: str, bits: int) -> None:
     for i, block in enumerate(blocks):
         for name, lin in block_linears(block, f"{prefix}.{i}").items():
@@ -240,12 +256,18 @@ def quantize_model(
     calib_data: Sequence[Tensor] | None,
     config: QuantConfig,
     device: torch.device | str | None = None,
+    calib_dtype: torch.dtype | str | None = None,
 ) -> nn.Module:
     """Quantize the linear layers of `model`'s decoder blocks in place and return the model.
 
     calib_data: a list of LongTensor (batch, seq_len); required for GPTQ, MagR and coordinate
         descent, optional for plain RTN (then only used for the error report).
     device: where each block is processed (one at a time); defaults to the model's device.
+    calib_dtype: run the calibration forward passes under autocast to this dtype (e.g.
+        torch.bfloat16: about 3x faster on a CPU with AVX512-BF16, as GPTQ is usually run in
+        half precision on GPUs), and compute each batch's XᵀX in it. The weights are still read
+        and quantized in full precision, and the Hessians summed in float32. "auto" picks
+        bfloat16 where the hardware multiplies it natively. Default: the model's own dtype.
     Embeddings and lm_head are left alone. The per-layer report is `model.quantization_report`.
     """
     if not isinstance(config, QuantConfig):
@@ -259,6 +281,10 @@ def quantize_model(
     _check_packable(blocks, prefix, config.bits)
     model_device = next(model.parameters()).device
     device = torch.device(device) if device is not None else model_device
+    if calib_dtype == "auto":
+        calib_dtype = fast_matmul_dtype(device)
+    elif calib_dtype is not None and not isinstance(calib_dtype, torch.dtype):
+        raise ValueError(f"calib_dtype must be a torch.dtype, 'auto' or None, got {calib_dtype!r}")
     report = QuantReport(config=config.to_dict())
     was_training = model.training
     model.eval()
@@ -271,7 +297,8 @@ def quantize_model(
             sum(b.shape[0] for b in calib_data),
             report.calibration_tokens,
         )
-        hidden, kwargs = capture_block_inputs(model, blocks, calib_data, device)
+        with _autocast(device, calib_dtype):
+            hidden, kwargs = capture_block_inputs(model, blocks, calib_data, device)
 
     with logging_redirect_tqdm(), torch.no_grad():
         bar = tqdm(range(len(blocks)), desc=f"quantizing W{config.bits}", unit="block")
@@ -284,15 +311,19 @@ def quantize_model(
                 for layer in linears:
                     _quantize_group(block, linears, [layer], None, config, name, report)
             else:
-                groups = input_groups(block, linears, hidden[0], kwargs[0])
+                with _autocast(device, calib_dtype):
+                    groups = input_groups(block, linears, hidden[0], kwargs[0])
                 stages = [[g] for g in groups] if config.true_sequential else [groups]
                 for stage in stages:
-                    with dequantize_cache(block):  # layers quantized so far: dequantize once
-                        hessians = collect_hessians(block, linears, stage, hidden, kwargs)
+                    # layers quantized so far dequantize once for all batches
+                    with dequantize_cache(block), _autocast(device, calib_dtype):
+                        hessians = collect_hessians(
+                            block, linears, stage, hidden, kwargs, product_dtype=calib_dtype
+                        )
                     for group in stage:
                         H = hessians[group[0]]
                         _quantize_group(block, linears, group, H, config, name, report)
-                with dequantize_cache(block):
+                with dequantize_cache(block), _autocast(device, calib_dtype):
                     hidden = run_block(block, hidden, kwargs)
             _log_block(name, report.layers[first:], bar)
             blocks[i] = block.to(model_device)

@@ -1,0 +1,106 @@
+"""Does GPTQModel load qdiablo's GPTQ export, and do its logits match ours?
+
+GPTQModel needs torch >= 2.14 (a CUDA build, about 5 GB), so the check runs in two environments:
+
+1. In qdiablo's environment, export a tiny random LLaMA quantized to 4 bits, with reference
+   logits computed by qdiablo's own QuantLinear:
+
+       python benchmarks/gptqmodel_interop.py export runs/interop
+
+2. In a separate environment with the `gptq` extra (`pip install gptqmodel`, CUDA torch),
+   load the folder with GPTQModel and compare (this step imports neither qdiablo nor
+   quantizers):
+
+       python benchmarks/gptqmodel_interop.py check runs/interop [--device cuda]
+
+The check passes when GPTQModel's logits match qdiablo's to fp16 precision (both run the
+dequantized weights; GPTQModel computes in fp16). Exit status 0 = match, 1 = mismatch. The
+export writes both zero-point conventions: `runs/interop/gptq` (v1) and `runs/interop/gptq_v2`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+TOKENS = [[1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 10, 50]]
+
+
+def export(out: Path, bits: int, group_size: int, sym: bool) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import make_tiny_llama, make_tokenizer
+
+    from quantizers import QuantConfig, quantize_model, save_quantized, tokenize_calibration
+
+    tokenizer = make_tokenizer()
+    text = "Natalia sold clips to 48 of her friends in April, and half as many in May. " * 40
+    calib = tokenize_calibration(tokenizer, [text], num_samples=16, seq_len=128)
+    ids = torch.tensor(TOKENS)
+    for fmt in ("gptq", "gptq_v2"):
+        model = make_tiny_llama(seed=0, hidden=256, intermediate=512, heads=8, kv_heads=4)
+        config = QuantConfig(bits=bits, group_size=group_size, sym=sym, checkpoint_format=fmt)
+        quantize_model(model, calib, config)
+        folder = out / fmt
+        save_quantized(model, folder, tokenizer)
+        with torch.no_grad():
+            logits = model(ids).logits[0]
+        torch.save({"ids": ids, "logits": logits}, folder / "reference_logits.pt")
+        print(f"exported {folder} ({fmt}, W{bits} g{group_size}, sym={sym})")
+
+
+def check(out: Path, device: str, backend: str) -> int:
+    from gptqmodel import BACKEND, GPTQModel
+
+    failures = 0
+    for fmt in ("gptq", "gptq_v2"):
+        folder = out / fmt
+        ref = torch.load(folder / "reference_logits.pt")
+        model = GPTQModel.load(str(folder), device=device, backend=getattr(BACKEND, backend))
+        with torch.no_grad():
+            logits = model.model(ref["ids"].to(device)).logits[0].float().cpu()
+        diff = (logits - ref["logits"]).abs().max().item()
+        scale = ref["logits"].abs().max().item()
+        same_argmax = bool((logits.argmax(-1) == ref["logits"].argmax(-1)).all())
+        ok = diff <= 2e-2 * scale and same_argmax
+        failures += not ok
+        print(
+            json.dumps(
+                {
+                    "format": fmt,
+                    "max_abs_diff": diff,
+                    "max_abs_logit": scale,
+                    "same_argmax": same_argmax,
+                    "match": ok,
+                    "backend": backend,
+                    "device": device,
+                }
+            )
+        )
+    return 1 if failures else 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="step", required=True)
+    e = sub.add_parser("export", help="quantize a tiny model and save it with reference logits")
+    e.add_argument("out", type=Path)
+    e.add_argument("--bits", type=int, default=4)
+    e.add_argument("--group-size", type=int, default=32)
+    e.add_argument("--sym", action="store_true")
+    c = sub.add_parser("check", help="load the export with GPTQModel and compare logits")
+    c.add_argument("out", type=Path)
+    c.add_argument("--device", default="cuda")
+    c.add_argument("--backend", default="TORCH", help="a gptqmodel.BACKEND name")
+    args = p.parse_args()
+    if args.step == "export":
+        export(args.out, args.bits, args.group_size, args.sym)
+        return 0
+    return check(args.out, args.device, args.backend)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

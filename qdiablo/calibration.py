@@ -1,0 +1,77 @@
+"""Calibration data for quantization: texts from a file (or the shipped Math10K subset) turned
+into the token batches `quantizers.quantize_model` takes. Used by `qdiablo quantize` and the
+pipeline.
+
+A source is one of:
+- None: the real Math10K training subset shipped in the package, each record as its Alpaca
+  prompt plus the worked solution (the distribution the adapter is later trained on);
+- a `.json` / `.jsonl` file of Math10K records (`instruction`, `output`, `answer`), formatted
+  the same way (records without an `output` contribute their prompt);
+- any other file: plain UTF-8 text, split into paragraphs at blank lines.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch import Tensor
+
+from qdiablo.data import DEFAULT_TEMPLATE, build_prompt, load_shipped_train_records, read_records
+from qdiablo.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SAMPLES = 128
+DEFAULT_SEQ_LEN = 256
+DEFAULT_BATCH_SIZE = 8
+
+
+def calibration_texts(
+    source: str | Path | None = None, template: str = DEFAULT_TEMPLATE
+) -> list[str]:
+    """The calibration texts of a source (see the module docstring)."""
+    if source is None:
+        records = load_shipped_train_records()
+        return [build_prompt(r.instruction, template) + r.output for r in records]
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"calibration file not found: {path}")
+    if path.suffix in (".json", ".jsonl"):
+        records = read_records(path, require_output=False)
+        return [build_prompt(r.instruction, template) + r.output for r in records]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from e
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if not paragraphs:
+        raise UserError(f"{path}: the calibration text file is empty")
+    return paragraphs
+
+
+def build_calibration_data(
+    tokenizer,
+    source: str | Path | None = None,
+    num_samples: int = DEFAULT_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    template: str = DEFAULT_TEMPLATE,
+) -> list[Tensor]:
+    """Calibration batches (a list of LongTensor [batch, seq_len]) from a source: texts joined
+    with EOS and cut into `num_samples` windows of `seq_len` tokens."""
+    from quantizers import tokenize_calibration
+
+    texts = calibration_texts(source, template)
+    where = "the shipped Math10K subset" if source is None else str(source)
+    try:
+        batches = tokenize_calibration(tokenizer, texts, num_samples, seq_len, batch_size)
+    except ValueError as e:
+        raise UserError(f"calibration data from {where}: {e}") from e
+    log.info(
+        "calibration: %d windows of %d tokens from %s",
+        sum(b.shape[0] for b in batches),
+        seq_len,
+        where,
+    )
+    return batches

@@ -1,0 +1,383 @@
+"""save_quantized / load_quantized: a Hugging Face folder in the GPTQ checkpoint layout.
+
+    config.json            the model config, with `quantization_config` (quant_method "gptq")
+    quantize_config.json   the same quantization settings (GPTQModel reads this file)
+    model.safetensors      every tensor; quantized layers as qweight/qzeros/scales/g_idx
+    tokenizer files        when a tokenizer is given
+    quantization_report.json/.md  the per-layer report of quantize_model, when there is one
+
+Zero points: `checkpoint_format` "gptq" (v1, the default) stores zero − 1 in qzeros; "gptq_v2"
+stores the zero as is. QuantLinear holds v2 in memory; saving and loading convert. Writes are
+atomic (a temporary folder beside the target, renamed into place); loading is strict and names
+the file and tensor of anything missing, extra, truncated or mismatched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from quantizers.config import QuantConfig
+from quantizers.packing import zeros_v1_to_v2, zeros_v2_to_v1
+from quantizers.quant_linear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+QUANTIZE_CONFIG_NAME = "quantize_config.json"
+REPORT_NAME = "quantization_report.json"
+REPORT_MD_NAME = "quantization_report.md"
+# quantization_config keys that must agree between config.json and quantize_config.json
+CORE_KEYS = ("bits", "group_size", "sym", "desc_act", "checkpoint_format", "quant_method")
+
+
+class CheckpointError(ValueError):
+    """A quantized checkpoint is missing, malformed, truncated or does not match its config."""
+
+
+@contextlib.contextmanager
+def _atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path`, else it vanishes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "payload")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _quant_config_of(model: nn.Module) -> QuantConfig:
+    config = getattr(model, "quant_config", None)
+    if isinstance(config, QuantConfig):
+        return config
+    qc = getattr(model.config, "quantization_config", None)
+    if isinstance(qc, dict):
+        return _config_from_entry(qc, "model.config.quantization_config")
+    raise CheckpointError("the model has no quantization settings: run quantize_model first")
+
+
+def _unique_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict without tied duplicates (a tied lm_head is stored once, as the
+    embedding), every tensor contiguous."""
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    out: dict[str, Tensor] = {}
+    for key, t in model.state_dict().items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and ident in seen:
+            continue
+        seen[ident] = key
+        out[key] = t.detach().contiguous()
+    return out
+
+
+def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
+    """Write `model` (quantized by quantize_model or loaded by load_quantized) as a HF folder."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    config = _quant_config_of(model)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        raise CheckpointError("the model has no QuantLinear layers: run quantize_model first")
+    for name, m in layers.items():
+        if m.bits != config.bits:
+            raise CheckpointError(f"{name}: {m.bits}-bit layer in a {config.bits}-bit model")
+    state = _unique_state_dict(model)
+    if config.checkpoint_format == "gptq":
+        for name, m in layers.items():
+            state[f"{name}.qzeros"] = zeros_v2_to_v1(m.qzeros.cpu(), m.bits, m.out_features, name)
+    state = {k: v.cpu() for k, v in state.items()}
+    entry = config.quantization_config()
+    with _atomic_dir(directory) as tmp:
+        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        previous = getattr(model.config, "quantization_config", None)
+        model.config.quantization_config = entry
+        try:
+            model.config.save_pretrained(tmp)
+        finally:
+            model.config.quantization_config = previous if previous is not None else entry
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            with contextlib.suppress(Exception):
+                generation.save_pretrained(tmp)
+        _write_json(tmp / QUANTIZE_CONFIG_NAME, entry)
+        report = getattr(model, "quantization_report", None)
+        if report is not None:
+            _write_json(tmp / REPORT_NAME, report.to_dict())
+            (tmp / REPORT_MD_NAME).write_text(report.to_markdown(), encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    log.info(
+        "saved %d quantized layers to %s (%s)", len(layers), directory, config.checkpoint_format
+    )
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _config_from_entry(entry: dict[str, Any], where: str) -> QuantConfig:
+    """QuantConfig from a quantization_config entry (ours has meta.qdiablo; others do not)."""
+    if entry.get("quant_method") != "gptq":
+        raise CheckpointError(
+            f"{where}: quant_method is {entry.get('quant_method')!r}, expected 'gptq'"
+        )
+    ours = (entry.get("meta") or {}).get("qdiablo")
+    try:
+        if isinstance(ours, dict):
+            fields = {k: v for k, v in ours.items() if not k.startswith("resolved_")}
+            return QuantConfig.from_dict(fields)
+        return QuantConfig(
+            bits=entry.get("bits", 4),
+            group_size=entry.get("group_size", 128),
+            sym=entry.get("sym", True),
+            desc_act=entry.get("desc_act", False),
+            static_groups=entry.get("static_groups", False),
+            true_sequential=entry.get("true_sequential", True),
+            damp_percent=entry.get("damp_percent", 0.01),
+            checkpoint_format=entry.get("checkpoint_format", "gptq"),
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from e
+
+
+def _read_header(file: Path) -> dict[str, dict[str, Any]]:
+    """Parse a safetensors header and check every tensor's bytes are inside the file."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{file}: truncated: {size} bytes, no safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise CheckpointError(f"{file}: truncated: the header alone needs {n} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file}: malformed safetensors header: {e}") from e
+    header.pop("__metadata__", None)
+    data = size - 8 - n
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        if end > data:
+            raise CheckpointError(
+                f"{file}: tensor '{name}' is truncated: it needs bytes {begin}..{end} of the "
+                f"data section, which holds only {data} (the file was cut short)"
+            )
+    return header
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _weight_files(directory: Path) -> dict[str, Path]:
+    """tensor name -> file, for a single file or a sharded index."""
+    single = directory / WEIGHTS_NAME
+    index = directory / INDEX_NAME
+    if single.is_file():
+        return {"": single}
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no weight_map")
+        return {k: directory / v for k, v in weight_map.items()}
+    raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} (or {INDEX_NAME}) found")
+
+
+def load_quantized(
+    directory: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Load a folder written by save_quantized (or a GPTQ-layout export) into QuantLinear layers.
+
+    dtype: cast the unquantized weights (embeddings, norms, lm_head, biases); packed tensors and
+    fp16 scales stay as stored. Default: as stored.
+    """
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a folder")
+    cfg_json = _read_json(directory / "config.json")
+    entry = cfg_json.get("quantization_config")
+    qfile = directory / QUANTIZE_CONFIG_NAME
+    if entry is None and qfile.is_file():
+        entry = _read_json(qfile)
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{directory / 'config.json'}: no quantization_config entry")
+    if qfile.is_file():
+        other = _read_json(qfile)
+        for key in CORE_KEYS:
+            if key in other and key in entry and other[key] != entry[key]:
+                raise CheckpointError(
+                    f"{qfile}: {key}={other[key]!r} disagrees with config.json's "
+                    f"quantization_config {key}={entry[key]!r}"
+                )
+    config = _config_from_entry(entry, str(directory / "config.json"))
+
+    # The files first: every tensor present in full, before any model is built.
+    files = _weight_files(directory)
+    headers: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for file in sorted(set(files.values())):
+        if not file.is_file():
+            raise CheckpointError(f"{file}: file not found (listed in {INDEX_NAME})")
+        for name, info in _read_header(file).items():
+            headers[name] = (file, info)
+
+    hf_config = AutoConfig.from_pretrained(directory)
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    packed = (".qweight", ".qzeros", ".scales", ".g_idx")
+    quantized = sorted({k.rsplit(".", 1)[0] for k in headers if k.endswith(packed)})
+    if not quantized:
+        raise CheckpointError(f"{directory}: no '*.qweight' tensors: not a GPTQ checkpoint")
+    for name in quantized:
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(
+                f"{next(iter(files.values()))}: tensor '{name}.qweight' names no module of "
+                f"{type(model).__name__}"
+            ) from None
+        if not isinstance(lin, nn.Linear):
+            raise CheckpointError(f"{name}: expected nn.Linear to hold a quantized layer")
+        has_bias = f"{name}.bias" in headers
+        bias_dtype = (
+            _SAFETENSORS_DTYPES.get(headers[f"{name}.bias"][1]["dtype"]) if has_bias else None
+        )
+        try:
+            q = QuantLinear(
+                lin.in_features,
+                lin.out_features,
+                config.bits,
+                config.group_size,
+                bias=has_bias,
+                bias_dtype=bias_dtype or torch.float32,
+            )
+        except ValueError as e:
+            raise CheckpointError(f"{name}: {e}") from e
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+
+    expected = model.state_dict(keep_vars=True)
+    tied = _tied_keys(model, set(headers))
+    for key in expected:
+        if key not in headers and key not in tied:
+            raise CheckpointError(
+                f"{next(iter(files.values()))}: tensor '{key}' is missing from the checkpoint"
+            )
+    state: dict[str, Tensor] = {}
+    for key, (file, info) in headers.items():
+        if key not in expected:
+            raise CheckpointError(
+                f"{file}: unexpected tensor '{key}', which {type(model).__name__} with "
+                f"bits={config.bits}, group_size={config.group_size} does not have"
+            )
+        want = expected[key]
+        shape = tuple(info["shape"])
+        if shape != tuple(want.shape):
+            raise CheckpointError(
+                f"{file}: tensor '{key}' has shape {list(shape)}, expected {list(want.shape)} "
+                f"(bits={config.bits}, group_size={config.group_size})"
+            )
+        stored = _SAFETENSORS_DTYPES.get(info["dtype"])
+        packed_int = key.endswith((".qweight", ".qzeros", ".g_idx"))
+        if packed_int and key.rpartition(".")[0] in quantized and stored != torch.int32:
+            raise CheckpointError(f"{file}: tensor '{key}' is {info['dtype']}, expected I32")
+    for file in sorted(set(files.values())):
+        state.update(load_file(file))
+
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    left = [k for k, v in model.state_dict().items() if v.is_meta]
+    if left:
+        raise CheckpointError(f"{directory}: tensors never loaded: {left[:5]}")
+    if config.checkpoint_format == "gptq":
+        for name in quantized:
+            q = model.get_submodule(name)
+            zeros, wrapped = zeros_v1_to_v2(q.qzeros, q.bits, q.out_features)
+            q.qzeros.copy_(zeros)
+            if wrapped:
+                log.warning(
+                    "%s: %d v1 zero points are stored as %d (a wrapped zero of 0); read as 0",
+                    name,
+                    wrapped,
+                    2**q.bits - 1,
+                )
+    model.config.quantization_config = entry
+    model.quant_config = config
+    if dtype is not None:
+        model.to(dtype)
+    model.to(device)
+    model.eval()
+    return model
+
+
+def _tied_keys(model: nn.Module, present: set[str]) -> set[str]:
+    """Keys that may be absent from the file because they are tied to a key that is present
+    (e.g. lm_head.weight to model.embed_tokens.weight)."""
+    pairs = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    tied = set()
+    for target, source in pairs.items():
+        if source in present:
+            tied.add(target)
+        if target in present:
+            tied.add(source)
+    seen: dict[int, str] = {}
+    for key, p in model.state_dict(keep_vars=True).items():  # parameters shared in memory
+        if id(p) in seen and seen[id(p)] in present:
+            tied.add(key)
+        seen.setdefault(id(p), key)
+    return tied

@@ -1,0 +1,207 @@
+"""QuantLinear: a frozen linear layer stored packed in the GPTQ layout, trainable through.
+
+Memory really shrinks: the layer holds `qweight`, `qzeros`, `scales`, `g_idx` (and an optional
+bias), about bits/8 bytes per weight plus the per-group scales and zeros. Its forward dequantizes
+and multiplies; its backward dequantizes *again* to give the input gradient, through a custom
+autograd.Function that saves only the packed tensors, so no full-precision copy of any layer is
+kept alive between forward and backward. The base weights never get a gradient.
+
+`dequantize_packed` is the one place that turns the packed tensors into a float weight, so that a
+fused GPU kernel can later replace this torch implementation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from quantizers.packing import pack_qweight, pack_qzeros, packable, unpack_qweight, unpack_qzeros
+from quantizers.rtn import QuantResult
+
+
+def dequantize_packed(
+    qweight: Tensor,
+    qzeros: Tensor,
+    scales: Tensor,
+    g_idx: Tensor,
+    bits: int,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The weight transposed, [in, out], as `dtype`: scales[g]·(q − zeros[g]) for each input
+    row's group g = g_idx[row]. Computed in float32 (exact: small integers times fp16 scales),
+    then cast once."""
+    in_features = g_idx.shape[0]
+    out_features = scales.shape[1]
+    q = unpack_qweight(qweight, bits, in_features)
+    z = unpack_qzeros(qzeros, bits, out_features)
+    g = g_idx.long()
+    w = (q - z.index_select(0, g)).float() * scales.float().index_select(0, g)
+    return w if dtype == torch.float32 else w.to(dtype)
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """y = x · W (W = dequantized [in, out]); backward dx = dy · Wᵀ with W dequantized again."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, qzeros, scales, g_idx, bits):
+        ctx.bits = bits
+        ctx.save_for_backward(qweight, qzeros, scales, g_idx)  # packed only: no float weight
+        return x @ dequantize_packed(qweight, qzeros, scales, g_idx, bits, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qweight, qzeros, scales, g_idx = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = dequantize_packed(qweight, qzeros, scales, g_idx, ctx.bits, grad_out.dtype)
+            grad_x = grad_out @ w.t()
+        return grad_x, None, None, None, None, None
+
+
+class QuantLinear(nn.Module):
+    """A packed, frozen linear layer: forward(x) = x·dequant(W)ᵀ (+ bias).
+
+    Buffers (the GPTQ layout, zero points in the gptq_v2 convention):
+        qweight int32 [in·bits/32, out], qzeros int32 [groups, out·bits/32],
+        scales fp16 [groups, out], g_idx int32 [in], bias [out] (optional).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int = -1,
+        bias: bool = False,
+        bias_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        for n, what in ((in_features, "in_features"), (out_features, "out_features")):
+            if not packable(n, bits):
+                raise ValueError(
+                    f"{what}={n} cannot be packed at {bits} bits: it must be a multiple of "
+                    f"{32 // _gcd(bits, 32)}"
+                )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        groups = 1 if group_size == -1 else -(-in_features // group_size)
+        kw = {"device": device}
+        self.register_buffer(
+            "qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32, **kw)
+        )
+        self.register_buffer(
+            "qzeros", torch.zeros(groups, out_features * bits // 32, dtype=torch.int32, **kw)
+        )
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, **kw))
+        default_g_idx = torch.arange(in_features, **kw) // (
+            in_features if group_size == -1 else group_size
+        )
+        self.register_buffer("g_idx", default_g_idx.to(torch.int32))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, **kw))
+        else:
+            self.bias = None
+        self._cache: Tensor | None = None
+        self._caching = False
+
+    @classmethod
+    def from_result(
+        cls, result: QuantResult, group_size: int, bias: Tensor | None = None
+    ) -> QuantLinear:
+        """Pack a quantization result (codes [out, in], scales/zeros [groups, out])."""
+        out_features, in_features = result.codes.shape
+        layer = cls(
+            in_features,
+            out_features,
+            result.bits,
+            group_size,
+            bias=bias is not None,
+            bias_dtype=bias.dtype if bias is not None else torch.float32,
+            device=result.codes.device,
+        )
+        layer.qweight.copy_(pack_qweight(result.codes, result.bits))
+        layer.qzeros.copy_(pack_qzeros(result.zeros, result.bits))
+        layer.scales.copy_(result.scales.half())
+        layer.g_idx.copy_(result.g_idx)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dequantized weight [out, in] (a transposed view of the [in, out] result)."""
+        w = dequantize_packed(
+            self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype or torch.float32
+        )
+        return w.t()
+
+    def codes(self) -> Tensor:
+        """The integer codes [out, in] (for tests and inspection)."""
+        return unpack_qweight(self.qweight, self.bits, self.in_features).t()
+
+    def zeros(self) -> Tensor:
+        """The zero points [groups, out] (gptq_v2 convention: as is)."""
+        return unpack_qzeros(self.qzeros, self.bits, self.out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._caching:
+            cache = self._cache
+            if cache is None or cache.dtype != x.dtype or cache.device != x.device:
+                self._cache = dequantize_packed(
+                    self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, x.dtype
+                )
+            y = x @ self._cache
+        else:
+            y = _QuantMatmul.apply(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) / .half() would round the stored fp16 scales (bf16 loses bits): only
+        # follow device moves for them. The bias follows the model's dtype like any buffer.
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if self.scales.dtype != scales.dtype:
+            self.scales = scales.to(self.scales.device)
+        return self
+
+    def packed_bytes(self) -> int:
+        """Bytes held by the packed buffers (qweight, qzeros, scales, g_idx, bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        groups = self.scales.shape[0]
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, group_size={self.group_size}, groups={groups}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+@contextlib.contextmanager
+def dequantize_cache(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside this block every QuantLinear of `model` dequantizes its weight once (on first use,
+    in the input's dtype) and reuses it: fast repeated forwards, e.g. CPU generation in
+    evaluation. The float copies are freed on exit. Not for training: the cached weight is a
+    plain tensor that autograd would keep for backward."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    previous = [m._caching for m in layers]
+    for m in layers:
+        m._caching = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(layers, previous):
+            m._caching = was
+            if not was:
+                m._cache = None

@@ -1,0 +1,141 @@
+"""RTN, GPTQ and coordinate descent on tensors with a known structure."""
+
+import itertools
+import logging
+
+import pytest
+import torch
+from quant_problems import output_error, structured_problem
+
+from quantizers.cd import cd_refine
+from quantizers.gptq import CholeskyError, gptq_quantize, inverse_cholesky
+from quantizers.quantize import relative_output_error
+from quantizers.rtn import find_grid, rtn_quantize
+
+
+def rtn_reference(W, bits, group_size, sym=False):
+    """Min-max round-to-nearest written out group by group, row by row."""
+    maxq = 2**bits - 1
+    Q = torch.empty_like(W)
+    for r in range(W.shape[0]):
+        for a in range(0, W.shape[1], group_size):
+            w = W[r, a : a + group_size]
+            lo, hi = min(float(w.min()), 0.0), max(float(w.max()), 0.0)
+            if sym:
+                m = max(-lo, hi)
+                lo, hi = -m, m
+            scale = float(torch.tensor((hi - lo) / maxq).half())
+            zero = 2 ** (bits - 1) if sym else min(max(round(-lo / scale), 0), maxq)
+            q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+            Q[r, a : a + group_size] = scale * (q - zero)
+    return Q
+
+
+@pytest.mark.parametrize("bits, group_size, sym", [(3, 64, False), (4, 32, True), (2, 128, False)])
+def test_rtn_matches_groupwise_reference_with_partial_last_group(bits, group_size, sym):
+    W, _, _ = structured_problem(out_features=16, in_features=160)  # 160 = 64+64+32 at g64
+    result = rtn_quantize(W, bits, group_size, sym)
+    groups = -(-160 // group_size)
+    assert result.scales.shape == (groups, 16) and result.g_idx.shape == (160,)
+    assert int(result.g_idx[-1]) == groups - 1
+    assert torch.allclose(result.dequantize(), rtn_reference(W, bits, group_size, sym), atol=1e-6)
+
+
+def test_grid_beta_and_min_zero():
+    w = torch.tensor([[-1.0, 0.5, 2.0], [0.25, 0.5, 1.0]])
+    scale, zero = find_grid(w, 2, sym=False, beta=0.8)
+    assert torch.allclose(scale, torch.tensor([0.8 * 3 / 3, 0.8 * 1 / 3]).half().float())
+    assert zero.tolist() == [1.0, 0.0]  # the second row is all positive: zero point 0
+    _, zero = find_grid(w, 2, sym=False, min_zero=1)
+    assert zero.tolist() == [1.0, 1.0]  # kept off 0 for the v1 format
+    scale, zero = find_grid(w, 4, sym=True)
+    assert zero.tolist() == [8.0, 8.0]
+    assert torch.allclose(scale, torch.tensor([4 / 15, 2 / 15]).half().float())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [-1, 32])
+def test_gptq_output_error_is_well_below_rtn(bits, group_size):
+    W, X, H = structured_problem()
+    rtn = output_error(W, rtn_quantize(W, bits, group_size).dequantize(), X)
+    gptq = output_error(W, gptq_quantize(W, H, bits, group_size).dequantize(), X)
+    assert gptq < 0.7 * rtn, (gptq, rtn)
+
+
+def test_gptq_options_desc_act_and_static_groups():
+    W, X, H = structured_problem(in_features=160)  # partial last group at g64
+    rtn = output_error(W, rtn_quantize(W, 3, 64).dequantize(), X)
+    act = gptq_quantize(W, H, 3, 64, desc_act=True)
+    # act-order groups follow the permutation: g_idx is not monotone, but each group still
+    # holds 64 columns (the last 32)
+    assert not bool((act.g_idx[1:] >= act.g_idx[:-1]).all())
+    assert torch.bincount(act.g_idx.long()).tolist() == [64, 64, 32]
+    static = gptq_quantize(W, H, 3, 64, desc_act=True, static_groups=True)
+    assert torch.equal(static.g_idx, (torch.arange(160) // 64).to(torch.int32))
+    for result in (act, static):
+        assert output_error(W, result.dequantize(), X) < 0.7 * rtn
+    # static groups: the grids are those of RTN on the unquantized weights
+    assert torch.equal(static.scales, rtn_quantize(W, 3, 64).scales)
+
+
+def test_gptq_on_stacked_rows_equals_one_call_per_layer():
+    W, _, H = structured_problem(out_features=96)
+    both = gptq_quantize(W, H, 3, 32)
+    top, bottom = gptq_quantize(W[:40], H, 3, 32), gptq_quantize(W[40:], H, 3, 32)
+    agree = (both.codes == torch.cat([top.codes, bottom.codes])).float().mean()
+    assert agree > 0.999  # rows are independent given H (float rounding may differ)
+
+
+def test_dead_inputs_get_zero_weight():
+    W, X, _ = structured_problem()
+    X[:, 5] = 0
+    H = X.t() @ X / X.shape[0]
+    result = gptq_quantize(W, H, 4, 32)
+    Q = result.dequantize()
+    assert bool(torch.isfinite(Q).all())
+    assert torch.equal(Q[:, 5], torch.zeros(W.shape[0]))
+    assert output_error(W, Q, X) < 0.1
+
+
+def test_cholesky_retries_with_more_damping_then_fails_clearly(caplog):
+    n = 16
+    H = torch.eye(n)
+    H[0, 0] = -0.05  # indefinite: 1% damping is not enough, 10% is
+    with caplog.at_level(logging.WARNING, logger="quantizers.gptq"):
+        U = inverse_cholesky(H, 0.01, name="layers.3.mlp.up_proj")
+    assert bool(torch.isfinite(U).all())
+    assert "layers.3.mlp.up_proj: Cholesky failed with damp_percent=0.01; retrying" in caplog.text
+    with pytest.raises(CholeskyError, match=r"layers\.1\.q_proj: the Hessian is not positive"):
+        inverse_cholesky(-torch.eye(n), 0.01, name="layers.1.q_proj")
+    bad = torch.eye(n)
+    bad[2, 3] = float("nan")
+    with pytest.raises(CholeskyError, match="NaN or Inf"):
+        inverse_cholesky(bad, 0.01, name="x")
+
+
+def damped_objective(W, Q, H, lam):
+    D = W - Q
+    return float(((D @ H) * D).sum()) + lam * float((D * D).sum())
+
+
+@pytest.mark.parametrize("damp", [0.01, 0.75])
+def test_coordinate_descent_never_raises_its_objective_and_keeps_the_grid(damp):
+    W, X, H = structured_problem()
+    start = gptq_quantize(W, H, 2, 32)
+    lam = damp * float(H.diagonal().mean())
+    values = [damped_objective(W, start.dequantize(), H, lam)]
+    result = start
+    for _ in range(3):
+        result = cd_refine(W, result, H, sweeps=1, damp=damp)
+        values.append(damped_objective(W, result.dequantize(), H, lam))
+    assert all(b <= a * (1 + 1e-6) for a, b in itertools.pairwise(values)), values
+    assert values[-1] < values[0]
+    assert result.scales is start.scales and result.zeros is start.zeros
+    if damp == 0.01:  # lightly damped: it also lowers the plain output error
+        assert output_error(W, result.dequantize(), X) < output_error(W, start.dequantize(), X)
+
+
+def test_relative_output_error_from_H_matches_X():
+    W, X, H = structured_problem()
+    Q = rtn_quantize(W, 3, 32).dequantize()
+    assert relative_output_error(W, Q, H) == pytest.approx(output_error(W, Q, X), rel=1e-4)

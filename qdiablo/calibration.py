@@ -22,7 +22,7 @@ from qdiablo.errors import UserError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SAMPLES = 128
+DEFAULT_SAMPLES = 64
 DEFAULT_SEQ_LEN = 256
 DEFAULT_BATCH_SIZE = 8
 

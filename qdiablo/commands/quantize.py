@@ -91,6 +91,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_BATCH_SIZE,
         help=f"windows per forward pass (default {DEFAULT_BATCH_SIZE})",
     )
+    p.add_argument(
+        "--calib-dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="dtype of the calibration forward passes: auto = bfloat16 where the hardware has "
+        "it (about 3x faster on CPU), else the model's dtype; weights are always quantized in "
+        "full precision",
+    )
     p.add_argument("--device", help="where each block is quantized (default: cpu)")
     p.add_argument("--dtype", default="float32", help="dtype to load the model in")
 
@@ -126,6 +134,8 @@ def quant_config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from qdiablo.calibration import build_calibration_data
     from qdiablo.models import load_model, load_tokenizer
     from quantizers import quantize_model, save_quantized
@@ -146,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.calib_batch_size,
         )
     model = load_model(args.model, args.gguf_file, dtype=args.dtype)
-    quantize_model(model, calib, config, device=args.device)
+    calib_dtype = {"auto": "auto", "float32": None, "bfloat16": torch.bfloat16}[args.calib_dtype]
+    quantize_model(model, calib, config, device=args.device, calib_dtype=calib_dtype)
     save_quantized(model, output, tokenizer)
     report = model.quantization_report
     mean = report.mean_rel_error()

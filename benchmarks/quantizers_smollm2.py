@@ -1,0 +1,136 @@
+"""Quality and wall time of every quantizer on the real SmolLM2-135M-Instruct (issue 3 table).
+
+Calibrates on SVAMP questions and measures perplexity on GSM8K questions with their solutions
+(two different sources), for FP and {RTN, GPTQ, MagR+RTN, MagR+GPTQ, MagR+GPTQ+CD} x
+{W4, W3, W2} at group size 64. The "FP" model is the GGUF's Q4_1 weights dequantized to fp32,
+not the original bf16 checkpoint, so 4-bit re-quantization is nearly lossless by construction.
+
+    python benchmarks/quantizers_smollm2.py --out runs/bench-quantizers.json
+
+Prints a markdown table (for BENCHMARKS.md) and writes every number to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from eval.perplexity import math10k_texts, perplexity, token_windows
+from qdiablo.models import load_model, load_tokenizer
+from quantizers import QuantConfig, quantize_model, tokenize_calibration
+
+METHODS = {
+    "RTN": {"method": "rtn"},
+    "GPTQ": {"method": "gptq"},
+    "MagR+RTN": {"method": "rtn", "magr": True},
+    "MagR+GPTQ": {"method": "gptq", "magr": True},
+    "MagR+GPTQ+CD": {"method": "gptq", "magr": True, "cd_sweeps": None},  # 1, or 30 at W2
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--calib-dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--cd-damp", type=float, default=None, help="override QuantConfig.cd_damp")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-quantizers-smollm2.json"))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+
+    tokenizer = load_tokenizer("smollm2")
+    base = load_model("smollm2")
+    calib = tokenize_calibration(
+        tokenizer,
+        math10k_texts("SVAMP", with_output=False),
+        args.calib_samples,
+        args.calib_seq_len,
+    )
+    windows = token_windows(tokenizer, math10k_texts("gsm8k"), 256, max_tokens=args.eval_tokens)
+    calib_dtype = torch.bfloat16 if args.calib_dtype == "bfloat16" else None
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {args.threads} thread(s)",
+        "calibration": f"{sum(b.numel() for b in calib)} tokens of SVAMP questions "
+        f"({args.calib_samples} x {args.calib_seq_len}), {args.calib_dtype} forward",
+        "evaluation": f"{windows.numel()} tokens of GSM8K question+solution, windows of 256",
+        "rows": [],
+    }
+    start = time.perf_counter()
+    fp = perplexity(base, windows)
+    results["rows"].append(
+        {
+            "method": "FP (Q4_1 GGUF)",
+            "bits": 32,
+            "ppl": fp.perplexity,
+            "eval_s": time.perf_counter() - start,
+        }
+    )
+    print(f"FP: ppl {fp.perplexity:.3f}", flush=True)
+    for bits in args.bits:
+        for name in args.methods:
+            kw = dict(METHODS[name])
+            if "cd_sweeps" in kw:
+                kw["cd_sweeps"] = 30 if bits == 2 else 1
+                if args.cd_damp is not None:
+                    kw["cd_damp"] = args.cd_damp
+            config = QuantConfig(bits=bits, group_size=args.group_size, **kw)
+            model = copy.deepcopy(base)
+            needs = config.method == "gptq" or config.magr or config.cd_sweeps
+            t = time.perf_counter()
+            quantize_model(model, calib if needs else None, config, calib_dtype=calib_dtype)
+            quant_s = time.perf_counter() - t
+            t = time.perf_counter()
+            ppl = perplexity(model, windows).perplexity
+            row = {
+                "method": name,
+                "bits": bits,
+                "ppl": ppl,
+                "quant_s": quant_s,
+                "eval_s": time.perf_counter() - t,
+                "mean_rel_error": model.quantization_report.mean_rel_error(),
+                "config": config.to_dict(),
+            }
+            results["rows"].append(row)
+            print(f"W{bits} {name}: ppl {ppl:.3f}, quantized in {quant_s:.0f} s", flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2))
+    print()
+    print(markdown(results, args.group_size))
+
+
+def markdown(results: dict, group_size: int) -> str:
+    rows = results["rows"]
+    bits = sorted({r["bits"] for r in rows if r["bits"] < 32}, reverse=True)
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["bits"] < 32))
+    head = "| method | " + " | ".join(f"W{b} g{group_size} ppl (quantize s)" for b in bits) + " |"
+    lines = [head, "|---" * (len(bits) + 1) + "|"]
+    fp = next(r for r in rows if r["bits"] == 32)
+    lines.append(f"| {fp['method']} | " + " | ".join(f"{fp['ppl']:.2f}" for _ in bits) + " |")
+    for m in methods:
+        cells = []
+        for b in bits:
+            r = next((r for r in rows if r["method"] == m and r["bits"] == b), None)
+            cells.append("—" if r is None else f"{r['ppl']:.2f} ({r['quant_s']:.0f} s)")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,7 @@ from typing import Any
 from qdiablo.errors import UserError
 
 # The pipeline order: model -> quantize -> train -> eval -> export.
-COMMANDS = ["demo"]
+COMMANDS = ["demo", "train"]
 
 log = logging.getLogger("qdiablo")
 

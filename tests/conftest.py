@@ -8,7 +8,9 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# QDIABLO_TEST_THREADS=1 avoids OpenMP oversubscription on a machine shared with other jobs.
+_THREADS = os.environ.get("QDIABLO_TEST_THREADS") or max(1, min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(_THREADS))
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

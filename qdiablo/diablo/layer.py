@@ -9,6 +9,7 @@ to read a dense weight when merging (`dense_weight`).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -172,7 +173,8 @@ class DiaBloLinear(nn.Module):
         block_in, block_out = block_shape(
             self.in_features, self.out_features, num_blocks, indivisible, name
         )
-        device = next((t.device for t in base_layer.parameters()), None)
+        tensors = itertools.chain(base_layer.parameters(), base_layer.buffers())
+        device = next((t.device for t in tensors), None)  # packed bases hold buffers only
         self.blocks = nn.Parameter(
             torch.zeros(num_blocks, block_in, block_out, dtype=block_dtype, device=device)
         )

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from qdiablo import DiaBloConfig, get_diablo_model
 from qdiablo.errors import UserError
+from qdiablo.train.adapters import attach_diablo, attach_lora
 from qdiablo.train.bases import bnb_nf4_config, load_base, quantize_bnb_4bit_
 from qdiablo.train.metrics import base_linear_bytes, layer_resident_bytes
 
@@ -91,6 +92,17 @@ def test_nf4_base_is_packed_and_smaller(tiny_model_dir):
     q = nf4.model.model.layers[0].self_attn.q_proj
     assert q.weight.dtype == torch.uint8 and q.weight.numel() == q.in_features * q.out_features // 2
     assert layer_resident_bytes(q) > q.weight.numel()
+
+
+@pytest.mark.parametrize("adapter", ["diablo", "lora"])
+def test_base_bytes_ignore_the_adapter(tiny_model_dir, adapter):
+    nf4 = load_base("nf4", str(tiny_model_dir))
+    before = base_linear_bytes(nf4.model)
+    if adapter == "diablo":
+        wrapped = attach_diablo(nf4.model, 8, ["q_proj", "up_proj"], dropout=0.0)
+    else:
+        wrapped = attach_lora(nf4.model, 4, 8, ["q_proj", "up_proj"], dropout=0.0)
+    assert base_linear_bytes(wrapped) == before
 
 
 def test_nf2_base_records_its_quantization(tiny_model_dir):

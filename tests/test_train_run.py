@@ -15,25 +15,6 @@ from qdiablo.train.bases import load_base
 from qdiablo.train.budget import diablo_parameters, lora_parameters, matched_rank
 
 
-@pytest.fixture(scope="module")
-def math_file(tmp_path_factory):
-    """Short Math10K-format records, so that a tiny model trains on them in milliseconds."""
-    path = tmp_path_factory.mktemp("data") / "arith.jsonl"
-    rows = []
-    for i in range(40):
-        a, b = 3 + 7 * i % 50, 11 + 5 * i % 40
-        rows.append(
-            {
-                "instruction": f"What is {a} plus {b}?",
-                "input": "",
-                "output": f"{a} + {b} = {a + b}.",
-                "answer": str(a + b),
-            }
-        )
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def config(tmp_path, model_dir, data, name="run", **overrides) -> TrainConfig:
     settings = dict(
         model=str(model_dir),

@@ -90,17 +90,15 @@ def load_training_records(data: Sequence[str] | None) -> tuple[list[MathRecord],
     return records, list(data)
 
 
-def build_training_set(
-    tokenizer,
+def select_records(
     data: Sequence[str] | None = None,
-    template: str = "alpaca",
-    max_length: int = 512,
     answer_suffix: bool = False,
     decontaminate_against: Sequence[str] = (),
     max_records: int | None = None,
     seed: int = 0,
-) -> tuple[ExampleDataset, DataSummary]:
-    """Read, decontaminate, optionally add the answer suffix, and tokenize.
+) -> tuple[list[MathRecord], DataSummary]:
+    """Read, decontaminate, subsample and optionally add the answer suffix (no tokenizer needed,
+    so a bad data file fails before any model loads).
 
     `max_records` keeps a seeded random subset (the order of the rest is left to the sampler).
     """
@@ -114,12 +112,22 @@ def build_training_set(
         summary.dropped_per_set = dropped
         summary.dropped = summary.records - len(records)
     if max_records is not None and max_records < len(records):
-        rng = random.Random(seed)
-        records = rng.sample(records, max_records)
+        records = random.Random(seed).sample(records, max_records)
     if answer_suffix:
         suffixed = [with_answer_suffix(r) for r in records]
         summary.answer_suffix_added = sum(a is not b for a, b in zip(suffixed, records))
         records = suffixed
+    return records, summary
+
+
+def tokenize_records(
+    tokenizer,
+    records: Sequence[MathRecord],
+    summary: DataSummary,
+    template: str = "alpaca",
+    max_length: int = 512,
+) -> ExampleDataset:
+    """Encode with the shared template (loss on the response, EOS appended); fills `summary`."""
     examples = encode_records(tokenizer, records, template, max_length)
     summary.too_long_skipped = len(records) - len(examples)
     summary.examples = len(examples)
@@ -138,4 +146,4 @@ def build_training_set(
         summary.total_tokens,
         summary.response_tokens,
     )
-    return ExampleDataset(examples), summary
+    return ExampleDataset(examples)

@@ -72,10 +72,17 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _is_base_linear(module: nn.Module) -> bool:
-    if type(module) is nn.Linear:
-        return True
-    if type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+def _bnb_linear_types() -> tuple[type, ...]:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return ()
+    return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+
+
+def _is_base_linear(module: nn.Module, bnb_types: tuple[type, ...]) -> bool:
+    """A frozen base linear layer (not an adapter's wrapper, which may share its class name)."""
+    if type(module) is nn.Linear or (bnb_types and isinstance(module, bnb_types)):
         return True
     return "qweight" in getattr(module, "_buffers", {})
 
@@ -112,8 +119,9 @@ def base_linear_bytes(model: nn.Module) -> dict[str, int]:
         if inner is None:
             break
     total, count, logical = 0, 0, 0
+    bnb_types = _bnb_linear_types()
     for name, module in model.named_modules():
-        if module is head or ".lora_" in name or not _is_base_linear(module):
+        if module is head or ".lora_" in name or not _is_base_linear(module, bnb_types):
             continue
         total += layer_resident_bytes(module)
         logical += module.in_features * module.out_features

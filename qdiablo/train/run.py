@@ -36,7 +36,7 @@ from qdiablo.train.bases import LoadedBase, load_base
 from qdiablo.train.budget import Budget, resolve_budget
 from qdiablo.train.checkpoint import latest_checkpoint, save_adapter
 from qdiablo.train.config import RESUME_FREE_FIELDS, TrainConfig
-from qdiablo.train.dataset import PadCollator, build_training_set
+from qdiablo.train.dataset import PadCollator, select_records, tokenize_records
 from qdiablo.train.metrics import JsonlLogCallback, ThroughputCallback, base_linear_bytes
 from qdiablo.train.trainer import AdapterTrainer, training_arguments
 
@@ -148,6 +148,9 @@ def train(
     """
     output = Path(config.output)
     resume_from = resolve_resume(config, output)
+    records, data_summary = select_records(
+        config.data, config.answer_suffix, config.decontaminate, config.max_records, config.seed
+    )
     set_seed(config.seed)
     loaded = base or load_base(config.base, config.model, config.gguf_file, config.dtype)
     model, budget = attach_adapter(loaded, config)
@@ -161,15 +164,8 @@ def train(
         f"({other} at {'r' if other == 'lora' else 'N'}="
         f"{budget.rank if other == 'lora' else budget.num_blocks}: {other_count})"
     )
-    dataset, data_summary = build_training_set(
-        loaded.tokenizer,
-        config.data,
-        config.template,
-        config.max_length,
-        config.answer_suffix,
-        config.decontaminate,
-        config.max_records,
-        config.seed,
+    dataset = tokenize_records(
+        loaded.tokenizer, records, data_summary, config.template, config.max_length
     )
     _say(data_summary.decontamination_line())
     if is_main_process() and resume_from is None:

@@ -90,14 +90,20 @@ def test_checkpoints_hold_the_adapter_only(tmp_path, tiny_model_dir, math_file, 
     assert weights_bytes < 4 * result.results["trainable_parameters"] + 64 * 1024
 
 
-@pytest.mark.parametrize("adapter", ["diablo", "lora"])
+@pytest.mark.parametrize(
+    ("adapter", "base", "records", "stop"),
+    [("diablo", "fp", None, 3), ("lora", "fp", None, 3), ("diablo", "nf4", 12, 4)],
+    ids=["diablo", "lora", "diablo-nf4-across-epochs"],
+)
 def test_resume_is_bit_identical_to_an_uninterrupted_run(
-    tmp_path, tiny_model_dir, math_file, adapter
+    tmp_path, tiny_model_dir, math_file, adapter, base, records, stop
 ):
     common = dict(
         adapter=adapter,
+        base=base,
+        max_records=records,  # 12 records: 3 steps per epoch, so the stop is in epoch 2
         max_steps=6,
-        save_steps=3,
+        save_steps=stop,
         batch_size=4,
         micro_batch_size=2,  # gradient accumulation across the interruption too
         dropout=0.1,
@@ -106,14 +112,14 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(
     )
     full = train(config(tmp_path, tiny_model_dir, math_file, name="full", **common))
     interrupted = config(tmp_path, tiny_model_dir, math_file, name="cut", **common)
-    partial = train(interrupted, callbacks=[StopAt(3)])
-    assert partial.results["global_step"] == 3
+    partial = train(interrupted, callbacks=[StopAt(stop)])
+    assert partial.results["global_step"] == stop
     halfway = adapter_tensors(partial.adapter_dir)
     assert not all(torch.equal(t, adapter_tensors(full.adapter_dir)[k]) for k, t in halfway.items())
     resumed = train(
         config(tmp_path, tiny_model_dir, math_file, name="cut", resume="auto", **common)
     )
-    assert resumed.results["resumed_from"].endswith("checkpoint-3")
+    assert resumed.results["resumed_from"].endswith(f"checkpoint-{stop}")
     assert resumed.results["global_step"] == 6
     a, b = adapter_tensors(full.adapter_dir), adapter_tensors(resumed.adapter_dir)
     assert a.keys() == b.keys()

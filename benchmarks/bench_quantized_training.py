@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
 # name: (base, bits, adapter)
 METHODS = {
     "diablo-16bit": ("fp", 16, "diablo"),
@@ -105,10 +106,15 @@ def prepare_bases(cache: Path, need_packed: bool, threads: int) -> dict[str, str
             out = cache / f"smollm2-rtn{bits}-g64"
             dirs[f"rtn{bits}"] = str(out)
             if not (out / "config.json").is_file():
-                cmd = [sys.executable, "-m", "qdiablo", "quantize", "--model", str(fp_dir)]
-                cmd += ["--method", "rtn", "--bits", str(bits), "--group-size", "64"]
-                cmd += ["--output", str(out)]
-                subprocess.run(cmd, check=True, env=_env(threads))
+                code = (
+                    "from qdiablo.models import load_model, load_tokenizer;"
+                    "from quantizers import QuantConfig, quantize_model, save_quantized;"
+                    f"m = load_model({str(fp_dir)!r});"
+                    f"quantize_model(m, None, QuantConfig(method='rtn', bits={bits}, "
+                    "group_size=64));"
+                    f"save_quantized(m, {str(out)!r}, load_tokenizer({str(fp_dir)!r}))"
+                )
+                subprocess.run([sys.executable, "-c", code], check=True, env=_env(threads))
     return dirs
 
 
@@ -221,6 +227,8 @@ def main() -> None:
         for s in args.settings
         if not (METHODS[m][2] == "diablo" and s == "paper")  # DiaBlo runs N=64 in both
     ]
+    if not jobs:
+        raise SystemExit("nothing to run")
     runs: dict[tuple[str, str], list[dict]] = {job: [] for job in jobs}
     started = time.time()
     for repeat in range(args.repeats):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -62,7 +63,8 @@ def load_base(
     torch_dtype = parse_dtype(dtype)
     if kind in PACKED_KINDS:
         net, tokenizer = _load_packed(kind, model, torch_dtype, device)
-        description = f"{kind} folder {model}"
+        qc = net.config.quantization_config
+        description = f"{model}, packed {kind} {qc.get('bits')}-bit g{qc.get('group_size')}"
     else:
         tokenizer = load_tokenizer(model, gguf_file)
         if kind == "nf4":
@@ -176,11 +178,41 @@ def _require_bitsandbytes() -> None:
 def _load_packed(
     kind: str, folder: str, dtype: torch.dtype, device: torch.device
 ) -> tuple[nn.Module, object]:
+    """A `qdiablo quantize` folder: QuantLinear layers stay packed (int32 codes, fp16 scales)."""
     try:
-        from quantizers import load_quantized
+        from quantizers import CheckpointError, QuantLinear, load_quantized
     except ImportError as e:
         raise UserError(
             f"--base {kind} needs the quantizers package, which this build lacks",
             hint="use --base fp, nf4 or nf2",
         ) from e
-    raise UserError(f"--base {kind}: loading {folder} is not wired yet ({load_quantized})")
+    if not Path(folder).is_dir():
+        raise UserError(
+            f"--base {kind} needs --model to be a folder written by `qdiablo quantize`, "
+            f"not '{folder}'",
+            hint="quantize first: qdiablo quantize --model ... --output FOLDER",
+        )
+    try:
+        net = load_quantized(folder, device=device)
+    except CheckpointError as e:
+        raise UserError(str(e)) from e
+    method = getattr(getattr(net, "quant_config", None), "method", None)
+    if method is not None and method != kind:
+        raise UserError(
+            f"--base {kind}: {folder} was quantized with {method}",
+            hint=f"use --base {method}",
+        )
+    # Cast only the float parameters (embeddings, norms, head): the packed layers keep their
+    # int32 codes and fp16 scales, which `model.to(dtype)` would round.
+    for param in net.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    packed = sum(isinstance(m, QuantLinear) for m in net.modules())
+    log.info("loaded %s: %d packed layers (%s)", folder, packed, method or "gptq layout")
+    try:
+        tokenizer = load_tokenizer(folder)
+    except UserError as e:
+        raise UserError(
+            f"{folder} holds no tokenizer", hint="quantize with the tokenizer saved alongside"
+        ) from e
+    return net, tokenizer

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from qdiablo import DiaBloConfig, get_diablo_model
+from qdiablo.diablo.model import base_fingerprint, find_targets
 from qdiablo.errors import UserError
 from qdiablo.train.adapters import attach_diablo, attach_lora
 from qdiablo.train.bases import bnb_nf4_config, load_base, quantize_bnb_4bit_
@@ -43,6 +44,17 @@ def test_inplace_nf4_equals_from_pretrained(tiny_model_dir):
     ids = torch.randint(0, 250, (2, 12))
     torch.testing.assert_close(reference(ids).logits, ours(ids).logits, atol=0, rtol=0)
     assert ours.is_loaded_in_4bit and ours.config.quantization_config.bnb_4bit_use_double_quant
+
+
+def test_nf4_fingerprint_is_the_same_on_both_load_paths(tiny_model_dir):
+    """An adapter trained on a GGUF model quantized in place loads onto the same model quantized
+    by from_pretrained (evaluation's path), and vice versa."""
+    inplace = make_tiny_llama(seed=0)  # the weights saved in tiny_model_dir, never saved itself
+    quantize_bnb_4bit_(inplace, bnb_nf4_config(torch.float32))
+    loaded = load_base("nf4", str(tiny_model_dir)).model
+    targets = find_targets(inplace, DiaBloConfig())
+    assert base_fingerprint(inplace, targets) == base_fingerprint(loaded, targets)
+    assert base_fingerprint(inplace, targets) != base_fingerprint(make_tiny_llama(seed=0), targets)
 
 
 def _dequantized_copy(layer: bnb.nn.Linear4bit) -> nn.Linear:

@@ -8,10 +8,11 @@ from conftest import make_tiny_llama, make_tokenizer
 from peft.tuners.lora.gptq import GPTQLoraLinear
 from torch import nn
 
-from qdiablo import DiaBloConfig, get_diablo_model
+from qdiablo import DiaBloConfig, DiaBloModel, get_diablo_model
 from qdiablo.errors import UserError
 from qdiablo.train import TrainConfig, train
-from qdiablo.train.adapters import attach_lora
+from qdiablo.train.adapters import attach_lora, load_lora
+from qdiablo.train.bases import load_base
 from qdiablo.train.metrics import base_linear_bytes
 
 # Until the quantizers package (issue 3) is merged, this module has nothing to test against.
@@ -132,11 +133,19 @@ def test_training_on_a_packed_folder(tmp_path, rtn_folder, math_file, adapter):
     assert len(layers) == 14 and all(m.qweight.dtype == torch.int32 for m in layers)
     assert res["base_linear_layers"]["layers"] == 14
     assert res["base_linear_layers"]["bytes"] < 0.25 * 4 * res["base_linear_layers"]["weights"]
+    # the saved adapter reloads onto a freshly loaded packed base and gives the same model
+    fresh_base = load_base("rtn", str(rtn_folder)).model
+    if adapter == "diablo":
+        fresh = DiaBloModel.from_pretrained(fresh_base, result.adapter_dir)
+    else:
+        fresh = load_lora(fresh_base, str(result.adapter_dir))
+    ids = torch.randint(0, 250, (2, 16))
+    result.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, result.model(input_ids=ids).logits)
 
 
 def test_packed_base_kind_must_match_the_folder(tmp_path, rtn_folder):
-    from qdiablo.train.bases import load_base
-
     with pytest.raises(UserError, match="quantized with rtn"):
         load_base("gptq", str(rtn_folder))
     with pytest.raises(UserError, match="folder written by `qdiablo quantize`"):

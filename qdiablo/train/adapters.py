@@ -100,5 +100,28 @@ def attach_lora(
     return peft_model
 
 
+def load_lora(model: nn.Module, adapter_dir: str, is_trainable: bool = False):
+    """Load a saved PEFT LoRA adapter onto a base, packed bases (GPTQ-LoRA) included.
+
+    PEFT does not save the custom-module mapping that GPTQ-LoRA was trained with, so a plain
+    `PeftModel.from_pretrained` refuses QuantLinear targets; this registers it again first.
+    """
+    from peft import LoraConfig, PeftModel
+
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    targets = config.target_modules
+    targets = targets if isinstance(targets, str) else sorted(targets)
+    packed = packed_layer_types(model, targets)
+    if packed:
+        from peft.tuners.lora.gptq import GPTQLoraLinear
+
+        config._register_custom_module(dict.fromkeys(packed, GPTQLoraLinear))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        return PeftModel.from_pretrained(
+            model, str(adapter_dir), config=config, is_trainable=is_trainable
+        )
+
+
 def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

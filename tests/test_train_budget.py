@@ -55,6 +55,13 @@ def test_resolve_budget_paper_and_matched_settings():
     assert matched.rank == 5
     assert matched.lora_parameters == lora_parameters(SMOLLM2, 5)
     assert matched.diablo_parameters == diablo_parameters(SMOLLM2, 64)
+    assert (matched.matched_rank, matched.matched_num_blocks) == (5, 64)
+    assert paper.matched_rank == 5 and paper.matched_num_blocks == matched_num_blocks(SMOLLM2, 64)
+    assert paper.other_method("diablo", SMOLLM2) == {
+        "adapter": "lora",
+        "rank": 5,
+        "trainable_parameters": lora_parameters(SMOLLM2, 5),
+    }
     back = resolve_budget(SMOLLM2, "diablo", None, 5, match_params=True)
     assert back.num_blocks == matched_num_blocks(SMOLLM2, 5)
     with pytest.raises(UserError, match="give only one"):

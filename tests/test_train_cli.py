@@ -49,7 +49,10 @@ def test_cli_train_with_yaml_config(tmp_path, tiny_model_dir, math_file, capsys)
     assert cli.main(argv) == 0
     results = json.loads((out / "train_results.json").read_text())
     assert (results["adapter"], results["base"], results["global_step"]) == ("lora", "nf4", 2)
-    assert "lora at r=4" not in capsys.readouterr().out  # LoRA runs report DiaBlo's count
+    assert (
+        "adapter: lora r=4 on 10 layers: 5,632 trainable parameters (DiaBlo at the matched N="
+        in (capsys.readouterr().out)
+    )
     assert (out / "adapter" / "adapter_config.json").is_file()
 
 

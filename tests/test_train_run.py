@@ -12,7 +12,12 @@ from qdiablo import DiaBloModel
 from qdiablo.errors import UserError
 from qdiablo.train import TrainConfig, train
 from qdiablo.train.bases import load_base
-from qdiablo.train.budget import diablo_parameters, lora_parameters, matched_rank
+from qdiablo.train.budget import (
+    diablo_parameters,
+    lora_parameters,
+    matched_num_blocks,
+    matched_rank,
+)
 
 
 def config(tmp_path, model_dir, data, name="run", **overrides) -> TrainConfig:
@@ -56,7 +61,13 @@ def test_diablo_on_nf4_trains_and_saves_a_loadable_adapter(tmp_path, tiny_model_
     res = json.loads((result.output / "train_results.json").read_text())
     shapes = [(64, 64), (64, 32), (64, 32), (64, 128), (128, 64)] * 2
     assert res["trainable_parameters"] == diablo_parameters(shapes, 8)
-    assert res["other_method"] == {"adapter": "lora", "trainable_parameters": 4 * 2 * 704}
+    r = matched_rank(shapes, 8)
+    assert res["other_method"] == {
+        "adapter": "lora",
+        "rank": r,
+        "trainable_parameters": lora_parameters(shapes, r),
+    }
+    assert r * 2 * 704 == lora_parameters(shapes, r)  # Σ(in+out) = 704 per decoder layer
     assert res["budget"]["rank"] == 4 and res["global_step"] == 8
     assert res["last_logged_loss"] < res["first_logged_loss"] - 0.05
     assert res["throughput"]["tokens_per_second"] > 0 and res["throughput"]["peak_rss_bytes"] > 0
@@ -162,7 +173,9 @@ def test_lora_at_matched_budget_records_both_counts(tmp_path, tiny_model_dir, ma
     rank = matched_rank(shapes, 8)
     assert result.results["budget"]["rank"] == rank
     assert result.results["trainable_parameters"] == lora_parameters(shapes, rank)
-    assert result.results["other_method"]["trainable_parameters"] == diablo_parameters(shapes, 8)
+    other = result.results["other_method"]
+    assert other["num_blocks"] == matched_num_blocks(shapes, rank)
+    assert other["trainable_parameters"] == diablo_parameters(shapes, other["num_blocks"])
     saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert saved["r"] == rank and saved["lora_alpha"] == 2 * rank
 

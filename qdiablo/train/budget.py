@@ -67,13 +67,29 @@ def _check(shapes: Sequence[Shape]) -> None:
 
 @dataclass(frozen=True)
 class Budget:
-    """Both methods' trainable counts at one setting, as recorded in every run's outputs."""
+    """Both methods' settings and trainable counts for a run, as recorded in its outputs.
+
+    `num_blocks` / `rank` are the settings of the run (the run's own method trains with its own);
+    `matched_rank` is LoRA's rank matching N and `matched_num_blocks` DiaBlo's N matching r.
+    """
 
     num_blocks: int
     rank: int
-    diablo_parameters: int | None  # None when N is not valid for DiaBlo on these layers
-    lora_parameters: int
+    diablo_parameters: int | None  # at num_blocks; None when N is not valid on these layers
+    lora_parameters: int  # at rank
+    matched_rank: int | None  # the rank whose LoRA count is nearest DiaBlo's at num_blocks
+    matched_num_blocks: int  # the valid N whose DiaBlo count is nearest LoRA's at rank
     num_layers: int
+
+    def other_method(self, adapter: str, shapes: Sequence[Shape]) -> dict[str, int | str | None]:
+        """The other method at the setting matching this run's trainable count."""
+        if adapter == "diablo":
+            r = self.matched_rank
+            count = lora_parameters(shapes, r) if r is not None else None
+            return {"adapter": "lora", "rank": r, "trainable_parameters": count}
+        n = self.matched_num_blocks
+        count = diablo_parameters(shapes, n)
+        return {"adapter": "diablo", "num_blocks": n, "trainable_parameters": count}
 
     def to_dict(self) -> dict[str, int | None]:
         return {
@@ -81,6 +97,8 @@ class Budget:
             "rank": self.rank,
             "diablo_trainable_parameters": self.diablo_parameters,
             "lora_trainable_parameters": self.lora_parameters,
+            "matched_rank": self.matched_rank,
+            "matched_num_blocks": self.matched_num_blocks,
             "num_adapted_layers": self.num_layers,
         }
 
@@ -118,11 +136,14 @@ def resolve_budget(
         raise UserError(f"--num-blocks and --rank must be ≥ 1 (got N={num_blocks}, r={rank})")
     if adapter == "diablo":
         diablo_parameters(shapes, num_blocks, indivisible)  # raises early on an invalid N
+    diablo = _safe_diablo(shapes, num_blocks, indivisible)
     return Budget(
         num_blocks=num_blocks,
         rank=rank,
-        diablo_parameters=_safe_diablo(shapes, num_blocks, indivisible),
+        diablo_parameters=diablo,
         lora_parameters=lora_parameters(shapes, rank),
+        matched_rank=matched_rank(shapes, num_blocks, indivisible) if diablo is not None else None,
+        matched_num_blocks=matched_num_blocks(shapes, rank),
         num_layers=len(shapes),
     )
 

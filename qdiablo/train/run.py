@@ -106,11 +106,13 @@ def resolve_resume(config: TrainConfig, output: Path) -> Path | None:
     return path
 
 
-def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget]:
-    """Settle the budget on the base's target layers and attach the adapter."""
-    layers = adapted_layers(loaded.model, config.target_spec)
+def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget, dict]:
+    """Settle the budget on the base's target layers and attach the adapter.
+
+    Returns the adapter model, the budget, and the other method at the matched setting."""
+    shapes = layer_shapes(adapted_layers(loaded.model, config.target_spec))
     budget = resolve_budget(
-        layer_shapes(layers), config.adapter, config.num_blocks, config.rank, config.match_params
+        shapes, config.adapter, config.num_blocks, config.rank, config.match_params
     )
     if config.adapter == "diablo":
         model = attach_diablo(loaded.model, budget.num_blocks, config.target_spec, config.dropout)
@@ -122,7 +124,7 @@ def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget
     actual = trainable_parameters(model)
     if actual != expected:
         raise RuntimeError(f"trainable parameters {actual:,} differ from the budget {expected:,}")
-    return model, budget
+    return model, budget, budget.other_method(config.adapter, shapes)
 
 
 def _versions() -> dict[str, str]:
@@ -153,16 +155,18 @@ def train(
     )
     set_seed(config.seed)
     loaded = base or load_base(config.base, config.model, config.gguf_file, config.dtype)
-    model, budget = attach_adapter(loaded, config)
-    other = "lora" if config.adapter == "diablo" else "diablo"
+    model, budget, other = attach_adapter(loaded, config)
     own_count = trainable_parameters(model)
-    other_count = budget.lora_parameters if other == "lora" else budget.diablo_parameters
+    own = f"N={budget.num_blocks}" if config.adapter == "diablo" else f"r={budget.rank}"
+    if other["adapter"] == "lora":
+        same = f"LoRA at the matched r={other['rank']}"
+    else:
+        same = f"DiaBlo at the matched N={other['num_blocks']}"
+    count = other["trainable_parameters"]
     _say(f"base: {loaded.description} ({config.base})")
     _say(
-        f"adapter: {config.adapter} N={budget.num_blocks} r={budget.rank} on "
-        f"{budget.num_layers} layers: {own_count:,} trainable parameters "
-        f"({other} at {'r' if other == 'lora' else 'N'}="
-        f"{budget.rank if other == 'lora' else budget.num_blocks}: {other_count})"
+        f"adapter: {config.adapter} {own} on {budget.num_layers} layers: {own_count:,} trainable "
+        f"parameters ({same}: {f'{count:,}' if count is not None else 'n/a'})"
     )
     dataset = tokenize_records(
         loaded.tokenizer, records, data_summary, config.template, config.max_length
@@ -192,7 +196,7 @@ def train(
         "trainable_parameters": own_count,
         "budget": budget.to_dict(),
         "matched_params": config.match_params,
-        "other_method": {"adapter": other, "trainable_parameters": other_count},
+        "other_method": other,
         "base_linear_layers": base_linear_bytes(model),
         "data": data_summary.to_dict(),
         "devices": args.world_size,

@@ -220,9 +220,10 @@ def train(
             save_adapter(model, tmp)
         write_json(output / RESULTS_FILE, results)
         tps = results["throughput"]["tokens_per_second"]
+        first, last = results["first_logged_loss"], results["last_logged_loss"]
         _say(
-            f"trained {trainer.state.global_step} steps, loss {results['first_logged_loss']} → "
-            f"{results['last_logged_loss']}"
+            f"trained {trainer.state.global_step} steps"
+            + (f", loss {first:.4f} → {last:.4f}" if losses else "")
             + (f", {tps:.0f} tokens/s" if tps else "")
             + f"; adapter saved to {adapter_dir}"
         )

@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from qdiablo import cli
+from qdiablo.errors import UserError
 from qdiablo.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +56,18 @@ def test_cli_train_with_yaml_config(tmp_path, tiny_model_dir, math_file, capsys)
         in (capsys.readouterr().out)
     )
     assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_yaml_booleans_follow_their_flags(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("gradient_checkpointing: true\nno-progress: true\nanswer_suffix: false\n")
+    args = cli.parse_args(["train", "--config", str(cfg)])
+    assert (args.gradient_checkpointing, args.progress, args.answer_suffix) == (True, False, False)
+    args = cli.parse_args(["train", "--config", str(cfg), "--progress"])
+    assert args.progress is True
+    cfg.write_text("gradient_checkpointing: yes please\n")
+    with pytest.raises(UserError, match="must be true or false"):
+        cli.parse_args(["train", "--config", str(cfg)])
 
 
 def test_cli_errors_are_one_line(tmp_path, tiny_model_dir, capsys):

@@ -65,7 +65,7 @@ def worker(spec: dict) -> None:
     config = TrainConfig(
         model=spec["model_dirs"][base],
         base=kind,
-        dtype="bfloat16" if spec["bits"] == 16 else "float32",
+        dtype=spec["dtype"],
         adapter=spec["adapter"],
         num_blocks=64 if spec["adapter"] == "diablo" or spec["setting"] == "matched" else None,
         rank=64 if spec["adapter"] == "lora" and spec["setting"] == "paper" else None,
@@ -205,6 +205,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="compute dtype of every base (bnb compute dtype, dequantized packed weights, the "
+        "float weights of the 16-bit references); adapters train in float32",
+    )
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "qdiablo-bench"))
     p.add_argument("--json", default=None, help="write all runs and the summary here")
     args = p.parse_args()
@@ -245,6 +252,7 @@ def main() -> None:
                 "batch_size": args.batch_size,
                 "max_length": args.max_length,
                 "threads": args.threads,
+                "dtype": args.dtype,
                 "model_dirs": model_dirs,
                 "output": str(cache / "runs" / f"{name}-{setting}-{repeat}-{os.getpid()}"),
             }
@@ -264,7 +272,8 @@ def main() -> None:
     rows = summarize(runs)
     print(
         f"\nSmolLM2-135M-Instruct, CPU ({platform.processor() or platform.machine()}, "
-        f"{args.threads} threads), batch {args.batch_size} × ≤{args.max_length} tokens, "
+        f"{args.threads} threads), {args.dtype} compute, "
+        f"batch {args.batch_size} × ≤{args.max_length} tokens, "
         f"{args.steps} steps, gradient checkpointing, {args.repeats} interleaved repeats, "
         f"{time.time() - started:.0f} s total\n"
     )

@@ -10,8 +10,8 @@ from qdiablo import cli
 pytestmark = pytest.mark.slow
 
 COMMON = [
-    "--model", "smollm2", "--base", "nf4", "--max-records", "16", "--max-length", "192",
-    "--batch-size", "4", "--max-steps", "4", "--warmup", "0", "--logging-steps", "1",
+    "--model", "smollm2", "--base", "nf4", "--max-records", "4", "--max-length", "160",
+    "--batch-size", "2", "--max-steps", "4", "--warmup", "0", "--logging-steps", "1",
     "--save-steps", "2", "--gradient-checkpointing", "--no-progress", "--seed", "3",
 ]  # fmt: skip
 

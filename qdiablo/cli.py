@@ -19,7 +19,7 @@ from typing import Any
 from qdiablo.errors import UserError
 
 # The pipeline order: model -> quantize -> train -> eval -> export.
-COMMANDS = ["demo", "quantize", "eval"]
+COMMANDS = ["demo", "quantize", "train", "eval"]
 
 log = logging.getLogger("qdiablo")
 
@@ -85,9 +85,16 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, An
             known = ", ".join(sorted(k for k in flags if k not in ("config", "help")))
             raise UserError(f"{file}: unknown key '{key}'", hint=f"known keys: {known}")
         action = actions[dest]
-        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+        if isinstance(
+            action,
+            argparse._StoreTrueAction | argparse._StoreFalseAction | argparse.BooleanOptionalAction,
+        ):
             if not isinstance(value, bool):
                 raise UserError(f"{file}: key '{key}' must be true or false, got {value!r}")
+            if isinstance(action, argparse._StoreFalseAction):
+                value = not value  # `no-foo: true` means foo is off
+            elif isinstance(action, argparse.BooleanOptionalAction) and name.startswith("no-"):
+                value = not value  # `--foo/--no-foo`: the key `no-foo` negates
         elif value is not None and action.type is not None:
             items = value if isinstance(value, list) else [value]
             try:

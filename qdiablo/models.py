@@ -120,6 +120,11 @@ def _forget_gguf_origin(model) -> None:
     if str(quant_method).lower().endswith("gguf"):
         del model.config.quantization_config
         model.hf_quantizer = None
+        # The GGUF loader also marks the model quantized; its weights are plain floats now, and
+        # Trainer refuses (or, under PEFT, crashes on) a "quantized" model without a quantizer.
+        model.is_quantized = False
+        if "quantization_method" in model.__dict__:
+            del model.quantization_method
 
 
 # --------------------------------------------------------------------------------------------

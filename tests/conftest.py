@@ -3,12 +3,15 @@ tokenizer, saved as a Hugging Face folder so the real `from_pretrained` code pat
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# QDIABLO_TEST_THREADS=1 avoids OpenMP oversubscription on a machine shared with other jobs.
+_THREADS = os.environ.get("QDIABLO_TEST_THREADS") or max(1, min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(_THREADS))
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -92,4 +95,23 @@ def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     make_tiny_llama(seed=0).save_pretrained(path)
     make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def math_file(tmp_path_factory):
+    """Short Math10K-format records, so that a tiny model trains on them in milliseconds."""
+    path = tmp_path_factory.mktemp("data") / "arith.jsonl"
+    rows = []
+    for i in range(40):
+        a, b = 3 + 7 * i % 50, 11 + 5 * i % 40
+        rows.append(
+            {
+                "instruction": f"What is {a} plus {b}?",
+                "input": "",
+                "output": f"{a} + {b} = {a + b}.",
+                "answer": str(a + b),
+            }
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -97,7 +97,13 @@ def find_targets(model: nn.Module, config: DiaBloConfig) -> list[str]:
 # Base fingerprint: catches an adapter loaded onto a different base (e.g. 2-bit vs 4-bit)
 # --------------------------------------------------------------------------------------------
 
-_VOLATILE_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype", "use_cache"}
+_VOLATILE_CONFIG_KEYS = {
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "use_cache",
+    "architectures",  # absent after a GGUF load, set after save_pretrained + from_pretrained
+}
 
 
 def _config_identity(model: nn.Module) -> dict[str, Any]:
@@ -357,6 +363,8 @@ class DiaBloModel(nn.Module):
             with torch.no_grad():
                 layer.blocks.copy_(t)
             layer.blocks.requires_grad_(is_trainable)
+        if not is_trainable:
+            model.eval()  # as PEFT and transformers return loaded models: no adapter dropout
         return model
 
 

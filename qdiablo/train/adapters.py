@@ -1,0 +1,127 @@
+"""Putting the trainable adapter on a frozen base: DiaBlo (qdiablo) or LoRA (PEFT).
+
+LoRA runs through PEFT itself, so the baselines are the ecosystem's LoRA:
+- on nn.Linear and bitsandbytes Linear4bit bases PEFT dispatches its own layers (QLoRA);
+- on packed `quantizers.QuantLinear` layers (GPTQ-LoRA), PEFT's custom-module dispatch maps the
+  packed class to PEFT's own `GPTQLoraLinear`, the LoRA layer PEFT uses for GPTQModel's packed
+  layers: it calls the packed layer, then adds `B(A(dropout(x)))·alpha/r`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+from torch import nn
+
+from qdiablo.diablo import DiaBloConfig, DiaBloModel, get_diablo_model
+from qdiablo.diablo.model import find_targets
+from qdiablo.errors import UserError
+from qdiablo.train.budget import Shape
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AdaptedLayer:
+    name: str
+    in_features: int
+    out_features: int
+    base_type: str
+
+
+def adapted_layers(model: nn.Module, target_modules: list[str] | str) -> list[AdaptedLayer]:
+    """The layers an adapter with these targets wraps (the same rule for DiaBlo and LoRA)."""
+    names = find_targets(model, DiaBloConfig(num_blocks=1, target_modules=target_modules))
+    layers = []
+    for name in names:
+        m = model.get_submodule(name)
+        layers.append(AdaptedLayer(name, m.in_features, m.out_features, type(m).__name__))
+    return layers
+
+
+def layer_shapes(layers: list[AdaptedLayer]) -> list[Shape]:
+    return [(layer.in_features, layer.out_features) for layer in layers]
+
+
+def attach_diablo(
+    model: nn.Module, num_blocks: int, target_modules: list[str] | str, dropout: float
+) -> DiaBloModel:
+    """Freeze the base and wrap the targets with zero-initialised float32 blocks."""
+    config = DiaBloConfig(
+        num_blocks=num_blocks,
+        target_modules=target_modules,
+        dropout=dropout,
+        block_dtype="float32",
+    )
+    return get_diablo_model(model, config)
+
+
+def packed_layer_types(model: nn.Module, target_modules: list[str] | str) -> set[type]:
+    """Classes of targeted layers that PEFT has no LoRA layer for: packed integer layers that
+    dequantize themselves (`dequantize_weight`), such as quantizers.QuantLinear."""
+    types = set()
+    for layer in adapted_layers(model, target_modules):
+        module = model.get_submodule(layer.name)
+        if hasattr(module, "dequantize_weight") and not isinstance(module, nn.Linear):
+            types.add(type(module))
+    return types
+
+
+def attach_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    target_modules: list[str] | str,
+    dropout: float,
+):
+    """Freeze the base and add PEFT LoRA (A Kaiming-uniform, B zero) to the targets."""
+    try:
+        from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora.gptq import GPTQLoraLinear
+    except ImportError as e:
+        raise UserError("--adapter lora needs PEFT", hint='pip install -e ".[qlora]"') from e
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    packed = packed_layer_types(model, target_modules)
+    if packed:
+        config._register_custom_module(dict.fromkeys(packed, GPTQLoraLinear))
+    with warnings.catch_warnings():
+        # PEFT warns "Unsupported layer type" for custom-dispatched layers it reads in/out from
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+    return peft_model
+
+
+def load_lora(model: nn.Module, adapter_dir: str, is_trainable: bool = False):
+    """Load a saved PEFT LoRA adapter onto a base, packed bases (GPTQ-LoRA) included.
+
+    PEFT does not save the custom-module mapping that GPTQ-LoRA was trained with, so a plain
+    `PeftModel.from_pretrained` refuses QuantLinear targets; this registers it again first.
+    """
+    from peft import LoraConfig, PeftModel
+
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    targets = config.target_modules
+    targets = targets if isinstance(targets, str) else sorted(targets)
+    packed = packed_layer_types(model, targets)
+    if packed:
+        from peft.tuners.lora.gptq import GPTQLoraLinear
+
+        config._register_custom_module(dict.fromkeys(packed, GPTQLoraLinear))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        return PeftModel.from_pretrained(
+            model, str(adapter_dir), config=config, is_trainable=is_trainable
+        )
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

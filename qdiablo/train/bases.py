@@ -1,0 +1,218 @@
+"""Frozen bases to train adapters on: fp | gptq | rtn | nf4 | nf2.
+
+- `fp`: the model's float weights, in `dtype` (bf16/fp16 gives the "16-bit" references).
+- `gptq` / `rtn`: a folder written by `qdiablo quantize`; its linear layers stay packed
+  (`quantizers.QuantLinear`) while training.
+- `nf4`: bitsandbytes NF4 with double quantization (QLoRA's base). A Hugging Face folder or hub id
+  goes through `from_pretrained(quantization_config=...)`; a GGUF model (transformers refuses GGUF
+  plus quantization) is loaded in float and its linear layers are swapped for bitsandbytes
+  `Linear4bit`, exactly as `from_pretrained` would build them.
+- `nf2`: NF2 (absmax per block of 64), fake-quantized: see `qdiablo.train.nf`.
+
+In every case the output head (`lm_head`) and the embeddings stay in float, as bitsandbytes leaves
+them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qdiablo.errors import UserError
+from qdiablo.models import load_model, load_tokenizer, parse_dtype, resolve_model
+from qdiablo.train.config import BASE_KINDS
+
+log = logging.getLogger(__name__)
+
+PACKED_KINDS = ("gptq", "rtn")
+
+
+@dataclass
+class LoadedBase:
+    """A frozen base model, its tokenizer, and what it is (for the run's records)."""
+
+    model: nn.Module
+    tokenizer: object
+    kind: str
+    description: str
+
+
+def default_device() -> torch.device:
+    """This process's device: its own GPU under a multi-GPU launch, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def load_base(
+    kind: str,
+    model: str,
+    gguf_file: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: torch.device | str | None = None,
+) -> LoadedBase:
+    """Load `model` as a frozen base of the given kind (see the module docstring)."""
+    if kind not in BASE_KINDS:
+        raise UserError(f"unknown base '{kind}'", hint=f"choose from {', '.join(BASE_KINDS)}")
+    device = torch.device(device) if device is not None else default_device()
+    torch_dtype = parse_dtype(dtype)
+    if kind in PACKED_KINDS:
+        net, tokenizer = _load_packed(kind, model, torch_dtype, device)
+        qc = net.config.quantization_config
+        description = f"{model}, packed {kind} {qc.get('bits')}-bit g{qc.get('group_size')}"
+    else:
+        tokenizer = load_tokenizer(model, gguf_file)
+        if kind == "nf4":
+            net = _load_nf4(model, gguf_file, torch_dtype, device)
+            description = f"{model}, bitsandbytes NF4 + double quantization"
+        else:
+            net = load_model(model, gguf_file, dtype=torch_dtype, device=device)
+            description = f"{model}, {str(torch_dtype).removeprefix('torch.')}"
+            if kind == "nf2":
+                from qdiablo.train.nf import fake_quantize_model_nf
+
+                fake_quantize_model_nf(net, bits=2)
+                description = f"{model}, NF2 fake-quantized (absmax per block of 64)"
+    for p in net.parameters():
+        p.requires_grad_(False)
+    net.config.use_cache = False  # no KV cache while training
+    return LoadedBase(net, tokenizer, kind, description)
+
+
+# --------------------------------------------------------------------------------------------
+# bitsandbytes NF4
+# --------------------------------------------------------------------------------------------
+
+
+def bnb_nf4_config(compute_dtype: torch.dtype = torch.float32):
+    """QLoRA's quantization: NF4, double quantization, compute in `compute_dtype`."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def _load_nf4(
+    model: str, gguf_file: str | None, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    _require_bitsandbytes()
+    path, gguf = resolve_model(model, gguf_file)
+    config = bnb_nf4_config(dtype)
+    if gguf is None:
+        from transformers import AutoModelForCausalLM
+
+        log.info("loading %s with bitsandbytes NF4 (double quantization)", path)
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                path, quantization_config=config, device_map={"": device}, dtype=dtype
+            )
+        except OSError as e:
+            raise UserError(f"could not load a model from '{model}': {e}") from e
+    net = load_model(model, gguf_file, dtype=dtype, device=device)
+    quantize_bnb_4bit_(net, config)
+    return net
+
+
+def quantize_bnb_4bit_(net: nn.Module, config) -> list[str]:
+    """Swap every plain nn.Linear but the output head for a bitsandbytes Linear4bit, quantizing
+    its weight with the settings of a `BitsAndBytesConfig`, in place; returns the layer names.
+
+    Builds the same modules and packed weights that `from_pretrained(quantization_config=...)`
+    does (tested), for models that only load in float (GGUF).
+    """
+    import bitsandbytes as bnb
+
+    head = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
+    names = [n for n, m in net.named_modules() if type(m) is nn.Linear and m is not head]
+    for name in names:
+        old = net.get_submodule(name)
+        new = bnb.nn.Linear4bit(
+            old.in_features,
+            old.out_features,
+            bias=old.bias is not None,
+            compute_dtype=config.bnb_4bit_compute_dtype,
+            compress_statistics=config.bnb_4bit_use_double_quant,
+            quant_type=config.bnb_4bit_quant_type,
+            quant_storage=config.bnb_4bit_quant_storage,
+            device="meta",
+        )
+        new.weight = bnb.nn.Params4bit(
+            old.weight.data.contiguous(),
+            requires_grad=False,
+            compress_statistics=config.bnb_4bit_use_double_quant,
+            quant_type=config.bnb_4bit_quant_type,
+            quant_storage=config.bnb_4bit_quant_storage,
+            module=new,
+        ).to(old.weight.device)  # Params4bit quantizes on its first move to a device
+        if old.bias is not None:
+            new.bias = nn.Parameter(old.bias.data, requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(net.get_submodule(parent_name) if parent_name else net, child, new)
+    net.config.quantization_config = config
+    net.is_loaded_in_4bit = True  # what from_pretrained sets; PEFT dispatches on it
+    log.info("bitsandbytes %s: %d linear layers", config.bnb_4bit_quant_type, len(names))
+    return names
+
+
+def _require_bitsandbytes() -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise UserError("--base nf4 needs bitsandbytes", hint='pip install -e ".[qlora]"') from e
+
+
+# --------------------------------------------------------------------------------------------
+# Packed GPTQ / RTN folders (quantizers package)
+# --------------------------------------------------------------------------------------------
+
+
+def _load_packed(
+    kind: str, folder: str, dtype: torch.dtype, device: torch.device
+) -> tuple[nn.Module, object]:
+    """A `qdiablo quantize` folder: QuantLinear layers stay packed (int32 codes, fp16 scales)."""
+    try:
+        from quantizers import CheckpointError, QuantLinear, load_quantized
+    except ImportError as e:
+        raise UserError(
+            f"--base {kind} needs the quantizers package, which this build lacks",
+            hint="use --base fp, nf4 or nf2",
+        ) from e
+    if not Path(folder).is_dir():
+        raise UserError(
+            f"--base {kind} needs --model to be a folder written by `qdiablo quantize`, "
+            f"not '{folder}'",
+            hint="quantize first: qdiablo quantize --model ... --output FOLDER",
+        )
+    try:
+        net = load_quantized(folder, device=device)
+    except CheckpointError as e:
+        raise UserError(str(e)) from e
+    method = getattr(getattr(net, "quant_config", None), "method", None)
+    if method is not None and method != kind:
+        raise UserError(
+            f"--base {kind}: {folder} was quantized with {method}",
+            hint=f"use --base {method}",
+        )
+    # Cast only the float parameters (embeddings, norms, head): the packed layers keep their
+    # int32 codes and fp16 scales, which `model.to(dtype)` would round.
+    for param in net.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    packed = sum(isinstance(m, QuantLinear) for m in net.modules())
+    log.info("loaded %s: %d packed layers (%s)", folder, packed, method or "gptq layout")
+    try:
+        tokenizer = load_tokenizer(folder)
+    except UserError as e:
+        raise UserError(
+            f"{folder} holds no tokenizer", hint="quantize with the tokenizer saved alongside"
+        ) from e
+    return net, tokenizer

@@ -1,0 +1,175 @@
+"""Adapter-only checkpoints: what is written, how it is read back, and which one to resume.
+
+A checkpoint folder `checkpoints/checkpoint-<step>/` holds
+- the adapter alone, in its usual folder format (DiaBlo: `adapter_config.json` +
+  `adapter_model.safetensors`; LoRA: PEFT's files), never the frozen base;
+- Trainer's `optimizer.pt`, `scheduler.pt`, `rng_state[_<rank>].pth`, `trainer_state.json` and
+  `training_args.bin`.
+
+`trainer_state.json` is written last, so a folder without it is an interrupted save; `--resume auto`
+skips those. Reading back is strict: every adapter tensor must be present with its shape, and a
+DiaBlo adapter must come from the same base (fingerprint) and the same DiaBlo settings.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qdiablo.diablo import DiaBloConfig, DiaBloModel
+from qdiablo.diablo.model import CONFIG_NAME, METADATA_KEYS, WEIGHTS_NAME, read_adapter_config
+from qdiablo.errors import UserError
+from qdiablo.io import read_json
+
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The adapter model inside DDP / accelerate wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def save_adapter(model: nn.Module, folder: str | Path) -> None:
+    """Write the adapter's files into `folder` (created if needed), each file atomically.
+
+    The folder itself is not swapped, because other ranks write their RNG state into the same
+    checkpoint folder at the same time.
+    """
+    model = unwrap(model)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", suffix=".tmp", dir=folder))
+    try:
+        staged = tmp / "adapter"
+        if isinstance(model, DiaBloModel):
+            model.save_pretrained(staged)
+        elif is_peft_model(model):
+            model.save_pretrained(str(staged), save_embedding_layers=False)
+        else:
+            raise TypeError(f"cannot save an adapter from a {type(model).__name__}")
+        for item in staged.iterdir():
+            os.replace(item, folder / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
+    """Copy a saved adapter's weights into the live adapter model, strictly."""
+    model = unwrap(model)
+    folder = Path(folder)
+    if isinstance(model, DiaBloModel):
+        _load_diablo(model, folder)
+    elif is_peft_model(model):
+        _load_lora(model, folder)
+    else:
+        raise TypeError(f"cannot load adapter weights into a {type(model).__name__}")
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UserError(f"adapter weights not found: {path}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable or truncated safetensors file: {e}") from e
+
+
+def _load_diablo(model: DiaBloModel, folder: Path) -> None:
+    saved = read_adapter_config(folder)
+    config = DiaBloConfig.from_dict(
+        {k: v for k, v in saved.items() if k not in METADATA_KEYS}, source=str(folder / CONFIG_NAME)
+    )
+    if config.to_dict() != model.diablo_config.to_dict():
+        diff = [
+            f"{k}: saved {v!r}, now {model.diablo_config.to_dict()[k]!r}"
+            for k, v in config.to_dict().items()
+            if model.diablo_config.to_dict()[k] != v
+        ]
+        raise UserError(f"{folder / CONFIG_NAME}: other DiaBlo settings ({'; '.join(diff)})")
+    expected = (saved.get("base_fingerprint") or {}).get("sha256")
+    if expected != model.base_fingerprint["sha256"]:
+        was = (saved.get("base_fingerprint") or {}).get("description")
+        raise UserError(
+            f"{folder}: saved on a different base ({was}), this base is "
+            f"({model.base_fingerprint['description']})"
+        )
+    tensors = _read_tensors(folder / WEIGHTS_NAME)
+    layers = dict(model.diablo_layers())
+    _check_keys(folder / WEIGHTS_NAME, {f"{n}.blocks" for n in layers}, set(tensors))
+    with torch.no_grad():
+        for name, layer in layers.items():
+            t = tensors[f"{name}.blocks"]
+            if t.shape != layer.blocks.shape:
+                raise UserError(
+                    f"{folder / WEIGHTS_NAME}: layer '{name}' has blocks {tuple(t.shape)}, "
+                    f"the model needs {tuple(layer.blocks.shape)}"
+                )
+            layer.blocks.copy_(t)
+
+
+def _load_lora(model, folder: Path) -> None:
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    path = folder / "adapter_model.safetensors"
+    tensors = _read_tensors(path)
+    expected = get_peft_model_state_dict(model)
+    _check_keys(path, set(expected), set(tensors))
+    for key, t in tensors.items():
+        if t.shape != expected[key].shape:
+            raise UserError(
+                f"{path}: '{key}' has shape {tuple(t.shape)}, the model needs "
+                f"{tuple(expected[key].shape)}"
+            )
+    set_peft_model_state_dict(model, tensors)
+
+
+def _check_keys(path: Path, expected: set[str], found: set[str]) -> None:
+    missing, extra = sorted(expected - found), sorted(found - expected)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+        if extra:
+            parts.append(f"{len(extra)} unexpected, e.g. {extra[0]}")
+        raise UserError(
+            f"{path} does not match this adapter: " + "; ".join(parts),
+            hint="was it trained with other target modules, another adapter or another model?",
+        )
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete `checkpoint-<step>` folder (one holding trainer_state.json)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = []
+    for child in folder.iterdir():
+        m = _CHECKPOINT.match(child.name)
+        if m and child.is_dir() and (child / TRAINER_STATE).is_file():
+            found.append((int(m.group(1)), child))
+    return max(found)[1] if found else None
+
+
+def checkpoint_step(folder: str | Path) -> int:
+    state = read_json(Path(folder) / TRAINER_STATE, what="trainer state")
+    return int(state.get("global_step", 0))

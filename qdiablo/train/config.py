@@ -1,0 +1,272 @@
+"""TrainConfig: every knob of a training run, with its help string (also the CLI's flags).
+
+`qdiablo train --help` is generated from these fields, and a run writes the resolved config to
+`train_config.json`, so the flags, the YAML config keys and the recorded settings share one list.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from qdiablo.data import DEFAULT_TEMPLATE, EVAL_SETS, MAX_LENGTH, TEMPLATES
+from qdiablo.diablo.config import DEFAULT_TARGETS
+from qdiablo.errors import UserError
+
+BASE_KINDS = ("fp", "gptq", "rtn", "nf4", "nf2")
+ADAPTERS = ("diablo", "lora")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
+DEFAULT_LR = {"diablo": 5e-4, "lora": 3e-4}  # DiaBlo's GSM8K setting; ApiQ's LoRA setting
+
+
+def _meta(help: str, group: str, **extra: Any) -> dict[str, Any]:
+    return {"help": help, "group": group, **extra}
+
+
+@dataclass
+class TrainConfig:
+    """One training run: the base, the adapter, the data, the optimisation and the outputs."""
+
+    # ---- base --------------------------------------------------------------------------------
+    model: str = field(
+        default="smollm2",
+        metadata=_meta(
+            "the model: a hub id or local Hugging Face folder, 'smollm2' (the embedded "
+            "SmolLM2-135M-Instruct, whose float weights are its GGUF's Q4_1 weights "
+            "dequantized), or for --base gptq/rtn a folder written by `qdiablo quantize`",
+            "base",
+        ),
+    )
+    gguf_file: str | None = field(
+        default=None, metadata=_meta("GGUF file inside --model's folder", "base")
+    )
+    base: str = field(
+        default="fp",
+        metadata=_meta(
+            "how the frozen base is held: fp (float weights in --dtype), gptq | rtn (packed "
+            "integers from a `qdiablo quantize` folder), nf4 (bitsandbytes NF4 + double "
+            "quantization: QLoRA's base) or nf2 (NF2 fake-quantized, absmax per 64)",
+            "base",
+            choices=BASE_KINDS,
+        ),
+    )
+    dtype: str = field(
+        default="float32",
+        metadata=_meta(
+            "dtype of the base's float weights and compute (bfloat16 gives the 16-bit references); "
+            "adapter weights always train in float32",
+            "base",
+            choices=("float32", "bfloat16", "float16"),
+        ),
+    )
+    # ---- adapter -----------------------------------------------------------------------------
+    adapter: str = field(
+        default="diablo", metadata=_meta("the trainable adapter", "adapter", choices=ADAPTERS)
+    )
+    num_blocks: int | None = field(
+        default=None,
+        metadata=_meta("DiaBlo blocks per layer, N (default 64; the paper's setting)", "adapter"),
+    )
+    rank: int | None = field(
+        default=None, metadata=_meta("LoRA rank r (default 64; the paper's comparison)", "adapter")
+    )
+    match_params: bool = field(
+        default=False,
+        metadata=_meta(
+            "derive the other method's setting from the one given so both train about the "
+            "same number of parameters: r = round(Σ in·out/N ÷ Σ(in+out)), or the valid N "
+            "nearest r's count",
+            "adapter",
+        ),
+    )
+    target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        metadata=_meta("layers to adapt (name suffixes), or all-linear", "adapter"),
+    )
+    dropout: float = field(
+        default=0.05, metadata=_meta("dropout on the adapter's input", "adapter")
+    )
+    lora_alpha: float | None = field(
+        default=None, metadata=_meta("LoRA alpha (default 2·r)", "adapter")
+    )
+    # ---- data --------------------------------------------------------------------------------
+    data: list[str] | None = field(
+        default=None,
+        metadata=_meta(
+            "training files (Math10K JSON array or JSON Lines); default: the shipped real "
+            "1,824-record subset of math_10k.json",
+            "data",
+        ),
+    )
+    template: str = field(
+        default=DEFAULT_TEMPLATE,
+        metadata=_meta("prompt template", "data", choices=tuple(TEMPLATES)),
+    )
+    max_length: int = field(
+        default=MAX_LENGTH, metadata=_meta("tokens per example (prompt + response + EOS)", "data")
+    )
+    answer_suffix: bool = field(
+        default=False,
+        metadata=_meta('append "The answer is {answer}." to outputs that lack it', "data"),
+    )
+    decontaminate: list[str] = field(
+        default_factory=lambda: list(EVAL_SETS),
+        metadata=_meta(
+            "drop training records whose normalised instruction equals a test item of these sets "
+            "(names or test files); 'none' keeps everything",
+            "data",
+        ),
+    )
+    max_records: int | None = field(
+        default=None, metadata=_meta("use only the first N records after shuffling", "data")
+    )
+    # ---- optimisation ------------------------------------------------------------------------
+    epochs: float = field(default=3.0, metadata=_meta("training epochs", "optimisation"))
+    max_steps: int = field(
+        default=-1,
+        metadata=_meta("stop after this many optimizer steps (overrides --epochs)", "optimisation"),
+    )
+    batch_size: int = field(
+        default=16,
+        metadata=_meta(
+            "effective batch: examples per optimizer step, over all devices", "optimisation"
+        ),
+    )
+    micro_batch_size: int | None = field(
+        default=None,
+        metadata=_meta(
+            "examples per forward pass on each device (default: --batch-size ÷ devices); "
+            "gradients accumulate over batch_size ÷ (micro_batch_size × devices) passes",
+            "optimisation",
+        ),
+    )
+    lr: float | None = field(
+        default=None,
+        metadata=_meta("peak learning rate (default: DiaBlo 5e-4, LoRA 3e-4)", "optimisation"),
+    )
+    weight_decay: float = field(default=0.0, metadata=_meta("AdamW weight decay", "optimisation"))
+    scheduler: str = field(
+        default="linear",
+        metadata=_meta("learning-rate schedule", "optimisation", choices=SCHEDULERS),
+    )
+    warmup: float = field(
+        default=0.05,
+        metadata=_meta(
+            "warmup: a fraction of the steps if < 1, else a number of steps", "optimisation"
+        ),
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata=_meta("clip gradients to this global norm (0: off)", "optimisation")
+    )
+    precision: str = field(
+        default="fp32",
+        metadata=_meta(
+            "autocast mixed precision (fp16 needs a GPU; on CPU use bf16 or fp32)",
+            "optimisation",
+            choices=PRECISIONS,
+        ),
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata=_meta("recompute activations in backward to save memory", "optimisation"),
+    )
+    seed: int = field(
+        default=42,
+        metadata=_meta("seed for initialisation, data order and dropout", "optimisation"),
+    )
+    # ---- outputs -----------------------------------------------------------------------------
+    output: str = field(default="runs/train", metadata=_meta("output folder", "outputs"))
+    logging_steps: int = field(default=10, metadata=_meta("log every N optimizer steps", "outputs"))
+    save_steps: int = field(
+        default=200,
+        metadata=_meta("checkpoint every N optimizer steps (0: only at the end)", "outputs"),
+    )
+    save_total_limit: int | None = field(
+        default=2, metadata=_meta("keep only the newest N checkpoints", "outputs")
+    )
+    resume: str | None = field(
+        default=None,
+        metadata=_meta(
+            "resume from a checkpoint folder, or 'auto' for the newest complete one in --output",
+            "outputs",
+        ),
+    )
+    progress: bool = field(default=True, metadata=_meta("show a progress bar", "outputs"))
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules", "decontaminate", "data"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+        for name in ("batch_size", "max_length", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise UserError(f"micro-batch-size must be ≥ 1, got {self.micro_batch_size}")
+        if self.save_steps < 0:
+            raise UserError(f"save-steps must be ≥ 0, got {self.save_steps}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.warmup < 0:
+            raise UserError(f"warmup must be ≥ 0, got {self.warmup}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise UserError("give --epochs > 0 or --max-steps > 0")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.adapter]
+
+    @property
+    def target_spec(self) -> list[str] | str:
+        """target_modules in DiaBloConfig / LoraConfig form ('all-linear' is a string)."""
+        return "all-linear" if self.target_modules == ["all-linear"] else list(self.target_modules)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+# Settings that may differ between a run and its resumption.
+RESUME_FREE_FIELDS = {
+    "resume",
+    "output",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "progress",
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, grouped, with the field's help and default."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kwargs: dict[str, Any] = {"help": meta["help"], "default": default, "dest": f.name}
+        if f.type in ("bool",):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if "list[str]" in str(f.type):
+            kwargs["nargs"] = "+"
+        kwargs["type"] = _scalar_type(str(f.type))
+        if "choices" in meta:
+            kwargs["choices"] = meta["choices"]
+        if default is not None and not isinstance(default, list):
+            kwargs["help"] += f" (default: {default})"
+        group.add_argument(flag, **kwargs)
+
+
+def _scalar_type(annotation: str):
+    if annotation.startswith("int"):
+        return int
+    if annotation.startswith("float"):
+        return float
+    return str

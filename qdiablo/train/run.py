@@ -1,0 +1,230 @@
+"""`train(config)`: one run from a base and an adapter setting to a saved adapter and its records.
+
+Output folder layout:
+
+    <output>/
+      train_config.json       the resolved TrainConfig (checked again on --resume)
+      train_results.json      counts, budgets, data summary, losses, throughput, memory, versions
+      log.jsonl               every Trainer log record (loss, learning rate, grad norm, ...)
+      adapter/                the final adapter (DiaBlo or PEFT LoRA folder format)
+      checkpoints/checkpoint-<step>/   adapter + optimizer, scheduler, RNG and trainer state
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import set_seed
+
+from qdiablo.errors import UserError
+from qdiablo.io import atomic_path, read_json, write_json
+from qdiablo.train.adapters import (
+    adapted_layers,
+    attach_diablo,
+    attach_lora,
+    layer_shapes,
+    trainable_parameters,
+)
+from qdiablo.train.bases import LoadedBase, load_base
+from qdiablo.train.budget import Budget, resolve_budget
+from qdiablo.train.checkpoint import latest_checkpoint, save_adapter
+from qdiablo.train.config import RESUME_FREE_FIELDS, TrainConfig
+from qdiablo.train.dataset import PadCollator, select_records, tokenize_records
+from qdiablo.train.metrics import JsonlLogCallback, ThroughputCallback, base_linear_bytes
+from qdiablo.train.trainer import AdapterTrainer, training_arguments
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "train_config.json"
+RESULTS_FILE = "train_results.json"
+LOG_FILE = "log.jsonl"
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass
+class TrainResult:
+    """Where a run wrote its outputs, and the records also saved in train_results.json."""
+
+    output: Path
+    adapter_dir: Path
+    results: dict[str, Any]
+    model: Any  # the trained adapter model (DiaBloModel or PeftModel), still in memory
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say(message: str) -> None:
+    if is_main_process():
+        print(message, flush=True)
+
+
+def resolve_resume(config: TrainConfig, output: Path) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); guards against mixing runs."""
+    checkpoints = output / CHECKPOINT_DIR
+    if config.resume is None:
+        # Only rank 0 checks: the other ranks may start after it has written train_config.json.
+        started = (output / CONFIG_FILE).exists() or latest_checkpoint(checkpoints) is not None
+        if is_main_process() and started:
+            raise UserError(
+                f"{output} already holds a training run",
+                hint="pass --resume auto to continue it, or choose another --output",
+            )
+        return None
+    if config.resume == "auto":
+        found = latest_checkpoint(checkpoints)
+        if found is None:
+            raise UserError(f"--resume auto: no complete checkpoint in {checkpoints}")
+        path = found
+    else:
+        path = Path(config.resume)
+        if not (path / "trainer_state.json").is_file():
+            raise UserError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
+    saved_file = output / CONFIG_FILE
+    if saved_file.is_file():
+        saved = read_json(saved_file, what="training config")
+        now = config.to_dict()
+        diff = [
+            f"{k}: {saved.get(k)!r} → {v!r}"
+            for k, v in now.items()
+            if k not in RESUME_FREE_FIELDS and saved.get(k) != v
+        ]
+        if diff:
+            raise UserError(
+                f"resuming {output} with other settings than it started with: {'; '.join(diff)}",
+                hint=f"resume with the settings in {saved_file}",
+            )
+    return path
+
+
+def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget, dict]:
+    """Settle the budget on the base's target layers and attach the adapter.
+
+    Returns the adapter model, the budget, and the other method at the matched setting."""
+    shapes = layer_shapes(adapted_layers(loaded.model, config.target_spec))
+    budget = resolve_budget(
+        shapes, config.adapter, config.num_blocks, config.rank, config.match_params
+    )
+    if config.adapter == "diablo":
+        model = attach_diablo(loaded.model, budget.num_blocks, config.target_spec, config.dropout)
+        expected = budget.diablo_parameters
+    else:
+        alpha = config.lora_alpha if config.lora_alpha is not None else 2.0 * budget.rank
+        model = attach_lora(loaded.model, budget.rank, alpha, config.target_spec, config.dropout)
+        expected = budget.lora_parameters
+    actual = trainable_parameters(model)
+    if actual != expected:
+        raise RuntimeError(f"trainable parameters {actual:,} differ from the budget {expected:,}")
+    return model, budget, budget.other_method(config.adapter, shapes)
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    out["transformers"] = transformers.__version__
+    for name in ("peft", "bitsandbytes", "accelerate"):
+        with contextlib.suppress(ImportError):
+            out[name] = __import__(name).__version__
+    return out
+
+
+def train(
+    config: TrainConfig,
+    base: LoadedBase | None = None,
+    callbacks: list | None = None,
+) -> TrainResult:
+    """Train `config.adapter` on the frozen base; see the module docstring for the outputs.
+
+    `base` may be passed pre-loaded (it is modified in place: adapters are attached to it);
+    `callbacks` are extra `transformers.TrainerCallback`s.
+    """
+    output = Path(config.output)
+    resume_from = resolve_resume(config, output)
+    records, data_summary = select_records(
+        config.data, config.answer_suffix, config.decontaminate, config.max_records, config.seed
+    )
+    set_seed(config.seed)
+    loaded = base or load_base(config.base, config.model, config.gguf_file, config.dtype)
+    model, budget, other = attach_adapter(loaded, config)
+    own_count = trainable_parameters(model)
+    own = f"N={budget.num_blocks}" if config.adapter == "diablo" else f"r={budget.rank}"
+    if other["adapter"] == "lora":
+        same = f"LoRA at the matched r={other['rank']}"
+    else:
+        same = f"DiaBlo at the matched N={other['num_blocks']}"
+    count = other["trainable_parameters"]
+    _say(f"base: {loaded.description} ({config.base})")
+    _say(
+        f"adapter: {config.adapter} {own} on {budget.num_layers} layers: {own_count:,} trainable "
+        f"parameters ({same}: {f'{count:,}' if count is not None else 'n/a'})"
+    )
+    dataset = tokenize_records(
+        loaded.tokenizer, records, data_summary, config.template, config.max_length
+    )
+    _say(data_summary.decontamination_line())
+    if is_main_process() and resume_from is None:
+        write_json(output / CONFIG_FILE, config.to_dict())
+
+    args = training_arguments(config, str(output / CHECKPOINT_DIR))
+    throughput = ThroughputCallback()
+    trainer = AdapterTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=PadCollator(loaded.tokenizer.pad_token_id),
+        callbacks=[throughput, JsonlLogCallback(output / LOG_FILE), *(callbacks or [])],
+    )
+    outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    adapter_dir = output / ADAPTER_DIR
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    results = {
+        "adapter": config.adapter,
+        "base": config.base,
+        "base_description": loaded.description,
+        "model": config.model,
+        "trainable_parameters": own_count,
+        "budget": budget.to_dict(),
+        "matched_params": config.match_params,
+        "other_method": other,
+        "base_linear_layers": base_linear_bytes(model),
+        "data": data_summary.to_dict(),
+        "devices": args.world_size,
+        "micro_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "effective_batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "global_step": trainer.state.global_step,
+        "epochs_done": trainer.state.epoch,
+        "train_loss": outcome.training_loss,
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "train_runtime_seconds": outcome.metrics.get("train_runtime"),
+        "throughput": throughput.summary(),
+        "resumed_from": str(resume_from) if resume_from else None,
+        "device": str(args.device),
+        "versions": _versions(),
+    }
+    if trainer.is_world_process_zero():
+        with atomic_path(adapter_dir) as tmp:
+            save_adapter(model, tmp)
+        write_json(output / RESULTS_FILE, results)
+        tps = results["throughput"]["tokens_per_second"]
+        first, last = results["first_logged_loss"], results["last_logged_loss"]
+        _say(
+            f"trained {trainer.state.global_step} steps"
+            + (f", loss {first:.4f} → {last:.4f}" if losses else "")
+            + (f", {tps:.0f} tokens/s" if tps else "")
+            + f"; adapter saved to {adapter_dir}"
+        )
+    return TrainResult(output, adapter_dir, results, model)

@@ -1,0 +1,112 @@
+"""Hugging Face `Trainer`, set up for adapters on frozen (possibly packed) bases.
+
+Trainer brings gradient accumulation, the schedule with warmup, clipping, mixed precision,
+gradient checkpointing, logging, checkpoint rotation, resume and multi-device (accelerate: DDP on
+GPUs, gloo on CPUs). `AdapterTrainer` changes only what it saves and loads: the adapter, never the
+frozen base (see `qdiablo.train.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from qdiablo.diablo import DiaBloModel
+from qdiablo.errors import UserError
+from qdiablo.train.checkpoint import load_adapter_weights, save_adapter, unwrap
+from qdiablo.train.config import TrainConfig
+
+TRAINING_ARGS_NAME = "training_args.bin"
+
+
+class AdapterTrainer(Trainer):
+    """A Trainer whose checkpoints hold the adapter only, and which reloads it strictly."""
+
+    def __init__(self, model: nn.Module, *args, **kwargs):
+        if isinstance(model, DiaBloModel):
+            # Trainer refuses a quantized model "without trainable adapters" unless PEFT's flag
+            # says adapters are attached; DiaBlo blocks are such adapters.
+            model._hf_peft_config_loaded = True
+        super().__init__(model, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        save_adapter(self.model, output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None):
+        target = model if model is not None else self.model
+        load_adapter_weights(unwrap(target), resume_from_checkpoint)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def gradient_accumulation(config: TrainConfig, devices: int) -> tuple[int, int]:
+    """(micro batch per device, accumulation steps) giving `config.batch_size` per step overall."""
+    micro = config.micro_batch_size
+    if micro is None:
+        if config.batch_size % devices:
+            raise UserError(
+                f"--batch-size {config.batch_size} does not split over {devices} devices",
+                hint="pick a batch size divisible by the number of processes",
+            )
+        micro = config.batch_size // devices
+    if config.batch_size % (micro * devices):
+        raise UserError(
+            f"--batch-size {config.batch_size} is not a multiple of --micro-batch-size {micro} × "
+            f"{devices} device(s)",
+            hint="the effective batch must be micro-batch × devices × accumulation steps",
+        )
+    return micro, config.batch_size // (micro * devices)
+
+
+def training_arguments(config: TrainConfig, checkpoint_dir: str) -> TrainingArguments:
+    """TrainingArguments for a run; the checkpoints go under `checkpoint_dir`."""
+    use_cpu = not torch.cuda.is_available()
+    if config.precision == "fp16" and use_cpu:
+        raise UserError(
+            "--precision fp16 needs a GPU: on CPU, accelerate runs fp16 as fp32 without saying so",
+            hint="use --precision bf16 or fp32 on CPU",
+        )
+    micro, accumulation = gradient_accumulation(config, world_size())
+    save = config.save_steps > 0
+    return TrainingArguments(
+        output_dir=checkpoint_dir,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type=config.scheduler,
+        warmup_steps=config.warmup,
+        max_grad_norm=config.max_grad_norm,
+        optim="adamw_torch",
+        bf16=config.precision == "bf16",
+        fp16=config.precision == "fp16",
+        activation_checkpointing=config.gradient_checkpointing,
+        # Non-reentrant checkpointing needs no input gradients and works under DDP.
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if save else "no",
+        save_steps=config.save_steps if save else 500,
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        use_cpu=use_cpu,
+        report_to="none",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        disable_tqdm=not config.progress,
+        log_level="warning",
+    )

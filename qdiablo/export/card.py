@@ -1,0 +1,285 @@
+"""README.md of an export: a model card that records how the model was made and how to load it.
+
+Everything in it is read from the files the pipeline wrote (quantize_config.json, the adapter's
+config, train_config.json / train_results.json, eval summary.json), so the card can be checked
+against them; what was not recorded is said to be unknown rather than guessed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class CardFacts:
+    """What the card reports; each part is None when the export was not given it."""
+
+    base_name: str
+    architecture: str
+    quantize_config: Mapping[str, Any]
+    quant_report: Mapping[str, Any] | None
+    adapter_kind: str
+    adapter_config: Mapping[str, Any]
+    train_config: Mapping[str, Any] | None = None
+    train_results: Mapping[str, Any] | None = None
+    evals: Sequence[tuple[str, Mapping[str, Any]]] = ()
+    merged_dtype: str | None = None
+    requantized: Mapping[str, Any] | None = None
+    versions: Mapping[str, str] = field(default_factory=dict)
+    notes: Sequence[str] = ()
+
+
+def _v(x: Any) -> str:
+    if x is None:
+        return "not recorded"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    if isinstance(x, list | tuple):
+        return ", ".join(map(str, x)) or "none"
+    return str(x)
+
+
+def _quantizer_lines(qc: Mapping[str, Any], report: Mapping[str, Any] | None) -> list[str]:
+    ours = (qc.get("meta") or {}).get("qdiablo") or {}
+    group = qc.get("group_size")
+    lines = [
+        f"- method: {ours.get('method', 'gptq (settings written by another tool)')}",
+        f"- bits: {qc.get('bits')}; group size: {'per channel' if group == -1 else group}",
+        f"- act-order (desc_act): {qc.get('desc_act')}; sym: {qc.get('sym')}; "
+        f"static groups: {qc.get('static_groups')}; true sequential: {qc.get('true_sequential')}",
+        f"- damping: {qc.get('damp_percent')}; checkpoint format: {qc.get('checkpoint_format')}",
+    ]
+    if ours:
+        magr = ours.get("magr")
+        lines.append(
+            f"- MagR: {'on' if magr else 'off'}"
+            + (
+                f" (α = {_v(ours.get('resolved_magr_alpha'))}, {ours.get('magr_iters')} "
+                f"{ours.get('magr_solver')} iterations)"
+                if magr
+                else ""
+            )
+            + f"; scale shrink β = {_v(ours.get('resolved_beta'))}"
+            + f"; coordinate-descent sweeps: {ours.get('cd_sweeps')}"
+        )
+    if report:
+        tokens = report.get("calibration_tokens")
+        layers = [r.get("rel_error") for r in report.get("layers", [])]
+        errors = [e for e in layers if e is not None]
+        lines.append(f"- calibration: {tokens:,} tokens" if tokens else "- calibration: none (RTN)")
+        if errors:
+            lines.append(
+                f"- mean relative output error over {len(errors)} layers: "
+                f"{sum(errors) / len(errors):.4f}"
+            )
+    else:
+        lines.append("- calibration: not recorded (no quantization_report.json)")
+    return lines
+
+
+def _adapter_lines(kind: str, cfg: Mapping[str, Any]) -> list[str]:
+    if kind == "diablo":
+        return [
+            f"- DiaBlo, N = {cfg.get('num_blocks')} diagonal blocks per layer "
+            f"(blocks in {cfg.get('block_dtype')}, dropout {cfg.get('dropout')})",
+            f"- target modules: {_v(cfg.get('target_modules'))}"
+            + (
+                f" (excluding {_v(cfg.get('exclude_modules'))})"
+                if cfg.get("exclude_modules")
+                else ""
+            ),
+            f"- trainable parameters: {_v(_fmt_int(cfg.get('trainable_parameters')))}",
+            f"- base fingerprint: `{(cfg.get('base_fingerprint') or {}).get('sha256', '?')[:16]}` "
+            f"({(cfg.get('base_fingerprint') or {}).get('description', '?')})",
+        ]
+    return [
+        f"- a PEFT {kind.upper()} adapter (qdiablo loads it with `peft.PeftModel`), "
+        f"r = {cfg.get('r')}, alpha = {cfg.get('lora_alpha')}",
+        f"- target modules: {_v(cfg.get('target_modules'))}",
+        "- it has no base fingerprint: nothing checks that it was trained on this base",
+    ]
+
+
+def _fmt_int(x: Any) -> str | None:
+    return f"{x:,}" if isinstance(x, int) else x
+
+
+def _train_lines(cfg: Mapping[str, Any] | None, res: Mapping[str, Any] | None) -> list[str]:
+    if not cfg and not res:
+        return ["Not recorded (export without `--train-run`)."]
+    cfg, res = cfg or {}, res or {}
+    data = res.get("data") or {}
+    sources = cfg.get("data") or data.get("sources") or ["the shipped Math10K subset"]
+    lines = [
+        f"- data: {_v(sources)} (template `{cfg.get('template')}`); "
+        f"{_v(data.get('records'))} records, {_v(data.get('examples'))} examples trained on",
+    ]
+    against = data.get("decontaminated_against", cfg.get("decontaminate"))
+    if against:
+        dropped = data.get("dropped_per_set") or {}
+        detail = ", ".join(f"{k} {v}" for k, v in dropped.items() if v) or "no matches"
+        lines.append(
+            f"- decontamination against {_v(against)}: dropped {_v(data.get('dropped'))} "
+            f"records ({detail})"
+        )
+    else:
+        lines.append("- decontamination: off")
+    lines += [
+        f"- epochs: {_v(cfg.get('epochs'))} (done: {_v(res.get('epochs_done'))}); "
+        f"optimizer steps: {_v(res.get('global_step'))}",
+        f"- learning rate: {_v(res.get('learning_rate', cfg.get('lr')))}, "
+        f"{_v(cfg.get('scheduler'))} schedule, warmup {_v(cfg.get('warmup'))}; "
+        f"effective batch {_v(cfg.get('batch_size'))}; seed {_v(cfg.get('seed'))}",
+        f"- training loss: {_v(res.get('train_loss'))} (first logged "
+        f"{_v(res.get('first_logged_loss'))}, last {_v(res.get('last_logged_loss'))})",
+    ]
+    return lines
+
+
+def _eval_lines(evals: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
+    if not evals:
+        return ["Not recorded (export without `--eval`)."]
+    lines: list[str] = []
+    for name, summary in evals:
+        settings = summary.get("settings") or {}
+        limit = settings.get("limit")
+        lines += [
+            f"From `{name}` (preset `{settings.get('preset')}`"
+            + (f", first {limit} items per set" if limit else ", full test sets")
+            + "):",
+            "",
+            "| task | n | accuracy % | NLL (nats/token) |",
+            "|---|---:|---:|---:|",
+        ]
+        for task, t in (summary.get("tasks") or {}).items():
+            acc, nll = t.get("accuracy"), t.get("nll")
+            lines.append(
+                f"| {task} | {t.get('n', t.get('nll_n', ''))} | "
+                f"{'—' if acc is None else f'{acc:.1f}'} | {'—' if nll is None else f'{nll:.4f}'} |"
+            )
+        mean = summary.get("mean") or {}
+        if mean.get("tasks"):
+            acc, nll = mean.get("accuracy"), mean.get("nll")
+            label = "mean (4 tasks)" if mean.get("complete") else f"mean ({len(mean['tasks'])})"
+            lines.append(
+                f"| **{label}** |  | {'—' if acc is None else f'{acc:.1f}'} | "
+                f"{'—' if nll is None else f'{nll:.4f}'} |"
+            )
+        lines.append("")
+    return lines
+
+
+def _requant_lines(req: Mapping[str, Any]) -> list[str]:
+    qc, change = req["quantize_config"], req["change"]
+    ours = (qc.get("meta") or {}).get("qdiablo") or {}
+    return [
+        "`merged-gptq/` is `merged/` re-quantized (from its float32 weights) with "
+        f"{ours.get('method', 'gptq')}, {qc.get('bits')}-bit, group size {qc.get('group_size')}, "
+        f"MagR {'on' if ours.get('magr') else 'off'}, calibrated on {req['calibration']}.",
+        "",
+        "**Re-quantizing changes the outputs**: on "
+        f"{change['windows']} calibration windows ({change['tokens']} tokens) the logits moved "
+        f"by max {change['max_abs_logit_change']:.4g} and mean "
+        f"{change['mean_abs_logit_change']:.4g}"
+        f" (max |logit| {change['max_abs_logit']:.4g}); the top-1 token agrees on "
+        f"{100 * (change['top1_agreement'] or 0):.1f}% of positions. `base/` + `adapter/` is the "
+        "model that was trained and evaluated.",
+    ]
+
+
+def _usage(facts: CardFacts) -> list[str]:
+    lines = [
+        "```python",
+        "from qdiablo.export import load_exported",
+        "",
+        'model = load_exported("EXPORT_DIR")  # checks manifest.json, then base/ + adapter/',
+    ]
+    if facts.merged_dtype:
+        lines.append('merged = load_exported("EXPORT_DIR", merged=True)  # merged/')
+    lines += [
+        "```",
+        "",
+        "`qdiablo eval --model EXPORT_DIR` evaluates base/ + adapter/. The quantized base alone, "
+        "with [GPTQModel](https://github.com/ModelCloud/GPTQModel):",
+        "",
+        "```python",
+        "from gptqmodel import GPTQModel",
+        "",
+        'base = GPTQModel.load("EXPORT_DIR/base")',
+        "```",
+    ]
+    if facts.merged_dtype:
+        lines += [
+            "",
+            f"The merged model ({facts.merged_dtype}), with plain transformers:",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'model = AutoModelForCausalLM.from_pretrained("EXPORT_DIR/merged")',
+            'tokenizer = AutoTokenizer.from_pretrained("EXPORT_DIR/merged")',
+            "```",
+        ]
+    return lines
+
+
+def model_card(facts: CardFacts) -> str:
+    """The README.md text of an export."""
+    parts = ["base/ (quantized, GPTQ layout)", "adapter/"]
+    if facts.merged_dtype:
+        parts.append(f"merged/ ({facts.merged_dtype})")
+    if facts.requantized:
+        parts.append("merged-gptq/")
+    lines = [
+        f"# {facts.base_name}: {facts.quantize_config.get('bits')}-bit base + "
+        f"{'DiaBlo' if facts.adapter_kind == 'diablo' else facts.adapter_kind.upper()} adapter",
+        "",
+        f"Exported by qdiablo: {', '.join(parts)}. `manifest.json` holds every file's sha256.",
+        "",
+        "## Base model",
+        "",
+        f"- name: {facts.base_name}",
+        f"- architecture: {facts.architecture}",
+        "",
+        "## Quantization",
+        "",
+        *_quantizer_lines(facts.quantize_config, facts.quant_report),
+        "",
+        "## Adapter",
+        "",
+        *_adapter_lines(facts.adapter_kind, facts.adapter_config),
+        "",
+        "## Training",
+        "",
+        *_train_lines(facts.train_config, facts.train_results),
+        "",
+        "## Evaluation (Math10K protocol)",
+        "",
+        *_eval_lines(facts.evals),
+    ]
+    if facts.merged_dtype:
+        lines += [
+            "",
+            "## Merged model",
+            "",
+            f"`merged/` holds W + Dᵀ for each adapted layer, with W the dequantized base weight "
+            f"the adapter was trained against (not the original weights), in {facts.merged_dtype}"
+            "; the other layers are the dequantized base.",
+        ]
+        if facts.requantized:
+            lines += ["", *_requant_lines(facts.requantized)]
+    if facts.notes:
+        lines += ["", "## Notes", "", *(f"- {n}" for n in facts.notes)]
+    lines += [
+        "",
+        "## How to load",
+        "",
+        *_usage(facts),
+        "",
+        "## Versions",
+        "",
+        ", ".join(f"{k} {v}" for k, v in facts.versions.items()),
+    ]
+    return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"

@@ -1,0 +1,305 @@
+"""export_model / load_exported: one folder holding everything needed to use a trained model.
+
+    EXPORT_DIR/
+      base/           the quantized base, the files of `qdiablo quantize` as they were (GPTQ layout)
+      adapter/        the adapter (DiaBlo: its fingerprint matches base/)
+      merged/         with merged=True: a plain HF model, W + Dᵀ on the dequantized base
+      merged-gptq/    with requantize=True: merged/ re-quantized (outputs change: see README.md)
+      README.md       the model card
+      manifest.json   sha256 and size of every other file
+
+The folder is built beside the target and renamed into place at the end, so a crash never leaves
+an export that looks whole; the adapter is loaded onto the base (fingerprint check) before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qdiablo.errors import UserError
+from qdiablo.export.card import CardFacts, model_card
+from qdiablo.export.manifest import MANIFEST_NAME, build_manifest, verify_export
+from qdiablo.export.merge import merge_into_dense, requantize, save_merged
+from qdiablo.io import atomic_path, read_json
+
+log = logging.getLogger(__name__)
+
+MERGED_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _check_output(output: Path, overwrite: bool, sources: Sequence[Path]) -> None:
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise UserError(
+            f"--output {output} exists and is not empty", hint="pass --overwrite to replace it"
+        )
+    out = output.resolve()
+    for src in sources:
+        if out == src.resolve() or out in src.resolve().parents:
+            raise UserError(f"--output {output} would replace its own input {src}")
+
+
+def _read_train_run(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    from qdiablo.train.run import CONFIG_FILE, RESULTS_FILE
+
+    if not folder.is_dir():
+        raise UserError(f"--train-run folder not found: {folder}")
+    config = read_json(folder / CONFIG_FILE, what="training config")
+    results = read_json(folder / RESULTS_FILE, what="training results (is the run finished?)")
+    return config, results
+
+
+def _read_eval(folder: Path) -> dict[str, Any]:
+    from eval.runner import SUMMARY_FILE
+
+    return read_json(folder / SUMMARY_FILE, what="evaluation summary (run `qdiablo eval` first)")
+
+
+def _weights_digest(folder: Path) -> str:
+    from qdiablo.commands.eval import _adapter_digest
+
+    return _adapter_digest(str(folder))
+
+
+def _versions(adapter_kind: str) -> dict[str, str]:
+    import safetensors
+    import transformers
+
+    from qdiablo import __version__
+
+    out = {
+        "qdiablo": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+    }
+    if adapter_kind != "diablo":
+        import peft
+
+        out["peft"] = peft.__version__
+    return out
+
+
+def _describe(config_json: Mapping[str, Any]) -> str:
+    return (
+        f"{config_json.get('model_type')}, {config_json.get('num_hidden_layers')} layers, "
+        f"hidden {config_json.get('hidden_size')}, vocab {config_json.get('vocab_size')}"
+    )
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        log.warning("%s holds no loadable tokenizer (%s): the export will have none", folder, e)
+        return None
+
+
+def requantize_config(base_entry: Mapping[str, Any], overrides: Mapping[str, Any] | None):
+    """The QuantConfig for re-quantizing: the base's settings, with `overrides` applied."""
+    from quantizers import QuantConfig
+
+    ours = dict((base_entry.get("meta") or {}).get("qdiablo") or {})
+    if ours:
+        fields = {k: v for k, v in ours.items() if not k.startswith("resolved_")}
+    else:  # a GPTQ folder written by another tool: its top-level keys
+        names = {f.name for f in dataclasses.fields(QuantConfig)}
+        fields = {k: v for k, v in base_entry.items() if k in names}
+    fields.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return QuantConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"re-quantization settings: {e}") from e
+
+
+def export_model(
+    base: str | Path,
+    adapter: str | Path | None,
+    output: str | Path,
+    *,
+    train_run: str | Path | None = None,
+    evals: Sequence[str | Path] = (),
+    merged: bool = False,
+    merged_dtype: str = "float16",
+    requantize_merged: bool = False,
+    calib: str | Path | None = None,
+    calib_samples: int = 64,
+    calib_seq_len: int = 256,
+    calib_batch_size: int = 8,
+    quant_overrides: Mapping[str, Any] | None = None,
+    base_name: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write an export folder (see the module docstring) and return its path.
+
+    `adapter` defaults to `train_run/adapter`. `requantize_merged` implies `merged` and needs a
+    `calib` file; its settings are the base's quantize_config with `quant_overrides` applied.
+    """
+    from qdiablo.models import adapter_kind, is_quantized_folder, load_adapter
+    from quantizers import load_quantized, save_quantized
+
+    base, output = Path(base), Path(output)
+    train_dir = Path(train_run) if train_run is not None else None
+    if adapter is None:
+        if train_dir is None:
+            raise UserError("no adapter given", hint="pass --adapter DIR or --train-run DIR")
+        adapter = train_dir / "adapter"
+    adapter = Path(adapter)
+    if not is_quantized_folder(base):
+        raise UserError(
+            f"--base {base} is not a folder written by `qdiablo quantize` (no quantize_config.json)"
+        )
+    kind = adapter_kind(adapter)
+    merged = merged or requantize_merged
+    if merged_dtype not in MERGED_DTYPES:
+        raise UserError(f"--merged-dtype {merged_dtype!r}: choose from {', '.join(MERGED_DTYPES)}")
+    if merged and kind != "diablo":
+        raise UserError(
+            f"--merged needs a DiaBlo adapter; {adapter} is a PEFT {kind} adapter",
+            hint="export it without --merged (base/ + adapter/)",
+        )
+    if requantize_merged and calib is None:
+        raise UserError(
+            "--requantize needs calibration data: re-quantizing the merged model runs MagR/GPTQ",
+            hint="pass --calib FILE (a Math10K .json/.jsonl or a plain-text file)",
+        )
+    _check_output(output, overwrite, [base, adapter, *([train_dir] if train_dir else [])])
+    train_config, train_results = _read_train_run(train_dir) if train_dir else (None, None)
+    summaries = [(str(e), _read_eval(Path(e))) for e in evals]
+    base_entry = read_json(base / "quantize_config.json", what="quantize config")
+    base_cfg = read_json(base / "config.json", what="model config")
+    report_file = base / "quantization_report.json"
+    quant_report = read_json(report_file) if report_file.is_file() else None
+    adapter_cfg = read_json(adapter / "adapter_config.json", what="adapter config")
+    notes = _consistency_notes(adapter, train_dir, summaries)
+    tokenizer = _load_tokenizer(base)
+
+    config = calib_data = None
+    if requantize_merged:
+        from qdiablo.calibration import build_calibration_data
+
+        config = requantize_config(base_entry, quant_overrides)
+        if tokenizer is None:
+            raise UserError(f"--requantize needs a tokenizer to read --calib; {base} has none")
+        calib_data = build_calibration_data(
+            tokenizer, calib, calib_samples, calib_seq_len, calib_batch_size
+        )
+
+    try:
+        base_model = load_quantized(base)
+    except ValueError as e:
+        raise UserError(f"--base {base}: {e}") from e
+    model = load_adapter(base_model, adapter)  # the fingerprint check: before any write
+    log.info("exporting %s + %s to %s", base, adapter, output)
+
+    facts = CardFacts(
+        base_name=base_name or base_entry.get("model_name_or_path") or _unknown_name(train_config),
+        architecture=_describe(base_cfg),
+        quantize_config=base_entry,
+        quant_report=quant_report,
+        adapter_kind=kind,
+        adapter_config=adapter_cfg,
+        train_config=train_config,
+        train_results=train_results,
+        evals=summaries,
+        merged_dtype=merged_dtype if merged else None,
+        versions=_versions(kind),
+        notes=notes,
+    )
+    with atomic_path(output) as tmp:
+        tmp.mkdir()
+        shutil.copytree(base, tmp / "base")
+        shutil.copytree(adapter, tmp / "adapter")
+        if merged:
+            log.info("merging the adapter into the dequantized base (%s)", merged_dtype)
+            dense = merge_into_dense(model)
+            save_merged(dense, tmp / "merged", getattr(torch, merged_dtype), tokenizer)
+            if requantize_merged:
+                change = requantize(dense, calib_data, config)
+                save_quantized(dense, tmp / "merged-gptq", tokenizer)
+                facts.requantized = {
+                    "quantize_config": config.quantization_config(),
+                    "calibration": f"{sum(len(b) for b in calib_data)} windows of "
+                    f"{calib_seq_len} tokens from {Path(calib).name}",
+                    "change": change,
+                }
+        (tmp / "README.md").write_text(model_card(facts), encoding="utf-8")
+        manifest = build_manifest(tmp)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    log.info("exported %d files to %s", len(manifest["files"]), output)
+    return output
+
+
+def _unknown_name(train_config: Mapping[str, Any] | None) -> str:
+    model = (train_config or {}).get("model")
+    return f"base of {model}" if model else "unknown base (name not recorded in base/)"
+
+
+def _consistency_notes(
+    adapter: Path, train_dir: Path | None, evals: Sequence[tuple[str, Mapping[str, Any]]]
+) -> list[str]:
+    """Warn (and say in the card) when the records given describe another adapter."""
+    notes = []
+    digest = _weights_digest(adapter)
+    trained = train_dir / "adapter" if train_dir else None
+    if (
+        trained is not None
+        and trained.resolve() != adapter.resolve()
+        and (not trained.is_dir() or _weights_digest(trained) != digest)
+    ):
+        notes.append(f"the training records ({train_dir}) are for another adapter than this one")
+    for name, summary in evals:
+        recorded = (summary.get("model") or {}).get("adapter_sha256")
+        if recorded is not None and recorded != digest:
+            notes.append(f"the scores of {name} were measured with another adapter than this one")
+    for note in notes:
+        log.warning("%s", note)
+    return notes
+
+
+def load_exported(
+    path: str | Path,
+    *,
+    merged: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    verify: bool = True,
+):
+    """Load an export: base/ + adapter/ (a DiaBloModel or PeftModel), or merged/ (a plain
+    transformers model). The manifest is checked first (`verify=False` skips the hashes only).
+
+    dtype: for base/, the unquantized weights (embeddings, norms, head) as in load_quantized;
+    for merged/, the weights' dtype. Default: as stored.
+    """
+    from qdiablo.models import load_adapter
+
+    folder = Path(path)
+    verify_export(folder, hashes=verify)
+    if merged:
+        from transformers import AutoModelForCausalLM
+
+        if not (folder / "merged").is_dir():
+            raise UserError(
+                f"{folder} has no merged/ model", hint="re-run `qdiablo export` with --merged"
+            )
+        model = AutoModelForCausalLM.from_pretrained(folder / "merged", dtype=dtype or "auto")
+        return model.to(device).eval()
+    from quantizers import load_quantized
+
+    try:
+        base = load_quantized(folder / "base", device=device, dtype=dtype)
+    except ValueError as e:
+        raise UserError(f"{folder / 'base'}: {e}") from e
+    return load_adapter(base, folder / "adapter")

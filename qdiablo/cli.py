@@ -19,7 +19,7 @@ from typing import Any
 from qdiablo.errors import UserError
 
 # The pipeline order: model -> quantize -> train -> eval -> export.
-COMMANDS = ["demo", "quantize", "train", "eval"]
+COMMANDS = ["demo", "quantize", "train", "eval", "export"]
 
 log = logging.getLogger("qdiablo")
 

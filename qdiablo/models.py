@@ -70,6 +70,8 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 
     path, gguf = resolve_model(name_or_path, gguf_file)
+    if _is_export(path):  # a `qdiablo export` folder: the tokenizer lives in base/
+        path = str(Path(path) / "base")
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
@@ -140,6 +142,13 @@ def is_quantized_folder(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / QUANTIZE_CONFIG).is_file()
 
 
+def _is_export(path: str | Path) -> bool:
+    """A folder written by `qdiablo export` (manifest.json + base/)."""
+    from qdiablo.export.manifest import is_export_folder
+
+    return is_export_folder(path)
+
+
 def nf4_config():
     """QLoRA's base: bitsandbytes NF4 with double quantization (DESIGN.md §3)."""
     from transformers import BitsAndBytesConfig
@@ -166,6 +175,8 @@ def load_base(
       model (for `smollm2`: the GGUF's Q4_1 weights dequantized, see the module docstring);
     - a folder holding `quantize_config.json` is a qdiablo GPTQ/RTN checkpoint, loaded with
       `quantizers.load_quantized` (its linear layers are packed `QuantLinear`);
+    - a `qdiablo export` folder loads as its base/ + adapter/ (`qdiablo.export.load_exported`,
+      which checks its manifest first);
     - `quant="nf4"` quantizes a full-precision model with bitsandbytes NF4 + double quantization
       on load (QLoRA's base); on CPU it runs with `device_map="cpu"`. A GGUF model is dequantized
       into a temporary folder first, since transformers cannot combine GGUF and bitsandbytes.
@@ -178,6 +189,13 @@ def load_base(
             f"unknown base quantization '{quant}'",
             hint=f"choose from {', '.join(BASE_QUANT_CHOICES)}, or pass a quantized folder",
         )
+    if name_or_path != SMOLLM2 and _is_export(name_or_path):
+        if quant is not None:
+            raise UserError(f"{name_or_path} is an export folder; it cannot be quantized again")
+        from qdiablo.export import load_exported
+
+        log.info("loading the export %s (base/ + adapter/)", name_or_path)
+        return load_exported(name_or_path, device=device, dtype=parse_dtype(dtype))
     if name_or_path != SMOLLM2 and is_quantized_folder(name_or_path):
         if quant is not None:
             raise UserError(

@@ -1,0 +1,141 @@
+"""`qdiablo export`: the quantized base, the adapter, optionally the merged model, a model card
+and a manifest, in one folder; `--verify` checks an export against its manifest.
+
+qdiablo export --base runs/w2 --train-run runs/diablo-w2 --eval runs/eval/w2 --output out/w2
+qdiablo export --base runs/w2 --adapter runs/diablo-w2/adapter --merged --output out/w2
+qdiablo export --verify out/w2
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qdiablo.errors import UserError
+
+HELP = "export a quantized base + adapter (optionally merged) with a model card and manifest"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from qdiablo.calibration import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
+
+    p.add_argument("--base", metavar="QUANTIZED_DIR", help="a folder written by `qdiablo quantize`")
+    p.add_argument(
+        "--adapter",
+        metavar="ADAPTER_DIR",
+        help="a DiaBlo adapter folder (or a PEFT LoRA one); default: TRAIN_DIR/adapter",
+    )
+    p.add_argument("--output", metavar="EXPORT_DIR", help="the export folder to write")
+    p.add_argument(
+        "--train-run",
+        metavar="TRAIN_DIR",
+        help="a `qdiablo train` output: its records go in the card",
+    )
+    p.add_argument(
+        "--eval",
+        metavar="EVAL_DIR",
+        nargs="+",
+        action="extend",
+        help="`qdiablo eval` output folder(s): their scores go in the card",
+    )
+    p.add_argument(
+        "--merged",
+        action="store_true",
+        help="also write merged/: a plain HF model, adapter folded into the dequantized base",
+    )
+    p.add_argument(
+        "--merged-dtype",
+        choices=["float16", "bfloat16", "float32"],
+        default="float16",
+        help="dtype of merged/ (default float16)",
+    )
+    p.add_argument(
+        "--requantize",
+        action="store_true",
+        help="also write merged-gptq/: merged/ re-quantized with MagR+GPTQ (implies --merged; "
+        "changes the outputs; needs --calib)",
+    )
+    p.add_argument("--base-model-name", help="the original model's name, for the card")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    p.add_argument(
+        "--verify", metavar="EXPORT_DIR", help="check an export against its manifest.json and exit"
+    )
+    g = p.add_argument_group("re-quantization (--requantize; default: the base's quantize_config)")
+    g.add_argument("--calib", metavar="FILE", help="calibration text: Math10K .json/.jsonl or text")
+    g.add_argument(
+        "--calib-samples",
+        type=int,
+        default=DEFAULT_SAMPLES,
+        help=f"calibration windows (default {DEFAULT_SAMPLES})",
+    )
+    g.add_argument(
+        "--calib-seq-len",
+        type=int,
+        default=DEFAULT_SEQ_LEN,
+        help=f"tokens per window (default {DEFAULT_SEQ_LEN})",
+    )
+    g.add_argument(
+        "--calib-batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"windows per forward pass (default {DEFAULT_BATCH_SIZE})",
+    )
+    g.add_argument("--method", choices=["gptq", "rtn"], help="quantizer")
+    g.add_argument("--bits", type=int, choices=[2, 3, 4, 8], help="bits per weight")
+    g.add_argument("--group-size", type=int, help="-1 (per channel) or a power of two >= 16")
+    g.add_argument("--sym", action=argparse.BooleanOptionalAction, help="symmetric grid")
+    g.add_argument("--desc-act", action=argparse.BooleanOptionalAction, help="GPTQ act-order")
+    g.add_argument("--magr", action=argparse.BooleanOptionalAction, help="MagR first")
+    g.add_argument("--magr-alpha", type=float, help="MagR α")
+    g.add_argument("--magr-iters", type=int, help="MagR iterations")
+    g.add_argument("--cd-sweeps", type=int, help="coordinate-descent sweeps")
+    g.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], help="zero-point convention")
+
+
+QUANT_FLAGS = (
+    "method",
+    "bits",
+    "group_size",
+    "sym",
+    "desc_act",
+    "magr",
+    "magr_alpha",
+    "magr_iters",
+    "cd_sweeps",
+    "checkpoint_format",
+)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qdiablo.export import export_model, verify_export
+
+    if args.verify:
+        manifest = verify_export(args.verify)
+        print(f"{args.verify}: {len(manifest['files'])} files match manifest.json")
+        return 0
+    if not args.base or not args.output:
+        raise UserError("--base and --output are required (or --verify EXPORT_DIR)")
+    overrides = {k: getattr(args, k) for k in QUANT_FLAGS if getattr(args, k) is not None}
+    if overrides and not args.requantize:
+        flags = ", ".join("--" + k.replace("_", "-") for k in overrides)
+        raise UserError(f"{flags} only apply with --requantize")
+    out = export_model(
+        args.base,
+        args.adapter,
+        args.output,
+        train_run=args.train_run,
+        evals=args.eval or (),
+        merged=args.merged,
+        merged_dtype=args.merged_dtype,
+        requantize_merged=args.requantize,
+        calib=args.calib,
+        calib_samples=args.calib_samples,
+        calib_seq_len=args.calib_seq_len,
+        calib_batch_size=args.calib_batch_size,
+        quant_overrides=overrides,
+        base_name=args.base_model_name,
+        overwrite=args.overwrite,
+    )
+    parts = sorted(p.name for p in Path(out).iterdir() if p.is_dir())
+    print(f"exported {', '.join(parts)} to {out} (see {Path(out) / 'README.md'})")
+    return 0

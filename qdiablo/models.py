@@ -192,24 +192,10 @@ def load_base(
 
 
 def _load_quantized_folder(path: str, dtype, device):
-    import inspect
+    from quantizers import load_quantized
 
-    try:
-        from quantizers import load_quantized
-    except ImportError as e:
-        raise UserError(
-            f"{path} is a quantized folder, but this installation cannot load it: {e}",
-            hint="install qdiablo with its `quantizers` package",
-        ) from e
-    params = inspect.signature(load_quantized).parameters
-    kwargs = {}
-    if "dtype" in params:
-        kwargs["dtype"] = parse_dtype(dtype)
-    if "device" in params:
-        kwargs["device"] = device
     log.info("loading the quantized base %s", path)
-    model = load_quantized(str(path), **kwargs)
-    return model.to(device) if "device" not in params else model
+    return load_quantized(str(path), device=device, dtype=parse_dtype(dtype))
 
 
 def _load_nf4(name_or_path: str, gguf_file: str | None, dtype, device):

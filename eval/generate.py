@@ -88,16 +88,9 @@ def _dequantized_once(model) -> Iterator[None]:
     if not has_quantized_layers(model):
         yield
         return
-    try:
-        from quantizers import dequantize_cache
-    except ImportError:
-        log.warning(
-            "this version of `quantizers` has no dequantize_cache(): quantized layers will "
-            "dequantize at every step (correct, but slow on CPU)"
-        )
-        yield
-        return
-    with dequantize_cache():
+    from quantizers import dequantize_cache
+
+    with dequantize_cache(model):
         yield
 
 

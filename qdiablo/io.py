@@ -67,3 +67,18 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def read_adapter_weights(path: Path) -> dict:
+    """An adapter's safetensors weights; a missing or truncated file is a UserError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from qdiablo.errors import UserError
+
+    if not path.is_file():
+        raise UserError(f"adapter weights not found: {path}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable or truncated safetensors file: {e}") from e

@@ -149,18 +149,6 @@ def _is_export(path: str | Path) -> bool:
     return is_export_folder(path)
 
 
-def nf4_config():
-    """QLoRA's base: bitsandbytes NF4 with double quantization (DESIGN.md §3)."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-
-
 def load_base(
     name_or_path: str,
     *,
@@ -205,57 +193,17 @@ def load_base(
             )
         return _load_quantized_folder(name_or_path, dtype, device)
     if quant == "nf4":
-        return _load_nf4(name_or_path, gguf_file, dtype, device)
+        from qdiablo.nf4 import load_nf4
+
+        return load_nf4(name_or_path, gguf_file, parse_dtype(dtype), torch.device(device))
     return load_model(name_or_path, gguf_file, dtype=dtype, device=device)
 
 
 def _load_quantized_folder(path: str, dtype, device):
-    import inspect
+    from quantizers import load_quantized
 
-    try:
-        from quantizers import load_quantized
-    except ImportError as e:
-        raise UserError(
-            f"{path} is a quantized folder, but this installation cannot load it: {e}",
-            hint="install qdiablo with its `quantizers` package",
-        ) from e
-    params = inspect.signature(load_quantized).parameters
-    kwargs = {}
-    if "dtype" in params:
-        kwargs["dtype"] = parse_dtype(dtype)
-    if "device" in params:
-        kwargs["device"] = device
     log.info("loading the quantized base %s", path)
-    model = load_quantized(str(path), **kwargs)
-    return model.to(device) if "device" not in params else model
-
-
-def _load_nf4(name_or_path: str, gguf_file: str | None, dtype, device):
-    import tempfile
-
-    from transformers import AutoModelForCausalLM
-
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("NF4 bases need bitsandbytes", hint='pip install "qdiablo[qlora]"')
-    path, gguf = resolve_model(name_or_path, gguf_file)
-    device_map = str(device) if str(device) != "cuda" else "auto"
-    if gguf:
-        with tempfile.TemporaryDirectory(prefix="qdiablo-nf4-") as tmp:
-            load_model(name_or_path, gguf_file, dtype=dtype).save_pretrained(tmp)
-            model = AutoModelForCausalLM.from_pretrained(
-                tmp,
-                dtype=parse_dtype(dtype),
-                quantization_config=nf4_config(),
-                device_map=device_map,
-            )
-        model.config._name_or_path = name_or_path
-        return model
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            path, dtype=parse_dtype(dtype), quantization_config=nf4_config(), device_map=device_map
-        )
-    except OSError as e:
-        raise UserError(f"could not load a model from '{name_or_path}': {e}") from e
+    return load_quantized(str(path), device=device, dtype=parse_dtype(dtype))
 
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -106,16 +106,19 @@ def test_nf4_base_loads_with_bitsandbytes_and_evaluates(tiny_model_dir, tmp_path
     assert rc == 0 and summary["tasks"]["SVAMP"]["nll"] == pytest.approx(nf4, rel=1e-5)
 
 
-def test_quantized_folder_goes_to_the_quantizers(tiny_model_dir, tmp_path):
-    import quantizers
+def test_quantized_folder_loads_packed_and_evaluates(tiny_model_dir, tmp_path, tokenizer):
+    from quantizers import QuantConfig, QuantLinear, quantize_model, save_quantized
 
-    if hasattr(quantizers, "load_quantized"):
-        pytest.skip("the quantizers package is present: its own tests cover loading")
-    folder = tmp_path / "q"
-    folder.mkdir()
-    (folder / "quantize_config.json").write_text("{}")
-    with pytest.raises(ValueError, match="quantized folder"):
-        load_base(str(folder))
+    model = quantize_model(
+        load_model(str(tiny_model_dir)), None, QuantConfig(method="rtn", bits=4, group_size=32)
+    )
+    expected = direct_nll(model, tokenizer)
+    folder = save_quantized(model, tmp_path / "q4", tokenizer)
+    loaded = load_base(str(folder))
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj, QuantLinear)
+    assert direct_nll(loaded, tokenizer) == pytest.approx(expected, rel=1e-6)
+    rc, summary = run_eval(tmp_path, "--model", str(folder), "--tasks", "SVAMP")
+    assert rc == 0 and summary["tasks"]["SVAMP"]["nll"] == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="already quantized"):
         load_base(str(folder), quant="nf4")
 

@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM
 from qdiablo import DiaBloConfig, get_diablo_model
 from qdiablo.diablo.model import base_fingerprint, find_targets
 from qdiablo.errors import UserError
+from qdiablo.nf4 import bnb_nf4_config, quantize_bnb_4bit_
 from qdiablo.train.adapters import attach_diablo, attach_lora
-from qdiablo.train.bases import bnb_nf4_config, load_base, quantize_bnb_4bit_
+from qdiablo.train.bases import load_base
 from qdiablo.train.metrics import base_linear_bytes, layer_resident_bytes
 
 

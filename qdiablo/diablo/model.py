@@ -23,7 +23,7 @@ from torch import nn
 from qdiablo.diablo.config import DiaBloConfig
 from qdiablo.diablo.layer import DiaBloLinear
 from qdiablo.errors import UserError
-from qdiablo.io import atomic_path, read_json
+from qdiablo.io import atomic_path, read_adapter_weights, read_json
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ class DiaBloModel(nn.Module):
             if not force:
                 raise UserError(msg, hint="pass force=True (CLI: --force) to load it anyway")
             log.warning("%s (loading anyway: force=True)", msg)
-        tensors = _load_safetensors(adapter_dir / WEIGHTS_NAME)
+        tensors = read_adapter_weights(adapter_dir / WEIGHTS_NAME)
         model = cls(base_model, config)
         layers = dict(model.diablo_layers())
         expected_keys = {f"{n}.blocks" for n in layers}
@@ -392,18 +392,6 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         raise UserError(f"{path}: format_version {version!r} is not supported (expected 1)")
     return saved
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise UserError(f"adapter weights not found: {path}")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable or truncated safetensors file: {e}") from e
 
 
 def get_diablo_model(model: nn.Module, config: DiaBloConfig | None = None) -> DiaBloModel:

@@ -25,7 +25,7 @@ from torch import nn
 from qdiablo.diablo import DiaBloConfig, DiaBloModel
 from qdiablo.diablo.model import CONFIG_NAME, METADATA_KEYS, WEIGHTS_NAME, read_adapter_config
 from qdiablo.errors import UserError
-from qdiablo.io import read_json
+from qdiablo.io import read_adapter_weights, read_json
 
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -82,18 +82,6 @@ def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
         raise TypeError(f"cannot load adapter weights into a {type(model).__name__}")
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise UserError(f"adapter weights not found: {path}")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable or truncated safetensors file: {e}") from e
-
-
 def _load_diablo(model: DiaBloModel, folder: Path) -> None:
     saved = read_adapter_config(folder)
     config = DiaBloConfig.from_dict(
@@ -113,7 +101,7 @@ def _load_diablo(model: DiaBloModel, folder: Path) -> None:
             f"{folder}: saved on a different base ({was}), this base is "
             f"({model.base_fingerprint['description']})"
         )
-    tensors = _read_tensors(folder / WEIGHTS_NAME)
+    tensors = read_adapter_weights(folder / WEIGHTS_NAME)
     layers = dict(model.diablo_layers())
     _check_keys(folder / WEIGHTS_NAME, {f"{n}.blocks" for n in layers}, set(tensors))
     with torch.no_grad():
@@ -131,7 +119,7 @@ def _load_lora(model, folder: Path) -> None:
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     path = folder / "adapter_model.safetensors"
-    tensors = _read_tensors(path)
+    tensors = read_adapter_weights(path)
     expected = get_peft_model_state_dict(model)
     _check_keys(path, set(expected), set(tensors))
     for key, t in tensors.items():

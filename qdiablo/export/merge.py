@@ -9,6 +9,7 @@ and reported, never hidden.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,12 +64,12 @@ def save_merged(model: nn.Module, folder: Path, dtype: torch.dtype, tokenizer=No
     """Save a merged float32 model as a plain HF folder in `dtype`, leaving `model` in float32
     (re-quantization starts from the unrounded weights)."""
     state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
-    previous = model.config.dtype
-    model.config.dtype = dtype
-    try:
-        model.save_pretrained(folder, state_dict=state)
-    finally:
-        model.config.dtype = previous
+    model.save_pretrained(folder, state_dict=state)
+    # save_pretrained records the model's own dtype (float32); from_pretrained's "auto" reads it.
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 

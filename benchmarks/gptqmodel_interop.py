@@ -13,6 +13,13 @@ GPTQModel needs torch >= 2.14 (a CUDA build, about 5 GB), so the check runs in t
 
        python benchmarks/gptqmodel_interop.py check runs/interop [--device cuda]
 
+An export folder (`qdiablo export`) works too: its `base/` is the GPTQ folder. Compute the
+reference logits with qdiablo (this also checks the export's manifest), then check in the other
+environment:
+
+       python benchmarks/gptqmodel_interop.py reference out/my-export runs/my-export-ref.pt
+       python benchmarks/gptqmodel_interop.py check out/my-export --reference runs/my-export-ref.pt
+
 The check passes when GPTQModel's logits match qdiablo's to fp16 precision (both run the
 dequantized weights; GPTQModel computes in fp16). Exit status 0 = match, 1 = mismatch. The
 export writes both zero-point conventions: `runs/interop/gptq` (v1) and `runs/interop/gptq_v2`.
@@ -52,13 +59,38 @@ def export(out: Path, bits: int, group_size: int, sym: bool) -> None:
         print(f"exported {folder} ({fmt}, W{bits} g{group_size}, sym={sym})")
 
 
-def check(out: Path, device: str, backend: str) -> int:
+def is_export(folder: Path) -> bool:
+    """A `qdiablo export` folder: manifest.json plus base/ (the GPTQ layout)."""
+    return (folder / "manifest.json").is_file() and (folder / "base").is_dir()
+
+
+def reference(export_dir: Path, out_file: Path) -> None:
+    """qdiablo's logits for an export's base/ (after checking the export's manifest)."""
+    from qdiablo.export import verify_export
+    from quantizers import load_quantized
+
+    verify_export(export_dir)
+    model = load_quantized(export_dir / "base")
+    ids = torch.tensor(TOKENS)
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"ids": ids, "logits": logits}, out_file)
+    print(f"reference logits of {export_dir / 'base'} saved to {out_file}")
+
+
+def check(out: Path, device: str, backend: str, reference_file: Path | None = None) -> int:
     from gptqmodel import BACKEND, GPTQModel
 
+    if is_export(out):
+        if reference_file is None:
+            raise SystemExit("an export folder needs --reference FILE (see the `reference` step)")
+        cases = [("export base/", out / "base", reference_file)]
+    else:
+        cases = [(f, out / f, out / f / "reference_logits.pt") for f in ("gptq", "gptq_v2")]
     failures = 0
-    for fmt in ("gptq", "gptq_v2"):
-        folder = out / fmt
-        ref = torch.load(folder / "reference_logits.pt")
+    for fmt, folder, ref_file in cases:
+        ref = torch.load(ref_file)
         model = GPTQModel.load(str(folder), device=device, backend=getattr(BACKEND, backend))
         with torch.no_grad():
             logits = model.model(ref["ids"].to(device)).logits[0].float().cpu()
@@ -92,14 +124,22 @@ def main() -> int:
     e.add_argument("--group-size", type=int, default=32)
     e.add_argument("--sym", action="store_true")
     c = sub.add_parser("check", help="load the export with GPTQModel and compare logits")
-    c.add_argument("out", type=Path)
+    c.add_argument("out", type=Path, help="the `export` step's folder, or a qdiablo export")
     c.add_argument("--device", default="cuda")
     c.add_argument("--backend", default="TORCH", help="a gptqmodel.BACKEND name")
+    c.add_argument("--reference", type=Path, help="reference logits, for an export folder")
+    r = sub.add_parser("reference", help="qdiablo's reference logits for an export's base/")
+    r.add_argument("export_dir", type=Path)
+    r.add_argument("out_file", type=Path)
     args = p.parse_args()
     if args.step == "export":
         export(args.out, args.bits, args.group_size, args.sym)
         return 0
-    return check(args.out, args.device, args.backend)
+    if args.step == "reference":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        reference(args.export_dir, args.out_file)
+        return 0
+    return check(args.out, args.device, args.backend, args.reference)
 
 
 if __name__ == "__main__":

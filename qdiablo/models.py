@@ -246,7 +246,12 @@ def load_adapter(model, adapter_dir: str | Path, *, force: bool = False, merge: 
             from peft import PeftModel
         except ImportError as e:
             raise UserError("PEFT adapters need peft", hint='pip install "qdiablo[qlora]"') from e
-        wrapped = PeftModel.from_pretrained(model, str(adapter_dir))
+        if kind == "lora":  # re-registers the packed-layer dispatch GPTQ-LoRA was trained with
+            from qdiablo.train.adapters import load_lora
+
+            wrapped = load_lora(model, str(adapter_dir))
+        else:
+            wrapped = PeftModel.from_pretrained(model, str(adapter_dir))
     wrapped.eval()
     if merge:
         return wrapped.merge_and_unload()

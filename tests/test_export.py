@@ -285,3 +285,20 @@ def test_eval_accepts_an_export_folder(exported, tmp_path, capsys):
     assert cli.main([*argv, "--threads", "1", "--no-progress", "--output", str(tmp_path)]) == 0
     nll = json.loads((tmp_path / "summary.json").read_text())["tasks"]["SVAMP"]["nll"]
     assert nll is not None and nll > 0
+
+
+def test_a_peft_lora_adapter_exports_unmerged_and_the_card_says_so(pipeline, tmp_path):
+    from qdiablo.train.adapters import attach_lora
+
+    base = load_quantized(pipeline["base"])
+    lora = attach_lora(base, rank=4, alpha=8, target_modules=["q_proj"], dropout=0.0)
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    lora.save_pretrained(tmp_path / "lora")
+    with pytest.raises(UserError, match="--merged needs a DiaBlo adapter"):
+        export_model(pipeline["base"], tmp_path / "lora", tmp_path / "m", merged=True)
+    out = export_model(pipeline["base"], tmp_path / "lora", tmp_path / "out")
+    assert torch.equal(_logits(load_exported(out)), _logits(lora.eval()))
+    card = (out / "README.md").read_text()
+    assert "a PEFT LORA adapter" in card and "no base fingerprint" in card

@@ -224,8 +224,9 @@ def export_model(
         shutil.copytree(adapter, tmp / "adapter")
         if merged:
             log.info("merging the adapter into the dequantized base (%s)", merged_dtype)
-            dense = merge_into_dense(model)
-            save_merged(dense, tmp / "merged", getattr(torch, merged_dtype), tokenizer)
+            dtype = getattr(torch, merged_dtype)
+            dense = merge_into_dense(model, torch.float32 if requantize_merged else dtype)
+            save_merged(dense, tmp / "merged", dtype, tokenizer)
             if requantize_merged:
                 change = requantize(dense, calib_data, config)
                 save_quantized(dense, tmp / "merged-gptq", tokenizer)
@@ -243,8 +244,11 @@ def export_model(
 
 
 def _unknown_name(train_config: Mapping[str, Any] | None) -> str:
-    model = (train_config or {}).get("model")
-    return f"base of {model}" if model else "unknown base (name not recorded in base/)"
+    """`qdiablo quantize` does not record the source model; a training run may name it."""
+    model = str((train_config or {}).get("model") or "")
+    if model and not Path(model, "quantize_config.json").is_file():
+        return model
+    return "unknown (not recorded in base/: pass --base-model-name)"
 
 
 def _consistency_notes(

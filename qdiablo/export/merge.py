@@ -28,10 +28,12 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
-def merge_into_dense(model: nn.Module) -> nn.Module:
-    """Fold a DiaBlo adapter into its base and return a plain float32 model (no packed layers).
+def merge_into_dense(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Fold a DiaBlo adapter into its base and return a plain model in `dtype` (no packed layers).
 
     `model` is a DiaBloModel on a quantized base (as load_exported returns it); it is consumed.
+    W + Dᵀ is computed in float32 and cast once, layer by layer, so a float16 merge of a large
+    model never holds a float32 copy of it.
     """
     from qdiablo import DiaBloModel
     from quantizers import QuantLinear
@@ -41,15 +43,15 @@ def merge_into_dense(model: nn.Module) -> nn.Module:
             f"--merged needs a DiaBlo adapter; this one is {type(model).__name__}",
             hint="export a PEFT (LoRA) adapter without --merged, or merge it with PEFT",
         )
-    dense = model.merge_and_unload(dtype=torch.float32)
+    dense = model.merge_and_unload(dtype=dtype)
     for name, module in list(dense.named_modules()):
         if isinstance(module, QuantLinear):
             lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            lin.weight.data = module.dequantize_weight(torch.float32).contiguous()
+            lin.weight.data = module.dequantize_weight(torch.float32).to(dtype).contiguous()
             if module.bias is not None:
-                lin.bias.data = module.bias.detach().float().clone()
+                lin.bias.data = module.bias.detach().to(dtype).clone()
             _set_submodule(dense, name, lin)
-    dense.float()
+    dense.to(dtype)
     # It is no longer a GPTQ model: a config that says so would send transformers to GPTQModel.
     if hasattr(dense.config, "quantization_config"):
         del dense.config.quantization_config
@@ -61,8 +63,8 @@ def merge_into_dense(model: nn.Module) -> nn.Module:
 
 
 def save_merged(model: nn.Module, folder: Path, dtype: torch.dtype, tokenizer=None) -> None:
-    """Save a merged float32 model as a plain HF folder in `dtype`, leaving `model` in float32
-    (re-quantization starts from the unrounded weights)."""
+    """Save a merged model as a plain HF folder in `dtype`, leaving `model` in its own dtype
+    (re-quantization starts from the float32 weights, not the rounded ones)."""
     state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
     model.save_pretrained(folder, state_dict=state)
     # save_pretrained records the model's own dtype (float32); from_pretrained's "auto" reads it.

@@ -267,7 +267,9 @@ def test_cli_end_to_end(pipeline, tmp_path, capsys):
     assert cli.main(argv) == 2
     assert "--requantize needs calibration data" in capsys.readouterr().err
     argv += ["--calib", str(pipeline["calib"]), "--calib-samples", "4", "--calib-seq-len", "32"]
+    argv += ["--base-model-name", "org/tiny-llama"]
     assert cli.main([*argv, "--merged-dtype", "bfloat16", "--method", "rtn", "--no-magr"]) == 0
+    assert "- name: org/tiny-llama" in (out / "README.md").read_text()
     assert "exported adapter, base, merged, merged-gptq" in capsys.readouterr().out
     assert json.loads((out / "merged/config.json").read_text())["dtype"] == "bfloat16"
     qc = json.loads((out / "merged-gptq/quantize_config.json").read_text())

@@ -14,6 +14,7 @@ Everything is then multiplied by 32 blocks. These are EXTRAPOLATIONS from one bl
 iterations, not a measured whole-model run.
 
     python benchmarks/quantizers_llama7b_block.py --out runs/bench-llama7b-block.json
+    python benchmarks/quantizers_llama7b_block.py --device cuda   # GPU (benchmarks/gpu_suite.py)
 """
 
 from __future__ import annotations
@@ -38,9 +39,17 @@ REFERENCE_TOKENS = 128 * 2048
 
 
 def timed(fn):
+    _sync()
     start = time.perf_counter()
     out = fn()
+    _sync()
     return out, time.perf_counter() - start
+
+
+def _sync() -> None:
+    """GPU work is asynchronous: wait for it so that wall times are real."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -49,7 +58,9 @@ def main() -> None:
     p.add_argument("--magr-iters", type=int, default=2, help="MagR iterations actually run")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out", type=Path, default=Path("runs/bench-llama7b-block.json"))
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -58,23 +69,23 @@ def main() -> None:
         hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32
     )
     torch.manual_seed(0)
-    block = LlamaDecoderLayer(config, layer_idx=0).eval()
+    block = LlamaDecoderLayer(config, layer_idx=0).eval().to(device)
     with torch.no_grad():
         for w in block.parameters():
             if w.dim() == 2:
                 w.normal_(0, 0.02)
     seq = 512
     batches = max(1, args.tokens // seq)
-    hidden = [torch.randn(1, seq, 4096) for _ in range(batches)]
-    rope = LlamaRotaryEmbedding(config)
-    pos = torch.arange(seq)[None]
+    hidden = [torch.randn(1, seq, 4096, device=device) for _ in range(batches)]
+    rope = LlamaRotaryEmbedding(config).to(device)
+    pos = torch.arange(seq, device=device)[None]
     kwargs = [{"position_embeddings": rope(hidden[0], pos), "position_ids": pos}] * batches
     tokens = batches * seq
-    fast = fast_matmul_dtype("cpu")
+    fast = fast_matmul_dtype(device.type)
     linears = block_linears(block, "block")
     groups = input_groups(block, linears, hidden[0], kwargs[0])
 
-    autocast = torch.autocast("cpu", dtype=fast or torch.float32, enabled=fast is not None)
+    autocast = torch.autocast(device.type, dtype=fast or torch.float32, enabled=fast is not None)
     calib_s = 0.0
     hessians = {}
     for group in groups:  # one true-sequential stage per group, bf16 forward where fast
@@ -113,7 +124,8 @@ def main() -> None:
     }
     report = {
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        "machine": (torch.cuda.get_device_name(device) + ", " if device.type == "cuda" else "")
+        + f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{args.threads} thread(s), MagR matmul dtype {fast}",
         "measured": {
             "calibration_tokens_run": tokens,

@@ -7,6 +7,7 @@
 This package imports from neither `qdiablo` nor `eval` (DESIGN.md §6).
 """
 
+from quantizers import kernels
 from quantizers.calibration import tokenize_calibration
 from quantizers.checkpoint import CheckpointError, load_quantized, save_quantized
 from quantizers.config import QuantConfig, default_beta
@@ -22,6 +23,7 @@ __all__ = [
     "default_beta",
     "dequantize_cache",
     "dequantize_packed",
+    "kernels",
     "load_quantized",
     "quantize_model",
     "quantize_weights",

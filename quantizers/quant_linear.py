@@ -6,8 +6,9 @@ and multiplies; its backward dequantizes *again* to give the input gradient, thr
 autograd.Function that saves only the packed tensors, so no full-precision copy of any layer is
 kept alive between forward and backward. The base weights never get a gradient.
 
-`dequantize_packed` is the one place that turns the packed tensors into a float weight, so that a
-fused GPU kernel can later replace this torch implementation.
+`dequantize_packed` is the one place that turns the packed tensors into a float weight (the torch
+path). On CUDA the fused Triton kernels of `quantizers.kernels` replace it in forward and backward,
+dequantizing tiles in registers; `quantizers.kernels.select` decides, and logs which.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from quantizers import kernels
 from quantizers.packing import pack_qweight, pack_qzeros, packable, unpack_qweight, unpack_qzeros
 from quantizers.rtn import QuantResult
 
@@ -42,23 +44,46 @@ def dequantize_packed(
     return w if dtype == torch.float32 else w.to(dtype)
 
 
+def _flat(t: Tensor) -> Tensor:
+    """t as a 2-D [rows, features] matrix (a view when possible), for the Triton kernels."""
+    return t.reshape(-1, t.shape[-1])
+
+
 class _QuantMatmul(torch.autograd.Function):
-    """y = x · W (W = dequantized [in, out]); backward dx = dy · Wᵀ with W dequantized again."""
+    """y = x · W (+ bias), W = dequantized [in, out]; backward dx = dy · Wᵀ with W dequantized
+    again. Runs the fused Triton kernels or the torch path, as `quantizers.kernels.select` says;
+    `group` (the group size when g_idx has no act-order, else None) only speeds Triton up."""
 
     @staticmethod
-    def forward(ctx, x, qweight, qzeros, scales, g_idx, bits):
-        ctx.bits = bits
+    def forward(ctx, x, qweight, qzeros, scales, g_idx, bits, bias=None, group=None):
+        ctx.bits, ctx.group = bits, group
+        dev = x.device.type
+        if dev == "cuda" and torch.is_autocast_enabled(dev):
+            x = x.to(torch.get_autocast_dtype(dev))  # what autocast's matmul would compute in
+        ctx.backend = kernels.select(x, bits)
         ctx.save_for_backward(qweight, qzeros, scales, g_idx)  # packed only: no float weight
-        return x @ dequantize_packed(qweight, qzeros, scales, g_idx, bits, x.dtype)
+        if ctx.backend == "triton":
+            qmm = kernels.triton_module()
+            y = qmm.forward(_flat(x), qweight, qzeros, scales, g_idx, bits, bias, group)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        y = x @ dequantize_packed(qweight, qzeros, scales, g_idx, bits, x.dtype)
+        return y if bias is None else y + bias.to(y.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         qweight, qzeros, scales, g_idx = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            w = dequantize_packed(qweight, qzeros, scales, g_idx, ctx.bits, grad_out.dtype)
-            grad_x = grad_out @ w.t()
-        return grad_x, None, None, None, None, None
+            if ctx.backend == "triton":
+                qmm = kernels.triton_module()
+                dx = qmm.backward_input(
+                    _flat(grad_out), qweight, qzeros, scales, g_idx, ctx.bits, ctx.group
+                )
+                grad_x = dx.view(*grad_out.shape[:-1], dx.shape[-1])
+            else:
+                w = dequantize_packed(qweight, qzeros, scales, g_idx, ctx.bits, grad_out.dtype)
+                grad_x = grad_out @ w.t()
+        return grad_x, None, None, None, None, None, None, None
 
 
 class QuantLinear(nn.Module):
@@ -109,6 +134,7 @@ class QuantLinear(nn.Module):
             self.bias = None
         self._cache: Tensor | None = None
         self._caching = False
+        self._group: tuple[Tensor, int, int | None] | None = None
 
     @classmethod
     def from_result(
@@ -156,9 +182,23 @@ class QuantLinear(nn.Module):
                     self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, x.dtype
                 )
             y = x @ self._cache
-        else:
-            y = _QuantMatmul.apply(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return _QuantMatmul.apply(
+            x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, bias, self._groups()
+        )
+
+    def _groups(self) -> int | None:
+        """The group size if g_idx has no act-order (else None), for the Triton kernels' fast
+        path. Cached while g_idx is the same tensor at the same version (a state-dict load
+        bumps it), so the device sync happens once per layer, not per forward."""
+        if self.g_idx.device.type != "cuda" and not kernels.interpreting():
+            return None  # the torch path ignores it: skip the check on CPU
+        cached = self._group
+        if cached is None or cached[0] is not self.g_idx or cached[1] != self.g_idx._version:
+            cached = (self.g_idx, self.g_idx._version, kernels.group_size_of(self.g_idx))
+            self._group = cached
+        return cached[2]
 
     def _apply(self, fn, recurse=True):
         # model.to(dtype) / .half() would round the stored fp16 scales (bf16 loses bits): only

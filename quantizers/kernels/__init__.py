@@ -1,0 +1,129 @@
+"""Which kernel runs QuantLinear's packed matmuls: the torch path or the fused Triton kernels.
+
+    QDIABLO_KERNEL=auto    (default) Triton for CUDA tensors when triton imports and the
+                           bits/dtype are supported; the torch path otherwise (CPU, no triton)
+    QDIABLO_KERNEL=torch   always the torch path (dequantize, then matmul)
+    QDIABLO_KERNEL=triton  always Triton; an error where it cannot run. With TRITON_INTERPRET=1
+                           this runs the kernels on CPU tensors through Triton's interpreter
+                           (slow: for tests)
+
+`set_kernel("triton")` overrides the environment from Python. The choice is logged once per
+(device, dtype, bits, backend) at INFO on the `quantizers.kernels` logger. Nothing here imports
+triton until a Triton kernel is actually wanted, so importing `quantizers` never needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "torch", "triton")
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_override: str | None = None
+_logged: set[tuple] = set()
+_module: ModuleType | None = None
+_import_error: str | None = None
+
+
+def set_kernel(mode: str | None) -> None:
+    """Force "auto", "torch" or "triton" from Python; None goes back to $QDIABLO_KERNEL."""
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"kernel mode {mode!r}: expected one of {', '.join(MODES)}")
+    global _override
+    _override = mode
+
+
+def kernel_mode() -> str:
+    """The requested mode: `set_kernel`'s, else $QDIABLO_KERNEL, else "auto"."""
+    mode = _override or os.environ.get("QDIABLO_KERNEL", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"QDIABLO_KERNEL={mode!r}: expected one of {', '.join(MODES)}")
+    return mode
+
+
+def interpreting() -> bool:
+    """Whether TRITON_INTERPRET asks for Triton's CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_module() -> ModuleType | None:
+    """The kernel module (`triton_qmm`), imported on first use; None if triton is missing or
+    broken. Triton reads TRITON_INTERPRET when it is imported (its own library functions, such
+    as tl.zeros, are decorated then): set it before anything imports triton."""
+    global _module, _import_error
+    if _module is None and _import_error is None:
+        try:
+            _module = importlib.import_module("quantizers.kernels.triton_qmm")
+        except Exception as e:  # ImportError, or a triton that fails to initialise
+            _import_error = f"{type(e).__name__}: {e}"
+    return _module
+
+
+def _why_not_triton(x: Tensor, bits: int) -> str | None:
+    """None when the Triton kernels can run on x, else the reason they cannot."""
+    if bits not in SUPPORTED_BITS:
+        return f"{bits}-bit is not supported by the Triton kernels"
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {x.dtype} is not supported by the Triton kernels"
+    if x.device.type != "cuda" and not interpreting():
+        return f"tensor on {x.device.type} (Triton needs CUDA, or TRITON_INTERPRET=1)"
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 7:
+        return "GPU older than compute capability 7.0"
+    if interpreting() and x.dtype == torch.bfloat16:
+        return "Triton's interpreter has no bf16"
+    module = triton_module()
+    if module is None:
+        return f"triton unavailable ({_import_error})"
+    if interpreting() != module.INTERPRETED:
+        return "TRITON_INTERPRET changed after triton was imported"
+    return None
+
+
+def select(x: Tensor, bits: int) -> str:
+    """The backend, "triton" or "torch", for a packed matmul on x; logs the choice once."""
+    mode = kernel_mode()
+    if mode == "torch":
+        choice, why = "torch", "QDIABLO_KERNEL=torch"
+    else:
+        reason = _why_not_triton(x, bits)
+        if reason is None:
+            choice, why = "triton", f"QDIABLO_KERNEL={mode}"
+        elif mode == "triton":
+            raise RuntimeError(
+                f"QDIABLO_KERNEL=triton, but the Triton kernels cannot run: {reason}"
+            )
+        elif x.device.type == "cpu" and reason.startswith("tensor on"):
+            choice, why = "torch", "CPU tensor"
+        else:
+            choice, why = "torch", reason
+    key = (x.device.type, x.dtype, bits, choice)
+    if key not in _logged:
+        _logged.add(key)
+        log.info(
+            "QuantLinear %d-bit, %s on %s: %s kernels (%s)",
+            bits,
+            str(x.dtype).removeprefix("torch."),
+            x.device.type,
+            choice,
+            why,
+        )
+    return choice
+
+
+def group_size_of(g_idx: Tensor) -> int | None:
+    """The group size g when g_idx == arange(K) // g (no act-order; K for a single group), else
+    None. It syncs with the device: callers cache it (QuantLinear does, per g_idx version)."""
+    k = g_idx.numel()
+    g = int((g_idx == 0).sum())
+    if g == 0 or not torch.equal(g_idx.long(), torch.arange(k, device=g_idx.device) // g):
+        return None
+    return min(g, k)

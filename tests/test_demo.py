@@ -1,33 +1,43 @@
-"""The offline demo on the real SmolLM2-135M-Instruct (slow: loads and trains the real model)."""
+"""The offline demo on the real SmolLM2-135M-Instruct, shortened (slow: quantizes, trains and
+evaluates the real model), and its resume: a second run skips every stage."""
+
+import json
 
 import pytest
 
 from qdiablo import cli
+from qdiablo.export import load_exported
 
 pytestmark = pytest.mark.slow
 
+SHORT = ["--calib-samples", "4", "--steps", "2", "--limit", "1", "--max-new-tokens", "24"]
 
-def test_demo_trains_and_reports_heldout_loss(tmp_path, capsys):
-    code = cli.main(
-        [
-            "demo",
-            "--steps",
-            "3",
-            "--batch-size",
-            "2",
-            "--heldout",
-            "4",
-            "--max-length",
-            "128",
-            "--lr",
-            "5e-3",
-            "--output",
-            str(tmp_path / "adapter"),
-        ]
-    )
+
+def test_short_demo_runs_the_pipeline_and_resumes(tmp_path, capsys):
+    out_dir = tmp_path / "demo"
+    assert cli.main(["demo", "--output", str(out_dir), *SHORT]) == 0
     out = capsys.readouterr().out
-    assert code == 0
-    before = float(out.split("held-out response loss before:")[1].split()[0])
-    after = float(out.split("held-out response loss after:")[1].split()[0])
-    assert 0 < after < before
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert "| task | quantized base | + DiaBlo |" in out
+    for task in ("gsm8k", "SVAMP", "mawps", "AQuA"):
+        assert f"| {task} |" in out
+    base = json.loads((out_dir / "eval-base" / "summary.json").read_text())
+    tuned = json.loads((out_dir / "eval" / "summary.json").read_text())
+    assert base["settings"]["limit"] == tuned["settings"]["limit"] == 1
+    # Training lowers the reference-response NLL of the 2-bit base on the held-out test items.
+    mean = lambda s: sum(t["nll"] for t in s["tasks"].values()) / len(s["tasks"])  # noqa: E731
+    assert mean(tuned) < mean(base)
+    card = (out_dir / "export" / "README.md").read_text()
+    assert "2" in card and "MagR" in card
+    model = load_exported(out_dir / "export")
+    assert sum(p.numel() for n, p in model.named_parameters() if "blocks" in n) > 0
+
+    assert cli.main(["demo", "--output", str(out_dir), *SHORT]) == 0
+    statuses = {
+        line.split()[0]: line.split()[1]
+        for line in capsys.readouterr().out.splitlines()
+        if line.split()[:1] in (["quantize"], ["eval-base"], ["train"], ["eval"], ["export"])
+        and len(line.split()) == 3
+    }
+    assert statuses == dict.fromkeys(
+        ["quantize", "eval-base", "train", "eval", "export"], "skipped"
+    )

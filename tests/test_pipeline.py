@@ -198,7 +198,7 @@ def test_run_without_quantize_trains_on_the_nf_base_and_evaluates_it(tmp_path, t
         "train": {"base": "nf2", "adapter": "lora", "rank": 2, "max_steps": 1},
         "eval": {"tasks": "SVAMP", "limit": 1},
     }
-    root, stages = build_pipeline(data, "c.yaml")
+    _root, stages = build_pipeline(data, "c.yaml")
     assert [s.key for s in stages] == ["train", "eval"]
     train, ev = stages
     assert train.namespace().model == str(tiny_model_dir) and train.namespace().base == "nf2"

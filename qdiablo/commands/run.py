@@ -1,7 +1,7 @@
 """`qdiablo run config.yaml`: quantize -> train -> eval -> export in one go, resumable.
 
-    qdiablo run examples/pipeline.yaml              # a re-run skips the stages that are done
-    qdiablo run examples/pipeline.yaml --force train    # train again, and eval/export after it
+qdiablo run examples/pipeline.yaml              # a re-run skips the stages that are done
+qdiablo run examples/pipeline.yaml --force train    # train again, and eval/export after it
 """
 
 from __future__ import annotations

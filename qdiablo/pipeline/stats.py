@@ -27,21 +27,29 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo = 0.0 if k == 0 else max(0.0, centre - half)  # exact at the edges (no 1e-17 residue)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return lo, hi
 
 
 def mean_interval(
     counts: Sequence[tuple[int, int]], confidence: float = 0.95
 ) -> tuple[float, float]:
-    """A normal-approximation interval for the unweighted mean of several accuracies (the
-    4-task score), from each task's (k, n), clipped to [0, 1]."""
+    """An interval for the unweighted mean of several accuracies (the 4-task score), from each
+    task's (k, n): the raw mean ± z·SE, with each task's variance taken at the Agresti–Coull
+    adjusted p̃ = (k + z²/2)/(n + z²), so that 0/n tasks do not collapse it to a point; clipped
+    to [0, 1]."""
     counts = [(k, n) for k, n in counts if n > 0]
     if not counts:
         return 0.0, 1.0
+    z = float(norm.ppf(0.5 + confidence / 2))
     m = len(counts)
     mean = sum(k / n for k, n in counts) / m
-    var = sum((k / n) * (1 - k / n) / n for k, n in counts) / (m * m)
-    half = float(norm.ppf(0.5 + confidence / 2)) * math.sqrt(var)
+    var = 0.0
+    for k, n in counts:
+        p = (k + z * z / 2) / (n + z * z)
+        var += p * (1 - p) / (n + z * z)
+    half = z * math.sqrt(var) / m
     return max(0.0, mean - half), min(1.0, mean + half)
 
 

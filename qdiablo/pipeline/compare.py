@@ -227,11 +227,14 @@ def run_compare(
     from qdiablo.pipeline.report import collect, write_reports
 
     grid = build_grid(load_yaml(config), str(config), output)
-    log.info(
-        "compare: %d cells, %d distinct stages",
-        len(grid.cells),
-        len({s.key for c in grid.cells for s in (c.base, c.train, c.eval) if s}),
-    )
+    stages = {s.key for c in grid.cells for s in (c.base, c.train, c.eval) if s}
+    log.info("compare: %d cells, %d distinct stages", len(grid.cells), len(stages))
+    for f in force or []:
+        if f not in stages and f not in ("quantize", "train", "eval"):
+            raise UserError(
+                f"--force {f}: not a stage kind (quantize, train, eval) nor a stage key",
+                hint=f"stage keys are the names in {grid.root / 'stages'}",
+            )
     runner = Runner(grid.root, force or [])
     runner.run([c.eval for c in grid.cells])
     results = collect(grid)

@@ -204,7 +204,11 @@ def figure(results: dict[str, Any], path: Path) -> None:
     tasks = list(rows[0]["tasks"])
     groups = [*tasks, "mean"]
     fig, axes = plt.subplots(
-        1, len(bits_list), figsize=(4 + 3 * len(groups), 4.5), squeeze=False, sharey=True
+        1,
+        len(bits_list),
+        figsize=(max(5.0, 1.8 * len(groups)) * len(bits_list), 4.5),
+        squeeze=False,
+        sharey=True,
     )
     for ax, bits in zip(axes[0], bits_list):
         seen: dict[str, dict] = {}

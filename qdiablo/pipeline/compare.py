@@ -221,9 +221,13 @@ def build_grid(data: dict[str, Any], source: str, output: str | None = None) -> 
 
 
 def run_compare(
-    config: str | Path, force: list[str] | None = None, output: str | None = None
+    config: str | Path,
+    force: list[str] | None = None,
+    output: str | None = None,
+    isolate: bool = True,
 ) -> dict[str, Any]:
-    """Run (or resume) the grid, then write compare.md, compare.json and compare.png."""
+    """Run (or resume) the grid, then write compare.md, compare.json and compare.png. With
+    `isolate` every stage runs in its own process, so each training's peak memory is its own."""
     from qdiablo.pipeline.report import collect, write_reports
 
     grid = build_grid(load_yaml(config), str(config), output)
@@ -235,7 +239,7 @@ def run_compare(
                 f"--force {f}: not a stage kind (quantize, train, eval) nor a stage key",
                 hint=f"stage keys are the names in {grid.root / 'stages'}",
             )
-    runner = Runner(grid.root, force or [])
+    runner = Runner(grid.root, force or [], isolate=isolate)
     runner.run([c.eval for c in grid.cells])
     results = collect(grid)
     paths = write_reports(grid.root, results)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qdiablo.errors import UserError
-from qdiablo.io import read_json, write_json
+from qdiablo.io import read_json, write_json, write_text
 
 log = logging.getLogger("qdiablo.pipeline")
 
@@ -164,10 +164,13 @@ def ordered(stages: Iterable[Stage]) -> list[Stage]:
 class Runner:
     """Runs stages in order under `root`, skipping or resuming as the module docstring says."""
 
-    def __init__(self, root: Path, force: Iterable[str] = ()):
+    def __init__(self, root: Path, force: Iterable[str] = (), isolate: bool = False):
         self.root = Path(root)
         self.markers = self.root / MARKER_DIR
         self.force = set(force)
+        # isolate: each stage in its own `python -m qdiablo` process, so that peak memory is the
+        # stage's own (in one process, freed memory of earlier stages stays resident).
+        self.isolate = isolate
         self.run_ids: dict[str, str] = {}
         self.outcomes: list[Outcome] = []
 
@@ -233,11 +236,13 @@ class Runner:
             stage.verb,
             stage.output,
         )
-        namespace = stage.namespace()
-        if extra:  # e.g. train's resume=auto
-            namespace = parse_verb_args(stage.verb, {**stage.args, **extra}, stage.key)
+        args = {**stage.args, **(extra or {})}  # extra: e.g. train's resume=auto
         start = time.time()
-        rc = namespace._run(namespace)
+        if self.isolate:
+            rc = self._subprocess(stage, args)
+        else:
+            namespace = parse_verb_args(stage.verb, args, stage.key) if extra else stage.namespace()
+            rc = namespace._run(namespace)
         seconds = time.time() - start
         gc.collect()
         if rc not in (0, None):
@@ -262,6 +267,24 @@ class Runner:
         self.run_ids[stage.key] = run_id
         log.info("%s: done in %.1f s", stage.key, seconds)
         return Outcome(stage, status, seconds, run_id)
+
+    def _subprocess(self, stage: Stage, args: dict[str, Any]) -> int:
+        """`python -m qdiablo <verb> --config <args file>`: the verb's own YAML config path."""
+        import os
+        import subprocess
+        import sys
+
+        import yaml
+
+        file = self.markers / f"{stage.key}.args.yaml"
+        write_text(file, yaml.safe_dump({k: _plain(v) for k, v in args.items()}))
+        repo = str(Path(__file__).resolve().parents[2])  # works without a pip install
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+        }
+        command = [sys.executable, "-m", "qdiablo", stage.verb, "--config", str(file)]
+        return subprocess.run(command, env=env, check=False).returncode
 
     def _clear(self, stage: Stage, owned: bool) -> None:
         """Remove a stage's stale output; refuse a non-empty folder this machinery did not make."""

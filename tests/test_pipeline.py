@@ -221,3 +221,16 @@ def test_run_refuses_to_remove_a_folder_it_did_not_make(
     assert run(config) == 2
     assert "was not made by this pipeline" in capsys.readouterr().err
     assert (stray / "precious.txt").read_text() == "mine"
+
+
+def test_identity_follows_input_file_content_not_only_its_path(tmp_path, tiny_model_dir):
+    data_file = tmp_path / "d.jsonl"
+    data_file.write_text('{"instruction": "q", "input": "", "output": "a", "answer": "1"}\n')
+    data = {"output": str(tmp_path / "o"), "model": str(tiny_model_dir), "train": {}}
+    data["train"] = {"data": str(data_file), "max_steps": 1}
+    before = build_pipeline(data, "c.yaml")[1][0].identity
+    assert build_pipeline(data, "c.yaml")[1][0].identity == before
+    data["train"]["logging_steps"] = 3  # neutral: does not change what the stage produces
+    assert build_pipeline(data, "c.yaml")[1][0].identity == before
+    data_file.write_text('{"instruction": "q", "input": "", "output": "b", "answer": "2"}\n')
+    assert build_pipeline(data, "c.yaml")[1][0].identity != before

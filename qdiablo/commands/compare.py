@@ -22,10 +22,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "stages after it (repeatable)",
     )
     p.add_argument("--output", default=None, help="override the config's output folder")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the stages in this process (faster to start; by default each stage gets its "
+        "own process, so that every training's peak memory is its own)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from qdiablo.pipeline.compare import run_compare
 
-    run_compare(args.grid, force=args.force, output=args.output)
+    run_compare(args.grid, force=args.force, output=args.output, isolate=not args.in_process)
     return 0

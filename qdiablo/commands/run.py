@@ -22,10 +22,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the stages after it follow (repeatable)",
     )
     p.add_argument("--output", default=None, help="override the config's output folder")
+    p.add_argument(
+        "--isolate",
+        action="store_true",
+        help="run each stage in its own process (its own peak memory; default: this process)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from qdiablo.pipeline.run import run_pipeline
 
-    run_pipeline(args.pipeline, force=args.force, output=args.output)
+    run_pipeline(args.pipeline, force=args.force, output=args.output, isolate=args.isolate)
     return 0

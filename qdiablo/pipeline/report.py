@@ -161,8 +161,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"`{settings.get('preset')}`, {settings.get('max_new_tokens')} new tokens, "
         f"first {settings.get('limit') or 'all'} items of each set",
         "- accuracy % with its 95% Wilson interval; mean = unweighted mean of "
-        f"{', '.join(rows[0]['mean_tasks'])} (normal-approximation interval); NLL = mean "
-        "reference-response NLL (nats/token) over those tasks",
+        f"{', '.join(rows[0]['mean_tasks'])} (normal interval, Agresti–Coull-adjusted "
+        "variances); NLL = mean reference-response NLL (nats/token) over those tasks",
         "- McNemar: exact test vs the reference at the same bits and budget on the same items, "
         "pooled over the mean's tasks; b = this method right and the reference wrong, c = the "
         "reverse; peak memory is the training process's peak RSS",

@@ -52,6 +52,23 @@ NEUTRAL_KEYS = frozenset(
 )
 
 
+# Flags naming input files: their content goes into the identity, not only their path.
+FILE_KEYS = frozenset({"data", "calib", "task_file", "tasks"})
+
+
+def _file_digest(value: Any) -> Any:
+    """A path to an existing file becomes {path, sha256}; lists element-wise; else unchanged."""
+    if isinstance(value, list):
+        return [_file_digest(v) for v in value]
+    if isinstance(value, str) and Path(value).is_file():
+        digest = hashlib.sha256()
+        with open(value, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return {"path": value, "sha256": digest.hexdigest()}
+    return value
+
+
 def parse_verb_args(verb: str, values: dict[str, Any], source: str) -> argparse.Namespace:
     """The Namespace `qdiablo <verb>` would get from a YAML config holding `values`.
 
@@ -111,7 +128,11 @@ class Stage:
     def resolved(self) -> dict[str, Any]:
         """The resolved arguments that define what the stage produces."""
         skip = NEUTRAL_KEYS | self.path_keys
-        return {k: v for k, v in sorted(vars(self.namespace()).items()) if k not in skip}
+        return {
+            k: _file_digest(v) if k in FILE_KEYS else v
+            for k, v in sorted(vars(self.namespace()).items())
+            if k not in skip
+        }
 
     @property
     def identity(self) -> str:

@@ -28,19 +28,17 @@ def _command_module(name: str):
     return importlib.import_module(f"qdiablo.commands.{name.replace('-', '_')}")
 
 
-def available_commands() -> list[str]:
-    """COMMANDS whose module is installed: a verb merged from another branch plugs in by name."""
-    names = []
+def available_commands() -> dict[str, Any]:
+    """COMMANDS whose module is installed, by name: a verb merged from another branch plugs in
+    by its name alone, and a missing one leaves the others working."""
+    modules = {}
     for name in COMMANDS:
-        module = f"qdiablo.commands.{name.replace('-', '_')}"
         try:
-            importlib.import_module(module)
+            modules[name] = _command_module(name)
         except ModuleNotFoundError as e:
-            if e.name != module:
+            if e.name != f"qdiablo.commands.{name.replace('-', '_')}":
                 raise
-            continue
-        names.append(name)
-    return names
+    return modules
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -52,8 +50,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     verbs = {}
-    for name in available_commands():
-        module = _command_module(name)
+    for name, module in available_commands().items():
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         p.add_argument(
             "--config",

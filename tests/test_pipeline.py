@@ -234,3 +234,23 @@ def test_identity_follows_input_file_content_not_only_its_path(tmp_path, tiny_mo
     assert build_pipeline(data, "c.yaml")[1][0].identity == before
     data_file.write_text('{"instruction": "q", "input": "", "output": "b", "answer": "2"}\n')
     assert build_pipeline(data, "c.yaml")[1][0].identity != before
+
+
+def test_eval_nf2_base_is_the_training_nf2_base(tiny_model_dir):
+    """`qdiablo eval --quant nf2` (what the pipeline evaluates NF2-LoRA on) sees the very weights
+    `qdiablo train --base nf2` trained against."""
+    import torch
+
+    from qdiablo.models import load_base
+    from qdiablo.train.bases import load_base as load_train_base
+
+    evaluated = load_base(str(tiny_model_dir), quant="nf2")
+    trained = load_train_base("nf2", str(tiny_model_dir), device="cpu").model
+    plain = load_base(str(tiny_model_dir))
+    q = dict(evaluated.named_parameters())
+    p = dict(plain.named_parameters())
+    for name, t in trained.named_parameters():
+        assert torch.equal(q[name], t), name
+    w = q["model.layers.0.mlp.up_proj.weight"].reshape(-1, 64)
+    assert all(len(row.unique()) <= 4 for row in w)  # 4 NF2 levels per block of 64
+    assert not torch.equal(w, p["model.layers.0.mlp.up_proj.weight"].reshape(-1, 64))

@@ -223,8 +223,9 @@ def figure(results: dict[str, Any], path: Path) -> None:
             r = bar["row"]
             stats = [r["tasks"][t] for t in tasks] + [r["mean"]]
             heights = [100 * (s["accuracy"] or 0.0) for s in stats]
-            lo = [max(0.0, h - 100 * s["ci95"][0]) for h, s in zip(heights, stats)]
-            hi = [max(0.0, 100 * s["ci95"][1] - h) for h, s in zip(heights, stats)]
+            cis = [s["ci95"] or [h / 100, h / 100] for h, s in zip(heights, stats)]
+            lo = [max(0.0, h - 100 * ci[0]) for h, ci in zip(heights, cis)]
+            hi = [max(0.0, 100 * ci[1] - h) for h, ci in zip(heights, cis)]
             xs = [g + (i - (len(bars) - 1) / 2) * width for g in range(len(groups))]
             ax.bar(xs, heights, width, yerr=[lo, hi], capsize=2, label=bar["label"])
         ax.set_xticks(range(len(groups)), groups)

@@ -60,7 +60,7 @@ def pipeline_config(tmp_path, tiny_model_dir, math_file, task_file, **changes) -
         },
     }
     if HAS_EXPORT:
-        config["export"] = {}
+        config["export"] = {"merged": True}
     for stage, values in changes.items():
         config[stage] = values if values is None else {**config.get(stage, {}), **values}
     path = tmp_path / "pipeline.yaml"
@@ -94,6 +94,9 @@ def test_run_end_to_end_then_skip_rerun_and_resume(
     assert summary["model"]["base"] == str(out / "quantized")
     assert summary["model"]["adapter"] == str(out / "train" / "adapter")
     assert summary["tasks"]["tiny"]["n"] == 2
+    if HAS_EXPORT:
+        manifest = json.loads((out / "export" / "manifest.json").read_text())
+        assert manifest and (out / "export" / "merged" / "config.json").is_file()
     printed = capsys.readouterr().out
     assert "stage" in printed and "wall s" in printed and "eval scores:" in printed
     assert first["train"]["inputs"] == {"quantize": first["quantize"]["run_id"]}

@@ -24,7 +24,7 @@ WIRED = {
     "quantize": {"model", "output"},
     "train": {"model", "output", "resume"},
     "eval": {"model", "adapter", "output", "quant", "overwrite"},
-    "export": {"base", "adapter", "output", "train_run", "eval", "overwrite"},
+    "export": {"base", "adapter", "output", "train_run", "eval", "overwrite", "verify"},
 }
 NF_BASES = ("nf4", "nf2")  # quantized on load by both train and eval
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -13,8 +12,6 @@ import yaml
 from qdiablo import cli
 from qdiablo.errors import UserError
 from qdiablo.pipeline.run import build_pipeline
-
-HAS_EXPORT = importlib.util.find_spec("qdiablo.commands.export") is not None
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +56,7 @@ def pipeline_config(tmp_path, tiny_model_dir, math_file, task_file, **changes) -
             "no_progress": True,
         },
     }
-    if HAS_EXPORT:
-        config["export"] = {"merged": True}
+    config["export"] = {"merged": True}
     for stage, values in changes.items():
         config[stage] = values if values is None else {**config.get(stage, {}), **values}
     path = tmp_path / "pipeline.yaml"
@@ -82,7 +78,7 @@ def test_run_end_to_end_then_skip_rerun_and_resume(
     caplog.set_level(logging.INFO, logger="qdiablo.pipeline")
     config = pipeline_config(tmp_path, tiny_model_dir, math_file, task_file)
     out = tmp_path / "out"
-    stages = ["quantize", "train", "eval", *(["export"] if HAS_EXPORT else [])]
+    stages = ["quantize", "train", "eval", "export"]
 
     assert run(config) == 0
     first = markers(out)
@@ -94,9 +90,8 @@ def test_run_end_to_end_then_skip_rerun_and_resume(
     assert summary["model"]["base"] == str(out / "quantized")
     assert summary["model"]["adapter"] == str(out / "train" / "adapter")
     assert summary["tasks"]["tiny"]["n"] == 2
-    if HAS_EXPORT:
-        manifest = json.loads((out / "export" / "manifest.json").read_text())
-        assert manifest and (out / "export" / "merged" / "config.json").is_file()
+    manifest = json.loads((out / "export" / "manifest.json").read_text())
+    assert manifest and (out / "export" / "merged" / "config.json").is_file()
     printed = capsys.readouterr().out
     assert "stage" in printed and "wall s" in printed and "eval scores:" in printed
     assert first["train"]["inputs"] == {"quantize": first["quantize"]["run_id"]}

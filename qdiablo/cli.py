@@ -19,13 +19,26 @@ from typing import Any
 from qdiablo.errors import UserError
 
 # The pipeline order: model -> quantize -> train -> eval -> export.
-COMMANDS = ["demo", "quantize", "train", "eval", "export"]
+COMMANDS = ["demo", "quantize", "train", "eval", "export", "run", "compare"]
 
 log = logging.getLogger("qdiablo")
 
 
 def _command_module(name: str):
     return importlib.import_module(f"qdiablo.commands.{name.replace('-', '_')}")
+
+
+def available_commands() -> dict[str, Any]:
+    """COMMANDS whose module is installed, by name: a verb merged from another branch plugs in
+    by its name alone, and a missing one leaves the others working."""
+    modules = {}
+    for name in COMMANDS:
+        try:
+            modules[name] = _command_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != f"qdiablo.commands.{name.replace('-', '_')}":
+                raise
+    return modules
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -37,8 +50,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     verbs = {}
-    for name in COMMANDS:
-        module = _command_module(name)
+    for name, module in available_commands().items():
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         p.add_argument(
             "--config",
@@ -69,7 +81,14 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, An
         raise UserError(
             f"{file}: expected a mapping of flag names to values, got {type(data).__name__}"
         )
+    return config_defaults(parser, data, str(file))
 
+
+def config_defaults(
+    parser: argparse.ArgumentParser, data: dict[str, Any], source: str
+) -> dict[str, Any]:
+    """Check a mapping of long flag names (`num-blocks` or `num_blocks`) to values against the
+    parser and convert it to parser defaults; `source` names the mapping in errors."""
     actions = {a.dest: a for a in parser._actions if a.option_strings}
     flags = {
         s.lstrip("-"): a.dest
@@ -83,14 +102,20 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, An
         dest = flags.get(name)
         if dest is None or dest in ("config", "help"):
             known = ", ".join(sorted(k for k in flags if k not in ("config", "help")))
-            raise UserError(f"{file}: unknown key '{key}'", hint=f"known keys: {known}")
+            raise UserError(f"{source}: unknown key '{key}'", hint=f"known keys: {known}")
         action = actions[dest]
+        if (
+            value is not None
+            and not isinstance(value, list)
+            and (action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction))
+        ):
+            value = [value]  # `tasks: gsm8k` is one task, not five letters
         if isinstance(
             action,
             argparse._StoreTrueAction | argparse._StoreFalseAction | argparse.BooleanOptionalAction,
         ):
             if not isinstance(value, bool):
-                raise UserError(f"{file}: key '{key}' must be true or false, got {value!r}")
+                raise UserError(f"{source}: key '{key}' must be true or false, got {value!r}")
             if isinstance(action, argparse._StoreFalseAction):
                 value = not value  # `no-foo: true` means foo is off
             elif isinstance(action, argparse.BooleanOptionalAction) and name.startswith("no-"):
@@ -100,13 +125,13 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, An
             try:
                 items = [action.type(v) if isinstance(v, str) else v for v in items]
             except (TypeError, ValueError) as e:
-                raise UserError(f"{file}: key '{key}': {e}") from e
+                raise UserError(f"{source}: key '{key}': {e}") from e
             value = items if isinstance(value, list) else items[0]
         if action.choices is not None and value is not None:
             for v in value if isinstance(value, list) else [value]:
                 if v not in action.choices:
                     choices = ", ".join(map(str, action.choices))
-                    raise UserError(f"{file}: key '{key}' is {v!r}; choose from {choices}")
+                    raise UserError(f"{source}: key '{key}' is {v!r}; choose from {choices}")
         action.required = False
         defaults[dest] = value
     return defaults

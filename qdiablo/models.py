@@ -134,7 +134,7 @@ def _forget_gguf_origin(model) -> None:
 # --------------------------------------------------------------------------------------------
 
 QUANTIZE_CONFIG = "quantize_config.json"
-BASE_QUANT_CHOICES = ("none", "nf4")
+BASE_QUANT_CHOICES = ("none", "nf4", "nf2")
 
 
 def is_quantized_folder(path: str | Path) -> bool:
@@ -168,6 +168,8 @@ def load_base(
     - `quant="nf4"` quantizes a full-precision model with bitsandbytes NF4 + double quantization
       on load (QLoRA's base); on CPU it runs with `device_map="cpu"`. A GGUF model is dequantized
       into a temporary folder first, since transformers cannot combine GGUF and bitsandbytes.
+    - `quant="nf2"` fake-quantizes the linear layers to NF2 (absmax per block of 64), the
+      "2-bit QLoRA" base of `qdiablo train --base nf2`, exactly as training did.
 
     `quant=None` or `"none"` keeps the weights as they are.
     """
@@ -196,6 +198,12 @@ def load_base(
         from qdiablo.nf4 import load_nf4
 
         return load_nf4(name_or_path, gguf_file, parse_dtype(dtype), torch.device(device))
+    if quant == "nf2":
+        from qdiablo.train.nf import fake_quantize_model_nf
+
+        model = load_model(name_or_path, gguf_file, dtype=dtype, device=device)
+        fake_quantize_model_nf(model, bits=2)
+        return model
     return load_model(name_or_path, gguf_file, dtype=dtype, device=device)
 
 

@@ -16,7 +16,7 @@ HELP = "evaluate a model (+ adapter) on the Math10K test sets: accuracy and refe
 
 log = logging.getLogger("qdiablo.eval")
 
-BASE_QUANT_CHOICES = ("none", "nf4")
+BASE_QUANT_CHOICES = ("none", "nf4", "nf2")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--quant",
         choices=BASE_QUANT_CHOICES,  # qdiablo.models.BASE_QUANT_CHOICES (imports torch)
         default="none",
-        help="quantize a full-precision base on load: nf4 = bitsandbytes NF4 + double quant",
+        help="quantize a full-precision base on load: nf4 = bitsandbytes NF4 + double quant; "
+        "nf2 = NF2 fake-quantized (absmax per 64), as `qdiablo train --base nf2`",
     )
     g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model)")
     g.add_argument("--adapter", default=None, help="adapter folder: DiaBlo or PEFT (LoRA)")

@@ -1,0 +1,36 @@
+"""`qdiablo run config.yaml`: quantize -> train -> eval -> export in one go, resumable.
+
+qdiablo run examples/pipeline.yaml              # a re-run skips the stages that are done
+qdiablo run examples/pipeline.yaml --force train    # train again, and eval/export after it
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "run quantize -> train -> eval -> export from one YAML config (resumable)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pipeline", metavar="CONFIG.yaml", help="the pipeline config (see README)")
+    p.add_argument(
+        "--force",
+        action="append",
+        default=None,
+        metavar="STAGE",
+        help="run this stage (quantize, train, eval, export) again even if it is up to date; "
+        "the stages after it follow (repeatable)",
+    )
+    p.add_argument("--output", default=None, help="override the config's output folder")
+    p.add_argument(
+        "--isolate",
+        action="store_true",
+        help="run each stage in its own process (its own peak memory; default: this process)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from qdiablo.pipeline.run import run_pipeline
+
+    run_pipeline(args.pipeline, force=args.force, output=args.output, isolate=args.isolate)
+    return 0

@@ -1,0 +1,335 @@
+"""Stages: one `qdiablo <verb>` call each, with an identity, a marker, and skip/resume rules.
+
+A stage's identity is the sha256 of the verb's fully resolved arguments (every flag after
+defaults, minus output paths and other settings that do not change the result), the identities of
+the stages it consumes, and the qdiablo version. On success the stage writes
+`<root>/stages/<key>.json` atomically (hash, run id, the run ids of its inputs, time, wall
+seconds). A re-run skips a stage whose marker has the same hash, whose inputs are the same runs,
+and whose output is there; anything else runs again, and so does everything downstream (the run
+ids change). A stage that started but never finished (`<key>.started.json`, same hash) resumes
+where the verb can (training from its checkpoints, evaluation from its finished items); otherwise
+its stale outputs are removed first, and only folders this machinery created are ever removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qdiablo.errors import UserError
+from qdiablo.io import read_json, write_json, write_text
+
+log = logging.getLogger("qdiablo.pipeline")
+
+MARKER_DIR = "stages"
+# Settings that never change what a stage produces (paths are covered by the inputs' identities).
+NEUTRAL_KEYS = frozenset(
+    {
+        "command",
+        "config",
+        "verbose",
+        "_run",
+        "output",
+        "overwrite",
+        "resume",
+        "progress",
+        "no_progress",
+        "threads",
+        "logging_steps",
+        "save_steps",
+        "save_total_limit",
+    }
+)
+
+
+# Flags naming input files: their content goes into the identity, not only their path.
+FILE_KEYS = frozenset({"data", "calib", "task_file", "tasks"})
+
+
+def _file_digest(value: Any) -> Any:
+    """A path to an existing file becomes {path, sha256}; lists element-wise; else unchanged."""
+    if isinstance(value, list):
+        return [_file_digest(v) for v in value]
+    if isinstance(value, str) and Path(value).is_file():
+        digest = hashlib.sha256()
+        with open(value, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return {"path": value, "sha256": digest.hexdigest()}
+    return value
+
+
+def parse_verb_args(verb: str, values: dict[str, Any], source: str) -> argparse.Namespace:
+    """The Namespace `qdiablo <verb>` would get from a YAML config holding `values`.
+
+    Unknown keys, wrong types and bad choices are a UserError naming `source` (e.g.
+    "config.yaml [train]"), raised before anything runs.
+    """
+    from qdiablo import cli
+
+    parser, verbs = cli.build_parser()
+    if verb not in verbs:
+        raise UserError(
+            f"{source}: the `qdiablo {verb}` command is not available in this installation",
+            hint=f"available: {', '.join(verbs)}",
+        )
+    plain = {k: _plain(v) for k, v in values.items()}
+    defaults = cli.config_defaults(verbs[verb], plain, source)
+    verbs[verb].set_defaults(**defaults)
+    missing = [
+        a.option_strings[-1] for a in verbs[verb]._actions if a.required and a.dest not in defaults
+    ]
+    if missing:
+        raise UserError(f"{source}: missing {', '.join(missing)}")
+    return parser.parse_args([verb])
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass(eq=False)
+class Stage:
+    """One verb call. `args` are long flag names (with `_`) to values: user keys plus wiring."""
+
+    key: str
+    verb: str
+    args: dict[str, Any]
+    output: Path
+    done_file: str = ""  # relative to output; "" = the folder itself, non-empty
+    deps: list[Stage] = field(default_factory=list)
+    path_keys: frozenset[str] = frozenset()  # args holding other stages' outputs
+    source: str = ""
+    # Given the output folder of a started-but-unfinished run, the extra args to resume it, or
+    # None when it cannot resume (its outputs are then removed and it starts afresh).
+    resume: Callable[[Path], dict[str, Any] | None] = lambda _: None
+    _namespace: argparse.Namespace | None = None
+    _identity: str | None = None
+
+    def namespace(self) -> argparse.Namespace:
+        if self._namespace is None:
+            self._namespace = parse_verb_args(self.verb, self.args, self.source or self.key)
+        return self._namespace
+
+    def resolved(self) -> dict[str, Any]:
+        """The resolved arguments that define what the stage produces."""
+        skip = NEUTRAL_KEYS | self.path_keys
+        return {
+            k: _file_digest(v) if k in FILE_KEYS else v
+            for k, v in sorted(vars(self.namespace()).items())
+            if k not in skip
+        }
+
+    @property
+    def identity(self) -> str:
+        if self._identity is None:
+            from qdiablo import __version__
+
+            payload = {
+                "verb": self.verb,
+                "args": self.resolved(),
+                "inputs": {d.key: d.identity for d in self.deps},
+                "qdiablo": __version__,
+            }
+            blob = json.dumps(payload, sort_keys=True, default=str).encode()
+            self._identity = hashlib.sha256(blob).hexdigest()
+        return self._identity
+
+    def is_done(self) -> bool:
+        target = self.output / self.done_file if self.done_file else self.output
+        if self.done_file:
+            return target.exists()
+        return target.is_dir() and any(target.iterdir())
+
+
+@dataclass
+class Outcome:
+    stage: Stage
+    status: str  # "ran", "resumed", "skipped"
+    seconds: float
+    run_id: str
+
+
+def ordered(stages: Iterable[Stage]) -> list[Stage]:
+    """Stages and their inputs, each once (by key), inputs first."""
+    seen: dict[str, Stage] = {}
+
+    def visit(s: Stage) -> None:
+        if s.key in seen:
+            if seen[s.key] is not s and seen[s.key].identity != s.identity:
+                raise UserError(f"two different stages share the key '{s.key}'")
+            return
+        for d in s.deps:
+            visit(d)
+        seen[s.key] = s
+
+    for s in stages:
+        visit(s)
+    return list(seen.values())
+
+
+class Runner:
+    """Runs stages in order under `root`, skipping or resuming as the module docstring says."""
+
+    def __init__(self, root: Path, force: Iterable[str] = (), isolate: bool = False):
+        self.root = Path(root)
+        self.markers = self.root / MARKER_DIR
+        self.force = set(force)
+        # isolate: each stage in its own `python -m qdiablo` process, so that peak memory is the
+        # stage's own (in one process, freed memory of earlier stages stays resident).
+        self.isolate = isolate
+        self.run_ids: dict[str, str] = {}
+        self.outcomes: list[Outcome] = []
+
+    def _marker(self, stage: Stage, started: bool = False) -> Path:
+        return self.markers / f"{stage.key}{'.started' if started else ''}.json"
+
+    def _read(self, path: Path) -> dict[str, Any] | None:
+        try:
+            data = read_json(path)
+        except UserError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    def validate(self, stages: list[Stage]) -> None:
+        """Resolve every stage's arguments (and identity) before any of them runs."""
+        for s in stages:
+            s.namespace()
+            _ = s.identity
+
+    def run(self, stages: list[Stage]) -> list[Outcome]:
+        stages = ordered(stages)
+        self.validate(stages)
+        for s in stages:
+            self.outcomes.append(self._run_one(s))
+        return self.outcomes
+
+    def _run_one(self, stage: Stage) -> Outcome:
+        inputs = {d.key: self.run_ids[d.key] for d in stage.deps}
+        # An input that ran again has a new run id, so everything downstream runs again too.
+        forced = stage.key in self.force or stage.verb in self.force
+        done = self._read(self._marker(stage))
+        if (
+            not forced
+            and done is not None
+            and done.get("hash") == stage.identity
+            and done.get("inputs") == inputs
+            and stage.is_done()
+        ):
+            log.info("%s: up to date, skipped", stage.key)
+            self.run_ids[stage.key] = done["run_id"]
+            return Outcome(stage, "skipped", 0.0, done["run_id"])
+
+        started = self._read(self._marker(stage, started=True))
+        extra: dict[str, Any] | None = None
+        if (
+            done is None
+            and started is not None
+            and started.get("hash") == stage.identity
+            and started.get("inputs") == inputs
+            and not forced
+        ):
+            extra = stage.resume(stage.output)
+        if extra is None:
+            self._clear(stage, owned=done is not None or started is not None)
+        self._marker(stage).unlink(missing_ok=True)
+        write_json(self._marker(stage, started=True), {"hash": stage.identity, "inputs": inputs})
+
+        status = "ran" if extra is None else "resumed"
+        log.info(
+            "%s: %s `qdiablo %s` -> %s",
+            stage.key,
+            "running" if extra is None else "resuming",
+            stage.verb,
+            stage.output,
+        )
+        args = {**stage.args, **(extra or {})}  # extra: e.g. train's resume=auto
+        start = time.time()
+        if self.isolate:
+            rc = self._subprocess(stage, args)
+        else:
+            namespace = parse_verb_args(stage.verb, args, stage.key) if extra else stage.namespace()
+            rc = namespace._run(namespace)
+        seconds = time.time() - start
+        gc.collect()
+        if rc not in (0, None):
+            raise UserError(f"{stage.key}: `qdiablo {stage.verb}` exited with status {rc}")
+        run_id = uuid.uuid4().hex
+        write_json(
+            self._marker(stage),
+            {
+                "stage": stage.key,
+                "verb": stage.verb,
+                "hash": stage.identity,
+                "run_id": run_id,
+                "inputs": inputs,
+                "args": stage.resolved(),
+                "output": str(stage.output),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "wall_seconds": round(seconds, 3),
+                "status": status,
+            },
+        )
+        self._marker(stage, started=True).unlink(missing_ok=True)
+        self.run_ids[stage.key] = run_id
+        log.info("%s: done in %.1f s", stage.key, seconds)
+        return Outcome(stage, status, seconds, run_id)
+
+    def _subprocess(self, stage: Stage, args: dict[str, Any]) -> int:
+        """`python -m qdiablo <verb> --config <args file>`: the verb's own YAML config path."""
+        import os
+        import subprocess
+        import sys
+
+        import yaml
+
+        file = self.markers / f"{stage.key}.args.yaml"
+        write_text(file, yaml.safe_dump({k: _plain(v) for k, v in args.items()}))
+        repo = str(Path(__file__).resolve().parents[2])  # works without a pip install
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+        }
+        command = [sys.executable, "-m", "qdiablo", stage.verb, "--config", str(file)]
+        return subprocess.run(command, env=env, check=False).returncode
+
+    def _clear(self, stage: Stage, owned: bool) -> None:
+        """Remove a stage's stale output; refuse a non-empty folder this machinery did not make."""
+        out = stage.output
+        if not out.exists():
+            return
+        root = self.root.resolve()
+        if root not in out.resolve().parents:
+            raise UserError(f"{stage.key}: refusing to remove {out}, outside {self.root}")
+        if not owned and out.is_dir() and any(out.iterdir()):
+            raise UserError(
+                f"{stage.key}: {out} exists but was not made by this pipeline",
+                hint="remove it, or choose another output folder",
+            )
+        log.info("%s: removing stale output %s", stage.key, out)
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink()
+
+
+def summary_table(outcomes: list[Outcome]) -> str:
+    """A plain-text table: stage, status, wall time."""
+    width = max([5, *(len(o.stage.key) for o in outcomes)])
+    lines = [f"{'stage':<{width}}  {'status':<8}  {'wall s':>8}"]
+    lines += [f"{o.stage.key:<{width}}  {o.status:<8}  {o.seconds:>8.1f}" for o in outcomes]
+    return "\n".join(lines)

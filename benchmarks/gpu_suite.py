@@ -179,7 +179,7 @@ def build_model(method: str, smoke: bool, layers: int, device: torch.device):
         layer_shapes,
         trainable_parameters,
     )
-    from qdiablo.train.bases import bnb_nf4_config, quantize_bnb_4bit_
+    from qdiablo.nf4 import bnb_nf4_config, quantize_bnb_4bit_
     from qdiablo.train.budget import matched_rank
 
     base, adapter, rank = METHODS[method]

@@ -166,8 +166,8 @@ def load_base(
     - a `qdiablo export` folder loads as its base/ + adapter/ (`qdiablo.export.load_exported`,
       which checks its manifest first);
     - `quant="nf4"` quantizes a full-precision model with bitsandbytes NF4 + double quantization
-      on load (QLoRA's base); on CPU it runs with `device_map="cpu"`. A GGUF model is dequantized
-      into a temporary folder first, since transformers cannot combine GGUF and bitsandbytes.
+      on load (QLoRA's base), through `qdiablo.nf4` (a GGUF model, which transformers cannot
+      combine with bitsandbytes, is loaded in float and its linear layers swapped in place).
     - `quant="nf2"` fake-quantizes the linear layers to NF2 (absmax per block of 64), the
       "2-bit QLoRA" base of `qdiablo train --base nf2`, exactly as training did.
 

@@ -115,8 +115,9 @@ def comparison_table(base_dir: Path, tuned_dir: Path) -> str:
         "| task | quantized base | + DiaBlo | NLL base | NLL + DiaBlo |",
         "|---|---|---|---|---|",
     ]
-    for name, b in base["tasks"].items():
-        t = tuned["tasks"][name]
+    names = [n for n in TASKS if n in base["tasks"]] + [n for n in base["tasks"] if n not in TASKS]
+    for name in names:
+        b, t = base["tasks"][name], tuned["tasks"][name]
         lines.append(f"| {name} | {cell(b)} | {cell(t)} | {b['nll']:.4f} | {t['nll']:.4f} |")
     bm, tm = base.get("mean") or {}, tuned.get("mean") or {}
     if bm.get("accuracy") is not None:

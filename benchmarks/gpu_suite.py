@@ -172,6 +172,7 @@ def build_model(method: str, smoke: bool, layers: int, device: torch.device):
     """The adapted model for a method, and its trainable-parameter count."""
     from transformers import LlamaForCausalLM
 
+    from qdiablo.nf4 import bnb_nf4_config, quantize_bnb_4bit_
     from qdiablo.train.adapters import (
         adapted_layers,
         attach_diablo,
@@ -179,7 +180,6 @@ def build_model(method: str, smoke: bool, layers: int, device: torch.device):
         layer_shapes,
         trainable_parameters,
     )
-    from qdiablo.nf4 import bnb_nf4_config, quantize_bnb_4bit_
     from qdiablo.train.budget import matched_rank
 
     base, adapter, rank = METHODS[method]

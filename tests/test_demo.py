@@ -10,7 +10,7 @@ from qdiablo.export import load_exported
 
 pytestmark = pytest.mark.slow
 
-SHORT = ["--calib-samples", "4", "--steps", "2", "--limit", "1", "--max-new-tokens", "24"]
+SHORT = ["--calib-samples", "8", "--steps", "6", "--limit", "1", "--max-new-tokens", "24"]
 
 
 def test_short_demo_runs_the_pipeline_and_resumes(tmp_path, capsys):

@@ -67,7 +67,9 @@ def unpack_rows(packed: Tensor, bits: int, n: int | None = None) -> Tensor:
     word, shift = word.to(packed.device), shift.to(packed.device)
     x = packed.reshape(total // words, words, cols)
     mask = (1 << bits) - 1
-    v = x[:, word] >> shift.to(torch.int32)[None, :, None]  # arithmetic shift: mask below
+    # A broadcast view when every value sits in one word (2/4/8 bits): no gathered copy.
+    src = x.expand(-1, per, -1) if words == 1 else x[:, word]
+    v = src >> shift.to(torch.int32)[None, :, None]  # arithmetic shift: mask below
     spills = shift + bits > 32
     if bool(spills.any()):
         s = shift[spills]

@@ -31,16 +31,29 @@ def dequantize_packed(
     g_idx: Tensor,
     bits: int,
     dtype: torch.dtype = torch.float32,
+    group: int | None = None,
 ) -> Tensor:
     """The weight transposed, [in, out], as `dtype`: scales[g]·(q − zeros[g]) for each input
     row's group g = g_idx[row]. Computed in float32 (exact: small integers times fp16 scales),
-    then cast once."""
+    then cast once.
+
+    `group`: the group size when g_idx is plain `row // group` (no act-order). Rows then come in
+    contiguous groups, and q·s − z·s is one fused broadcast pass instead of two gathers of
+    [in, out]; every product is exact in float32, so the result is bit-identical.
+    """
     in_features = g_idx.shape[0]
     out_features = scales.shape[1]
     q = unpack_qweight(qweight, bits, in_features)
     z = unpack_qzeros(qzeros, bits, out_features)
-    g = g_idx.long()
-    w = (q - z.index_select(0, g)).float() * scales.float().index_select(0, g)
+    groups = scales.shape[0]
+    if group is not None and group * groups == in_features:
+        s = scales.float().unsqueeze(1)  # [G, 1, out]
+        zs = z.float().unsqueeze(1) * s
+        w = torch.addcmul(-zs, q.view(groups, group, out_features).float(), s)
+        w = w.view(in_features, out_features)
+    else:
+        g = g_idx.long()
+        w = (q - z.index_select(0, g)).float() * scales.float().index_select(0, g)
     return w if dtype == torch.float32 else w.to(dtype)
 
 
@@ -66,7 +79,7 @@ class _QuantMatmul(torch.autograd.Function):
             qmm = kernels.triton_module()
             y = qmm.forward(_flat(x), qweight, qzeros, scales, g_idx, bits, bias, group)
             return y.view(*x.shape[:-1], y.shape[-1])
-        y = x @ dequantize_packed(qweight, qzeros, scales, g_idx, bits, x.dtype)
+        y = x @ dequantize_packed(qweight, qzeros, scales, g_idx, bits, x.dtype, group)
         return y if bias is None else y + bias.to(y.dtype)
 
     @staticmethod
@@ -81,7 +94,9 @@ class _QuantMatmul(torch.autograd.Function):
                 )
                 grad_x = dx.view(*grad_out.shape[:-1], dx.shape[-1])
             else:
-                w = dequantize_packed(qweight, qzeros, scales, g_idx, ctx.bits, grad_out.dtype)
+                w = dequantize_packed(
+                    qweight, qzeros, scales, g_idx, ctx.bits, grad_out.dtype, ctx.group
+                )
                 grad_x = grad_out @ w.t()
         return grad_x, None, None, None, None, None, None, None
 
@@ -162,7 +177,13 @@ class QuantLinear(nn.Module):
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dequantized weight [out, in] (a transposed view of the [in, out] result)."""
         w = dequantize_packed(
-            self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype or torch.float32
+            self.qweight,
+            self.qzeros,
+            self.scales,
+            self.g_idx,
+            self.bits,
+            dtype or torch.float32,
+            self._groups(),
         )
         return w.t()
 
@@ -179,7 +200,13 @@ class QuantLinear(nn.Module):
             cache = self._cache
             if cache is None or cache.dtype != x.dtype or cache.device != x.device:
                 self._cache = dequantize_packed(
-                    self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, x.dtype
+                    self.qweight,
+                    self.qzeros,
+                    self.scales,
+                    self.g_idx,
+                    self.bits,
+                    x.dtype,
+                    self._groups(),
                 )
             y = x @ self._cache
             return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -189,11 +216,10 @@ class QuantLinear(nn.Module):
         )
 
     def _groups(self) -> int | None:
-        """The group size if g_idx has no act-order (else None), for the Triton kernels' fast
-        path. Cached while g_idx is the same tensor at the same version (a state-dict load
-        bumps it), so the device sync happens once per layer, not per forward."""
-        if self.g_idx.device.type != "cuda" and not kernels.interpreting():
-            return None  # the torch path ignores it: skip the check on CPU
+        """The group size if g_idx has no act-order (else None), for the fast paths of the
+        Triton kernels and of `dequantize_packed`. Cached while g_idx is the same tensor at the
+        same version (a state-dict load bumps it), so the check (a device sync on GPU) happens
+        once per layer, not per forward."""
         cached = self._group
         if cached is None or cached[0] is not self.g_idx or cached[1] != self.g_idx._version:
             cached = (self.g_idx, self.g_idx._version, kernels.group_size_of(self.g_idx))

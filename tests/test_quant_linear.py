@@ -133,3 +133,23 @@ def test_dequantize_cache_gives_same_outputs_and_is_freed_on_exit():
 def test_unpackable_shape_is_a_clear_error():
     with pytest.raises(ValueError, match=r"in_features=100 cannot be packed at 3 bits.*32"):
         QuantLinear(100, 64, bits=3)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("in_features, group", [(256, 64), (192, 192), (160, 64)])
+def test_grouped_dequantization_is_bit_identical_to_the_gather(bits, in_features, group):
+    from quantizers.packing import pack_qweight, pack_qzeros
+    from quantizers.quant_linear import dequantize_packed
+
+    torch.manual_seed(bits)
+    out_features, groups = 96, -(-in_features // group)
+    codes = torch.randint(0, 2**bits, (out_features, in_features), dtype=torch.int32)
+    zeros = torch.randint(0, 2**bits, (groups, out_features), dtype=torch.int32)
+    scales = (torch.rand(groups, out_features) * 0.02 + 1e-3).half()
+    g_idx = torch.arange(in_features, dtype=torch.int32) // group
+    args = (pack_qweight(codes, bits), pack_qzeros(zeros, bits), scales, g_idx, bits)
+    expected = (codes.t() - zeros[g_idx.long()]).float() * scales.float()[g_idx.long()]
+    for dtype in (torch.float32, torch.bfloat16):
+        gathered = dequantize_packed(*args, dtype)
+        grouped = dequantize_packed(*args, dtype, group)  # falls back when a group is partial
+        assert torch.equal(gathered, expected.to(dtype)) and torch.equal(grouped, gathered)

@@ -63,8 +63,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, verbs
 
 
-def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
-    """Read a YAML config and check each key against the parser's long flags."""
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping, with one-line errors for a missing or malformed file (and where)."""
     import yaml
 
     file = Path(path)
@@ -78,10 +78,13 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, An
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise UserError(f"{file}: malformed YAML{where}: {problem}") from e
     if not isinstance(data, dict):
-        raise UserError(
-            f"{file}: expected a mapping of flag names to values, got {type(data).__name__}"
-        )
-    return config_defaults(parser, data, str(file))
+        raise UserError(f"{file}: expected a mapping, got {type(data).__name__}")
+    return data
+
+
+def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """Read a YAML config and check each key against the parser's long flags."""
+    return config_defaults(parser, load_yaml(path), str(path))
 
 
 def config_defaults(

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from qdiablo.cli import load_yaml
 from qdiablo.errors import UserError
 from qdiablo.pipeline.stages import Outcome, Runner, Stage, summary_table
 
@@ -27,22 +28,6 @@ WIRED = {
     "export": {"base", "adapter", "output", "train_run", "eval", "overwrite", "verify"},
 }
 NF_BASES = ("nf4", "nf2")  # quantized on load by both train and eval
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping, with one-line errors for a missing or malformed file."""
-    import yaml
-
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"config file not found: {file}")
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{file}: malformed YAML: {str(e).splitlines()[0]}") from e
-    if not isinstance(data, dict):
-        raise UserError(f"{file}: expected a mapping, got {type(data).__name__}")
-    return data
 
 
 def stage_settings(data: dict[str, Any], name: str, source: str) -> dict[str, Any] | None:

@@ -20,6 +20,12 @@ environment:
        python benchmarks/gptqmodel_interop.py reference out/my-export runs/my-export-ref.pt
        python benchmarks/gptqmodel_interop.py check out/my-export --reference runs/my-export-ref.pt
 
+Measured 2026-11-23 with GPTQModel 7.7.0 (CPU, BACKEND.TORCH): the asymmetric W4 g32 `gptq_v2`
+folder loads and its logits match qdiablo's (max |diff| 0.0096 at max |logit| 1.12, same
+argmax everywhere); the asymmetric `gptq` (v1) folder is refused by GPTQModel's loader ("sym=False
+with format=gptq is only supported if produced by gptqmodel >= 0.9.0"), which is why qdiablo
+writes `gptq_v2` by default.
+
 The check passes when GPTQModel's logits match qdiablo's to fp16 precision (both run the
 dequantized weights; GPTQModel computes in fp16). Exit status 0 = match, 1 = mismatch. The
 export writes both zero-point conventions: `runs/interop/gptq` (v1) and `runs/interop/gptq_v2`.

@@ -103,10 +103,12 @@ class QuantConfig:
         },
     )
     checkpoint_format: str = field(
-        default="gptq",
+        default="gptq_v2",
         metadata={
-            "help": "zero-point convention written: 'gptq' (v1, stores zero−1; qdiablo then keeps "
-            "zeros >= 1 so nothing wraps) or 'gptq_v2' (stores the zero as is)"
+            "help": "zero-point convention written: 'gptq_v2' (stores the zero as is; GPTQModel's "
+            "own format) or 'gptq' (v1, stores zero−1; qdiablo then keeps zeros >= 1 so nothing "
+            "wraps). GPTQModel refuses asymmetric v1 checkpoints that it did not write itself, "
+            "so v2 is the default"
         },
     )
 

@@ -35,7 +35,7 @@ def logits(model, ids):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    model, ids = quantized_tiny(QuantConfig(bits=3, group_size=32))
+    model, ids = quantized_tiny(QuantConfig(bits=3, group_size=32, checkpoint_format="gptq"))
     path = tmp_path_factory.mktemp("ckpt") / "w3"
     save_quantized(model, path, make_tokenizer())
     return model, ids, path

@@ -64,8 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint-format",
         choices=["gptq", "gptq_v2"],
-        default="gptq",
-        help="zero-point convention: gptq (v1, zero-1, the most widely read) or gptq_v2",
+        default="gptq_v2",
+        help="zero-point convention: gptq_v2 (GPTQModel's format, the default) or gptq (v1, "
+        "zero-1; GPTQModel loads it only when symmetric)",
     )
     p.add_argument(
         "--calib",

@@ -75,3 +75,26 @@ def build_calibration_data(
         where,
     )
     return batches
+
+
+def add_calibration_arguments(parser, calib_help: str) -> None:
+    """The --calib* flags shared by `qdiablo quantize` and `qdiablo export --requantize`."""
+    parser.add_argument("--calib", metavar="FILE", help=calib_help)
+    parser.add_argument(
+        "--calib-samples",
+        type=int,
+        default=DEFAULT_SAMPLES,
+        help=f"calibration windows (default {DEFAULT_SAMPLES})",
+    )
+    parser.add_argument(
+        "--calib-seq-len",
+        type=int,
+        default=DEFAULT_SEQ_LEN,
+        help=f"tokens per calibration window (default {DEFAULT_SEQ_LEN})",
+    )
+    parser.add_argument(
+        "--calib-batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"windows per forward pass (default {DEFAULT_BATCH_SIZE})",
+    )

@@ -17,7 +17,7 @@ HELP = "export a quantized base + adapter (optionally merged) with a model card 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from qdiablo.calibration import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
+    from qdiablo.calibration import add_calibration_arguments
 
     p.add_argument("--base", metavar="QUANTIZED_DIR", help="a folder written by `qdiablo quantize`")
     p.add_argument(
@@ -61,25 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--verify", metavar="EXPORT_DIR", help="check an export against its manifest.json and exit"
     )
     g = p.add_argument_group("re-quantization (--requantize; default: the base's quantize_config)")
-    g.add_argument("--calib", metavar="FILE", help="calibration text: Math10K .json/.jsonl or text")
-    g.add_argument(
-        "--calib-samples",
-        type=int,
-        default=DEFAULT_SAMPLES,
-        help=f"calibration windows (default {DEFAULT_SAMPLES})",
-    )
-    g.add_argument(
-        "--calib-seq-len",
-        type=int,
-        default=DEFAULT_SEQ_LEN,
-        help=f"tokens per window (default {DEFAULT_SEQ_LEN})",
-    )
-    g.add_argument(
-        "--calib-batch-size",
-        type=int,
-        default=DEFAULT_BATCH_SIZE,
-        help=f"windows per forward pass (default {DEFAULT_BATCH_SIZE})",
-    )
+    add_calibration_arguments(g, "calibration text: Math10K .json/.jsonl or text")
     g.add_argument("--method", choices=["gptq", "rtn"], help="quantizer")
     g.add_argument("--bits", type=int, choices=[2, 3, 4, 8], help="bits per weight")
     g.add_argument("--group-size", type=int, help="-1 (per channel) or a power of two >= 16")

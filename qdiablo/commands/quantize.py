@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from qdiablo.calibration import DEFAULT_BATCH_SIZE, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
+    from qdiablo.calibration import add_calibration_arguments
 
     p.add_argument(
         "--model",
@@ -68,29 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="zero-point convention: gptq_v2 (GPTQModel's format, the default) or gptq (v1, "
         "zero-1; GPTQModel loads it only when symmetric)",
     )
-    p.add_argument(
-        "--calib",
-        metavar="FILE",
-        help="calibration text: a .json/.jsonl Math10K file or a plain-text file "
+    add_calibration_arguments(
+        p,
+        "calibration text: a .json/.jsonl Math10K file or a plain-text file "
         "(default: the Math10K subset shipped with qdiablo)",
-    )
-    p.add_argument(
-        "--calib-samples",
-        type=int,
-        default=DEFAULT_SAMPLES,
-        help=f"calibration windows (default {DEFAULT_SAMPLES})",
-    )
-    p.add_argument(
-        "--calib-seq-len",
-        type=int,
-        default=DEFAULT_SEQ_LEN,
-        help=f"tokens per calibration window (default {DEFAULT_SEQ_LEN})",
-    )
-    p.add_argument(
-        "--calib-batch-size",
-        type=int,
-        default=DEFAULT_BATCH_SIZE,
-        help=f"windows per forward pass (default {DEFAULT_BATCH_SIZE})",
     )
     p.add_argument(
         "--calib-dtype",

@@ -20,6 +20,7 @@ HELP = "the whole pipeline (2-bit MagR+GPTQ, DiaBlo, eval, export) on SmolLM2, o
 log = logging.getLogger("qdiablo.demo")
 
 TASKS = ["gsm8k", "SVAMP", "mawps", "AQuA"]
+STAGES = ["quantize", "eval-base", "train", "eval", "export"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,7 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="drop the size limits: 128 calibration windows, 3 epochs over every training "
         "record, full test sets, 256 new tokens (hours on a CPU)",
     )
-    p.add_argument("--force", nargs="+", default=[], help="re-run these stages and what follows")
+    p.add_argument(
+        "--force",
+        nargs="+",
+        default=[],
+        choices=STAGES,
+        help="re-run these stages and what follows",
+    )
 
 
 def stage_settings(args: argparse.Namespace) -> dict[str, dict]:

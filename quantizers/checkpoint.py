@@ -107,7 +107,8 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
     state = _unique_state_dict(model)
     if config.checkpoint_format == "gptq":
         for name, m in layers.items():
-            state[f"{name}.qzeros"] = zeros_v2_to_v1(m.qzeros.cpu(), m.bits, m.out_features, name)
+            qzeros = m.packed_tensors().qzeros.cpu()
+            state[f"{name}.qzeros"] = zeros_v2_to_v1(qzeros, m.bits, m.out_features, name)
     state = {k: v.cpu() for k, v in state.items()}
     entry = config.quantization_config()
     with _atomic_dir(directory) as tmp:
@@ -235,11 +236,13 @@ def load_quantized(
     directory: str | os.PathLike,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    storage_dtype: torch.dtype = torch.int32,
 ) -> nn.Module:
     """Load a folder written by save_quantized (or a GPTQ-layout export) into QuantLinear layers.
 
     dtype: cast the unquantized weights (embeddings, norms, lm_head, biases); packed tensors and
     fp16 scales stay as stored. Default: as stored.
+    storage_dtype: the dtype QuantLinear holds its packed bytes in (see QuantLinear).
     """
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
@@ -305,6 +308,7 @@ def load_quantized(
                 config.group_size,
                 bias=has_bias,
                 bias_dtype=bias_dtype or torch.float32,
+                storage_dtype=storage_dtype,
             )
         except ValueError as e:
             raise CheckpointError(f"{name}: {e}") from e
@@ -347,8 +351,9 @@ def load_quantized(
     if config.checkpoint_format == "gptq":
         for name in quantized:
             q = model.get_submodule(name)
-            zeros, wrapped = zeros_v1_to_v2(q.qzeros, q.bits, q.out_features)
-            q.qzeros.copy_(zeros)
+            qzeros = q.packed_tensors().qzeros
+            zeros, wrapped = zeros_v1_to_v2(qzeros, q.bits, q.out_features)
+            qzeros.copy_(zeros)
             if wrapped:
                 log.warning(
                     "%s: %d v1 zero points are stored as %d (a wrapped zero of 0); read as 0",

@@ -229,13 +229,17 @@ class DiaBloModel(nn.Module):
 
     def num_total_parameters(self) -> int:
         """All parameters, counting packed weights by their logical (unpacked) size."""
-        total = sum(
+        packed = set()
+        total = 0
+        for module in self.model.modules():
+            if callable(getattr(module, "packed_tensors", None)):  # quantizers.QuantLinear
+                packed.update(id(p) for p in module.parameters(recurse=False))
+                total += module.in_features * module.out_features
+        total += sum(
             p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
             for p in self.model.parameters()  # deduplicated: tied embeddings count once
+            if id(p) not in packed
         )
-        for module in self.model.modules():
-            if "qweight" in getattr(module, "_buffers", {}):
-                total += module.in_features * module.out_features
         return total
 
     def print_trainable_parameters(self) -> None:

@@ -56,14 +56,20 @@ def load_base(
     gguf_file: str | None = None,
     dtype: str | torch.dtype = "float32",
     device: torch.device | str | None = None,
+    packed_storage: str | torch.dtype = "int32",
 ) -> LoadedBase:
-    """Load `model` as a frozen base of the given kind (see the module docstring)."""
+    """Load `model` as a frozen base of the given kind (see the module docstring).
+
+    `packed_storage`: the dtype packed (gptq/rtn) layers hold their bytes in; see QuantLinear."""
     if kind not in BASE_KINDS:
         raise UserError(f"unknown base '{kind}'", hint=f"choose from {', '.join(BASE_KINDS)}")
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = parse_dtype(dtype)
     if kind in PACKED_KINDS:
-        net, tokenizer = _load_packed(kind, model, torch_dtype, device)
+        storage = (
+            getattr(torch, packed_storage) if isinstance(packed_storage, str) else packed_storage
+        )
+        net, tokenizer = _load_packed(kind, model, torch_dtype, device, storage)
         qc = net.config.quantization_config
         description = f"{model}, packed {kind} {qc.get('bits')}-bit g{qc.get('group_size')}"
     else:
@@ -91,7 +97,11 @@ def load_base(
 
 
 def _load_packed(
-    kind: str, folder: str, dtype: torch.dtype, device: torch.device
+    kind: str,
+    folder: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    storage_dtype: torch.dtype = torch.int32,
 ) -> tuple[nn.Module, object]:
     """A `qdiablo quantize` folder: QuantLinear layers stay packed (int32 codes, fp16 scales)."""
     try:
@@ -108,7 +118,7 @@ def _load_packed(
             hint="quantize first: qdiablo quantize --model ... --output FOLDER",
         )
     try:
-        net = load_quantized(folder, device=device)
+        net = load_quantized(folder, device=device, storage_dtype=storage_dtype)
     except CheckpointError as e:
         raise UserError(str(e)) from e
     method = getattr(getattr(net, "quant_config", None), "method", None)
@@ -118,9 +128,10 @@ def _load_packed(
             hint=f"use --base {method}",
         )
     # Cast only the float parameters (embeddings, norms, head): the packed layers keep their
-    # int32 codes and fp16 scales, which `model.to(dtype)` would round.
+    # bytes (int32 codes and fp16 scales, whatever their storage dtype), which a cast would ruin.
+    packed = {id(p) for m in net.modules() if isinstance(m, QuantLinear) for p in m.parameters()}
     for param in net.parameters():
-        if param.is_floating_point() and param.dtype != dtype:
+        if param.is_floating_point() and param.dtype != dtype and id(param) not in packed:
             param.data = param.data.to(dtype)
     packed = sum(isinstance(m, QuantLinear) for m in net.modules())
     log.info("loaded %s: %d packed layers (%s)", folder, packed, method or "gptq layout")

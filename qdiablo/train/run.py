@@ -154,7 +154,13 @@ def train(
         config.data, config.answer_suffix, config.decontaminate, config.max_records, config.seed
     )
     set_seed(config.seed)
-    loaded = base or load_base(config.base, config.model, config.gguf_file, config.dtype)
+    loaded = base or load_base(
+        config.base,
+        config.model,
+        config.gguf_file,
+        config.dtype,
+        packed_storage=config.packed_storage,
+    )
     model, budget, other = attach_adapter(loaded, config)
     own_count = trainable_parameters(model)
     own = f"N={budget.num_blocks}" if config.adapter == "diablo" else f"r={budget.rank}"

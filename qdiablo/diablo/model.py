@@ -287,8 +287,13 @@ class DiaBloModel(nn.Module):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"{name}.blocks": layer.blocks.detach() for name, layer in self.diablo_layers()}
 
-    def save_pretrained(self, save_directory: str | Path) -> None:
-        """Write adapter_config.json and adapter_model.safetensors, atomically as one folder."""
+    def save_pretrained(
+        self, save_directory: str | Path, tensors: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Write adapter_config.json and adapter_model.safetensors, atomically as one folder.
+
+        `tensors`: the blocks to write (default `adapter_state_dict()`), e.g. gathered from FSDP
+        shards."""
         from safetensors.torch import save_file
 
         from qdiablo import __version__
@@ -302,7 +307,8 @@ class DiaBloModel(nn.Module):
             "trainable_parameters": self.num_trainable_parameters(),
             "qdiablo_version": __version__,
         }
-        tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        tensors = self.adapter_state_dict() if tensors is None else tensors
+        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
         with atomic_path(save_directory) as tmp:
             tmp.mkdir()
             save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})

@@ -37,6 +37,7 @@ from qdiablo.train.budget import Budget, resolve_budget
 from qdiablo.train.checkpoint import latest_checkpoint, save_adapter
 from qdiablo.train.config import RESUME_FREE_FIELDS, TrainConfig
 from qdiablo.train.dataset import PadCollator, select_records, tokenize_records
+from qdiablo.train.fsdp import check_fsdp_launch, gather_trainable, packed_base_bytes
 from qdiablo.train.metrics import JsonlLogCallback, ThroughputCallback, base_linear_bytes
 from qdiablo.train.trainer import AdapterTrainer, training_arguments
 
@@ -149,6 +150,7 @@ def train(
     `callbacks` are extra `transformers.TrainerCallback`s.
     """
     output = Path(config.output)
+    under_fsdp = check_fsdp_launch(config.base)  # FSDP1 / nf4 under FSDP: a clear error first
     resume_from = resolve_resume(config, output)
     records, data_summary = select_records(
         config.data, config.answer_suffix, config.decontaminate, config.max_records, config.seed
@@ -221,9 +223,12 @@ def train(
         "device": str(args.device),
         "versions": _versions(),
     }
+    gathered = gather_trainable(model) if under_fsdp else None  # a collective: every rank
+    if under_fsdp:
+        results["fsdp"] = {"version": 2, "packed_base_bytes_rank0": packed_base_bytes(model)}
     if trainer.is_world_process_zero():
         with atomic_path(adapter_dir) as tmp:
-            save_adapter(model, tmp)
+            save_adapter(model, tmp, gathered)
         write_json(output / RESULTS_FILE, results)
         tps = results["throughput"]["tokens_per_second"]
         first, last = results["first_logged_loss"], results["last_logged_loss"]

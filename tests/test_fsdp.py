@@ -1,0 +1,152 @@
+"""`qdiablo train` under FSDP2 (accelerate launch, examples/fsdp2.yaml) on two CPU processes
+(gloo), on a packed 4-bit tiny LLaMA: the same losses and blocks as one process on the same
+global batch, each rank holding half of the packed base, a gathered adapter that a plain reload
+reproduces bit for bit, and a resume that matches the uninterrupted run."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_llama, make_tokenizer
+from safetensors.torch import load_file
+
+from qdiablo import DiaBloModel
+from qdiablo.errors import UserError
+from qdiablo.train import TrainConfig, train
+from qdiablo.train.bases import load_base
+from qdiablo.train.fsdp import check_fsdp_launch
+from quantizers import QuantConfig, QuantLinear, quantize_model, save_quantized
+
+REPO = Path(__file__).resolve().parents[1]
+# Float tolerance between 2 FSDP processes and 1 process: the same sums in another order.
+LOSS_ATOL, BLOCK_ATOL, BLOCK_RTOL = 1e-5, 1e-6, 1e-4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rtn_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fsdp") / "rtn4"
+    model = quantize_model(
+        make_tiny_llama(seed=0), None, QuantConfig(method="rtn", bits=4, group_size=32)
+    )
+    save_quantized(model, folder, make_tokenizer())
+    return folder
+
+
+def _config(folder, data, output, **extra) -> dict:
+    cfg = {
+        "model": str(folder),
+        "base": "rtn",
+        "data": [str(data)],
+        "decontaminate": ["none"],
+        "num_blocks": 8,
+        "max_steps": 4,
+        "batch_size": 8,
+        "lr": 1e-2,
+        "warmup": 0,
+        "dropout": 0.0,
+        "max_length": 256,
+        "save_steps": 2,
+        "logging_steps": 1,
+        "seed": 5,
+        "progress": False,
+        "output": str(output),
+    }
+    return {**cfg, **extra}
+
+
+def _launch_fsdp(config: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    command += ["--config_file", str(REPO / "examples" / "fsdp2.yaml")]
+    command += ["--num_processes", "2", "--mixed_precision", "no"]
+    command += ["--main_process_port", str(_free_port())]
+    command += [str(REPO / "tests" / "fsdp_worker.py"), json.dumps(config)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = Path(config["output"])
+    return {r: json.loads((out / f"fsdp_probe_{r}.json").read_text()) for r in (0, 1)}
+
+
+def _losses(output: Path) -> list[float]:
+    records = [json.loads(x) for x in (output / "log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_fsdp_two_processes_match_one_process_and_resume(tmp_path, rtn_folder, math_file):
+    fsdp_out = tmp_path / "fsdp"
+    probes = _launch_fsdp(_config(rtn_folder, math_file, fsdp_out))
+    assert all(p["sharded"] and p["world_size"] == 2 for p in probes.values())
+
+    # one process, the same global batch of 8
+    single = train(TrainConfig(**_config(rtn_folder, math_file, tmp_path / "one")))
+    assert len(_losses(fsdp_out)) == 4
+    torch.testing.assert_close(_losses(fsdp_out), _losses(tmp_path / "one"), atol=LOSS_ATOL, rtol=0)
+    a = load_file(fsdp_out / "adapter" / "adapter_model.safetensors")
+    b = load_file(single.adapter_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].abs().max() > 0
+        torch.testing.assert_close(a[key], b[key], atol=BLOCK_ATOL, rtol=BLOCK_RTOL, msg=key)
+
+    # each rank holds about half of the packed base (measured on its local shards)
+    whole = sum(
+        m.packed_bytes() - (0 if m.bias is None else m.bias.numel() * m.bias.element_size())
+        for m in single.model.modules()
+        if isinstance(m, QuantLinear)
+    )
+    for p in probes.values():
+        assert 0.45 * whole <= p["packed_base_bytes"] <= 0.55 * whole, (p, whole)
+
+    # the gathered adapter == a reload of the saved folder onto a plain (unsharded) base
+    gathered = torch.load(fsdp_out / "gathered.pt", weights_only=True)
+    reloaded = DiaBloModel.from_pretrained(
+        load_base("rtn", str(rtn_folder)).model, fsdp_out / "adapter"
+    )
+    blocks = {f"model.{k}": v for k, v in reloaded.adapter_state_dict().items()}
+    assert blocks.keys() == gathered.keys()
+    assert all(torch.equal(blocks[k], gathered[k]) for k in blocks)
+
+    # stop after step 2, resume under FSDP: the same steps 3-4 and the same final blocks
+    resumed_out = tmp_path / "resumed"
+    (resumed_out / "checkpoints").mkdir(parents=True)
+    shutil.copy(fsdp_out / "train_config.json", resumed_out / "train_config.json")
+    shutil.copytree(
+        fsdp_out / "checkpoints" / "checkpoint-2", resumed_out / "checkpoints" / "checkpoint-2"
+    )
+    _launch_fsdp(_config(rtn_folder, math_file, resumed_out, resume="auto"))
+    torch.testing.assert_close(
+        _losses(resumed_out)[-2:], _losses(fsdp_out)[-2:], atol=LOSS_ATOL, rtol=0
+    )
+    c = load_file(resumed_out / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(c[key], a[key], atol=BLOCK_ATOL, rtol=BLOCK_RTOL, msg=key)
+
+
+def test_fsdp1_and_nf4_are_refused_clearly(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(UserError, match="FSDP version 1 is not supported") as e:
+        check_fsdp_launch("gptq")
+    assert "fsdp_version: 2" in e.value.hint
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(UserError, match="--base nf4 cannot train under FSDP"):
+        check_fsdp_launch("nf4")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    with pytest.raises(UserError, match="cpu_ram_efficient_loading"):
+        check_fsdp_launch("rtn")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    assert check_fsdp_launch("rtn") and check_fsdp_launch("fp")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert not check_fsdp_launch("nf4")

@@ -139,7 +139,8 @@ def base_fingerprint(model: nn.Module, targets: list[str]) -> dict[str, str]:
         for key, tensor in sorted(base.state_dict().items()):
             if isinstance(tensor, torch.Tensor) and tensor.numel():
                 h.update(f"{key}{tuple(tensor.shape)}".encode())
-                h.update(_weight_sample(tensor))
+                if not tensor.is_meta:  # a model built on `meta` (memory plans) has no data
+                    h.update(_weight_sample(tensor))
     quant = identity.get("quantization_config") or {}
     desc = f"{identity.get('model_type', type(model).__name__)}"
     if "num_hidden_layers" in identity:

@@ -287,7 +287,10 @@ class QuantLinear(nn.Module):
         # model.to(dtype), .half(), .float(), ... must never touch the packed bytes: apply `fn`
         # to their raw uint8 view (which dtype casts skip) and keep only its device move. The
         # bias follows the model's dtype like any buffer.
-        packed = {n: self._parameters.pop(n) for n in PACKED_NAMES}
+        # (parameters sharded by FSDP, DTensors, take the ordinary path: FSDP manages them)
+        packed = {
+            n: self._parameters.pop(n) for n in PACKED_NAMES if not _is_dtensor(self._parameters[n])
+        }
         try:
             super()._apply(fn, recurse)
         finally:
@@ -327,8 +330,6 @@ def _is_dtensor(t: Tensor) -> bool:
 def _move_bytes(stored: nn.Parameter, fn) -> nn.Parameter:
     """`fn` (a Module._apply function) applied to a packed parameter's bytes: a device move
     (or to_empty) happens, a dtype cast never does."""
-    if _is_dtensor(stored):  # sharded by FSDP: FSDP moves its shards itself
-        return stored
     raw = stored.data.view(torch.uint8)
     moved = fn(raw)
     if moved is raw:

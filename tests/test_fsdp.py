@@ -66,11 +66,11 @@ def _config(folder, data, output, **extra) -> dict:
     return {**cfg, **extra}
 
 
-def _launch_fsdp(config: dict) -> dict:
+def _launch_fsdp(config: dict, mixed_precision: str = "no") -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     command += ["--config_file", str(REPO / "examples" / "fsdp2.yaml")]
-    command += ["--num_processes", "2", "--mixed_precision", "no"]
+    command += ["--num_processes", "2", "--mixed_precision", mixed_precision]
     command += ["--main_process_port", str(_free_port())]
     command += [str(REPO / "tests" / "fsdp_worker.py"), json.dumps(config)]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -88,6 +88,9 @@ def test_fsdp_two_processes_match_one_process_and_resume(tmp_path, rtn_folder, m
     fsdp_out = tmp_path / "fsdp"
     probes = _launch_fsdp(_config(rtn_folder, math_file, fsdp_out))
     assert all(p["sharded"] and p["world_size"] == 2 for p in probes.values())
+    assert all(p["packed_intact"] is True for p in probes.values())
+    fsdp_results = json.loads((fsdp_out / "train_results.json").read_text())["fsdp"]
+    assert fsdp_results["sharded_loading"] is True  # each rank read only its rows of the file
 
     # one process, the same global batch of 8
     single = train(TrainConfig(**_config(rtn_folder, math_file, tmp_path / "one")))
@@ -134,6 +137,34 @@ def test_fsdp_two_processes_match_one_process_and_resume(tmp_path, rtn_folder, m
         torch.testing.assert_close(c[key], a[key], atol=BLOCK_ATOL, rtol=BLOCK_RTOL, msg=key)
 
 
+def test_fsdp_lora_on_float_stored_packed_base_with_bf16_policy(tmp_path, rtn_folder, math_file):
+    """GPTQ-LoRA under FSDP2 with the packed bytes stored as bf16 (bitsandbytes-style) and a
+    bf16 mixed-precision policy: the gathered packed bytes still equal the file's, and the
+    saved LoRA folder loads without FSDP and reproduces the gathered weights bit for bit."""
+    from qdiablo.train.adapters import load_lora
+
+    out = tmp_path / "lora"
+    config = _config(
+        rtn_folder,
+        math_file,
+        out,
+        adapter="lora",
+        rank=4,
+        max_steps=2,
+        save_steps=0,
+        packed_storage="bfloat16",
+        precision="bf16",
+    )
+    probes = _launch_fsdp(config, mixed_precision="bf16")
+    assert all(p["sharded"] and p["packed_intact"] is True for p in probes.values())
+    gathered = torch.load(out / "gathered.pt", weights_only=True)
+    assert gathered and all(".lora_" in k for k in gathered)
+    assert any(v.abs().max() > 0 for k, v in gathered.items() if "lora_B" in k)  # it trained
+    reloaded = load_lora(load_base("rtn", str(rtn_folder)).model, str(out / "adapter"))
+    params = dict(reloaded.named_parameters())
+    assert all(torch.equal(params[k], v) for k, v in gathered.items())
+
+
 def test_fsdp1_and_nf4_are_refused_clearly(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
@@ -148,5 +179,10 @@ def test_fsdp1_and_nf4_are_refused_clearly(monkeypatch):
         check_fsdp_launch("rtn")
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
     assert check_fsdp_launch("rtn") and check_fsdp_launch("fp")
+    # a float storage that a mixed-precision policy would cast: refused; int32 never is
+    with pytest.raises(UserError, match="FSDP would cast the stored packed bytes"):
+        check_fsdp_launch("gptq", "float16", "bf16")
+    assert check_fsdp_launch("gptq", "bfloat16", "bf16")
+    assert check_fsdp_launch("gptq", "int32", "bf16")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     assert not check_fsdp_launch("nf4")

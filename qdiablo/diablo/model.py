@@ -126,9 +126,12 @@ def _weight_sample(t: torch.Tensor, count: int = 256) -> bytes:
     return sample.numpy().tobytes()
 
 
-def base_fingerprint(model: nn.Module, targets: list[str]) -> dict[str, str]:
+def base_fingerprint(model: nn.Module, targets: list[str], state_of: Any = None) -> dict[str, str]:
     """A hash of the base's config, its quantization settings, and a sample of the weights of
-    the layers the adapter wraps; plus a short readable description for error messages."""
+    the layers the adapter wraps; plus a short readable description for error messages.
+
+    `state_of(name, layer)`: the layer's state dict (default `layer.state_dict()`), e.g. read
+    from the checkpoint files for a model whose weights are still on the meta device."""
     identity = _config_identity(model)
     h = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
     modules = dict(model.named_modules())
@@ -136,7 +139,8 @@ def base_fingerprint(model: nn.Module, targets: list[str]) -> dict[str, str]:
         base = modules[name]
         base = base.base_layer if isinstance(base, DiaBloLinear) else base
         h.update(name.encode())
-        for key, tensor in sorted(base.state_dict().items()):
+        state = base.state_dict() if state_of is None else state_of(name, base)
+        for key, tensor in sorted(state.items()):
             if isinstance(tensor, torch.Tensor) and tensor.numel():
                 h.update(f"{key}{tuple(tensor.shape)}".encode())
                 if not tensor.is_meta:  # a model built on `meta` (memory plans) has no data

@@ -118,7 +118,12 @@ def _load_packed(
             hint="quantize first: qdiablo quantize --model ... --output FOLDER",
         )
     try:
-        net = load_quantized(folder, device=device, storage_dtype=storage_dtype)
+        if device.type == "meta":  # FSDP's sharded loading fills it later, shard by shard
+            from qdiablo.train.fsdp_loading import packed_base_on_meta
+
+            net = packed_base_on_meta(folder, dtype, storage_dtype)
+        else:
+            net = load_quantized(folder, device=device, storage_dtype=storage_dtype)
     except CheckpointError as e:
         raise UserError(str(e)) from e
     method = getattr(getattr(net, "quant_config", None), "method", None)

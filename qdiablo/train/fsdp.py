@@ -34,7 +34,7 @@ def fsdp_requested() -> bool:
     return _env_true("ACCELERATE_USE_FSDP")
 
 
-def check_fsdp_launch(base: str) -> bool:
+def check_fsdp_launch(base: str, packed_storage: str = "int32", precision: str = "fp32") -> bool:
     """True under an FSDP2 launch; a clear error for what FSDP cannot run here."""
     if not fsdp_requested():
         return False
@@ -55,6 +55,16 @@ def check_fsdp_launch(base: str) -> bool:
             "fsdp_cpu_ram_efficient_loading is not supported with a packed base",
             hint="set fsdp_cpu_ram_efficient_loading: false (see examples/fsdp2.yaml)",
         )
+    if base in ("gptq", "rtn") and packed_storage.startswith("float"):
+        wanted = {"bf16": "bfloat16", "fp16": "float16"}
+        policies = {wanted.get(precision), wanted.get(os.environ.get("ACCELERATE_MIXED_PRECISION"))}
+        cast_to = sorted(p for p in policies if p is not None and p != packed_storage)
+        if cast_to:
+            raise UserError(
+                f"--packed-storage {packed_storage} under FSDP with a {cast_to[0]} mixed-precision "
+                "policy: FSDP would cast the stored packed bytes to it and scramble the codes",
+                hint=f"use --packed-storage int32 (never cast) or {cast_to[0]}",
+            )
     return True
 
 

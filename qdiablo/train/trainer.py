@@ -28,12 +28,16 @@ SCHEDULER_NAME = "scheduler.pt"
 class AdapterTrainer(Trainer):
     """A Trainer whose checkpoints hold the adapter only, and which reloads it strictly."""
 
-    def __init__(self, model: nn.Module, *args, **kwargs):
+    def __init__(self, model: nn.Module, *args, load_shards=None, **kwargs):
+        """`load_shards(accelerator, model)`: shards a model built on the meta device and fills
+        this process's shards (FSDP's sharded loading, `qdiablo.train.fsdp_loading`)."""
         if isinstance(model, DiaBloModel):
             # Trainer refuses a quantized model "without trainable adapters" unless PEFT's flag
             # says adapters are attached; DiaBlo blocks are such adapters.
             model._hf_peft_config_loaded = True
         super().__init__(model, *args, **kwargs)
+        if load_shards is not None:
+            self.model = self.model_wrapped = load_shards(self.accelerator, self.model)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
@@ -117,7 +121,9 @@ def training_arguments(config: TrainConfig, checkpoint_dir: str) -> TrainingArgu
     micro, accumulation = gradient_accumulation(config, world_size())
     save = config.save_steps > 0
     checkpointing = config.gradient_checkpointing
-    if fsdp.check_fsdp_launch(config.base):  # FSDP2: activations are recomputed, always
+    if fsdp.check_fsdp_launch(
+        config.base, config.packed_storage, config.precision
+    ):  # FSDP2: activations are recomputed, always
         checkpointing = not fsdp.fsdp_own_activation_checkpointing()
     return TrainingArguments(
         output_dir=checkpoint_dir,

@@ -9,13 +9,13 @@ loader), and other unlisted files only get a warning.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from qdiablo.errors import UserError
+from qdiablo.hashing import sha256_file
 from qdiablo.io import read_json
 
 log = logging.getLogger(__name__)
@@ -26,16 +26,6 @@ FORMAT_VERSION = 1
 # Folders a loader reads: they must hold exactly the files listed.
 LOADABLE_PARTS = ("base", "adapter", "merged", "merged-gptq")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB chunks (weights files can be many GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _files(folder: Path) -> list[str]:

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from qdiablo.errors import UserError
+from qdiablo.flags import load_yaml
 from qdiablo.pipeline.run import (
     WIRED,
     check_wiring,
     eval_stage,
-    load_yaml,
     quantize_stage,
     train_stage,
 )

@@ -13,8 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from qdiablo.cli import load_yaml
 from qdiablo.errors import UserError
+from qdiablo.flags import load_yaml
 from qdiablo.pipeline.stages import Outcome, Runner, Stage, summary_table
 
 log = logging.getLogger("qdiablo.pipeline")

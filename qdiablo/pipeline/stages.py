@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from qdiablo.errors import UserError
+from qdiablo.flags import config_defaults
+from qdiablo.hashing import sha256_file
 from qdiablo.io import read_json, write_json, write_text
 
 log = logging.getLogger("qdiablo.pipeline")
@@ -61,11 +63,7 @@ def _file_digest(value: Any) -> Any:
     if isinstance(value, list):
         return [_file_digest(v) for v in value]
     if isinstance(value, str) and Path(value).is_file():
-        digest = hashlib.sha256()
-        with open(value, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        return {"path": value, "sha256": digest.hexdigest()}
+        return {"path": value, "sha256": sha256_file(value)}
     return value
 
 
@@ -84,7 +82,7 @@ def parse_verb_args(verb: str, values: dict[str, Any], source: str) -> argparse.
             hint=f"available: {', '.join(verbs)}",
         )
     plain = {k: _plain(v) for k, v in values.items()}
-    defaults = cli.config_defaults(verbs[verb], plain, source)
+    defaults = config_defaults(verbs[verb], plain, source)
     verbs[verb].set_defaults(**defaults)
     missing = [
         a.option_strings[-1] for a in verbs[verb]._actions if a.required and a.dest not in defaults

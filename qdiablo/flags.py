@@ -100,19 +100,16 @@ def _convert(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     """One YAML scalar through the flag's `type=`, as if it had been typed on the command line."""
     if action.type is None and isinstance(value, str):
         return value
-    if isinstance(value, bool | list | dict):
-        raise UserError(
-            f"{source}: key '{key}' expects a {getattr(action.type, '__name__', 'str')}, "
-            f"got {value!r}"
-        )
+    name = getattr(action.type, "__name__", "str")
+    refused = UserError(
+        f"{source}: key '{key}' expects {'an' if name[0] in 'aeiou' else 'a'} {name}, got {value!r}"
+    )
+    if isinstance(value, bool | list | dict):  # `true` is no number, as `--max-steps true` isn't
+        raise refused
     try:
         return (action.type or str)(str(value))
     except (TypeError, ValueError, argparse.ArgumentTypeError):
-        name = getattr(action.type, "__name__", "str")
-        raise UserError(
-            f"{source}: key '{key}' expects {'an' if name[0] in 'aeiou' else 'a'} {name}, "
-            f"got {value!r}"
-        ) from None
+        raise refused from None
 
 
 def config_defaults(

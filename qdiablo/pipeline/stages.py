@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qdiablo import __version__, cli
 from qdiablo.errors import UserError
 from qdiablo.flags import config_defaults
 from qdiablo.hashing import sha256_file
@@ -73,8 +74,6 @@ def parse_verb_args(verb: str, values: dict[str, Any], source: str) -> argparse.
     Unknown keys, wrong types and bad choices are a UserError naming `source` (e.g.
     "config.yaml [train]"), raised before anything runs.
     """
-    from qdiablo import cli
-
     parser, verbs = cli.build_parser()
     if verb not in verbs:
         raise UserError(
@@ -135,8 +134,6 @@ class Stage:
     @property
     def identity(self) -> str:
         if self._identity is None:
-            from qdiablo import __version__
-
             payload = {
                 "verb": self.verb,
                 "args": self.resolved(),

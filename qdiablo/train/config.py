@@ -14,11 +14,18 @@ from typing import Any
 from qdiablo.data import DEFAULT_TEMPLATE, EVAL_SETS, MAX_LENGTH, TEMPLATES
 from qdiablo.diablo.config import DEFAULT_TARGETS
 from qdiablo.errors import UserError
+from qdiablo.kinds import TRAIN_BASE_KINDS
 
-BASE_KINDS = ("fp", "gptq", "rtn", "nf4", "nf2")
+BASE_KINDS = TRAIN_BASE_KINDS  # `--base`: the loader's kinds but "auto" (qdiablo.kinds)
 ADAPTERS = ("diablo", "lora")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
+# A run's output folder (written by `qdiablo.train.run`, read by export and the pipeline).
+CONFIG_FILE = "train_config.json"
+RESULTS_FILE = "train_results.json"
+LOG_FILE = "log.jsonl"
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"
 DEFAULT_LR = {"diablo": 5e-4, "lora": 3e-4}  # DiaBlo's GSM8K setting; ApiQ's LoRA setting
 
 

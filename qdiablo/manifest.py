@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qdiablo import __version__
 from qdiablo.errors import UserError
 from qdiablo.hashing import sha256_file
 from qdiablo.io import read_json
@@ -39,8 +40,6 @@ def _files(folder: Path) -> list[str]:
 
 def build_manifest(folder: str | Path) -> dict[str, Any]:
     """The manifest of a finished export folder (every file's sha256 and size)."""
-    from qdiablo import __version__
-
     folder = Path(folder)
     files = {
         rel: {"sha256": sha256_file(folder / rel), "size": (folder / rel).stat().st_size}

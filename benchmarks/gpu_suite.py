@@ -348,7 +348,7 @@ def run_decode(args, device: torch.device) -> dict:
                 dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
             )
             nbytes = sum(b.numel() * b.element_size() for b in layer.packed_tensors())
-            group = layer._groups()
+            group = layer.contiguous_group_size()
             backend = kernels.select(x, bits)
             if backend == "triton":
                 bufs = (*layer.packed_tensors(), bits, None, group)

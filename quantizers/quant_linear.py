@@ -247,7 +247,7 @@ class QuantLinear(nn.Module):
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dequantized weight [out, in] (a transposed view of the [in, out] result)."""
         w = dequantize_packed(
-            *self.packed_tensors(), self.bits, dtype or torch.float32, self._groups()
+            *self.packed_tensors(), self.bits, dtype or torch.float32, self.contiguous_group_size()
         )
         return w.t()
 
@@ -264,13 +264,15 @@ class QuantLinear(nn.Module):
         if self._caching:
             cache = self._cache
             if cache is None or cache.dtype != x.dtype or cache.device != x.device:
-                self._cache = dequantize_packed(*packed, self.bits, x.dtype, self._groups())
+                self._cache = dequantize_packed(
+                    *packed, self.bits, x.dtype, self.contiguous_group_size()
+                )
             y = x @ self._cache
             return y if self.bias is None else y + self.bias.to(y.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return _QuantMatmul.apply(x, *packed, self.bits, bias, self._groups())
+        return _QuantMatmul.apply(x, *packed, self.bits, bias, self.contiguous_group_size())
 
-    def _groups(self) -> int | None:
+    def contiguous_group_size(self) -> int | None:
         """The group size if g_idx has no act-order (else None), for the fast paths of the
         Triton kernels and of `dequantize_packed`. Cached while g_idx is the same tensor at the
         same version (a state-dict load bumps it), so the check (a device sync on GPU) happens

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from qdiablo import DiaBloModel
 from qdiablo.errors import UserError
 from qdiablo.train import TrainConfig, train
-from qdiablo.train.bases import load_base
+from qdiablo.train.bases import load_training_base
 from qdiablo.train.fsdp import check_fsdp_launch
 from quantizers import QuantConfig, QuantLinear, quantize_model, save_quantized
 
@@ -115,7 +115,7 @@ def test_fsdp_two_processes_match_one_process_and_resume(tmp_path, rtn_folder, m
     # the gathered adapter == a reload of the saved folder onto a plain (unsharded) base
     gathered = torch.load(fsdp_out / "gathered.pt", weights_only=True)
     reloaded = DiaBloModel.from_pretrained(
-        load_base("rtn", str(rtn_folder)).model, fsdp_out / "adapter"
+        load_training_base("rtn", str(rtn_folder)).model, fsdp_out / "adapter"
     )
     blocks = {f"model.{k}": v for k, v in reloaded.adapter_state_dict().items()}
     assert blocks.keys() == gathered.keys()
@@ -160,7 +160,7 @@ def test_fsdp_lora_on_float_stored_packed_base_with_bf16_policy(tmp_path, rtn_fo
     gathered = torch.load(out / "gathered.pt", weights_only=True)
     assert gathered and all(".lora_" in k for k in gathered)
     assert any(v.abs().max() > 0 for k, v in gathered.items() if "lora_B" in k)  # it trained
-    reloaded = load_lora(load_base("rtn", str(rtn_folder)).model, str(out / "adapter"))
+    reloaded = load_lora(load_training_base("rtn", str(rtn_folder)).model, str(out / "adapter"))
     params = dict(reloaded.named_parameters())
     assert all(torch.equal(params[k], v) for k, v in gathered.items())
 

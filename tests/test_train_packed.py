@@ -12,7 +12,7 @@ from qdiablo import DiaBloConfig, DiaBloModel, get_diablo_model
 from qdiablo.errors import UserError
 from qdiablo.train import TrainConfig, train
 from qdiablo.train.adapters import attach_lora, load_lora
-from qdiablo.train.bases import load_base
+from qdiablo.train.bases import load_training_base
 from qdiablo.train.metrics import base_linear_bytes
 
 # Until the quantizers package (issue 3) is merged, this module has nothing to test against.
@@ -139,7 +139,7 @@ def test_training_on_a_packed_folder(tmp_path, rtn_folder, math_file, adapter):
     assert res["base_linear_layers"]["layers"] == 14
     assert res["base_linear_layers"]["bytes"] < 0.25 * 4 * res["base_linear_layers"]["weights"]
     # the saved adapter reloads onto a freshly loaded packed base and gives the same model
-    fresh_base = load_base("rtn", str(rtn_folder)).model
+    fresh_base = load_training_base("rtn", str(rtn_folder)).model
     if adapter == "diablo":
         fresh = DiaBloModel.from_pretrained(fresh_base, result.adapter_dir)
     else:
@@ -152,12 +152,12 @@ def test_training_on_a_packed_folder(tmp_path, rtn_folder, math_file, adapter):
 
 @pytest.mark.parametrize("storage", ["bfloat16", "float16", "int32"])
 def test_base_dtype_cast_keeps_packed_bytes_in_any_storage(rtn_folder, storage):
-    """load_base casts the float parameters to --dtype; float-stored packed bytes are skipped
-    (a cast would scramble the codes) while embeddings and norms do follow."""
+    """load_training_base casts the float parameters to --dtype; float-stored packed bytes are
+    skipped (a cast would scramble the codes) while embeddings and norms do follow."""
     from safetensors.torch import load_file
 
     saved = load_file(rtn_folder / "model.safetensors")
-    net = load_base("rtn", str(rtn_folder), dtype="float32", packed_storage=storage).model
+    net = load_training_base("rtn", str(rtn_folder), dtype="float32", packed_storage=storage).model
     layers = {n: m for n, m in net.named_modules() if isinstance(m, QuantLinear)}
     assert len(layers) == 14
     assert net.model.embed_tokens.weight.dtype == torch.float32
@@ -173,9 +173,9 @@ def test_base_dtype_cast_keeps_packed_bytes_in_any_storage(rtn_folder, storage):
 
 def test_packed_base_kind_must_match_the_folder(tmp_path, rtn_folder):
     with pytest.raises(UserError, match="quantized with rtn"):
-        load_base("gptq", str(rtn_folder))
+        load_training_base("gptq", str(rtn_folder))
     with pytest.raises(UserError, match="folder written by `qdiablo quantize`"):
-        load_base("rtn", str(tmp_path / "nowhere"))
+        load_training_base("rtn", str(tmp_path / "nowhere"))
 
 
 def test_packed_2bit_layers_hold_at_most_0_6_of_the_4bit_bytes():

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qdiablo import __version__
 from qdiablo.diablo.config import DiaBloConfig
 from qdiablo.diablo.layer import DiaBloLinear
 from qdiablo.errors import UserError
@@ -300,8 +301,6 @@ class DiaBloModel(nn.Module):
         `tensors`: the blocks to write (default `adapter_state_dict()`), e.g. gathered from FSDP
         shards."""
         from safetensors.torch import save_file
-
-        from qdiablo import __version__
 
         config = {
             "method": "diablo",

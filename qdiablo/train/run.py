@@ -28,6 +28,7 @@ from qdiablo.diablo import DiaBloModel
 from qdiablo.diablo.model import base_fingerprint
 from qdiablo.errors import UserError
 from qdiablo.io import atomic_path, read_json, write_json
+from qdiablo.kinds import PACKED_KINDS
 from qdiablo.train.adapters import (
     adapted_layers,
     attach_diablo,
@@ -35,10 +36,18 @@ from qdiablo.train.adapters import (
     layer_shapes,
     trainable_parameters,
 )
-from qdiablo.train.bases import PACKED_KINDS, LoadedBase, load_base
+from qdiablo.train.bases import LoadedBase, load_training_base
 from qdiablo.train.budget import Budget, resolve_budget
 from qdiablo.train.checkpoint import latest_checkpoint, save_adapter, unwrap
-from qdiablo.train.config import RESUME_FREE_FIELDS, TrainConfig
+from qdiablo.train.config import (
+    ADAPTER_DIR,
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    LOG_FILE,
+    RESULTS_FILE,
+    RESUME_FREE_FIELDS,
+    TrainConfig,
+)
 from qdiablo.train.dataset import PadCollator, select_records, tokenize_records
 from qdiablo.train.fsdp import check_fsdp_launch, gather_trainable, packed_base_bytes
 from qdiablo.train.fsdp_loading import file_state_of, shard_and_load
@@ -46,12 +55,6 @@ from qdiablo.train.metrics import JsonlLogCallback, ThroughputCallback, base_lin
 from qdiablo.train.trainer import AdapterTrainer, training_arguments
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "train_config.json"
-RESULTS_FILE = "train_results.json"
-LOG_FILE = "log.jsonl"
-ADAPTER_DIR = "adapter"
-CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclass
@@ -163,7 +166,7 @@ def train(
     )
     set_seed(config.seed)
     sharded_loading = under_fsdp and base is None and config.base in PACKED_KINDS
-    loaded = base or load_base(
+    loaded = base or load_training_base(
         config.base,
         config.model,
         config.gguf_file,

@@ -1,7 +1,10 @@
 """QuantLinear: a frozen linear layer stored packed in the GPTQ layout, trainable through.
 
 Memory really shrinks: the layer holds `qweight`, `qzeros`, `scales`, `g_idx` (and an optional
-bias), about bits/8 bytes per weight plus the per-group scales and zeros.
+bias), about bits/8 bytes per weight plus the per-group scales and zeros. Its forward dequantizes
+and multiplies; its backward dequantizes *again* to give the input gradient, through a custom
+autograd.Function that saves only the packed tensors, so no full-precision copy of any layer is
+kept alive between forward and backward. The base weights never get a gradient.
 
 Storage: the four packed tensors are frozen `nn.Parameter`s holding their bytes in one
 `storage_dtype` (int32 by default; a float dtype such as bf16 as bitsandbytes' `quant_storage`),
@@ -9,10 +12,7 @@ so that FSDP2 shards them like any other parameter. Every reader goes through
 `QuantLinear.packed_tensors()`, which views the bytes back as int32 codes and fp16 scales. No
 cast touches the bytes: torch's dtype casts skip integer tensors, `_apply` moves float-stored
 bytes as raw bytes, and the state dict (hence the GPTQ checkpoint and the adapters' base
-fingerprint) always holds the GPTQ dtypes. Its forward dequantizes
-and multiplies; its backward dequantizes *again* to give the input gradient, through a custom
-autograd.Function that saves only the packed tensors, so no full-precision copy of any layer is
-kept alive between forward and backward. The base weights never get a gradient.
+fingerprint) always holds the GPTQ dtypes.
 
 `dequantize_packed` is the one place that turns the packed tensors into a float weight (the torch
 path). On CUDA the fused Triton kernels of `quantizers.kernels` replace it in forward and backward,

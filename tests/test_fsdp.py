@@ -136,6 +136,19 @@ def test_fsdp_two_processes_match_one_process_and_resume(tmp_path, rtn_folder, m
     for key in a:
         torch.testing.assert_close(c[key], a[key], atol=BLOCK_ATOL, rtol=BLOCK_RTOL, msg=key)
 
+    # the same FSDP checkpoint resumes in one plain process (another world size, no FSDP)
+    alone = tmp_path / "alone"
+    (alone / "checkpoints").mkdir(parents=True)
+    shutil.copy(fsdp_out / "train_config.json", alone / "train_config.json")
+    shutil.copytree(
+        fsdp_out / "checkpoints" / "checkpoint-2", alone / "checkpoints" / "checkpoint-2"
+    )
+    train(TrainConfig(**_config(rtn_folder, math_file, alone, resume="auto")))
+    torch.testing.assert_close(_losses(alone)[-2:], _losses(fsdp_out)[-2:], atol=LOSS_ATOL, rtol=0)
+    d = load_file(alone / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(d[key], a[key], atol=BLOCK_ATOL, rtol=BLOCK_RTOL, msg=key)
+
 
 def test_fsdp_lora_on_float_stored_packed_base_with_bf16_policy(tmp_path, rtn_folder, math_file):
     """GPTQ-LoRA under FSDP2 with the packed bytes stored as bf16 (bitsandbytes-style) and a

@@ -152,6 +152,15 @@ def save_full_optimizer(model: nn.Module, optimizer, folder: str | Path, is_main
         os.replace(tmp, path)
 
 
+def saved_by_name(path: str | Path) -> bool:
+    """Whether an optimizer file holds the unsharded, name-keyed state `save_full_optimizer`
+    writes (rather than torch's index-keyed `optimizer.state_dict()`)."""
+    if not Path(path).is_file():
+        return False
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return any(isinstance(k, str) for k in state.get("state", {}))
+
+
 def load_full_optimizer(model: nn.Module, optimizer, folder: str | Path) -> None:
     """Read an unsharded optimizer state into a (possibly differently) sharded optimizer."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

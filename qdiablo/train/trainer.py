@@ -80,8 +80,12 @@ class AdapterTrainer(Trainer):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        if not self.is_fsdp_enabled or checkpoint is None:
+        if checkpoint is None or not (
+            self.is_fsdp_enabled
+            or fsdp.saved_by_name(os.path.join(checkpoint, fsdp.FSDP_OPTIMIZER))
+        ):
             return super()._load_optimizer_and_scheduler(checkpoint)
+        # an FSDP checkpoint (state keyed by parameter name), into any number of processes
         fsdp.load_full_optimizer(self.model, self._raw_optimizer(), checkpoint)
         state = torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True)
         self.lr_scheduler.load_state_dict(state)

@@ -1,6 +1,6 @@
 """Math10K records, the prompt templates, and tokenization: shared by training and `eval/`.
 
-One place for the exact template strings (DESIGN.md §4), so that training and evaluation can
+One place for the exact template strings (docs/math10k.md §3), so that training and evaluation can
 never drift apart. Records follow LLM-Adapters' schema:
 `{"instruction", "input": "", "output", "answer"}`.
 """

@@ -4,7 +4,7 @@
     model = quantize_model(model, calib_batches, QuantConfig(bits=3, group_size=64, magr=True))
     save_quantized(model, "out/w3", tokenizer)
 
-This package imports from neither `qdiablo` nor `eval` (DESIGN.md §6).
+This package imports from neither `qdiablo` nor `eval` (docs/architecture.md, "Layers").
 """
 
 from quantizers import kernels

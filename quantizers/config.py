@@ -26,7 +26,7 @@ def default_beta(bits: int, group_size: int) -> float:
 
 @dataclass
 class QuantConfig:
-    """How to quantize a model's decoder blocks (DESIGN.md §1, §7)."""
+    """How to quantize a model's decoder blocks (docs/gptq.md, docs/magr.md)."""
 
     method: str = field(
         default="gptq",

@@ -115,7 +115,7 @@ def test_merged_folder_is_plain_transformers_with_the_adapted_logits(pipeline, e
     assert "quantization_config" not in cfg and cfg["dtype"] == "float32"
     merged = AutoModelForCausalLM.from_pretrained(exported / "merged")
     assert not any(isinstance(m, QuantLinear) for m in merged.modules())
-    # DESIGN §1: W + Dᵀ with W the dequantized base weight (exactly, in float32).
+    # docs/diablo.md §5: W + Dᵀ with W the dequantized base weight (exactly, in float32).
     layer = adapted.get_base_model().model.layers[1].mlp.down_proj
     D = torch.block_diag(*layer.blocks.detach())  # (in, out): block i maps slice i to slice i
     want = layer.base_layer.dequantize_weight() + D.t()

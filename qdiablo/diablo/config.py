@@ -14,7 +14,7 @@ BLOCK_DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 @dataclass
 class DiaBloConfig:
-    """Configuration of a DiaBlo adapter (DESIGN.md §1).
+    """Configuration of a DiaBlo adapter (docs/diablo.md).
 
     Each targeted linear layer `y = x Wᵀ` becomes `y = x Wᵀ + x·blockdiag(B₁…B_N)`, with the blocks
     zero-initialised, so the wrapped model starts exactly as the base.

@@ -1,6 +1,6 @@
 """DiaBloModel: wraps a causal LM, swaps target layers for DiaBloLinear, saves and loads adapters.
 
-On disk an adapter is a PEFT-like folder (DESIGN.md §2):
+On disk an adapter is a PEFT-like folder (docs/formats.md §5):
 - `adapter_config.json`: `method: "diablo"`, the DiaBloConfig fields, the base's name and
   fingerprint, and `format_version`;
 - `adapter_model.safetensors`: one tensor per adapted layer, keyed `<module path>.blocks`.

@@ -1,10 +1,10 @@
 """Merging an adapter into its quantized base, and re-quantizing the merged model.
 
-DESIGN §1: W_merged = W + Dᵀ with W the *dequantized* base weight the blocks were trained against,
-never the original fp16 weight. Layers without an adapter are dequantized as they are, so the
-merged model is a plain Hugging Face model that any tool loads. Merging back into integers means
-re-quantizing (MagR + GPTQ on calibration data), which changes the outputs: the change is measured
-and reported, never hidden.
+W_merged = W + Dᵀ with W the *dequantized* base weight the blocks were trained against, never
+the original fp16 weight (docs/diablo.md §5). Layers without an adapter are dequantized as they
+are, so the merged model is a plain Hugging Face model that any tool loads. Merging back into
+integers means re-quantizing (MagR + GPTQ on calibration data), which changes the outputs: the
+change is measured and reported, never hidden.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ On disk an adapter is a PEFT-like folder (docs/formats.md §5):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ from torch import nn
 
 from qdiablo.diablo.config import DiaBloConfig
 from qdiablo.diablo.layer import DiaBloLinear
+from qdiablo.diablo.targets import resolve_target_modules
 from qdiablo.errors import UserError
 from qdiablo.io import atomic_path, read_adapter_weights, read_json
 
@@ -59,16 +61,19 @@ def _matches(name: str, spec: list[str] | str) -> bool:
 
 
 def find_targets(model: nn.Module, config: DiaBloConfig) -> list[str]:
-    """Module paths to wrap, in model order. Errors name the offending module."""
+    """Module paths to wrap, in model order. Errors name the offending module.
+
+    `config.target_modules=None` takes the architecture's default (`targets.py`)."""
+    spec = resolve_target_modules(model, config.target_modules)
     output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     targets = []
     for name, module in model.named_modules():
         if not name or ".base_layer" in name:
             continue
-        if config.target_modules == "all-linear":
+        if spec == "all-linear":
             hit = _is_linear_like(module) and module is not output_head
         else:
-            hit = _matches(name, config.target_modules)
+            hit = _matches(name, spec)
         if not hit or (config.exclude_modules and _matches(name, config.exclude_modules)):
             continue
         if config.layers_to_transform is not None:
@@ -87,7 +92,7 @@ def find_targets(model: nn.Module, config: DiaBloConfig) -> list[str]:
     if not targets:
         examples = [n for n, m in model.named_modules() if _is_linear_like(m)][:6]
         raise UserError(
-            f"no layer matches target_modules={config.target_modules!r}",
+            f"no layer matches target_modules={spec!r}",
             hint=f"linear layers in this model look like: {', '.join(examples)}",
         )
     return targets
@@ -173,7 +178,9 @@ class DiaBloModel(nn.Module):
     def __init__(self, model: nn.Module, config: DiaBloConfig):
         super().__init__()
         self.model = model
-        self.diablo_config = config
+        # The saved config names the layers, so that loading never depends on today's defaults.
+        targets_spec = resolve_target_modules(model, config.target_modules)
+        self.diablo_config = config = dataclasses.replace(config, target_modules=targets_spec)
         self.base_model_name_or_path = str(
             getattr(getattr(model, "config", None), "_name_or_path", "") or ""
         )

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers import set_seed
 
+from qdiablo.diablo.targets import resolve_target_modules
 from qdiablo.errors import UserError
 from qdiablo.io import atomic_path, read_json, write_json
 from qdiablo.train.adapters import (
@@ -110,16 +111,18 @@ def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget
     """Settle the budget on the base's target layers and attach the adapter.
 
     Returns the adapter model, the budget, and the other method at the matched setting."""
-    shapes = layer_shapes(adapted_layers(loaded.model, config.target_spec))
+    # DiaBlo and LoRA adapt the same layers: the architecture's default when none are given.
+    targets = resolve_target_modules(loaded.model, config.target_spec)
+    shapes = layer_shapes(adapted_layers(loaded.model, targets))
     budget = resolve_budget(
         shapes, config.adapter, config.num_blocks, config.rank, config.match_params
     )
     if config.adapter == "diablo":
-        model = attach_diablo(loaded.model, budget.num_blocks, config.target_spec, config.dropout)
+        model = attach_diablo(loaded.model, budget.num_blocks, targets, config.dropout)
         expected = budget.diablo_parameters
     else:
         alpha = config.lora_alpha if config.lora_alpha is not None else 2.0 * budget.rank
-        model = attach_lora(loaded.model, budget.rank, alpha, config.target_spec, config.dropout)
+        model = attach_lora(loaded.model, budget.rank, alpha, targets, config.dropout)
         expected = budget.lora_parameters
     actual = trainable_parameters(model)
     if actual != expected:

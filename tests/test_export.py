@@ -290,6 +290,7 @@ def test_eval_accepts_an_export_folder(exported, tmp_path, capsys):
 
 
 def test_a_peft_lora_adapter_exports_unmerged_and_the_card_says_so(pipeline, tmp_path):
+    pytest.importorskip("peft")
     from qdiablo.train.adapters import attach_lora
 
     base = load_quantized(pipeline["base"])

@@ -163,12 +163,6 @@ def base_fingerprint(model: nn.Module, targets: list[str]) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
 class DiaBloModel(nn.Module):
     """A causal LM whose target layers carry DiaBlo blocks; everything else is frozen.
 
@@ -198,7 +192,7 @@ class DiaBloModel(nn.Module):
                 indivisible=config.indivisible,
                 name=name,
             )
-            _set_submodule(model, name, layer)
+            model.set_submodule(name, layer)
         log.info(
             "DiaBlo: wrapped %d layers with N=%d (%s trainable parameters)",
             len(targets),
@@ -270,7 +264,7 @@ class DiaBloModel(nn.Module):
         that had no adapter stay as they are (packed layers stay packed).
         """
         for name, layer in list(self.diablo_layers()):
-            _set_submodule(self.model, name, layer.merged_linear(dtype))
+            self.model.set_submodule(name, layer.merged_linear(dtype))
         return self.model
 
     @contextlib.contextmanager
@@ -378,7 +372,7 @@ class DiaBloModel(nn.Module):
 def _unwrap(model: DiaBloModel) -> None:
     """Put the original base layers back after a failed load, so the base is left unchanged."""
     for name, layer in list(model.diablo_layers()):
-        _set_submodule(model.model, name, layer.base_layer)
+        model.model.set_submodule(name, layer.base_layer)
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:

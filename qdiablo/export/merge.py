@@ -23,11 +23,6 @@ from qdiablo.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
 def merge_into_dense(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Fold a DiaBlo adapter into its base and return a plain model in `dtype` (no packed layers).
 
@@ -50,7 +45,7 @@ def merge_into_dense(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
             lin.weight.data = module.dequantize_weight(torch.float32).to(dtype).contiguous()
             if module.bias is not None:
                 lin.bias.data = module.bias.detach().to(dtype).clone()
-            _set_submodule(dense, name, lin)
+            dense.set_submodule(name, lin)
     dense.to(dtype)
     # It is no longer a GPTQ model: a config that says so would send transformers to GPTQModel.
     if hasattr(dense.config, "quantization_config"):

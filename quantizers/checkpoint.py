@@ -6,8 +6,8 @@
     tokenizer files        when a tokenizer is given
     quantization_report.json/.md  the per-layer report of quantize_model, when there is one
 
-Zero points: `checkpoint_format` "gptq" (v1, the default) stores zero − 1 in qzeros; "gptq_v2"
-stores the zero as is. QuantLinear holds v2 in memory; saving and loading convert. Writes are
+Zero points: `checkpoint_format` "gptq_v2" (the default) stores the zero as is; "gptq" (v1)
+stores zero − 1 in qzeros. QuantLinear holds v2 in memory; saving and loading convert. Writes are
 atomic (a temporary folder beside the target, renamed into place); loading is strict and names
 the file and tensor of anything missing, extra, truncated or mismatched.
 """
@@ -18,9 +18,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from quantizers.config import QuantConfig
+from quantizers.fileio import atomic_path, read_json, write_json
 from quantizers.packing import zeros_v1_to_v2, zeros_v2_to_v1
 from quantizers.quant_linear import QuantLinear
 
@@ -44,28 +42,6 @@ CORE_KEYS = ("bits", "group_size", "sym", "desc_act", "checkpoint_format", "quan
 
 class CheckpointError(ValueError):
     """A quantized checkpoint is missing, malformed, truncated or does not match its config."""
-
-
-@contextlib.contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path`, else it vanishes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "payload")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _quant_config_of(model: nn.Module) -> QuantConfig:
@@ -110,7 +86,8 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
             state[f"{name}.qzeros"] = zeros_v2_to_v1(m.qzeros.cpu(), m.bits, m.out_features, name)
     state = {k: v.cpu() for k, v in state.items()}
     entry = config.quantization_config()
-    with _atomic_dir(directory) as tmp:
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         previous = getattr(model.config, "quantization_config", None)
         model.config.quantization_config = entry
@@ -122,10 +99,10 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
         if generation is not None:
             with contextlib.suppress(Exception):
                 generation.save_pretrained(tmp)
-        _write_json(tmp / QUANTIZE_CONFIG_NAME, entry)
+        write_json(tmp / QUANTIZE_CONFIG_NAME, entry)
         report = getattr(model, "quantization_report", None)
         if report is not None:
-            _write_json(tmp / REPORT_NAME, report.to_dict())
+            write_json(tmp / REPORT_NAME, report.to_dict())
             (tmp / REPORT_MD_NAME).write_text(report.to_markdown(), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -141,12 +118,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from e
+    data = read_json(path, what="file", error=CheckpointError)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data

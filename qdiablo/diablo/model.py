@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qdiablo import __version__
 from qdiablo.diablo.config import DiaBloConfig
 from qdiablo.diablo.layer import DiaBloLinear
 from qdiablo.diablo.targets import resolve_target_modules
@@ -287,8 +288,6 @@ class DiaBloModel(nn.Module):
     def save_pretrained(self, save_directory: str | Path) -> None:
         """Write adapter_config.json and adapter_model.safetensors, atomically as one folder."""
         from safetensors.torch import save_file
-
-        from qdiablo import __version__
 
         config = {
             "method": "diablo",

@@ -150,29 +150,50 @@ def _config_from_entry(entry: dict[str, Any], where: str) -> QuantConfig:
 
 
 def _read_header(file: Path) -> dict[str, dict[str, Any]]:
-    """Parse a safetensors header and check every tensor's bytes are inside the file."""
+    """Each tensor's shape and safetensors dtype, read by safetensors without loading any data.
+
+    safetensors refuses a file whose tensors do not all lie inside it; the error then names the
+    file and, when it was cut short, the first tensor whose bytes are missing."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="pt") as f:
+            names = f.keys()  # a safe_open handle is not iterable
+            slices = {name: f.get_slice(name) for name in names}
+            return {
+                name: {"shape": list(s.get_shape()), "dtype": s.get_dtype()}
+                for name, s in slices.items()
+            }
+    except SafetensorError as e:
+        raise CheckpointError(_damage(file, e)) from e
+
+
+def _damage(file: Path, error: Exception) -> str:
+    """What is wrong with a file safetensors refused, read from its raw header."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"{file}: truncated: {size} bytes, no safetensors header")
+            return f"{file}: truncated: {size} bytes, no safetensors header"
         n = int.from_bytes(head, "little")
         if n > size - 8:
-            raise CheckpointError(f"{file}: truncated: the header alone needs {n} bytes")
+            return f"{file}: truncated: the header alone needs {n} bytes"
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{file}: malformed safetensors header: {e}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"{file}: malformed safetensors header ({error})"
     header.pop("__metadata__", None)
     data = size - 8 - n
-    for name, info in header.items():
-        begin, end = info["data_offsets"]
+    cut = sorted(
+        (info["data_offsets"][1], name) for name, info in header.items() if isinstance(info, dict)
+    )
+    for end, name in cut:
         if end > data:
-            raise CheckpointError(
-                f"{file}: tensor '{name}' is truncated: it needs bytes {begin}..{end} of the "
-                f"data section, which holds only {data} (the file was cut short)"
+            return (
+                f"{file}: tensor '{name}' is truncated: it needs bytes up to {end} of the data "
+                f"section, which holds only {data} (the file was cut short)"
             )
-    return header
+    return f"{file}: not a valid safetensors file ({error})"
 
 
 _SAFETENSORS_DTYPES = {
@@ -280,8 +301,7 @@ def load_quantized(
             )
         except ValueError as e:
             raise CheckpointError(f"{name}: {e}") from e
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q)
+        model.set_submodule(name, q)
 
     expected = model.state_dict(keep_vars=True)
     tied = _tied_keys(model, set(headers))

@@ -45,11 +45,6 @@ def peak_rss_bytes() -> int:
     return ru if sys.platform == "darwin" else ru * 1024
 
 
-def current_rss_bytes() -> int | None:
-    kb = _proc_status_kb("VmRSS")
-    return None if kb is None else kb * 1024
-
-
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark to the current RSS (Linux); False where unsupported."""
     try:

@@ -62,9 +62,9 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Deferred to keep `qdiablo --help` fast: these import torch, transformers and the quantizers.
     import torch
 
-    # Deferred to keep `qdiablo --help` fast: these import torch, transformers and the quantizers.
     from qdiablo.calibration import build_calibration_data
     from qdiablo.models import load_model, load_tokenizer
     from quantizers import quantize_model, save_quantized

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from qdiablo import __version__
@@ -287,8 +288,6 @@ class DiaBloModel(nn.Module):
 
     def save_pretrained(self, save_directory: str | Path) -> None:
         """Write adapter_config.json and adapter_model.safetensors, atomically as one folder."""
-        from safetensors.torch import save_file
-
         config = {
             "method": "diablo",
             "format_version": FORMAT_VERSION,

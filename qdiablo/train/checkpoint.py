@@ -45,7 +45,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def is_peft_model(model: nn.Module) -> bool:
     try:
-        from peft import PeftModel
+        from peft import PeftModel  # optional dependency (the qlora extra)
     except ImportError:
         return False
     return isinstance(model, PeftModel)
@@ -124,7 +124,7 @@ def _load_diablo(model: DiaBloModel, folder: Path) -> None:
 
 
 def _load_lora(model, folder: Path) -> None:
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # optional
 
     path = folder / "adapter_model.safetensors"
     tensors = read_adapter_weights(path)

@@ -69,7 +69,7 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 
 def _bnb_linear_types() -> tuple[type, ...]:
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional dependency (the qlora extra)
     except ImportError:
         return ()
     return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)

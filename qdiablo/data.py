@@ -340,7 +340,7 @@ def encode_records(
 
 def pad_batch(examples: Sequence[dict[str, list[int]]], pad_token_id: int):
     """Right-pad a list of encoded examples into tensors (labels padded with IGNORE_INDEX)."""
-    import torch
+    import torch  # deferred: the records and templates here are read without torch (the CLI)
 
     width = max(len(e["input_ids"]) for e in examples)
 

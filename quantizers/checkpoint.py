@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from quantizers.config import QuantConfig
@@ -70,8 +71,6 @@ def _unique_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
     """Write `model` (quantized by quantize_model or loaded by load_quantized) as a HF folder."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     config = _quant_config_of(model)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -234,8 +233,8 @@ def load_quantized(
     dtype: cast the unquantized weights (embeddings, norms, lm_head, biases); packed tensors and
     fp16 scales stay as stored. Default: as stored.
     """
+    # Deferred: transformers and accelerate take seconds to import; only loading needs them.
     from accelerate import init_empty_weights
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)

@@ -294,7 +294,7 @@ def test_a_failed_save_leaves_no_folder_and_keeps_the_old_one(tmp_path, monkeypa
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", crash)
+    monkeypatch.setattr("qdiablo.diablo.model.save_file", crash)
     with pytest.raises(OSError):
         model.save_pretrained(path)
     with pytest.raises(OSError):

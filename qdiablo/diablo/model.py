@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from qdiablo import __version__
@@ -30,8 +31,9 @@ from qdiablo.io import atomic_path, read_adapter_weights, read_json
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+# An adapter folder (the file names PEFT uses; a base checkpoint's weights are model.safetensors).
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 # Keys of adapter_config.json besides the DiaBloConfig fields.
 METADATA_KEYS = {
@@ -287,8 +289,6 @@ class DiaBloModel(nn.Module):
 
     def save_pretrained(self, save_directory: str | Path) -> None:
         """Write adapter_config.json and adapter_model.safetensors, atomically as one folder."""
-        from safetensors.torch import save_file
-
         config = {
             "method": "diablo",
             "format_version": FORMAT_VERSION,
@@ -301,8 +301,10 @@ class DiaBloModel(nn.Module):
         tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
         with atomic_path(save_directory) as tmp:
             tmp.mkdir()
-            save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            save_file(tensors, tmp / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
+            (tmp / ADAPTER_CONFIG_NAME).write_text(
+                json.dumps(config, indent=2, sort_keys=True) + "\n"
+            )
 
     @classmethod
     def from_pretrained(
@@ -320,7 +322,7 @@ class DiaBloModel(nn.Module):
         saved = read_adapter_config(adapter_dir)
         config = DiaBloConfig.from_dict(
             {k: v for k, v in saved.items() if k not in METADATA_KEYS},
-            source=str(adapter_dir / CONFIG_NAME),
+            source=str(adapter_dir / ADAPTER_CONFIG_NAME),
         )
         expected = saved.get("base_fingerprint") or {}
         actual = base_fingerprint(base_model, find_targets(base_model, config))
@@ -334,7 +336,7 @@ class DiaBloModel(nn.Module):
             if not force:
                 raise UserError(msg, hint="pass force=True (CLI: --force) to load it anyway")
             log.warning("%s (loading anyway: force=True)", msg)
-        tensors = read_adapter_weights(adapter_dir / WEIGHTS_NAME)
+        tensors = read_adapter_weights(adapter_dir / ADAPTER_WEIGHTS_NAME)
         model = cls(base_model, config)
         layers = dict(model.diablo_layers())
         expected_keys = {f"{n}.blocks" for n in layers}
@@ -348,7 +350,7 @@ class DiaBloModel(nn.Module):
             if extra:
                 parts.append(f"{len(extra)} unexpected tensor(s), e.g. {extra[0]}")
             raise UserError(
-                f"adapter {adapter_dir / WEIGHTS_NAME} does not match this base: "
+                f"adapter {adapter_dir / ADAPTER_WEIGHTS_NAME} does not match this base: "
                 + "; ".join(parts),
                 hint="was it trained with other target_modules or on another architecture?",
             )
@@ -357,8 +359,8 @@ class DiaBloModel(nn.Module):
             if t.shape != layer.blocks.shape:
                 _unwrap(model)
                 raise UserError(
-                    f"adapter {adapter_dir / WEIGHTS_NAME}: layer '{name}' has blocks of shape "
-                    f"{tuple(t.shape)}, but this base needs {tuple(layer.blocks.shape)}"
+                    f"adapter {adapter_dir / ADAPTER_WEIGHTS_NAME}: layer '{name}' has blocks of "
+                    f"shape {tuple(t.shape)}, but this base needs {tuple(layer.blocks.shape)}"
                 )
             with torch.no_grad():
                 layer.blocks.copy_(t)
@@ -379,7 +381,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise UserError(f"adapter folder not found: {adapter_dir}")
-    path = adapter_dir / CONFIG_NAME
+    path = adapter_dir / ADAPTER_CONFIG_NAME
     saved = read_json(path, what="adapter config")
     if not isinstance(saved, dict):
         raise UserError(f"{path}: expected a JSON object")

@@ -12,15 +12,12 @@ Output folder layout:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import set_seed
 
 from qdiablo.diablo.targets import resolve_target_modules
@@ -48,6 +45,7 @@ from qdiablo.train.config import (
 from qdiablo.train.dataset import PadCollator, select_records, tokenize_records
 from qdiablo.train.metrics import JsonlLogCallback, ThroughputCallback, base_linear_bytes
 from qdiablo.train.trainer import AdapterTrainer, training_arguments
+from qdiablo.versions import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -132,17 +130,6 @@ def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget
     return model, budget, budget.other_method(config.adapter, shapes)
 
 
-def _versions() -> dict[str, str]:
-    import transformers
-
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    out["transformers"] = transformers.__version__
-    for name in ("peft", "bitsandbytes", "accelerate"):
-        with contextlib.suppress(ImportError):
-            out[name] = __import__(name).__version__
-    return out
-
-
 def train(
     config: TrainConfig,
     base: LoadedBase | None = None,
@@ -218,7 +205,7 @@ def train(
         "throughput": throughput.summary(),
         "resumed_from": str(resume_from) if resume_from else None,
         "device": str(args.device),
-        "versions": _versions(),
+        "versions": library_versions(),
     }
     if trainer.is_world_process_zero():
         with atomic_path(adapter_dir) as tmp:

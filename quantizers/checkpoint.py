@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -153,8 +154,6 @@ def _read_header(file: Path) -> dict[str, dict[str, Any]]:
 
     safetensors refuses a file whose tensors do not all lie inside it; the error then names the
     file and, when it was cut short, the first tensor whose bytes are missing."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(file, framework="pt") as f:
             names = f.keys()  # a safe_open handle is not iterable

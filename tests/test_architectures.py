@@ -1,7 +1,8 @@
 """The whole product on every supported architecture: tiny random configs of LLaMA, Mistral,
 Qwen2, Qwen3, Gemma2, Gemma3, Phi-3, OPT, GPT-NeoX and Falcon, each run through MagR+GPTQ at 2
 and 4 bits -> save -> load -> DiaBlo with the architecture's default targets -> one training step
--> merge -> export -> reload (docs/architecture.md, "A new architecture")."""
+-> merge -> export -> reload, and evaluation's batched greedy decoding against `generate`
+(docs/architecture.md, "A new architecture")."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import transformers
 from torch import nn
 
+from eval.generate import greedy_batch, inference_context
 from qdiablo import DiaBloConfig, get_diablo_model
 from qdiablo.diablo.targets import DEFAULT_TARGETS_BY_MODEL_TYPE, default_target_modules
 from qdiablo.errors import UserError
@@ -180,3 +182,30 @@ def test_training_gives_lora_the_same_default_targets_as_diablo(adapter):
     }
     assert wrapped == expected_targets
     assert budget.num_layers == LAYERS * len(expected_targets)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_batched_greedy_generation_equals_one_at_a_time_generate(arch):
+    """Evaluation's own decoding loop (left padding, explicit positions, a KV cache that drops
+    finished rows) on each architecture, against transformers' `generate`, one prompt at a time.
+    In float64, so that near-tied logits of a random model cannot flip; Gemma2 in float32, since
+    transformers gives it NaN logits on left-padded rows in float64."""
+    make_config, _ = ARCHITECTURES[arch]
+    torch.manual_seed(0)
+    dtype = torch.float32 if arch == "gemma2" else torch.float64
+    model = transformers.AutoModelForCausalLM.from_config(make_config()).to(dtype).eval()
+    prompts = [[5, 9, 11, 40, 7, 3, 8], [12, 30], [4, 4, 4, 4, 50]]
+    eos = TOKENS["eos_token_id"]
+    with inference_context(model):
+        batched = greedy_batch(
+            model, prompts, max_new_tokens=6, eos_token_ids=[eos], pad_token_id=0
+        )
+    for prompt, (tokens, stopped) in zip(prompts, batched):
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
+        assert tokens + ([eos] if stopped == "eos" else []) == out

@@ -1,8 +1,8 @@
 """The whole product on every supported architecture: tiny random configs of LLaMA, Mistral,
 Qwen2, Qwen3, Gemma2, Gemma3, Phi-3, OPT, GPT-NeoX and Falcon, each run through MagR+GPTQ at 2
 and 4 bits -> save -> load -> DiaBlo with the architecture's default targets -> one training step
--> merge -> export -> reload, and evaluation's batched greedy decoding against `generate`
-(docs/architecture.md, "A new architecture")."""
+-> merge -> export -> reload, and evaluation's batched greedy decoding and reference NLL against
+one-example-at-a-time references (docs/architecture.md, "A new architecture")."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import transformers
 from torch import nn
 
 from eval.generate import greedy_batch, inference_context
+from eval.nll import batch_nll
 from qdiablo import DiaBloConfig, get_diablo_model
 from qdiablo.diablo.targets import DEFAULT_TARGETS_BY_MODEL_TYPE, default_target_modules
 from qdiablo.errors import UserError
@@ -209,3 +210,27 @@ def test_batched_greedy_generation_equals_one_at_a_time_generate(arch):
             pad_token_id=0,
         )[0, len(prompt) :].tolist()
         assert tokens + ([eos] if stopped == "eos" else []) == out
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_batched_reference_nll_equals_one_example_at_a_time(arch):
+    """Evaluation's NLL batch (left padding, explicit positions, logits_to_keep) against a plain
+    forward pass per example and a cross-entropy written out here."""
+    make_config, _ = ARCHITECTURES[arch]
+    torch.manual_seed(0)
+    dtype = torch.float32 if arch == "gemma2" else torch.float64  # see the test above
+    model = transformers.AutoModelForCausalLM.from_config(make_config()).to(dtype).eval()
+    examples = [
+        {"input_ids": [5, 9, 11, 40, 7, 3, 8, 2], "labels": [-100] * 4 + [7, 3, 8, 2]},
+        {"input_ids": [12, 30, 44, 2], "labels": [-100, 30, 44, 2]},
+    ]
+    with inference_context(model):
+        batched = batch_nll(model, examples, pad_token_id=0)
+        for example, (nll_sum, count) in zip(examples, batched):
+            logits = model(input_ids=torch.tensor([example["input_ids"]])).logits[0, :-1]
+            targets = torch.tensor(example["labels"][1:])
+            scored = targets != -100
+            log_probs = torch.log_softmax(logits[scored].double(), dim=-1)
+            expected = -float(log_probs.gather(1, targets[scored][:, None]).sum())
+            assert count == int(scored.sum())
+            assert nll_sum == pytest.approx(expected, rel=1e-6 if dtype == torch.float32 else 1e-10)

@@ -64,9 +64,8 @@ def _matches(name: str, spec: list[str] | str) -> bool:
 
 
 def find_targets(model: nn.Module, config: DiaBloConfig) -> list[str]:
-    """Module paths to wrap, in model order. Errors name the offending module.
-
-    `config.target_modules=None` takes the architecture's default (`targets.py`)."""
+    """Module paths to wrap, in model order (None targets: the architecture's default).
+    Errors name the offending module."""
     spec = resolve_target_modules(model, config.target_modules)
     output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     targets = []

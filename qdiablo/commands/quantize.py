@@ -62,11 +62,11 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Deferred to keep `qdiablo --help` fast: these import torch, transformers and the quantizers.
     import torch
 
-    # Deferred to keep `qdiablo --help` fast: these import torch, transformers and the quantizers.
     from qdiablo.calibration import build_calibration_data
-    from qdiablo.models import load_model, load_tokenizer
+    from qdiablo.models import load_base, load_tokenizer
     from quantizers import quantize_model, save_quantized
 
     config = quant_config_from_args(args)
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             seq_len=args.calib_seq_len,
             batch_size=args.calib_batch_size,
         )
-    model = load_model(args.model, args.gguf_file, dtype=args.dtype)
+    model = load_base(args.model, "fp", gguf_file=args.gguf_file, dtype=args.dtype)
     calib_dtype = {"auto": "auto", "float32": None, "bfloat16": torch.bfloat16}[args.calib_dtype]
     quantize_model(model, calib, config, device=args.device, calib_dtype=calib_dtype)
     save_quantized(model, output, tokenizer)

@@ -12,20 +12,18 @@ Output folder layout:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import set_seed
 
 from qdiablo.diablo import DiaBloModel
 from qdiablo.diablo.model import base_fingerprint
+from qdiablo.diablo.targets import resolve_target_modules
 from qdiablo.errors import UserError
 from qdiablo.io import atomic_path, read_json, write_json
 from qdiablo.kinds import PACKED_KINDS
@@ -53,6 +51,7 @@ from qdiablo.train.fsdp import check_fsdp_launch, gather_trainable, packed_base_
 from qdiablo.train.fsdp_loading import file_state_of, shard_and_load
 from qdiablo.train.metrics import JsonlLogCallback, ThroughputCallback, base_linear_bytes
 from qdiablo.train.trainer import AdapterTrainer, training_arguments
+from qdiablo.versions import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -118,32 +117,23 @@ def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget
     """Settle the budget on the base's target layers and attach the adapter.
 
     Returns the adapter model, the budget, and the other method at the matched setting."""
-    shapes = layer_shapes(adapted_layers(loaded.model, config.target_spec))
+    # DiaBlo and LoRA adapt the same layers: the architecture's default when none are given.
+    targets = resolve_target_modules(loaded.model, config.target_spec)
+    shapes = layer_shapes(adapted_layers(loaded.model, targets))
     budget = resolve_budget(
         shapes, config.adapter, config.num_blocks, config.rank, config.match_params
     )
     if config.adapter == "diablo":
-        model = attach_diablo(loaded.model, budget.num_blocks, config.target_spec, config.dropout)
+        model = attach_diablo(loaded.model, budget.num_blocks, targets, config.dropout)
         expected = budget.diablo_parameters
     else:
         alpha = config.lora_alpha if config.lora_alpha is not None else 2.0 * budget.rank
-        model = attach_lora(loaded.model, budget.rank, alpha, config.target_spec, config.dropout)
+        model = attach_lora(loaded.model, budget.rank, alpha, targets, config.dropout)
         expected = budget.lora_parameters
     actual = trainable_parameters(model)
     if actual != expected:
         raise RuntimeError(f"trainable parameters {actual:,} differ from the budget {expected:,}")
     return model, budget, budget.other_method(config.adapter, shapes)
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    out["transformers"] = transformers.__version__
-    for name in ("peft", "bitsandbytes", "accelerate"):
-        with contextlib.suppress(ImportError):
-            out[name] = __import__(name).__version__
-    return out
 
 
 def train(
@@ -241,7 +231,7 @@ def train(
         "throughput": throughput.summary(),
         "resumed_from": str(resume_from) if resume_from else None,
         "device": str(args.device),
-        "versions": _versions(),
+        "versions": library_versions(),
     }
     gathered = gather_trainable(model) if under_fsdp else None  # a collective: every rank
     if under_fsdp:

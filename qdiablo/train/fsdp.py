@@ -42,7 +42,7 @@ def check_fsdp_launch(base: str, packed_storage: str = "int32", precision: str =
     if version != "2":
         raise UserError(
             f"FSDP version {version} is not supported: FSDP1 flattens each unit into one tensor "
-            "of one dtype, which packed bases and frozen adapters' bases cannot be",
+            "of one dtype, which packed integer codes next to float weights cannot share",
             hint="set fsdp_version: 2 in the accelerate config (see examples/fsdp2.yaml)",
         )
     if base == "nf4":

@@ -178,6 +178,27 @@ def test_fsdp_lora_on_float_stored_packed_base_with_bf16_policy(tmp_path, rtn_fo
     assert all(torch.equal(params[k], v) for k, v in gathered.items())
 
 
+@pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
+def test_fingerprint_read_from_the_files_equals_a_loaded_bases(tmp_path, checkpoint_format):
+    """Sharded loading fingerprints the base from a few sampled rows of the files (v1 zero
+    points converted as load_quantized does): the same sha256 as on a loaded base."""
+    from qdiablo import DiaBloConfig, get_diablo_model
+    from qdiablo.diablo.model import base_fingerprint
+    from qdiablo.train.fsdp_loading import file_state_of, packed_base_on_meta
+    from quantizers import load_quantized
+
+    config = QuantConfig(method="rtn", bits=2, group_size=32, checkpoint_format=checkpoint_format)
+    save_quantized(quantize_model(make_tiny_llama(seed=1), None, config), tmp_path / "q")
+    adapter = DiaBloConfig(num_blocks=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    loaded = get_diablo_model(load_quantized(tmp_path / "q"), adapter)
+    meta = packed_base_on_meta(str(tmp_path / "q"), torch.float32, torch.int32)
+    on_meta = get_diablo_model(meta, adapter)
+    assert on_meta.base_fingerprint != loaded.base_fingerprint  # no data on meta
+    targets = [name for name, _ in on_meta.diablo_layers()]
+    from_files = base_fingerprint(on_meta.model, targets, file_state_of(meta, meta._qdiablo_files))
+    assert from_files == loaded.base_fingerprint
+
+
 def test_fsdp1_and_nf4_are_refused_clearly(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")

@@ -123,11 +123,17 @@ def _config_identity(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _weight_sample(t: torch.Tensor, count: int = 256) -> bytes:
-    """Evenly spaced elements of a tensor; floats rounded to bf16, so fp32/bf16 copies agree."""
-    flat = t.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, min(count, flat.numel())).long().to(flat.device)
-    sample = flat[idx].cpu()
+def _weight_sample(t: Any, count: int = 256) -> bytes:
+    """Evenly spaced elements of a tensor; floats rounded to bf16, so fp32/bf16 copies agree.
+
+    `t` may also be a tensor still in a file (anything with shape, numel() and take(indices)),
+    so that only the sampled elements are read."""
+    idx = torch.linspace(0, t.numel() - 1, min(count, t.numel())).long()
+    if isinstance(t, torch.Tensor):
+        flat = t.detach().reshape(-1)
+        sample = flat[idx.to(flat.device)].cpu()
+    else:
+        sample = t.take(idx)
     if sample.is_floating_point():
         sample = sample.to(torch.bfloat16).view(torch.int16)
     return sample.numpy().tobytes()
@@ -148,9 +154,11 @@ def base_fingerprint(model: nn.Module, targets: list[str], state_of: Any = None)
         h.update(name.encode())
         state = base.state_dict() if state_of is None else state_of(name, base)
         for key, tensor in sorted(state.items()):
-            if isinstance(tensor, torch.Tensor) and tensor.numel():
+            if hasattr(tensor, "shape") and tensor.numel():
                 h.update(f"{key}{tuple(tensor.shape)}".encode())
-                if not tensor.is_meta:  # a model built on `meta` (memory plans) has no data
+                if not getattr(
+                    tensor, "is_meta", False
+                ):  # a model built on `meta` (memory plans) has no data
                     h.update(_weight_sample(tensor))
     quant = identity.get("quantization_config") or {}
     desc = f"{identity.get('model_type', type(model).__name__)}"

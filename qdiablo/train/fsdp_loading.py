@@ -3,7 +3,7 @@
 1. `packed_base_on_meta`: the model of a `qdiablo quantize` folder is built on the meta device
    (QuantLinear layers included), nothing read but the headers;
 2. the adapter is attached on meta as usual; DiaBlo's base fingerprint is computed from the files,
-   one layer at a time, so it equals the fingerprint of a normally loaded base;
+   reading only the rows it samples, so it equals the fingerprint of a normally loaded base;
 3. `shard_and_load`: accelerate's own `fsdp2_prepare_model` shards the meta model (one unit per
    decoder block), `to_empty` gives each process room for its shards only, and each parameter's
    rows are read from the safetensors files with `get_slice` (packed bytes viewed as the storage
@@ -99,21 +99,38 @@ def _packed_rows(reader: _Reader, key: str, start: int, stop: int, layer, storag
     return t.contiguous().view(storage)
 
 
+class _FileTensor:
+    """A tensor still in a safetensors file: its shape, and `take` reads only the rows holding
+    the requested elements (v1 zero points read as v2, as load_quantized does)."""
+
+    def __init__(self, reader: _Reader, key: str, layer: nn.Module, v1_zeros: bool):
+        self.reader, self.key, self.layer, self.v1_zeros = reader, key, layer, v1_zeros
+        self.shape = torch.Size(reader._handle(key).get_slice(key).get_shape())
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def take(self, flat_indices: torch.Tensor) -> torch.Tensor:
+        from quantizers.packing import zeros_v1_to_v2
+
+        width = self.numel() // self.shape[0] if len(self.shape) else 1
+        rows = {}
+        for row in sorted(set((flat_indices // width).tolist())):
+            t = self.reader.rows(self.key, row, row + 1)
+            if self.v1_zeros and self.key.endswith(".qzeros"):
+                t, _ = zeros_v1_to_v2(t, self.layer.bits, self.layer.out_features)
+            rows[row] = t.reshape(-1)
+        return torch.stack([rows[i // width][i % width] for i in flat_indices.tolist()])
+
+
 def file_state_of(model: nn.Module, files: dict[str, Path]):
-    """A `state_of(name, layer)` for base_fingerprint that reads the layer from the files."""
+    """A `state_of(name, layer)` for base_fingerprint that reads, from the files, only the
+    elements the fingerprint samples (a few hundred rows per tensor, not the layer)."""
     reader = _Reader(files)
     v1 = getattr(getattr(model, "quant_config", None), "checkpoint_format", "") == "gptq"
 
-    def state_of(name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
-        out = {}
-        for key in layer.state_dict():
-            t = reader.whole(f"{name}.{key}")
-            if key == "qzeros" and v1:
-                from quantizers.packing import zeros_v1_to_v2
-
-                t, _ = zeros_v1_to_v2(t, layer.bits, layer.out_features)
-            out[key] = t
-        return out
+    def state_of(name: str, layer: nn.Module) -> dict[str, _FileTensor]:
+        return {key: _FileTensor(reader, f"{name}.{key}", layer, v1) for key in layer.state_dict()}
 
     return state_of
 

@@ -8,7 +8,8 @@
 
 Zero points: `checkpoint_format` "gptq" (v1, the default) stores zero − 1 in qzeros; "gptq_v2"
 stores the zero as is. QuantLinear holds v2 in memory; saving and loading convert. Writes are
-atomic (a temporary folder beside the target, renamed into place); loading is strict and names
+staged (a temporary folder inside the target, whose files are then renamed into place, replacing
+only same-named files); loading is strict and names
 the file and tensor of anything missing, extra, truncated or mismatched.
 """
 
@@ -20,7 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,20 +47,27 @@ class CheckpointError(ValueError):
     """A quantized checkpoint is missing, malformed, truncated or does not match its config."""
 
 
+STAGING_PREFIX = ".qdiablo-tmp-"  # qdiablo.outputs removes these when their writer is gone
+
+
 @contextlib.contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path`, else it vanishes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+def _staged_dir(path: Path, claim: Callable[[list[str]], None] | None = None) -> Iterator[Path]:
+    """Yield a staging folder inside `path`; on success its entries replace the same-named
+    entries of `path` (announced first through `claim`), and nothing else in `path` is touched.
+    On failure the staging folder vanishes and `path` keeps what it held."""
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=path))
     try:
         yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "payload")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        names = sorted(p.name for p in tmp.iterdir())
+        if claim is not None:
+            claim(names)
+        trash = tmp / ".replaced"
+        trash.mkdir()
+        for name in names:
+            if (path / name).is_dir() and not (path / name).is_symlink():
+                os.replace(path / name, trash / name)
+            os.replace(tmp / name, path / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -92,8 +100,16 @@ def _unique_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
-    """Write `model` (quantized by quantize_model or loaded by load_quantized) as a HF folder."""
+def save_quantized(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    tokenizer=None,
+    claim: Callable[[list[str]], None] | None = None,
+) -> Path:
+    """Write `model` (quantized by quantize_model or loaded by load_quantized) as a HF folder.
+
+    Only the files written here are replaced in `directory`; other files stay. `claim` is called
+    with their names just before they move into place (the CLI records them as its own)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -110,7 +126,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
             state[f"{name}.qzeros"] = zeros_v2_to_v1(m.qzeros.cpu(), m.bits, m.out_features, name)
     state = {k: v.cpu() for k, v in state.items()}
     entry = config.quantization_config()
-    with _atomic_dir(directory) as tmp:
+    with _staged_dir(directory, claim) as tmp:
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         previous = getattr(model.config, "quantization_config", None)
         model.config.quantization_config = entry

@@ -19,6 +19,7 @@ from qdiablo import cli
 from qdiablo.errors import UserError
 from qdiablo.export import export_model, load_exported, verify_export
 from qdiablo.models import load_adapter
+from qdiablo.outputs import is_bookkeeping
 from quantizers import QuantConfig, QuantLinear, load_quantized, quantize_model, save_quantized
 from quantizers.calibration import tokenize_calibration
 
@@ -98,11 +99,15 @@ def test_export_reloads_bit_identical_to_the_in_memory_model(pipeline, exported)
     assert not torch.equal(_logits(loaded), _logits(load_quantized(pipeline["base"])))  # trained
     # base/ and adapter/ are the input files, byte for byte; the manifest lists every file.
     for part, src in (("base", pipeline["base"]), ("adapter", pipeline["adapter"])):
-        names = sorted(p.name for p in src.iterdir())
+        names = sorted(p.name for p in src.iterdir() if not is_bookkeeping(p.name))
         assert sorted(p.name for p in (exported / part).iterdir()) == names
         assert filecmp.cmpfiles(src, exported / part, names, shallow=False)[0] == names
     manifest = json.loads((exported / "manifest.json").read_text())
-    files = {p.relative_to(exported).as_posix() for p in exported.rglob("*") if p.is_file()}
+    files = {
+        p.relative_to(exported).as_posix()
+        for p in exported.rglob("*")
+        if p.is_file() and not is_bookkeeping(p.name)
+    }
     assert set(manifest["files"]) == files - {"manifest.json"}
     assert "base/tokenizer.json" in files and manifest["qdiablo_version"]
 
@@ -241,7 +246,7 @@ def test_overwrite_and_a_failure_midway_leave_no_partial_export(pipeline, tmp_pa
     out = tmp_path / "out"
     export_model(pipeline["base"], pipeline["adapter"], out)
     before = (out / "manifest.json").read_text()
-    with pytest.raises(UserError, match="exists and is not empty") as e:
+    with pytest.raises(UserError, match="already holds a finished `qdiablo export`") as e:
         export_model(pipeline["base"], pipeline["adapter"], out)
     assert "--overwrite" in e.value.hint
 

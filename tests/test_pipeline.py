@@ -217,7 +217,7 @@ def test_run_refuses_to_remove_a_folder_it_did_not_make(
     stray.mkdir(parents=True)
     (stray / "precious.txt").write_text("mine")
     assert run(config) == 2
-    assert "was not made by this pipeline" in capsys.readouterr().err
+    assert "did not write (quantized)" in capsys.readouterr().err
     assert (stray / "precious.txt").read_text() == "mine"
 
 

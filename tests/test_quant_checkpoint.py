@@ -141,13 +141,16 @@ def test_bias_and_tied_embeddings_round_trip(tmp_path):
     assert torch.equal(logits(model, calib[0]), logits(loaded, calib[0]))
 
 
-def test_save_replaces_an_existing_folder_atomically(saved, tmp_path):
+def test_save_replaces_only_its_own_files_and_stages_atomically(saved, tmp_path):
     model, _, _ = saved
     target = tmp_path / "out"
     target.mkdir()
-    (target / "stale.txt").write_text("old")
+    (target / "notes.txt").write_text("the user's")
+    (target / "model.safetensors").write_bytes(b"an older save")
     save_quantized(model, target)
-    assert not (target / "stale.txt").exists() and (target / "model.safetensors").is_file()
+    assert (target / "notes.txt").read_text() == "the user's"  # never deleted
+    assert (target / "model.safetensors").stat().st_size > 100  # replaced
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
 
     class Broken:
         def save_pretrained(self, _path):
@@ -155,7 +158,8 @@ def test_save_replaces_an_existing_folder_atomically(saved, tmp_path):
 
     with pytest.raises(OSError, match="disk full"):
         save_quantized(model, target, tokenizer=Broken())
-    assert (target / "model.safetensors").is_file()  # the old folder survives intact
+    after = {p.name: p.read_bytes() for p in target.iterdir()}
+    assert after == before  # the failed save left the folder byte-identical, no staging left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

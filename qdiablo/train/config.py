@@ -193,6 +193,14 @@ class TrainConfig:
             "outputs",
         ),
     )
+    overwrite: bool = field(
+        default=False,
+        metadata=_meta(
+            "start afresh in an --output holding an earlier run (only train's own files are "
+            "removed) or other files (they are kept)",
+            "outputs",
+        ),
+    )
     progress: bool = field(default=True, metadata=_meta("show a progress bar", "outputs"))
 
     def __post_init__(self) -> None:
@@ -234,6 +242,7 @@ class TrainConfig:
 # Settings that may differ between a run and its resumption.
 RESUME_FREE_FIELDS = {
     "resume",
+    "overwrite",
     "output",
     "logging_steps",
     "save_steps",

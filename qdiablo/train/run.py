@@ -34,7 +34,7 @@ from qdiablo.train.adapters import (
 )
 from qdiablo.train.bases import LoadedBase, load_base
 from qdiablo.train.budget import Budget, resolve_budget
-from qdiablo.train.checkpoint import latest_checkpoint, save_adapter
+from qdiablo.train.checkpoint import checkpoint_problem, latest_checkpoint, save_adapter
 from qdiablo.train.config import RESUME_FREE_FIELDS, TrainConfig
 from qdiablo.train.dataset import PadCollator, select_records, tokenize_records
 from qdiablo.train.metrics import JsonlLogCallback, ThroughputCallback, base_linear_bytes
@@ -47,6 +47,7 @@ RESULTS_FILE = "train_results.json"
 LOG_FILE = "log.jsonl"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
+OUTPUT_NAMES = (CONFIG_FILE, RESULTS_FILE, LOG_FILE, ADAPTER_DIR, CHECKPOINT_DIR)
 
 
 @dataclass
@@ -69,26 +70,52 @@ def _say(message: str) -> None:
 
 
 def resolve_resume(config: TrainConfig, output: Path) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); guards against mixing runs."""
+    """The checkpoint to resume from (None for a fresh run); guards against mixing runs.
+
+    Called by rank 0 while it holds the folder's lock, so no live process writes there."""
     checkpoints = output / CHECKPOINT_DIR
-    if config.resume is None:
-        # Only rank 0 checks: the other ranks may start after it has written train_config.json.
-        started = (output / CONFIG_FILE).exists() or latest_checkpoint(checkpoints) is not None
-        if is_main_process() and started:
-            raise UserError(
-                f"{output} already holds a training run",
-                hint="pass --resume auto to continue it, or choose another --output",
-            )
-        return None
-    if config.resume == "auto":
+    if config.resume is None or config.resume == "auto":
         found = latest_checkpoint(checkpoints)
-        if found is None:
+        started = (output / CONFIG_FILE).exists() or checkpoints.exists()
+        if found is None and (output / RESULTS_FILE).exists() and is_main_process():
+            raise UserError(
+                f"{output} already holds a training run, finished ({RESULTS_FILE})",
+                hint="pass --overwrite to train afresh (removes only train's files), or choose "
+                "another --output",
+            )
+        if found is None and not started and config.resume == "auto":
             raise UserError(f"--resume auto: no complete checkpoint in {checkpoints}")
+        if found is None:
+            if started and is_main_process():
+                # Killed before its first complete checkpoint: nothing to resume, nothing to keep.
+                _say(
+                    f"{output}: the earlier run stopped before its first complete checkpoint "
+                    "and no process owns it: starting afresh"
+                )
+                _clear_run(output)
+            return None
+        if config.resume is None and (output / RESULTS_FILE).exists() and is_main_process():
+            raise UserError(
+                f"{output} already holds a training run, finished ({RESULTS_FILE})",
+                hint="pass --overwrite to train afresh (removes only train's files), or choose "
+                "another --output",
+            )
+        if config.resume is None:
+            # Only rank 0 checks: the other ranks may start after it has written train_config.
+            if is_main_process():
+                raise UserError(
+                    f"{output} already holds a training run (newest complete checkpoint: "
+                    f"{found.name})",
+                    hint="pass --resume auto to continue it, --overwrite to start afresh "
+                    "(removes only train's files), or choose another --output",
+                )
+            return None
         path = found
     else:
         path = Path(config.resume)
-        if not (path / "trainer_state.json").is_file():
-            raise UserError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
+        problem = checkpoint_problem(path)
+        if problem:
+            raise UserError(f"--resume {path}: not a complete checkpoint ({problem})")
     saved_file = output / CONFIG_FILE
     if saved_file.is_file():
         saved = read_json(saved_file, what="training config")
@@ -104,6 +131,15 @@ def resolve_resume(config: TrainConfig, output: Path) -> Path | None:
                 hint=f"resume with the settings in {saved_file}",
             )
     return path
+
+
+def _clear_run(output: Path) -> None:
+    """Remove the files of a run that never reached a checkpoint (train's own names only)."""
+    from qdiablo.outputs import remove_entry
+
+    for name in (CONFIG_FILE, RESULTS_FILE, LOG_FILE, CHECKPOINT_DIR):
+        if (output / name).exists():
+            remove_entry(output / name)
 
 
 def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget, dict]:
@@ -148,7 +184,30 @@ def train(
     `base` may be passed pre-loaded (it is modified in place: adapters are attached to it);
     `callbacks` are extra `transformers.TrainerCallback`s.
     """
+    from qdiablo.outputs import OutputFolder
+
     output = Path(config.output)
+    folder = OutputFolder(
+        output,
+        "train",
+        overwrite=config.overwrite,
+        resumable=True,
+        known=OUTPUT_NAMES,
+    )
+    # Rank 0 holds the folder; the other ranks write their RNG state into its checkpoints.
+    with folder if is_main_process() else contextlib.nullcontext():
+        if is_main_process():
+            folder.claim(OUTPUT_NAMES)
+        result = _train_into(output, config, base, callbacks)
+        if is_main_process():
+            folder.finish()
+    return result
+
+
+def _train_into(
+    output: Path, config: TrainConfig, base: LoadedBase | None, callbacks: list | None
+) -> TrainResult:
+    """The run proper, into a folder rank 0 holds."""
     resume_from = resolve_resume(config, output)
     records, data_summary = select_records(
         config.data, config.answer_suffix, config.decontaminate, config.max_records, config.seed

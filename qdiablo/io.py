@@ -26,6 +26,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     target = tmp / "payload"
     try:
         yield target
+        from qdiablo.outputs import apply_umask
+
+        apply_umask(target)  # mkdtemp makes 0700, safetensors writes 0600
         if path.is_dir() and not path.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "payload")

@@ -294,8 +294,20 @@ class OutputFolder:
                 remove_entry(item)
 
 
+def apply_umask(tree: Path) -> None:
+    """Give files 0666 and folders 0777, less the user's umask, as transformers' own saves get:
+    temporary folders are 0700 and safetensors writes 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [tree, *tree.rglob("*")]:
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+
+
 def install_entries(staged: Path, target: Path, names: Iterable[str]) -> None:
     """Move `staged/NAME` onto `target/NAME` for each name (a folder replaces a folder)."""
+    for name in names:
+        apply_umask(staged / name)
     trash = Path(staged, ".replaced")
     trash.mkdir(exist_ok=True)
     for name in names:

@@ -60,6 +60,7 @@ def _staged_dir(path: Path, claim: Callable[[list[str]], None] | None = None) ->
     try:
         yield tmp
         names = sorted(p.name for p in tmp.iterdir())
+        _apply_umask(tmp)
         if claim is not None:
             claim(names)
         trash = tmp / ".replaced"
@@ -70,6 +71,15 @@ def _staged_dir(path: Path, claim: Callable[[list[str]], None] | None = None) ->
             os.replace(tmp / name, path / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _apply_umask(tree: Path) -> None:
+    """Files 0666 and folders 0777 less the umask: safetensors writes 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in tree.rglob("*"):
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 
 
 def _write_json(path: Path, obj: Any) -> None:

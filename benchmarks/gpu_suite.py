@@ -350,7 +350,7 @@ def run_decode(args, device: torch.device) -> dict:
                 b.numel() * b.element_size()
                 for b in (layer.qweight, layer.qzeros, layer.scales, layer.g_idx)
             )
-            group = layer._groups()
+            group = layer.contiguous_group_size()
             backend = kernels.select(x, bits)
             if backend == "triton":
                 bufs = (layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits, None, group)

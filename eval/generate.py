@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from quantizers import dequantize_cache
+
 log = logging.getLogger(__name__)
 
 EOS, LENGTH = "eos", "length"
@@ -88,8 +90,6 @@ def _dequantized_once(model) -> Iterator[None]:
     if not has_quantized_layers(model):
         yield
         return
-    from quantizers import dequantize_cache
-
     with dequantize_cache(model):
         yield
 

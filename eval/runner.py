@@ -76,7 +76,8 @@ def _check_run_file(out: Path, identity: dict[str, Any], overwrite: bool) -> Non
     write_json(path, {"format_version": FORMAT_VERSION, "identity": identity})
 
 
-def _safe_name(name: str) -> str:
+def safe_name(name: str) -> str:
+    """A task name as a file stem: `<stem>.jsonl` holds the task's per-example rows."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
@@ -130,7 +131,7 @@ def evaluate(
 
 def output_names(tasks: Sequence[Task]) -> list[str]:
     """The files an evaluation of `tasks` writes: all `--overwrite` may remove."""
-    stems = [_safe_name(t.name) for t in tasks]
+    stems = [safe_name(t.name) for t in tasks]
     return [RUN_FILE, SUMMARY_FILE, MARKDOWN_FILE] + [
         f"{s}{suffix}" for s in stems for suffix in (".jsonl", ".nll.jsonl")
     ]
@@ -144,7 +145,7 @@ def _evaluate_into(out, model, tokenizer, tasks, cfg, info, progress) -> dict[st
     timings: dict[str, Any] = {}
     for task in tasks:
         records = task.records[: cfg["limit"]] if cfg["limit"] else task.records
-        stem = _safe_name(task.name)
+        stem = safe_name(task.name)
         timing: dict[str, Any] = {}
         scores = None
         if cfg["generate"]:

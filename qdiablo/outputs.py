@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from qdiablo.errors import UserError
+from quantizers.fileio import STAGING_PREFIX, install_entries
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".qdiablo.lock"
-STAGING_PREFIX = ".qdiablo-tmp-"
 MARKER_FORMAT_VERSION = 1
 # tempfile.mkdtemp names of atomic writes (qdiablo.io.atomic_path): .NAME.XXXXXXXX.tmp / .old
 _ATOMIC_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.(tmp|old)$")
@@ -292,30 +292,6 @@ class OutputFolder:
             if item.name.startswith(prefix) and _ATOMIC_TEMP.match(item.name):
                 log.warning("removing %s, left by an interrupted save", item)
                 remove_entry(item)
-
-
-def apply_umask(tree: Path) -> None:
-    """Give files 0666 and folders 0777, less the user's umask, as transformers' own saves get:
-    temporary folders are 0700 and safetensors writes 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for item in [tree, *tree.rglob("*")]:
-        if not item.is_symlink():
-            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
-
-
-def install_entries(staged: Path, target: Path, names: Iterable[str]) -> None:
-    """Move `staged/NAME` onto `target/NAME` for each name (a folder replaces a folder)."""
-    for name in names:
-        apply_umask(staged / name)
-    trash = Path(staged, ".replaced")
-    trash.mkdir(exist_ok=True)
-    for name in names:
-        src, dst = staged / name, target / name
-        if dst.is_dir() and not dst.is_symlink():
-            os.replace(dst, trash / name)
-        os.replace(src, dst)
-    shutil.rmtree(staged, ignore_errors=True)
 
 
 _held: dict[str, int] = {}

@@ -6,10 +6,10 @@
     tokenizer files        when a tokenizer is given
     quantization_report.json/.md  the per-layer report of quantize_model, when there is one
 
-Zero points: `checkpoint_format` "gptq" (v1, the default) stores zero − 1 in qzeros; "gptq_v2"
-stores the zero as is. QuantLinear holds v2 in memory; saving and loading convert. Writes are
-staged (a temporary folder inside the target, whose files are then renamed into place, replacing
-only same-named files); loading is strict and names
+Zero points: `checkpoint_format` "gptq_v2" (the default) stores the zero as is; "gptq" (v1)
+stores zero − 1 in qzeros. QuantLinear holds v2 in memory; saving and loading convert. Writes are
+staged (a temporary folder inside the target, whose files then replace only the same-named
+files); loading is strict and names
 the file and tensor of anything missing, extra, truncated or mismatched.
 """
 
@@ -19,9 +19,7 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from quantizers.config import QuantConfig
+from quantizers.fileio import read_json, staged_dir, write_json
 from quantizers.packing import zeros_v1_to_v2, zeros_v2_to_v1
 from quantizers.quant_linear import QuantLinear
 
@@ -45,45 +44,6 @@ CORE_KEYS = ("bits", "group_size", "sym", "desc_act", "checkpoint_format", "quan
 
 class CheckpointError(ValueError):
     """A quantized checkpoint is missing, malformed, truncated or does not match its config."""
-
-
-STAGING_PREFIX = ".qdiablo-tmp-"  # qdiablo.outputs removes these when their writer is gone
-
-
-@contextlib.contextmanager
-def _staged_dir(path: Path, claim: Callable[[list[str]], None] | None = None) -> Iterator[Path]:
-    """Yield a staging folder inside `path`; on success its entries replace the same-named
-    entries of `path` (announced first through `claim`), and nothing else in `path` is touched.
-    On failure the staging folder vanishes and `path` keeps what it held."""
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=path))
-    try:
-        yield tmp
-        names = sorted(p.name for p in tmp.iterdir())
-        _apply_umask(tmp)
-        if claim is not None:
-            claim(names)
-        trash = tmp / ".replaced"
-        trash.mkdir()
-        for name in names:
-            if (path / name).is_dir() and not (path / name).is_symlink():
-                os.replace(path / name, trash / name)
-            os.replace(tmp / name, path / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _apply_umask(tree: Path) -> None:
-    """Files 0666 and folders 0777 less the umask: safetensors writes 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for item in tree.rglob("*"):
-        if not item.is_symlink():
-            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _quant_config_of(model: nn.Module) -> QuantConfig:
@@ -136,7 +96,7 @@ def save_quantized(
             state[f"{name}.qzeros"] = zeros_v2_to_v1(m.qzeros.cpu(), m.bits, m.out_features, name)
     state = {k: v.cpu() for k, v in state.items()}
     entry = config.quantization_config()
-    with _staged_dir(directory, claim) as tmp:
+    with staged_dir(directory, claim) as tmp:
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         previous = getattr(model.config, "quantization_config", None)
         model.config.quantization_config = entry
@@ -148,10 +108,10 @@ def save_quantized(
         if generation is not None:
             with contextlib.suppress(Exception):
                 generation.save_pretrained(tmp)
-        _write_json(tmp / QUANTIZE_CONFIG_NAME, entry)
+        write_json(tmp / QUANTIZE_CONFIG_NAME, entry)
         report = getattr(model, "quantization_report", None)
         if report is not None:
-            _write_json(tmp / REPORT_NAME, report.to_dict())
+            write_json(tmp / REPORT_NAME, report.to_dict())
             (tmp / REPORT_MD_NAME).write_text(report.to_markdown(), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -167,12 +127,7 @@ def save_quantized(
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from e
+    data = read_json(path, what="file", error=CheckpointError)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data

@@ -240,10 +240,10 @@ def test_eval_nf2_base_is_the_training_nf2_base(tiny_model_dir):
     import torch
 
     from qdiablo.models import load_base
-    from qdiablo.train.bases import load_base as load_train_base
+    from qdiablo.train.bases import load_training_base
 
-    evaluated = load_base(str(tiny_model_dir), quant="nf2")
-    trained = load_train_base("nf2", str(tiny_model_dir), device="cpu").model
+    evaluated = load_base(str(tiny_model_dir), "nf2")
+    trained = load_training_base("nf2", str(tiny_model_dir), device="cpu").model
     plain = load_base(str(tiny_model_dir))
     q = dict(evaluated.named_parameters())
     p = dict(plain.named_parameters())

@@ -13,7 +13,7 @@ from qdiablo.diablo.model import base_fingerprint, find_targets
 from qdiablo.errors import UserError
 from qdiablo.nf4 import bnb_nf4_config, quantize_bnb_4bit_
 from qdiablo.train.adapters import attach_diablo, attach_lora
-from qdiablo.train.bases import load_base
+from qdiablo.train.bases import load_training_base
 from qdiablo.train.metrics import base_linear_bytes, layer_resident_bytes
 
 
@@ -52,7 +52,7 @@ def test_nf4_fingerprint_is_the_same_on_both_load_paths(tiny_model_dir):
     by from_pretrained (evaluation's path), and vice versa."""
     inplace = make_tiny_llama(seed=0)  # the weights saved in tiny_model_dir, never saved itself
     quantize_bnb_4bit_(inplace, bnb_nf4_config(torch.float32))
-    loaded = load_base("nf4", str(tiny_model_dir)).model
+    loaded = load_training_base("nf4", str(tiny_model_dir)).model
     targets = find_targets(inplace, DiaBloConfig())
     assert base_fingerprint(inplace, targets) == base_fingerprint(loaded, targets)
     assert base_fingerprint(inplace, targets) != base_fingerprint(make_tiny_llama(seed=0), targets)
@@ -93,8 +93,8 @@ def test_diablo_gradients_on_linear4bit_equal_those_on_dequantized_linear():
 
 
 def test_nf4_base_is_packed_and_smaller(tiny_model_dir):
-    fp = load_base("fp", str(tiny_model_dir))
-    nf4 = load_base("nf4", str(tiny_model_dir))
+    fp = load_training_base("fp", str(tiny_model_dir))
+    nf4 = load_training_base("nf4", str(tiny_model_dir))
     assert not any(p.requires_grad for p in nf4.model.parameters())
     fp_bytes, nf4_bytes = base_linear_bytes(fp.model), base_linear_bytes(nf4.model)
     assert fp_bytes["layers"] == nf4_bytes["layers"] == 14
@@ -109,7 +109,7 @@ def test_nf4_base_is_packed_and_smaller(tiny_model_dir):
 
 @pytest.mark.parametrize("adapter", ["diablo", "lora"])
 def test_base_bytes_ignore_the_adapter(tiny_model_dir, adapter):
-    nf4 = load_base("nf4", str(tiny_model_dir))
+    nf4 = load_training_base("nf4", str(tiny_model_dir))
     before = base_linear_bytes(nf4.model)
     if adapter == "diablo":
         wrapped = attach_diablo(nf4.model, 8, ["q_proj", "up_proj"], dropout=0.0)
@@ -119,7 +119,7 @@ def test_base_bytes_ignore_the_adapter(tiny_model_dir, adapter):
 
 
 def test_nf2_base_records_its_quantization(tiny_model_dir):
-    nf2 = load_base("nf2", str(tiny_model_dir))
+    nf2 = load_training_base("nf2", str(tiny_model_dir))
     assert nf2.model.config.quantization_config["bits"] == 2
     w = nf2.model.model.layers[1].mlp.down_proj.weight
     assert all(row.unique().numel() <= 4 for row in w.reshape(-1, 64))
@@ -128,6 +128,6 @@ def test_nf2_base_records_its_quantization(tiny_model_dir):
 
 def test_unknown_base_and_missing_model_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="unknown base 'int3'"):
-        load_base("int3", "smollm2")
+        load_training_base("int3", "smollm2")
     with pytest.raises(UserError, match="could not load a tokenizer"):
-        load_base("fp", str(tmp_path / "nowhere"))
+        load_training_base("fp", str(tmp_path / "nowhere"))

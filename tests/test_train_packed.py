@@ -12,7 +12,7 @@ from qdiablo import DiaBloConfig, DiaBloModel, get_diablo_model
 from qdiablo.errors import UserError
 from qdiablo.train import TrainConfig, train
 from qdiablo.train.adapters import attach_lora, load_lora
-from qdiablo.train.bases import load_base
+from qdiablo.train.bases import load_training_base
 from qdiablo.train.metrics import base_linear_bytes
 
 # Until the quantizers package (issue 3) is merged, this module has nothing to test against.
@@ -134,7 +134,7 @@ def test_training_on_a_packed_folder(tmp_path, rtn_folder, math_file, adapter):
     assert res["base_linear_layers"]["layers"] == 14
     assert res["base_linear_layers"]["bytes"] < 0.25 * 4 * res["base_linear_layers"]["weights"]
     # the saved adapter reloads onto a freshly loaded packed base and gives the same model
-    fresh_base = load_base("rtn", str(rtn_folder)).model
+    fresh_base = load_training_base("rtn", str(rtn_folder)).model
     if adapter == "diablo":
         fresh = DiaBloModel.from_pretrained(fresh_base, result.adapter_dir)
     else:
@@ -147,9 +147,9 @@ def test_training_on_a_packed_folder(tmp_path, rtn_folder, math_file, adapter):
 
 def test_packed_base_kind_must_match_the_folder(tmp_path, rtn_folder):
     with pytest.raises(UserError, match="quantized with rtn"):
-        load_base("gptq", str(rtn_folder))
+        load_training_base("gptq", str(rtn_folder))
     with pytest.raises(UserError, match="folder written by `qdiablo quantize`"):
-        load_base("rtn", str(tmp_path / "nowhere"))
+        load_training_base("rtn", str(tmp_path / "nowhere"))
 
 
 def test_packed_2bit_layers_hold_at_most_0_6_of_the_4bit_bytes():

@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qdiablo.pipeline.run import run_pipeline
+    from qdiablo.pipeline.run import run_pipeline  # deferred: the stages import torch
 
     run_pipeline(
         args.pipeline,

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qdiablo import __version__
 from qdiablo.diablo.config import DiaBloConfig
 from qdiablo.diablo.layer import DiaBloLinear
 from qdiablo.errors import UserError
@@ -286,8 +287,6 @@ class DiaBloModel(nn.Module):
     def save_pretrained(self, save_directory: str | Path) -> None:
         """Write adapter_config.json and adapter_model.safetensors, atomically as one folder."""
         from safetensors.torch import save_file
-
-        from qdiablo import __version__
 
         config = {
             "method": "diablo",

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from qdiablo.diablo import DiaBloModel
 from qdiablo.errors import UserError
+from quantizers import QuantLinear, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +37,6 @@ def merge_into_dense(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     W + Dᵀ is computed in float32 and cast once, layer by layer, so a float16 merge of a large
     model never holds a float32 copy of it.
     """
-    from qdiablo import DiaBloModel
-    from quantizers import QuantLinear
-
     if not isinstance(model, DiaBloModel):
         raise UserError(
             f"--merged needs a DiaBlo adapter; this one is {type(model).__name__}",
@@ -89,8 +88,6 @@ def requantize(
 ) -> dict[str, Any]:
     """Quantize the merged float model in place with `config` (a QuantConfig) and return the
     measured change of the logits on the first `probe_windows` calibration windows."""
-    from quantizers import quantize_model
-
     windows = [w.unsqueeze(0) for batch in calib for w in batch][:probe_windows]
     before = _logits(model, windows)
     log.warning(

@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qdiablo import __version__, cli
 from qdiablo.errors import UserError
+from qdiablo.flags import config_defaults
+from qdiablo.hashing import sha256_file
 from qdiablo.io import read_json, write_json, write_text
 
 log = logging.getLogger("qdiablo.pipeline")
@@ -62,11 +65,7 @@ def _file_digest(value: Any) -> Any:
     if isinstance(value, list):
         return [_file_digest(v) for v in value]
     if isinstance(value, str) and Path(value).is_file():
-        digest = hashlib.sha256()
-        with open(value, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        return {"path": value, "sha256": digest.hexdigest()}
+        return {"path": value, "sha256": sha256_file(value)}
     return value
 
 
@@ -76,8 +75,6 @@ def parse_verb_args(verb: str, values: dict[str, Any], source: str) -> argparse.
     Unknown keys, wrong types and bad choices are a UserError naming `source` (e.g.
     "config.yaml [train]"), raised before anything runs.
     """
-    from qdiablo import cli
-
     parser, verbs = cli.build_parser()
     if verb not in verbs:
         raise UserError(
@@ -85,7 +82,7 @@ def parse_verb_args(verb: str, values: dict[str, Any], source: str) -> argparse.
             hint=f"available: {', '.join(verbs)}",
         )
     plain = {k: _plain(v) for k, v in values.items()}
-    defaults = cli.config_defaults(verbs[verb], plain, source)
+    defaults = config_defaults(verbs[verb], plain, source)
     verbs[verb].set_defaults(**defaults)
     missing = [
         a.option_strings[-1] for a in verbs[verb]._actions if a.required and a.dest not in defaults
@@ -138,8 +135,6 @@ class Stage:
     @property
     def identity(self) -> str:
         if self._identity is None:
-            from qdiablo import __version__
-
             payload = {
                 "verb": self.verb,
                 "args": self.resolved(),

@@ -64,7 +64,7 @@ def save_adapter(model: nn.Module, folder: str | Path) -> None:
             model.save_pretrained(str(staged), save_embedding_layers=False)
         else:
             raise TypeError(f"cannot save an adapter from a {type(model).__name__}")
-        from qdiablo.outputs import apply_umask
+        from quantizers.fileio import apply_umask
 
         apply_umask(staged)  # safetensors writes 0600
         for item in staged.iterdir():

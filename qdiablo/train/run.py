@@ -32,21 +32,24 @@ from qdiablo.train.adapters import (
     layer_shapes,
     trainable_parameters,
 )
-from qdiablo.train.bases import LoadedBase, load_base
+from qdiablo.train.bases import LoadedBase, load_training_base
 from qdiablo.train.budget import Budget, resolve_budget
 from qdiablo.train.checkpoint import checkpoint_problem, latest_checkpoint, save_adapter
-from qdiablo.train.config import RESUME_FREE_FIELDS, TrainConfig
+from qdiablo.train.config import (
+    ADAPTER_DIR,
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    LOG_FILE,
+    RESULTS_FILE,
+    RESUME_FREE_FIELDS,
+    TrainConfig,
+)
 from qdiablo.train.dataset import PadCollator, select_records, tokenize_records
 from qdiablo.train.metrics import JsonlLogCallback, ThroughputCallback, base_linear_bytes
 from qdiablo.train.trainer import AdapterTrainer, training_arguments
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "train_config.json"
-RESULTS_FILE = "train_results.json"
-LOG_FILE = "log.jsonl"
-ADAPTER_DIR = "adapter"
-CHECKPOINT_DIR = "checkpoints"
 OUTPUT_NAMES = (CONFIG_FILE, RESULTS_FILE, LOG_FILE, ADAPTER_DIR, CHECKPOINT_DIR)
 
 
@@ -213,7 +216,7 @@ def _train_into(
         config.data, config.answer_suffix, config.decontaminate, config.max_records, config.seed
     )
     set_seed(config.seed)
-    loaded = base or load_base(config.base, config.model, config.gguf_file, config.dtype)
+    loaded = base or load_training_base(config.base, config.model, config.gguf_file, config.dtype)
     model, budget, other = attach_adapter(loaded, config)
     own_count = trainable_parameters(model)
     own = f"N={budget.num_blocks}" if config.adapter == "diablo" else f"r={budget.rank}"

@@ -39,6 +39,10 @@ QUANTIZE_CONFIG_NAME = "quantize_config.json"
 REPORT_NAME = "quantization_report.json"
 REPORT_MD_NAME = "quantization_report.md"
 # quantization_config keys that must agree between config.json and quantize_config.json
+# quantization_config keys other tools read at the top level, also in meta.qdiablo
+TOP_LEVEL_KEYS = ("bits", "group_size", "sym", "desc_act", "checkpoint_format")
+# The layout of a folder save_quantized writes: a newer layout says so instead of half-loading.
+FORMAT_VERSION = 1
 CORE_KEYS = ("bits", "group_size", "sym", "desc_act", "checkpoint_format", "quant_method")
 
 
@@ -96,6 +100,7 @@ def save_quantized(
             state[f"{name}.qzeros"] = zeros_v2_to_v1(m.qzeros.cpu(), m.bits, m.out_features, name)
     state = {k: v.cpu() for k, v in state.items()}
     entry = config.quantization_config()
+    entry.setdefault("meta", {})["qdiablo_format_version"] = FORMAT_VERSION
     with staged_dir(directory, claim) as tmp:
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         previous = getattr(model.config, "quantization_config", None)
@@ -139,7 +144,21 @@ def _config_from_entry(entry: dict[str, Any], where: str) -> QuantConfig:
         raise CheckpointError(
             f"{where}: quant_method is {entry.get('quant_method')!r}, expected 'gptq'"
         )
-    ours = (entry.get("meta") or {}).get("qdiablo")
+    meta = entry.get("meta") or {}
+    ours = meta.get("qdiablo")
+    version = meta.get("qdiablo_format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where}: written by a newer qdiablo (quantized folder format {version!r}); this "
+            f"one reads format {FORMAT_VERSION}: upgrade qdiablo to load it"
+        )
+    if isinstance(ours, dict):
+        for key in TOP_LEVEL_KEYS:  # what GPTQModel and transformers read must agree with ours
+            if key in entry and key in ours and entry[key] != ours[key]:
+                raise CheckpointError(
+                    f"{where}: top-level {key}={entry[key]!r} disagrees with qdiablo's "
+                    f"meta.qdiablo.{key}={ours[key]!r}"
+                )
     try:
         if isinstance(ours, dict):
             fields = {k: v for k, v in ours.items() if not k.startswith("resolved_")}
@@ -199,17 +218,31 @@ _SAFETENSORS_DTYPES = {
 
 
 def _weight_files(directory: Path) -> dict[str, Path]:
-    """tensor name -> file, for a single file or a sharded index."""
+    """tensor name -> file, for a single file or a sharded index. Any other weights or index
+    file in the folder is refused: a loader must not pick a half of two checkpoints."""
     single = directory / WEIGHTS_NAME
     index = directory / INDEX_NAME
+    present = {p.name for p in directory.glob("*.safetensors")} | {
+        p.name for p in directory.glob("*.safetensors.index.json")
+    }
     if single.is_file():
-        return {"": single}
-    if index.is_file():
+        files = {"": single}
+        expected = {WEIGHTS_NAME}
+    elif index.is_file():
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no weight_map")
-        return {k: directory / v for k, v in weight_map.items()}
-    raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} (or {INDEX_NAME}) found")
+        files = {k: directory / v for k, v in weight_map.items()}
+        expected = {INDEX_NAME, *(Path(v).name for v in weight_map.values())}
+    else:
+        raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} (or {INDEX_NAME}) found")
+    foreign = sorted(present - expected)
+    if foreign:
+        raise CheckpointError(
+            f"{directory}: holds weights files this checkpoint does not list "
+            f"({', '.join(foreign)}): refusing to load a mix; move them out of the folder"
+        )
+    return files
 
 
 def load_quantized(
@@ -319,6 +352,8 @@ def load_quantized(
             raise CheckpointError(f"{file}: tensor '{key}' is {info['dtype']}, expected I32")
     for file in sorted(set(files.values())):
         state.update(load_file(file))
+    for name in quantized:
+        _check_packed(name, state, headers[f"{name}.scales"][0])
 
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
@@ -344,6 +379,29 @@ def load_quantized(
     model.to(device)
     model.eval()
     return model
+
+
+def _check_packed(name: str, state: dict[str, Tensor], file: Path) -> None:
+    """Values a kernel trusts: g_idx indexes scales without bounds checks (on a GPU a crafted
+    g_idx reads out of bounds), and a zero or non-finite scale poisons every output. Codes and
+    zero points need no check: every b-bit field of the packed words decodes into [0, 2^b)."""
+    scales = state[f"{name}.scales"]
+    groups = scales.shape[0]
+    g_idx = state.get(f"{name}.g_idx")
+    if g_idx is not None and g_idx.numel():
+        low, high = int(g_idx.min()), int(g_idx.max())
+        if low < 0 or high >= groups:
+            raise CheckpointError(
+                f"{file}: tensor '{name}.g_idx' holds values {low}..{high}, outside [0, {groups}) "
+                f"(the layer has {groups} groups)"
+            )
+    bad = ~torch.isfinite(scales.float()) | (scales == 0)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise CheckpointError(
+            f"{file}: tensor '{name}.scales' holds {int(bad.sum())} zero or non-finite "
+            f"value(s), the first at {where}"
+        )
 
 
 def _tied_keys(model: nn.Module, present: set[str]) -> set[str]:

@@ -388,6 +388,12 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
             hint="a PEFT LoRA adapter loads with peft.PeftModel.from_pretrained",
         )
     version = saved.get("format_version")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise UserError(
+            f"{path}: written by a newer qdiablo ({saved.get('qdiablo_version', '?')}, adapter "
+            f"format {version}); this one reads format {FORMAT_VERSION}",
+            hint="upgrade qdiablo to load it",
+        )
     if version != FORMAT_VERSION:
         raise UserError(f"{path}: format_version {version!r} is not supported (expected 1)")
     return saved

@@ -282,16 +282,31 @@ class OutputFolder:
 
     def _remove_leftovers(self) -> None:
         """Temporary folders of an interrupted save: their writer is gone (we hold the lock)."""
-        for item in list(self.path.rglob(".*")):
-            if _is_leftover(item.name) and (item.exists() or item.is_symlink()):
-                log.warning("removing %s, left by an interrupted save", item)
-                remove_entry(item)
+        for item in _leftovers(self.path):
+            log.warning("removing %s, left by an interrupted save", item)
+            remove_entry(item)
         parent = self.path.parent
         prefix = f".{self.path.name}."
         for item in parent.iterdir() if parent.is_dir() else ():
             if item.name.startswith(prefix) and _ATOMIC_TEMP.match(item.name):
                 log.warning("removing %s, left by an interrupted save", item)
                 remove_entry(item)
+
+
+def _leftovers(folder: Path) -> list[Path]:
+    """Crash leftovers under `folder`, not descending into a subfolder another live process
+    holds (a verb run by hand inside a pipeline's folder)."""
+    found = []
+    for item in folder.iterdir():
+        if _is_leftover(item.name):
+            found.append(item)
+        elif item.is_dir() and not item.is_symlink():
+            owner = _read_lock(item / LOCK_NAME) if (item / LOCK_NAME).exists() else {}
+            pid = owner.get("pid")
+            if isinstance(pid, int) and pid != os.getpid() and process_alive(pid):
+                continue
+            found.extend(_leftovers(item))
+    return found
 
 
 _held: dict[str, int] = {}

@@ -331,7 +331,11 @@ class DiaBloModel(nn.Module):
                 f"{str(expected.get('sha256'))[:12]} ≠ {actual['sha256'][:12]}"
             )
             if not force:
-                raise UserError(msg, hint="pass force=True (CLI: --force) to load it anyway")
+                raise UserError(
+                    msg,
+                    hint="use the base it was trained on; only `qdiablo eval --force` "
+                    "(force=True in Python) loads it anyway, export and train have no override",
+                )
             log.warning("%s (loading anyway: force=True)", msg)
         tensors = read_adapter_weights(adapter_dir / WEIGHTS_NAME)
         model = cls(base_model, config)

@@ -149,7 +149,10 @@ def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget
     """Settle the budget on the base's target layers and attach the adapter.
 
     Returns the adapter model, the budget, and the other method at the matched setting."""
-    shapes = layer_shapes(adapted_layers(loaded.model, config.target_spec))
+    layers = adapted_layers(loaded.model, config.target_spec)
+    shapes = layer_shapes(layers)
+    if config.adapter == "diablo" and config.num_blocks is not None and layers:
+        _check_num_blocks(layers, config.num_blocks)
     budget = resolve_budget(
         shapes, config.adapter, config.num_blocks, config.rank, config.match_params
     )
@@ -164,6 +167,23 @@ def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget
     if actual != expected:
         raise RuntimeError(f"trainable parameters {actual:,} differ from the budget {expected:,}")
     return model, budget, budget.other_method(config.adapter, shapes)
+
+
+def _check_num_blocks(layers: list, num_blocks: int) -> None:
+    """An N that does not divide a layer: name the layer and the valid N nearby (README)."""
+    from qdiablo.train.budget import valid_num_blocks
+
+    for layer in layers:
+        if layer.in_features % num_blocks or layer.out_features % num_blocks:
+            valid = valid_num_blocks(layer_shapes(layers))
+            below = [n for n in valid if n < num_blocks][-2:]
+            above = [n for n in valid if n > num_blocks][:2]
+            raise UserError(
+                f"--num-blocks {num_blocks} does not divide layer '{layer.name}' "
+                f"({layer.in_features}→{layer.out_features}); valid N nearby: "
+                f"{', '.join(map(str, below + above))}",
+                hint="pick a valid N, or target other modules",
+            )
 
 
 def _versions() -> dict[str, str]:

@@ -119,7 +119,10 @@ def evaluate(
     cfg = settings.resolved()
     out = Path(output_dir)
     names = output_names(tasks)
-    with OutputFolder(out, "eval", overwrite=overwrite, resumable=True, known=names) as folder:
+    folder = OutputFolder(
+        out, "eval", overwrite=overwrite, resumable=True, known=names, signature=RUN_FILE
+    )
+    with folder:
         folder.claim(names)
         info = dict(model_info or {})
         identity = {**{k: cfg[k] for k in _IDENTITY_SETTINGS}, "model": info}

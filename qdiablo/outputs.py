@@ -95,7 +95,8 @@ class OutputFolder:
     `replace_own`: whether a finished earlier output of the same verb may be replaced without
     `overwrite` (quantize: yes, as before; export: no).
     `known`: the names this verb writes, removed by `overwrite` even in a folder without a
-    marker (written by an older qdiablo); they still count as foreign without `overwrite`.
+    marker (written by an older qdiablo); they still count as foreign without `overwrite`,
+    unless the folder holds `signature` (e.g. train_config.json), which only this verb writes.
     """
 
     def __init__(
@@ -109,6 +110,7 @@ class OutputFolder:
         known: Iterable[str] = (),
         flag: str = "--output",
         lock: bool = True,
+        signature: str | None = None,
     ):
         self.path = Path(path)
         self.verb = verb
@@ -118,6 +120,7 @@ class OutputFolder:
         self.known = set(known)
         self.flag = flag
         self.use_lock = lock
+        self.signature = signature
         self.previous: dict[str, Any] | None = None
         self.files: set[str] = set()  # claimed by this run
         self.pending: set[str] = set()  # an earlier output's, removed at finish unless claimed
@@ -168,6 +171,8 @@ class OutputFolder:
             self._remove_leftovers()
             self.previous = self._read_marker()
             owned = set(self.previous["files"]) if self.previous else set()
+            if self.previous is None and self.signature and (self.path / self.signature).exists():
+                owned = self.known & self.entries()  # written before markers existed: adopted
             foreign = sorted(self.entries() - owned)
             if foreign and not self.overwrite:
                 shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")

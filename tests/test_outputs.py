@@ -228,3 +228,20 @@ def test_resume_auto_skips_a_torn_checkpoint(tmp_path, tiny_model_dir, math_file
     assert cli.main([*argv, "--overwrite"]) == 0
     assert (out / "mine.txt").read_text() == "keep"
     assert json.loads((out / "train_results.json").read_text())["resumed_from"] is None
+
+
+def test_a_folder_from_before_markers_is_adopted_by_its_signature(tmp_path):
+    """A training folder written before markers existed resumes; a stray file still counts."""
+    from qdiablo.train.run import CONFIG_FILE, OUTPUT_NAMES
+
+    out = tmp_path / "old"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / CONFIG_FILE).write_text("{}")
+    (out / "log.jsonl").write_text("")
+    kwargs = dict(resumable=True, known=OUTPUT_NAMES, signature=CONFIG_FILE)
+    with OutputFolder(out, "train", **kwargs) as folder:
+        assert folder.files == {CONFIG_FILE, "log.jsonl", "checkpoints"}
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "log.jsonl").write_text("mine")  # no signature: not adopted
+    with pytest.raises(UserError, match=r"did not write \(log.jsonl\)"):
+        OutputFolder(tmp_path / "other", "train", **kwargs).open()

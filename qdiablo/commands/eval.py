@@ -129,7 +129,12 @@ def run(args: argparse.Namespace) -> int:
     adapter = adapter_kind(args.adapter) if args.adapter else None  # fail before loading models
     # Hold the folder before loading anything: a second eval into it is refused at once.
     folder = OutputFolder(
-        args.output, "eval", overwrite=args.overwrite, resumable=True, known=output_names(tasks)
+        args.output,
+        "eval",
+        overwrite=args.overwrite,
+        resumable=True,
+        known=output_names(tasks),
+        signature="run.json",
     )
     with folder:
         start = time.time()

@@ -233,6 +233,7 @@ class Runner:
         for s in stages:
             with contextlib.suppress(ValueError):
                 names.add(s.output.resolve().relative_to(root).parts[0])
+        self._adopt_legacy(names)
         folder = OutputFolder(
             self.root, self.verb, overwrite=self.overwrite, resumable=True, known=names
         )
@@ -244,6 +245,19 @@ class Runner:
                 after()
             folder.finish()
         return self.outcomes
+
+    def _adopt_legacy(self, names: set[str]) -> None:
+        """A root written before output markers existed: its `stages/` folder shows this
+        machinery made it, so the stage outputs it names are adopted as the verb's own."""
+        from qdiablo.outputs import marker_name
+
+        if not self.markers.is_dir() or any(self.root.glob(".qdiablo-*.json")):
+            return
+        owned = sorted(n for n in names if (self.root / n).exists())
+        write_json(
+            self.root / marker_name(self.verb),
+            {"verb": self.verb, "format_version": 1, "complete": False, "files": owned},
+        )
 
     def _run_one(self, stage: Stage) -> Outcome:
         inputs = {d.key: self.run_ids[d.key] for d in stage.deps}

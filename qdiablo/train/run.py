@@ -216,6 +216,7 @@ def train(
         overwrite=config.overwrite,
         resumable=True,
         known=OUTPUT_NAMES,
+        signature=CONFIG_FILE,
     )
     # Rank 0 holds the folder; the other ranks write their RNG state into its checkpoints.
     with folder if is_main_process() else contextlib.nullcontext():

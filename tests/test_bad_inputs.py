@@ -165,6 +165,7 @@ def test_bad_quantize_settings(world, tiny_model_dir, capsys, tmp_path, monkeypa
         cli.main([str(a) for a in [*base, "--bits", "5"]])
     assert e.value.code == 2 and "--bits" in error_line(capsys.readouterr().err)
     run_case(world, capsys, [*base, "--group-size", "0"], 2, "--group-size")
+    run_case(world, capsys, [*base, "--calib-samples", "0"], 2, "--calib-samples 0")
     run_case(world, capsys, [*base[:-1], world / "precious"], 2, "precious", "did not write")
     monkeypatch.chdir(world / "precious")
     run_case(world, capsys, [*base[:-1], "."], 2, "--output . is the current folder")

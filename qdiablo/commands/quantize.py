@@ -71,12 +71,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     # Deferred to keep `qdiablo --help` fast: these import torch, transformers and the quantizers.
-    from qdiablo.calibration import build_calibration_data
+    from qdiablo.calibration import build_calibration_data, check_calibration_arguments
     from qdiablo.models import load_model, load_tokenizer
     from qdiablo.outputs import OutputFolder
     from quantizers import quantize_model, save_quantized
 
     config = quant_config_from_args(args)
+    check_calibration_arguments(args)
     output = Path(args.output)
     with OutputFolder(output, "quantize", overwrite=args.overwrite) as out:
         tokenizer = load_tokenizer(args.model, args.gguf_file)

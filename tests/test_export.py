@@ -309,3 +309,19 @@ def test_a_peft_lora_adapter_exports_unmerged_and_the_card_says_so(pipeline, tmp
     assert torch.equal(_logits(load_exported(out)), _logits(lora.eval()))
     card = (out / "README.md").read_text()
     assert "a PEFT LORA adapter" in card and "no base fingerprint" in card
+
+
+def test_export_keeps_user_files_and_overwrite_replaces_only_its_own(pipeline, tmp_path):
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+    (out / "old.safetensors").write_bytes(b"not export's")
+    with pytest.raises(UserError, match=r"did not write \(notes.md, old.safetensors\)"):
+        export_model(pipeline["base"], pipeline["adapter"], out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.md", "old.safetensors"]
+    export_model(pipeline["base"], pipeline["adapter"], out, overwrite=True)
+    export_model(pipeline["base"], pipeline["adapter"], out, overwrite=True)
+    assert (out / "notes.md").read_text() == "mine"
+    assert (out / "old.safetensors").read_bytes() == b"not export's"
+    with pytest.raises(UserError, match=r"old\.safetensors: not listed"):
+        verify_export(out)  # a stray weights file is still caught when loading

@@ -134,7 +134,13 @@ class OutputFolder:
 
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is not None:
-            self._undo_if_untouched()
+            refused = issubclass(exc_type, UserError)  # checks run before writes: nothing new
+            if refused and self.previous is not None and self.marker.exists():
+                from qdiablo.io import write_json
+
+                write_json(self.marker, self.previous)  # a finished run stays marked finished
+            else:
+                self._undo_if_untouched()
         self.release()
 
     def _undo_if_untouched(self) -> None:

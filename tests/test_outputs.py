@@ -213,7 +213,10 @@ def test_resume_auto_skips_a_torn_checkpoint(tmp_path, tiny_model_dir, math_file
     reference = load_file(out / "adapter" / "adapter_model.safetensors")
     state = out / "checkpoints" / "checkpoint-2" / "trainer_state.json"
     state.write_text(state.read_text()[:40])  # torn mid-write
+    marker = (out / marker_name("train")).read_text()
+    assert json.loads(marker)["complete"] is True
     assert cli.main(argv) == 2  # a plain re-run does not clobber a run with a checkpoint
+    assert (out / marker_name("train")).read_text() == marker  # and leaves it marked finished
     with caplog.at_level(logging.WARNING):
         assert cli.main([*argv, "--resume", "auto"]) == 0
     assert any(str(state) in r.getMessage() for r in caplog.records)

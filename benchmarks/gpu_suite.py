@@ -157,8 +157,7 @@ def pack_linears_(model: nn.Module, bits: int, group_size: int) -> int:
         new = random_quant_linear(
             old.in_features, old.out_features, bits, group_size, old.weight.device, seed=i
         )
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, new)
+        model.set_submodule(name, new)
         del old
     return len(names)
 

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             datefmt="%H:%M:%S",
         )
         return int(args._run(args) or 0)
-    except (UserError, FileNotFoundError, ValueError) as e:
+    except UserError as e:
+        # A user's mistake: one line and a hint. Anything else is a bug and keeps its traceback.
         if debug:
             raise
         hint = (

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from qdiablo.diablo import DiaBloModel
+from qdiablo.diablo.model import ADAPTER_CONFIG_NAME
 from qdiablo.errors import UserError
 from qdiablo.io import read_json
 from qdiablo.kinds import BASE_KINDS, PACKED_KINDS
@@ -177,7 +178,7 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # a missing folder, or one transformers cannot read
         raise UserError(f"could not load a tokenizer from '{name_or_path}': {e}") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -206,7 +207,7 @@ def load_model(
         log.info("loading %s", path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), **kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # a missing folder, or one transformers cannot read
         raise UserError(
             f"could not load a model from '{name_or_path}': {e}",
             hint="pass a local folder with config.json, or 'smollm2' for the embedded model",
@@ -236,7 +237,6 @@ def _forget_gguf_origin(model) -> None:
 # --------------------------------------------------------------------------------------------
 
 QUANTIZE_CONFIG = "quantize_config.json"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def is_quantized_folder(path: str | Path) -> bool:
@@ -296,7 +296,7 @@ def load_nf4(
             return AutoModelForCausalLM.from_pretrained(
                 path, quantization_config=config, device_map={"": device}, dtype=dtype
             )
-        except OSError as e:
+        except (OSError, ValueError) as e:  # a missing folder, or one transformers cannot read
             raise UserError(f"could not load a model from '{source}': {e}") from e
     net = load_model(source, gguf_file, dtype=dtype, device=device)
     quantize_bnb_4bit_(net, config)
@@ -374,15 +374,15 @@ def adapter_kind(adapter_dir: str | Path) -> str:
     folder = Path(adapter_dir)
     if not folder.is_dir():
         raise UserError(f"adapter folder not found: {folder}")
-    config = read_json(folder / ADAPTER_CONFIG, what="adapter config")
+    config = read_json(folder / ADAPTER_CONFIG_NAME, what="adapter config")
     if not isinstance(config, dict):
-        raise UserError(f"{folder / ADAPTER_CONFIG}: expected a JSON object")
+        raise UserError(f"{folder / ADAPTER_CONFIG_NAME}: expected a JSON object")
     if config.get("method") == "diablo":
         return "diablo"
     if config.get("peft_type"):
         return str(config["peft_type"]).lower()
     raise UserError(
-        f"{folder / ADAPTER_CONFIG}: not a DiaBlo adapter (method: diablo) nor a PEFT adapter "
+        f"{folder / ADAPTER_CONFIG_NAME}: not a DiaBlo adapter (method: diablo) nor a PEFT adapter "
         "(peft_type)"
     )
 

@@ -64,8 +64,7 @@ def quantize_bnb_4bit_(net: nn.Module, config) -> list[str]:
         ).to(old.weight.device)  # Params4bit quantizes on its first move to a device
         if old.bias is not None:
             new.bias = nn.Parameter(old.bias.data, requires_grad=False)
-        parent_name, _, child = name.rpartition(".")
-        setattr(net.get_submodule(parent_name) if parent_name else net, child, new)
+        net.set_submodule(name, new)
     net.config.quantization_config = config
     net.is_loaded_in_4bit = True  # what from_pretrained sets; PEFT dispatches on it
     log.info("bitsandbytes %s: %d linear layers", config.bnb_4bit_quant_type, len(names))

@@ -4,8 +4,9 @@
     model = quantize_model(model, calib_batches, QuantConfig(bits=3, group_size=64, magr=True))
     save_quantized(model, "out/w3", tokenizer)
 
-This package imports from neither `qdiablo` nor `eval` (see docs/architecture.md). Its names are
-imported lazily, so that `quantizers.config` (the flags of `qdiablo quantize`) loads without torch.
+This package imports from neither `qdiablo` nor `eval` (docs/architecture.md, "Layers"). Its
+names are imported lazily, so that `quantizers.config` (the flags of `qdiablo quantize`) loads
+without torch.
 """
 
 from __future__ import annotations

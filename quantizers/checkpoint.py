@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from quantizers.config import QuantConfig
@@ -84,8 +86,6 @@ def save_quantized(
 
     Only the files written here are replaced in `directory`; other files stay. `claim` is called
     with their names just before they move into place (the CLI records them as its own)."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     config = _quant_config_of(model)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -178,29 +178,48 @@ def _config_from_entry(entry: dict[str, Any], where: str) -> QuantConfig:
 
 
 def _read_header(file: Path) -> dict[str, dict[str, Any]]:
-    """Parse a safetensors header and check every tensor's bytes are inside the file."""
+    """Each tensor's shape and safetensors dtype, read by safetensors without loading any data.
+
+    safetensors refuses a file whose tensors do not all lie inside it; the error then names the
+    file and, when it was cut short, the first tensor whose bytes are missing."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            names = f.keys()  # a safe_open handle is not iterable
+            slices = {name: f.get_slice(name) for name in names}
+            return {
+                name: {"shape": list(s.get_shape()), "dtype": s.get_dtype()}
+                for name, s in slices.items()
+            }
+    except SafetensorError as e:
+        raise CheckpointError(_damage(file, e)) from e
+
+
+def _damage(file: Path, error: Exception) -> str:
+    """What is wrong with a file safetensors refused, read from its raw header."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"{file}: truncated: {size} bytes, no safetensors header")
+            return f"{file}: truncated: {size} bytes, no safetensors header"
         n = int.from_bytes(head, "little")
         if n > size - 8:
-            raise CheckpointError(f"{file}: truncated: the header alone needs {n} bytes")
+            return f"{file}: truncated: the header alone needs {n} bytes"
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{file}: malformed safetensors header: {e}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"{file}: malformed safetensors header ({error})"
     header.pop("__metadata__", None)
     data = size - 8 - n
-    for name, info in header.items():
-        begin, end = info["data_offsets"]
+    cut = sorted(
+        (info["data_offsets"][1], name) for name, info in header.items() if isinstance(info, dict)
+    )
+    for end, name in cut:
         if end > data:
-            raise CheckpointError(
-                f"{file}: tensor '{name}' is truncated: it needs bytes {begin}..{end} of the "
-                f"data section, which holds only {data} (the file was cut short)"
+            return (
+                f"{file}: tensor '{name}' is truncated: it needs bytes up to {end} of the data "
+                f"section, which holds only {data} (the file was cut short)"
             )
-    return header
+    return f"{file}: not a valid safetensors file ({error})"
 
 
 _SAFETENSORS_DTYPES = {
@@ -255,8 +274,8 @@ def load_quantized(
     dtype: cast the unquantized weights (embeddings, norms, lm_head, biases); packed tensors and
     fp16 scales stay as stored. Default: as stored.
     """
+    # Deferred: transformers and accelerate take seconds to import; only loading needs them.
     from accelerate import init_empty_weights
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
@@ -322,8 +341,7 @@ def load_quantized(
             )
         except ValueError as e:
             raise CheckpointError(f"{name}: {e}") from e
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q)
+        model.set_submodule(name, q)
 
     expected = model.state_dict(keep_vars=True)
     tied = _tied_keys(model, set(headers))

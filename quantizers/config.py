@@ -26,7 +26,7 @@ def default_beta(bits: int, group_size: int) -> float:
 
 @dataclass
 class QuantConfig:
-    """How to quantize a model's decoder blocks (DESIGN.md §1, §7).
+    """How to quantize a model's decoder blocks (docs/gptq.md, docs/magr.md).
 
     Each field's metadata (`help`, and `choices` where the values are few) is also the source of
     `qdiablo quantize`'s flags."""

@@ -79,7 +79,8 @@ def test_eval_with_diablo_adapter_plain_and_merged(tiny_model_dir, tmp_path, tok
 
 
 def test_eval_with_lora_adapter(tiny_model_dir, tmp_path, tokenizer):
-    from peft import LoraConfig, get_peft_model
+    peft = pytest.importorskip("peft")
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
     adapter = tmp_path / "lora"
     config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)

@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qdiablo.kinds",
             "qdiablo.manifest",
             "qdiablo.outputs",
+            "qdiablo.versions",
         ),
     ),
     (

@@ -5,7 +5,6 @@ GPTQ-LoRA against PEFT's LoRA on nn.Linear layers holding the same dequantized w
 import pytest
 import torch
 from conftest import make_tiny_llama, make_tokenizer
-from peft.tuners.lora.gptq import GPTQLoraLinear
 from torch import nn
 
 from qdiablo import DiaBloConfig, DiaBloModel, get_diablo_model
@@ -14,9 +13,6 @@ from qdiablo.train import TrainConfig, train
 from qdiablo.train.adapters import attach_lora, load_lora
 from qdiablo.train.bases import load_training_base
 from qdiablo.train.metrics import base_linear_bytes
-
-# Until the quantizers package (issue 3) is merged, this module has nothing to test against.
-pytest.importorskip("quantizers.quant_linear")
 from quantizers import QuantConfig, QuantLinear, quantize_model, save_quantized
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -68,6 +64,7 @@ def test_diablo_gradients_on_quantlinear_equal_those_on_dequantized_linear():
 
 
 def test_gptq_lora_equals_peft_lora_on_dequantized_linear():
+    GPTQLoraLinear = pytest.importorskip("peft.tuners.lora.gptq").GPTQLoraLinear
     packed = quantized_tiny(bits=4)
     dense = dequantized_twin(packed)
     torch.manual_seed(7)
@@ -105,6 +102,8 @@ def rtn_folder(tmp_path_factory):
 
 @pytest.mark.parametrize("adapter", ["diablo", "lora"])
 def test_training_on_a_packed_folder(tmp_path, rtn_folder, math_file, adapter):
+    if adapter == "lora":
+        pytest.importorskip("peft")
     cfg = TrainConfig(
         model=str(rtn_folder),
         base="rtn",

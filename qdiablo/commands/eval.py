@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(
                 str(e), hint="pass --tokenizer FOLDER (e.g. the original model's)"
             ) from e
-        kind = QUANT_FLAG_KINDS[args.quant]
+        kind = QUANT_FLAG_KINDS[args.quant or "none"]  # `quant: null` in YAML means none
         model = load_base(args.model, kind, gguf_file=args.gguf_file, dtype=args.dtype)
         info = {
             "base": args.model,

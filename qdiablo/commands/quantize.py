@@ -68,11 +68,11 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Deferred to keep `qdiablo --help` fast: these import torch, transformers and the quantizers.
     import torch
 
-    # Deferred to keep `qdiablo --help` fast: these import torch, transformers and the quantizers.
     from qdiablo.calibration import build_calibration_data, check_calibration_arguments
-    from qdiablo.models import load_model, load_tokenizer
+    from qdiablo.models import load_base, load_tokenizer
     from qdiablo.outputs import OutputFolder
     from quantizers import quantize_model, save_quantized
 
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
                 seq_len=args.calib_seq_len,
                 batch_size=args.calib_batch_size,
             )
-        model = load_model(args.model, args.gguf_file, dtype=args.dtype)
+        model = load_base(args.model, "fp", gguf_file=args.gguf_file, dtype=args.dtype)
         calib_dtype = {"auto": "auto", "float32": None, "bfloat16": torch.bfloat16}[
             args.calib_dtype
         ]

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 
 from eval.runner import SUMMARY_FILE
-from qdiablo import __version__
 from qdiablo.calibration import build_calibration_data
 from qdiablo.errors import UserError
 from qdiablo.export.card import CardFacts, model_card
@@ -37,6 +36,7 @@ from qdiablo.manifest import MANIFEST_NAME, build_manifest
 from qdiablo.models import adapter_kind, is_quantized_folder, load_adapter, load_packed
 from qdiablo.outputs import OutputFolder, is_bookkeeping
 from qdiablo.train.config import CONFIG_FILE, RESULTS_FILE
+from qdiablo.versions import library_versions
 from quantizers import QuantConfig, save_quantized
 
 log = logging.getLogger(__name__)
@@ -65,23 +65,6 @@ def _read_train_run(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _read_eval(folder: Path) -> dict[str, Any]:
     return read_json(folder / SUMMARY_FILE, what="evaluation summary (run `qdiablo eval` first)")
-
-
-def _versions(adapter_kind: str) -> dict[str, str]:
-    import safetensors
-    import transformers  # deferred: seconds to import
-
-    out = {
-        "qdiablo": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "safetensors": safetensors.__version__,
-    }
-    if adapter_kind != "diablo":
-        import peft  # optional dependency (the qlora extra)
-
-        out["peft"] = peft.__version__
-    return out
 
 
 def _describe(config_json: Mapping[str, Any]) -> str:
@@ -205,7 +188,7 @@ def export_model(
             train_results=train_results,
             evals=summaries,
             merged_dtype=merged_dtype if merged else None,
-            versions=_versions(kind),
+            versions=library_versions(),
             notes=notes,
         )
         tmp = folder.staging()

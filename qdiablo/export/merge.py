@@ -1,10 +1,10 @@
 """Merging an adapter into its quantized base, and re-quantizing the merged model.
 
-DESIGN §1: W_merged = W + Dᵀ with W the *dequantized* base weight the blocks were trained against,
-never the original fp16 weight. Layers without an adapter are dequantized as they are, so the
-merged model is a plain Hugging Face model that any tool loads. Merging back into integers means
-re-quantizing (MagR + GPTQ on calibration data), which changes the outputs: the change is measured
-and reported, never hidden.
+W_merged = W + Dᵀ with W the *dequantized* base weight the blocks were trained against, never
+the original fp16 weight (docs/diablo.md §5). Layers without an adapter are dequantized as they
+are, so the merged model is a plain Hugging Face model that any tool loads. Merging back into
+integers means re-quantizing (MagR + GPTQ on calibration data), which changes the outputs: the
+change is measured and reported, never hidden.
 """
 
 from __future__ import annotations
@@ -23,11 +23,6 @@ from qdiablo.errors import UserError
 from quantizers import QuantLinear, quantize_model
 
 log = logging.getLogger(__name__)
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def merge_into_dense(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -49,7 +44,7 @@ def merge_into_dense(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
             lin.weight.data = module.dequantize_weight(torch.float32).to(dtype).contiguous()
             if module.bias is not None:
                 lin.bias.data = module.bias.detach().to(dtype).clone()
-            _set_submodule(dense, name, lin)
+            dense.set_submodule(name, lin)
     dense.to(dtype)
     # It is no longer a GPTQ model: a config that says so would send transformers to GPTQModel.
     if hasattr(dense.config, "quantization_config"):

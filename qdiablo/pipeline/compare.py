@@ -1,4 +1,4 @@
-"""`qdiablo compare config.yaml`: the methods x bits x budgets grid of DESIGN.md §3, resumable.
+"""`qdiablo compare config.yaml`: methods x bits x budgets (docs/math10k.md §10).
 
 Each grid cell is a quantize (optional) -> train -> eval chain built from the `run` stage
 builders, and every stage is content-addressed: its folder and marker are named by its identity,

@@ -193,7 +193,7 @@ def markdown(results: dict[str, Any]) -> str:
 def figure(results: dict[str, Any], path: Path) -> None:
     """One panel per bits; groups = tasks + mean; one bar per method (and budget where the
     budgets differ); error bars = the 95% intervals."""
-    import matplotlib
+    import matplotlib  # deferred: optional and slow, only for the figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

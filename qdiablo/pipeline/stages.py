@@ -19,13 +19,18 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from qdiablo import __version__, cli
 from qdiablo.errors import UserError
@@ -332,12 +337,6 @@ class Runner:
 
     def _subprocess(self, stage: Stage, args: dict[str, Any]) -> int:
         """`python -m qdiablo <verb> --config <args file>`: the verb's own YAML config path."""
-        import os
-        import subprocess
-        import sys
-
-        import yaml
-
         file = self.markers / f"{stage.key}.args.yaml"
         write_text(file, yaml.safe_dump({k: _plain(v) for k, v in args.items()}))
         repo = str(Path(__file__).resolve().parents[2])  # works without a pip install

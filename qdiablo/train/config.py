@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from qdiablo.data import DEFAULT_TEMPLATE, EVAL_SETS, MAX_LENGTH, TEMPLATES
-from qdiablo.diablo.config import DEFAULT_TARGETS
 from qdiablo.errors import UserError
 from qdiablo.kinds import TRAIN_BASE_KINDS
 
@@ -90,9 +89,13 @@ class TrainConfig:
             "adapter",
         ),
     )
-    target_modules: list[str] = field(
-        default_factory=lambda: list(DEFAULT_TARGETS),
-        metadata=_meta("layers to adapt (name suffixes), or all-linear", "adapter"),
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata=_meta(
+            "layers to adapt (name suffixes), or all-linear (default: the architecture's, "
+            "e.g. q_proj k_proj v_proj up_proj down_proj on LLaMA-family models)",
+            "adapter",
+        ),
     )
     dropout: float = field(
         default=0.05, metadata=_meta("dropout on the adapter's input", "adapter")
@@ -252,8 +255,11 @@ class TrainConfig:
         return self.lr if self.lr is not None else DEFAULT_LR[self.adapter]
 
     @property
-    def target_spec(self) -> list[str] | str:
-        """target_modules in DiaBloConfig / LoraConfig form ('all-linear' is a string)."""
+    def target_spec(self) -> list[str] | str | None:
+        """target_modules in DiaBloConfig / LoraConfig form ('all-linear' is a string; None is
+        the architecture's default, qdiablo.diablo.targets)."""
+        if self.target_modules is None:
+            return None
         return "all-linear" if self.target_modules == ["all-linear"] else list(self.target_modules)
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,14 +15,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import set_seed
 
+from qdiablo.diablo.targets import resolve_target_modules
 from qdiablo.errors import UserError
 from qdiablo.io import atomic_path, read_json, write_json
 from qdiablo.train.adapters import (
@@ -47,6 +46,7 @@ from qdiablo.train.config import (
 from qdiablo.train.dataset import PadCollator, select_records, tokenize_records
 from qdiablo.train.metrics import JsonlLogCallback, ThroughputCallback, base_linear_bytes
 from qdiablo.train.trainer import AdapterTrainer, training_arguments
+from qdiablo.versions import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,9 @@ def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget
     """Settle the budget on the base's target layers and attach the adapter.
 
     Returns the adapter model, the budget, and the other method at the matched setting."""
-    layers = adapted_layers(loaded.model, config.target_spec)
+    # DiaBlo and LoRA adapt the same layers: the architecture's default when none are given.
+    targets = resolve_target_modules(loaded.model, config.target_spec)
+    layers = adapted_layers(loaded.model, targets)
     shapes = layer_shapes(layers)
     if config.adapter == "diablo" and config.num_blocks is not None and layers:
         _check_num_blocks(layers, config.num_blocks)
@@ -157,11 +159,11 @@ def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget
         shapes, config.adapter, config.num_blocks, config.rank, config.match_params
     )
     if config.adapter == "diablo":
-        model = attach_diablo(loaded.model, budget.num_blocks, config.target_spec, config.dropout)
+        model = attach_diablo(loaded.model, budget.num_blocks, targets, config.dropout)
         expected = budget.diablo_parameters
     else:
         alpha = config.lora_alpha if config.lora_alpha is not None else 2.0 * budget.rank
-        model = attach_lora(loaded.model, budget.rank, alpha, config.target_spec, config.dropout)
+        model = attach_lora(loaded.model, budget.rank, alpha, targets, config.dropout)
         expected = budget.lora_parameters
     actual = trainable_parameters(model)
     if actual != expected:
@@ -184,17 +186,6 @@ def _check_num_blocks(layers: list, num_blocks: int) -> None:
                 f"{', '.join(map(str, below + above))}",
                 hint="pick a valid N, or target other modules",
             )
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    out["transformers"] = transformers.__version__
-    for name in ("peft", "bitsandbytes", "accelerate"):
-        with contextlib.suppress(ImportError):
-            out[name] = __import__(name).__version__
-    return out
 
 
 def train(
@@ -296,7 +287,7 @@ def _train_into(
         "throughput": throughput.summary(),
         "resumed_from": str(resume_from) if resume_from else None,
         "device": str(args.device),
-        "versions": _versions(),
+        "versions": library_versions(),
     }
     if trainer.is_world_process_zero():
         with atomic_path(adapter_dir) as tmp:

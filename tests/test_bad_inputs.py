@@ -110,6 +110,7 @@ def run_case(world, capsys, argv, rc, *needles):
     for needle in needles:
         assert str(needle) in line, (needle, line)
     assert snapshot(world) == before
+    run_case.last_stderr = err
     return line
 
 
@@ -181,6 +182,7 @@ def test_bad_eval_inputs(world, tiny_model_dir, capsys, tmp_path):
     )
     adapter = ["--model", tiny_model_dir, "--adapter"]
     run_case(world, capsys, [*ev, *adapter, world / "other_adapter"], 2, "different base")
+    assert "--force" not in run_case.last_stderr.replace("qdiablo eval --force", "")
     run_case(
         world, capsys, [*ev, *adapter, world / "truncated_adapter"], 2, "adapter_model.safetensors"
     )

@@ -96,7 +96,7 @@ def check(out: Path, device: str, backend: str, reference_file: Path | None = No
         cases = [(f, out / f, out / f / "reference_logits.pt") for f in ("gptq", "gptq_v2")]
     failures = 0
     for fmt, folder, ref_file in cases:
-        ref = torch.load(ref_file)
+        ref = torch.load(ref_file, weights_only=True)
         model = GPTQModel.load(str(folder), device=device, backend=getattr(BACKEND, backend))
         with torch.no_grad():
             logits = model.model(ref["ids"].to(device)).logits[0].float().cpu()

@@ -19,7 +19,11 @@ GPTQModel needs a CUDA build of torch >= 2.14 (about 5 GB), so this runs in two 
        /work/gptqmodel-venv/bin/python benchmarks/gptqmodel_interop.py check runs/interop \\
            --device cpu
 
-   It writes `interop_summary.json` and `interop_summary.md` into the folder.
+   It writes `interop_summary.json` and `interop_summary.md` into the folder. Nothing of qdiablo
+   needs installing there. `tests/test_gptqmodel_interop.py` runs its GPTQModel case in that venv
+   (`pip install pytest` there; `PYTHONPATH=. /work/gptqmodel-venv/bin/python -m pytest
+   -p no:logging tests/test_gptqmodel_interop.py`: the export half imports `quantizers` from the
+   checkout, which needs only torch, transformers and safetensors).
 
 Each folder gets one outcome:
 - `match`: every layer's weight, as GPTQModel's own layer computes it, equals qdiablo's to fp16

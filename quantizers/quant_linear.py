@@ -231,7 +231,7 @@ class QuantLinear(nn.Module):
             self.g_idx,
             self.bits,
             dtype or torch.float32,
-            self._groups(),
+            self.contiguous_group_size(),
         )
         return w.t()
 
@@ -254,18 +254,18 @@ class QuantLinear(nn.Module):
                     self.g_idx,
                     self.bits,
                     x.dtype,
-                    self._groups(),
+                    self.contiguous_group_size(),
                 )
             y = x @ self._cache
             return y if self.bias is None else y + self.bias.to(y.dtype)
-        return quant_matmul(x, *self._packed(), self.bits, self.bias, self._groups())
+        return quant_matmul(x, *self._packed(), self.bits, self.bias, self.contiguous_group_size())
 
     def _packed(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(qweight, qzeros, scales, g_idx) as the kernels read them: the one place the
         forward gets its packed tensors."""
         return self.qweight, self.qzeros, self.scales, self.g_idx
 
-    def _groups(self) -> int | None:
+    def contiguous_group_size(self) -> int | None:
         """The group size if g_idx has no act-order (else None), for the fast paths of the
         Triton kernels and of `dequantize_packed`. Cached while g_idx is the same tensor at the
         same version (a state-dict load bumps it), so the check (a device sync on GPU) happens

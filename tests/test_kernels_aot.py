@@ -42,7 +42,7 @@ REPRESENTATIVE = [
     ("fwd 3-bit fp16 act-order", "16x64x64", 89, "plain"),
     ("fwd 4-bit bf16 aligned bias", "128x128x32", 90, "div16"),
     ("dx 2-bit bf16 aligned", "128x32x128", 120, "plain"),
-    ("gemv 3-bit bf16 act-order", "1x64x64", 86, "div16"),
+    ("gemv 3-bit bf16 act-order", "1x32x64", 86, "div16"),
     ("fwd 8-bit fp32 act-order", "16x32x32", 80, "plain"),
 ]
 

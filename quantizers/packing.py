@@ -127,3 +127,36 @@ def zeros_v1_to_v2(qzeros: Tensor, bits: int, out_features: int) -> tuple[Tensor
     maxq = 2**bits - 1
     wrapped = int((stored == maxq).sum())
     return pack_qzeros((stored + 1) % (maxq + 1), bits), wrapped
+
+
+def dequantize_packed(
+    qweight: Tensor,
+    qzeros: Tensor,
+    scales: Tensor,
+    g_idx: Tensor,
+    bits: int,
+    dtype: torch.dtype = torch.float32,
+    group: int | None = None,
+) -> Tensor:
+    """The weight transposed, [in, out], as `dtype`: scales[g]·(q − zeros[g]) for each input
+    row's group g = g_idx[row]. Computed in float32 (exact: small integers times fp16 scales),
+    then cast once.
+
+    `group`: the group size when g_idx is plain `row // group` (no act-order). Rows then come in
+    contiguous groups, and q·s − z·s is one fused broadcast pass instead of two gathers of
+    [in, out]; every product is exact in float32, so the result is bit-identical.
+    """
+    in_features = g_idx.shape[0]
+    out_features = scales.shape[1]
+    q = unpack_qweight(qweight, bits, in_features)
+    z = unpack_qzeros(qzeros, bits, out_features)
+    groups = scales.shape[0]
+    if group is not None and group * groups == in_features:
+        s = scales.float().unsqueeze(1)  # [G, 1, out]
+        zs = z.float().unsqueeze(1) * s
+        w = torch.addcmul(-zs, q.view(groups, group, out_features).float(), s)
+        w = w.view(in_features, out_features)
+    else:
+        g = g_idx.long()
+        w = (q - z.index_select(0, g)).float() * scales.float().index_select(0, g)
+    return w if dtype == torch.float32 else w.to(dtype)

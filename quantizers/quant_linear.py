@@ -3,8 +3,8 @@
 Memory really shrinks: the layer holds `qweight`, `qzeros`, `scales`, `g_idx` (and an optional
 bias), about bits/8 bytes per weight plus the per-group scales and zeros. Its forward dequantizes
 and multiplies; its backward dequantizes *again* to give the input gradient, through a custom
-autograd.Function that saves only the packed tensors, so no full-precision copy of any layer is
-kept alive between forward and backward. The base weights never get a gradient.
+op whose autograd formula saves only the packed tensors, so no full-precision copy of any layer
+is kept alive between forward and backward. The base weights never get a gradient.
 
 Storage: the four packed tensors are frozen `nn.Parameter`s holding their bytes in one
 `storage_dtype` (int32 by default; a float dtype such as bf16 as bitsandbytes' `quant_storage`),
@@ -14,9 +14,11 @@ cast touches the bytes: torch's dtype casts skip integer tensors, `_apply` moves
 bytes as raw bytes, and the state dict (hence the GPTQ checkpoint and the adapters' base
 fingerprint) always holds the GPTQ dtypes.
 
-`dequantize_packed` is the one place that turns the packed tensors into a float weight (the torch
-path). On CUDA the fused Triton kernels of `quantizers.kernels` replace it in forward and backward,
-dequantizing tiles in registers; `quantizers.kernels.select` decides, and logs which.
+`quantizers.packing.dequantize_packed` is the one place that turns the packed tensors into a
+float weight (the torch path). On CUDA the fused Triton kernels of `quantizers.kernels` can
+replace it in forward and backward, dequantizing tiles in registers; `quantizers.kernels.select`
+decides, and logs which.
+The matmul is the custom op `torch.ops.qdiablo.packed_matmul` (torch.compile traces through it).
 """
 
 from __future__ import annotations
@@ -29,42 +31,15 @@ import torch
 from torch import Tensor, nn
 
 from quantizers import kernels
-from quantizers.packing import pack_qweight, pack_qzeros, packable, unpack_qweight, unpack_qzeros
+from quantizers.packing import (
+    dequantize_packed,
+    pack_qweight,
+    pack_qzeros,
+    packable,
+    unpack_qweight,
+    unpack_qzeros,
+)
 from quantizers.rtn import QuantResult
-
-
-def dequantize_packed(
-    qweight: Tensor,
-    qzeros: Tensor,
-    scales: Tensor,
-    g_idx: Tensor,
-    bits: int,
-    dtype: torch.dtype = torch.float32,
-    group: int | None = None,
-) -> Tensor:
-    """The weight transposed, [in, out], as `dtype`: scales[g]·(q − zeros[g]) for each input
-    row's group g = g_idx[row]. Computed in float32 (exact: small integers times fp16 scales),
-    then cast once.
-
-    `group`: the group size when g_idx is plain `row // group` (no act-order). Rows then come in
-    contiguous groups, and q·s − z·s is one fused broadcast pass instead of two gathers of
-    [in, out]; every product is exact in float32, so the result is bit-identical.
-    """
-    in_features = g_idx.shape[0]
-    out_features = scales.shape[1]
-    q = unpack_qweight(qweight, bits, in_features)
-    z = unpack_qzeros(qzeros, bits, out_features)
-    groups = scales.shape[0]
-    if group is not None and group * groups == in_features:
-        s = scales.float().unsqueeze(1)  # [G, 1, out]
-        zs = z.float().unsqueeze(1) * s
-        w = torch.addcmul(-zs, q.view(groups, group, out_features).float(), s)
-        w = w.view(in_features, out_features)
-    else:
-        g = g_idx.long()
-        w = (q - z.index_select(0, g)).float() * scales.float().index_select(0, g)
-    return w if dtype == torch.float32 else w.to(dtype)
-
 
 PACKED_NAMES = ("qweight", "qzeros", "scales", "g_idx")
 PACKED_DTYPES = {
@@ -104,43 +79,90 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-class _QuantMatmul(torch.autograd.Function):
-    """y = x · W (+ bias), W = dequantized [in, out]; backward dx = dy · Wᵀ with W dequantized
-    again. Runs the fused Triton kernels or the torch path, as `quantizers.kernels.select` says;
-    `group` (the group size when g_idx has no act-order, else None) only speeds Triton up."""
+# The packed matmul is one custom op, `torch.ops.qdiablo.packed_matmul`, with its input gradient
+# `qdiablo::packed_matmul_dx`, a fake (shape-only) implementation of each and an autograd
+# formula: torch.compile traces QuantLinear through them without looking inside, and at run
+# time they dispatch to the Triton kernels or the torch path as `quantizers.kernels` says.
 
-    @staticmethod
-    def forward(ctx, x, qweight, qzeros, scales, g_idx, bits, bias=None, group=None):
-        ctx.bits, ctx.group = bits, group
-        dev = x.device.type
-        if dev == "cuda" and torch.is_autocast_enabled(dev):
-            x = x.to(torch.get_autocast_dtype(dev))  # what autocast's matmul would compute in
-        ctx.backend = kernels.select(x, bits)
-        ctx.save_for_backward(qweight, qzeros, scales, g_idx)  # packed only: no float weight
-        if ctx.backend == "triton":
-            qmm = kernels.triton_module()
-            y = qmm.forward(_flat(x), qweight, qzeros, scales, g_idx, bits, bias, group)
+
+@torch.library.custom_op("qdiablo::packed_matmul", mutates_args=())
+def packed_matmul(
+    x: Tensor,
+    qweight: Tensor,
+    qzeros: Tensor,
+    scales: Tensor,
+    g_idx: Tensor,
+    bits: int,
+    bias: Tensor | None = None,
+    group: int | None = None,
+) -> Tensor:
+    """y = x · W (+ bias), W = dequantize_packed(...) [in, out]; x [..., in] -> y [..., out].
+    `group` (the group size when g_idx has no act-order, else None) only speeds things up."""
+    if kernels.select(x, bits) == "triton":
+        y = kernels.triton_forward(_flat(x), qweight, qzeros, scales, g_idx, bits, bias, group)
+        if y is not None:  # None: the self-check sent this kernel variant to the torch path
             return y.view(*x.shape[:-1], y.shape[-1])
-        y = x @ dequantize_packed(qweight, qzeros, scales, g_idx, bits, x.dtype, group)
-        return y if bias is None else y + bias.to(y.dtype)
+    y = x @ dequantize_packed(qweight, qzeros, scales, g_idx, bits, x.dtype, group)
+    return y if bias is None else y + bias.to(y.dtype)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        qweight, qzeros, scales, g_idx = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            if ctx.backend == "triton":
-                qmm = kernels.triton_module()
-                dx = qmm.backward_input(
-                    _flat(grad_out), qweight, qzeros, scales, g_idx, ctx.bits, ctx.group
-                )
-                grad_x = dx.view(*grad_out.shape[:-1], dx.shape[-1])
-            else:
-                w = dequantize_packed(
-                    qweight, qzeros, scales, g_idx, ctx.bits, grad_out.dtype, ctx.group
-                )
-                grad_x = grad_out @ w.t()
-        return grad_x, None, None, None, None, None, None, None
+
+@packed_matmul.register_fake
+def _(x, qweight, qzeros, scales, g_idx, bits, bias=None, group=None):
+    return x.new_empty(*x.shape[:-1], scales.shape[1])
+
+
+@torch.library.custom_op("qdiablo::packed_matmul_dx", mutates_args=())
+def packed_matmul_dx(
+    grad_out: Tensor,
+    qweight: Tensor,
+    qzeros: Tensor,
+    scales: Tensor,
+    g_idx: Tensor,
+    bits: int,
+    group: int | None = None,
+) -> Tensor:
+    """dx = dy · Wᵀ, W dequantized again (nothing of it was saved by the forward)."""
+    if kernels.select(grad_out, bits) == "triton":
+        dy = _flat(grad_out)
+        dx = kernels.triton_backward_input(dy, qweight, qzeros, scales, g_idx, bits, group)
+        if dx is not None:
+            return dx.view(*grad_out.shape[:-1], dx.shape[-1])
+    w = dequantize_packed(qweight, qzeros, scales, g_idx, bits, grad_out.dtype, group)
+    return grad_out @ w.t()
+
+
+@packed_matmul_dx.register_fake
+def _(grad_out, qweight, qzeros, scales, g_idx, bits, group=None):
+    return grad_out.new_empty(*grad_out.shape[:-1], g_idx.shape[0])
+
+
+def _setup_packed_matmul(ctx, inputs, output):
+    _, qweight, qzeros, scales, g_idx, bits, bias, group = inputs
+    ctx.save_for_backward(qweight, qzeros, scales, g_idx)  # packed only: no float weight
+    ctx.bits, ctx.group = bits, group
+    ctx.bias_grad = bias is not None and bias.requires_grad
+
+
+def _packed_matmul_backward(ctx, grad_out):
+    qweight, qzeros, scales, g_idx = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = packed_matmul_dx(grad_out, qweight, qzeros, scales, g_idx, ctx.bits, ctx.group)
+    if ctx.bias_grad:
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return grad_x, None, None, None, None, None, grad_bias, None
+
+
+packed_matmul.register_autograd(_packed_matmul_backward, setup_context=_setup_packed_matmul)
+
+
+def quant_matmul(x: Tensor, qweight, qzeros, scales, g_idx, bits: int, bias=None, group=None):
+    """QuantLinear's matmul: the custom op, with x in the dtype CUDA autocast would compute a
+    matmul in (a custom op is not autocast-aware by itself)."""
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        x = x.to(torch.get_autocast_dtype("cuda"))
+    bias = None if bias is None else bias.to(x.dtype)
+    return packed_matmul(x, qweight, qzeros, scales, g_idx, bits, bias, group)
 
 
 class QuantLinear(nn.Module):
@@ -269,16 +291,17 @@ class QuantLinear(nn.Module):
                 )
             y = x @ self._cache
             return y if self.bias is None else y + self.bias.to(y.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return _QuantMatmul.apply(x, *packed, self.bits, bias, self.contiguous_group_size())
+        return quant_matmul(x, *packed, self.bits, self.bias, self.contiguous_group_size())
 
     def contiguous_group_size(self) -> int | None:
         """The group size if g_idx has no act-order (else None), for the fast paths of the
         Triton kernels and of `dequantize_packed`. Cached while g_idx is the same tensor at the
         same version (a state-dict load bumps it), so the check (a device sync on GPU) happens
-        once per layer, not per forward."""
+        once per layer, not per forward. torch.compile bakes the eager value into its graph."""
         stored = self._parameters["g_idx"]
         cached = self._group
+        if torch.compiler.is_compiling():  # a traced graph cannot check g_idx's values
+            return cached[2] if cached is not None else None  # None: the gather path, exact
         if cached is None or cached[0] is not stored or cached[1] != stored._version:
             g_idx = as_packed_dtype("g_idx", stored)
             cached = (stored, stored._version, kernels.group_size_of(g_idx))

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,3 +30,29 @@ def test_gpu_suite_refuses_without_cuda():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "no CUDA device" in proc.stderr
+
+
+def test_gpu_suite_budget_stops_in_time_and_keeps_finished_sections(tmp_path):
+    """--budget: sections run in priority order; the one running when the budget is spent is
+    killed and recorded, later ones are skipped, and every finished section's JSON is kept."""
+    out, budget = tmp_path / "suite.json", 60
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--out", str(out)]
+    cmd += ["--budget", str(budget), "--only", "correctness", "kernels", "train", "diablo"]
+    cmd += ["--methods", "diablo-packed-4bit", "lora-bf16", "--repeats", "30"]  # minutes on CPU
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    t = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    took = time.time() - t
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert took < budget + 30, f"took {took:.0f} s for a {budget} s budget"  # + start, report
+    sections = {
+        p.stem: json.loads(p.read_text()) for p in (tmp_path / "suite-sections").glob("*.json")
+    }
+    assert set(sections) == {"correctness", "kernels", "train", "diablo"}
+    results = json.loads(out.read_text())
+    assert sections["correctness"]["passed"] and sections["correctness"]["seconds"] > 0
+    assert sections["kernels"]["rows"] and results["kernels"] == sections["kernels"]
+    # 60 training runs take minutes on CPU, more than what is left: killed, then nothing runs
+    assert "timeout" in sections["train"] and "budget" in sections["train"]["timeout"]
+    assert "skipped" in sections["diablo"] and "budget" in sections["diablo"]["skipped"]
+    assert "## GPU suite" in proc.stdout

@@ -27,6 +27,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[dev]')")
 
 from quantizers import QuantLinear, dequantize_packed, kernels
+from quantizers.kernels import selfcheck
 from quantizers.rtn import QuantResult, rtn_quantize
 
 # The interpreter computes masked-off lanes on uninitialised numpy memory before tl.where drops
@@ -153,7 +154,7 @@ def test_interpreter_8bit_and_3d_input(interpret):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_kernels_equal_dense_product_exactly_in_fp32(interpret, bits):
+def test_interpreter_kernels_equal_dense_product_exactly_in_fp32(interpret, bits):
     """The raw launchers against dequantize_packed: with integer-valued activations every
     product and partial sum is exact in fp32, so any unpacking slip shows as a mismatch."""
     layer = make_layer(K, N, bits, 32, act_order=True)
@@ -166,6 +167,94 @@ def test_kernels_equal_dense_product_exactly_in_fp32(interpret, bits):
     dy = torch.randint(-2, 3, (9, N)).float()
     ref_dx = (dy.double() @ w.double().t()).float()
     assert torch.allclose(interpret.backward_input(dy, *bufs), ref_dx, rtol=1e-6, atol=1e-4)
+
+
+@pytest.fixture
+def self_checking(monkeypatch, caplog):
+    """`auto` under the interpreter with the first-use self-check on (it runs on CUDA only by
+    default), verdicts cleared before and after; yields the kernel module."""
+    if not INTERPRETED:
+        pytest.skip("triton was imported without TRITON_INTERPRET=1: see the subprocess test")
+    monkeypatch.setattr(selfcheck, "ON_CPU", True)
+    selfcheck._verdicts.clear()
+    kernels._logged.clear()
+    kernels.set_kernel("auto")
+    caplog.set_level(logging.INFO, logger="quantizers.kernels")
+    yield QMM
+    selfcheck._verdicts.clear()
+    kernels.set_kernel(None)
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_interpreter_selfcheck_passes_the_real_kernels(self_checking, caplog):
+    layer = make_layer(K, N, 3, 64, act_order=False, bias=True)
+    x, dy = torch.randn(5, K), torch.randn(5, N)
+    y_ref, dx_ref = torch_path(layer, x, dy)
+    kernels.set_kernel("auto")
+    y, dx = kernel_path(layer, x, dy)
+    assert_close(y, y_ref, torch.float32)
+    assert_close(dx, dx_ref, torch.float32)
+    assert list(selfcheck._verdicts.values()) == [True, True]  # the GEMV and the dX variant
+    assert not _warnings(caplog)
+
+
+@pytest.mark.parametrize("fault", ["wrong", "raises"])
+def test_interpreter_selfcheck_sends_a_bad_kernel_to_the_torch_path(
+    self_checking, monkeypatch, caplog, fault
+):
+    """A kernel with an unpacking slip (one code step off) or one that fails to launch: one
+    warning naming the variant, then the torch path for it, without calling it again."""
+    real, calls = QMM.forward, []
+
+    def bad_forward(x, qweight, qzeros, scales, g_idx, bits, bias=None, group=None):
+        calls.append(x.shape)
+        if fault == "raises":
+            raise RuntimeError("CUDA error: too many resources requested for launch")
+        y = real(x, qweight, qzeros, scales, g_idx, bits, bias, group)
+        return y + scales[0].to(y.dtype)  # W off by one code step in every column
+
+    monkeypatch.setattr(QMM, "forward", bad_forward)
+    layer = make_layer(K, N, 4, 32, act_order=True)
+    x = torch.randn(3, K)
+    kernels.set_kernel("torch")
+    want = layer(x)
+    kernels.set_kernel("auto")
+    assert torch.equal(layer(x), want) and torch.equal(layer(x), want)  # the torch path
+    assert len(calls) == 1  # only the self-check ran the bad kernel
+    (warning,) = _warnings(caplog)
+    assert "gemv kernel" in warning and "ALIGNED=False" in warning and "4-bit" in warning
+    assert "float32" in warning and "torch path" in warning
+    assert ("too many resources" if fault == "raises" else "relative error") in warning
+    kernels.set_kernel("triton")  # forced: a failed variant is an error, not a fallback
+    selfcheck._verdicts.clear()
+    with pytest.raises(RuntimeError, match="failed its self-check"):
+        layer(x)
+
+
+def test_interpreter_auto_uses_triton_only_for_small_m(self_checking, caplog):
+    layer = make_layer(K, N, 4, 32, act_order=False)
+    limit = kernels.AUTO_TRITON_MAX_M
+    assert kernels.select(torch.randn(limit, K), 4) == "triton"
+    assert kernels.select(torch.randn(2, (limit + 2) // 2, K), 4) == "torch"  # rows, not dim 0
+    assert kernels.select(torch.randn(limit + 1, K), 4) == "torch"
+    assert any(f"M={limit + 2} > {limit} rows" in r.getMessage() for r in caplog.records)
+    kernels.set_kernel("triton")  # forced: any M
+    assert kernels.select(torch.randn(limit + 1, K), 4) == "triton"
+    y = layer(torch.randn(limit + 1, K))
+    assert y.shape == (limit + 1, N)
+
+
+def test_interpreter_auto_wants_a_compile_checked_triton(self_checking, monkeypatch):
+    """Below MIN_TRITON (the oldest version the kernels were compiled with) `auto` takes the
+    torch path; QDIABLO_KERNEL=triton still runs them."""
+    x = torch.randn(2, K)
+    monkeypatch.setattr(kernels, "MIN_TRITON", (99, 0))
+    assert kernels.select(x, 4) == "torch"
+    kernels.set_kernel("triton")
+    assert kernels.select(x, 4) == "triton"
 
 
 # --- dispatch ---------------------------------------------------------------------------------
@@ -265,9 +354,10 @@ def test_gpu_never_materialises_the_weight(compiled, bits):
 
 
 @cuda
-def test_gpu_auto_picks_triton():
+def test_gpu_auto_picks_triton_for_small_m_only():
     kernels.set_kernel("auto")
     try:
         assert kernels.select(torch.randn(2, 8, device="cuda", dtype=torch.bfloat16), 4) == "triton"
+        assert kernels.select(torch.randn(64, 8, device="cuda", dtype=torch.bfloat16), 4) == "torch"
     finally:
         kernels.set_kernel(None)

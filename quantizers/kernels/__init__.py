@@ -1,15 +1,18 @@
 """Which kernel runs QuantLinear's packed matmuls: the torch path or the fused Triton kernels.
 
-    QDIABLO_KERNEL=auto    (default) Triton for CUDA tensors when triton imports and the
-                           bits/dtype are supported; the torch path otherwise (CPU, no triton)
+    QDIABLO_KERNEL=auto    (default) Triton for CUDA tensors of at most AUTO_TRITON_MAX_M rows
+                           (decode, small batches) when triton imports and the bits/dtype are
+                           supported; the torch path otherwise (training-size M, CPU, no triton)
     QDIABLO_KERNEL=torch   always the torch path (dequantize, then matmul)
     QDIABLO_KERNEL=triton  always Triton; an error where it cannot run. With TRITON_INTERPRET=1
                            this runs the kernels on CPU tensors through Triton's interpreter
                            (slow: for tests)
 
 `set_kernel("triton")` overrides the environment from Python. The choice is logged once per
-(device, dtype, bits, backend) at INFO on the `quantizers.kernels` logger. Nothing here imports
-triton until a Triton kernel is actually wanted, so importing `quantizers` never needs it.
+(device, dtype, bits, backend) at INFO on the `quantizers.kernels` logger. The first time each
+compiled variant runs on a GPU it is checked against the torch path (`selfcheck`); a variant that
+fails is not used again. Nothing here imports triton until a Triton kernel is actually wanted, so
+importing `quantizers` never needs it.
 """
 
 from __future__ import annotations
@@ -22,11 +25,34 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from quantizers.kernels import selfcheck
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "torch", "triton")
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+AUTO_TRITON_MAX_M = 16
+"""`auto` runs the fused Triton kernels for at most this many rows (tokens) and the torch path
+(dequantize, then cuBLAS) above. The evidence, until a measured GPU table in BENCHMARKS.md
+(benchmarks/gpu_suite.py, section `kernels`) says the fused kernels win at training-size M:
+- at decode (M <= 16) a matmul is bound by reading the weight: the fused GEMV reads the packed
+  bits once, the torch path reads them, writes a full-precision weight and reads it again
+  (about 5x the bytes at 4 bits, 2 bytes a weight out and in again against 0.5 in);
+- at training-size M the matmul is compute bound, and cuBLAS's tensor-core GEMM is what fused
+  dequantize kernels have to beat: GPTQModel routes training through its torch path (dequantize
+  + cuBLAS), not its Triton kernels; unsloth's authors report cuBLAS beating fused dequantize
+  kernels at training-size M; torchao's fused int4 kernel was on par with compiled torch on
+  H100. The dequantized weight is transient (one layer at a time), so the torch path costs one
+  layer's weight of memory, not the model's;
+- no qdiablo kernel has yet been timed on a GPU (they are compile-checked for sm_80..sm_120:
+  tests/test_kernels_aot.py), so `auto` does not bet a first training run on them."""
+
+MIN_TRITON = (3, 9)
+"""The oldest triton the kernels are compile-checked with (tests/test_kernels_aot.py, pinned in
+pyproject's dev extra): `auto` uses the torch path below it; QDIABLO_KERNEL=triton still runs
+(the first-use self-check then guards each variant)."""
 
 _override: str | None = None
 _logged: set[tuple] = set()
@@ -85,16 +111,32 @@ def _why_not_triton(x: Tensor, bits: int) -> str | None:
         return f"triton unavailable ({_import_error})"
     if interpreting() != module.INTERPRETED:
         return "TRITON_INTERPRET changed after triton was imported"
+    version = triton_version()
+    if version < MIN_TRITON and kernel_mode() == "auto":
+        return (
+            f"triton {'.'.join(map(str, version))} is older than "
+            f"{'.'.join(map(str, MIN_TRITON))}, the oldest the kernels are compile-checked with"
+        )
     return None
+
+
+def triton_version() -> tuple[int, ...]:
+    """The imported triton's (major, minor)."""
+    import triton
+
+    return tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
 
 
 def select(x: Tensor, bits: int) -> str:
     """The backend, "triton" or "torch", for a packed matmul on x; logs the choice once."""
     mode = kernel_mode()
+    rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
     if mode == "torch":
         choice, why = "torch", "QDIABLO_KERNEL=torch"
     else:
         reason = _why_not_triton(x, bits)
+        if reason is None and mode == "auto" and rows > AUTO_TRITON_MAX_M:
+            reason = f"M={rows} > {AUTO_TRITON_MAX_M} rows: dequantize + cuBLAS (AUTO_TRITON_MAX_M)"
         if reason is None:
             choice, why = "triton", f"QDIABLO_KERNEL={mode}"
         elif mode == "triton":
@@ -105,7 +147,7 @@ def select(x: Tensor, bits: int) -> str:
             choice, why = "torch", "CPU tensor"
         else:
             choice, why = "torch", reason
-    key = (x.device.type, x.dtype, bits, choice)
+    key = (x.device.type, x.dtype, bits, choice, why.startswith("M="))  # one line per M rule
     if key not in _logged:
         _logged.add(key)
         log.info(
@@ -117,6 +159,23 @@ def select(x: Tensor, bits: int) -> str:
             why,
         )
     return choice
+
+
+def triton_forward(x, qweight, qzeros, scales, g_idx, bits, bias, group) -> Tensor | None:
+    """Y = X · W (+ bias) by the Triton kernels for X [M, K], or None when the first-use
+    self-check rejected this variant (the caller then takes the torch path)."""
+    qmm = triton_module()
+    if not selfcheck.passed(qmm, "fwd", x, bits, group, bias is not None, kernel_mode()):
+        return None
+    return qmm.forward(x, qweight, qzeros, scales, g_idx, bits, bias, group)
+
+
+def triton_backward_input(dy, qweight, qzeros, scales, g_idx, bits, group) -> Tensor | None:
+    """dX = dY · Wᵀ by the Triton kernels for dY [M, N], or None (see `triton_forward`)."""
+    qmm = triton_module()
+    if not selfcheck.passed(qmm, "dx", dy, bits, group, False, kernel_mode(), g_idx.shape[0]):
+        return None
+    return qmm.backward_input(dy, qweight, qzeros, scales, g_idx, bits, group)
 
 
 def group_size_of(g_idx: Tensor) -> int | None:

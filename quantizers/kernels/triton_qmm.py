@@ -17,6 +17,8 @@ kernels run on CPU tensors through Triton's interpreter, which is how CI tests t
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -45,6 +47,34 @@ def _field(ptrs, shift, next_word, mask, BITS: tl.constexpr):
         up = tl.where(spill, 32 - shift, 0).to(tl.uint32)  # no 32-bit shift on other lanes
         v = v | tl.where(spill, hi << up, 0).to(tl.uint32)
     return (v & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _unpack3(
+    qw_ptr, k0, offs_n, mask_n, K, stride_qw, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """3-bit codes of rows k0 .. k0 + BLOCK_K (k0 and BLOCK_K multiples of 32) as int32.
+
+    Every 32 rows are 3 whole words: load them as three coalesced [BLOCK_K/32, BLOCK_N] planes,
+    each word read once, and cut the 32 fields out with constant shifts. Reading each field
+    where it lies (two gathered loads per value) instead needs a 64-bit address per value and
+    spilled registers at GEMM tile sizes."""
+    R: tl.constexpr = BLOCK_K // 32
+    rows = k0 // 32 + tl.arange(0, R)
+    wmask = (rows < K // 32)[:, None] & mask_n[None, :]
+    base = qw_ptr + (rows * 3)[:, None] * stride_qw + offs_n[None, :]
+    w0 = tl.load(base, mask=wmask, other=0).to(tl.uint32, bitcast=True)[:, None, :]
+    w1 = tl.load(base + stride_qw, mask=wmask, other=0).to(tl.uint32, bitcast=True)[:, None, :]
+    w2 = tl.load(base + 2 * stride_qw, mask=wmask, other=0).to(tl.uint32, bitcast=True)
+    w2 = w2[:, None, :]
+    pos = tl.arange(0, 32) * 3  # bit offset of field i in the 96-bit stream of 3 words
+    word = (pos >> 5)[None, :, None]
+    shift = (pos & 31)[None, :, None].to(tl.uint32)
+    lo = tl.where(word == 0, w0, tl.where(word == 1, w1, w2))
+    hi = tl.where(word == 0, w1, w2)  # the next word, for fields 10 and 21 that straddle
+    up = tl.where(shift > 29, 32 - shift, 0).to(tl.uint32)
+    v = (lo >> shift) | tl.where(shift > 29, hi << up, 0).to(tl.uint32)
+    return tl.reshape(v & 7, (BLOCK_K, BLOCK_N)).to(tl.int32)
 
 
 @triton.jit
@@ -88,14 +118,7 @@ def _dequant_tile(
         q = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
         q = tl.reshape(q, (BLOCK_K, BLOCK_N)).to(tl.int32)
     else:
-        kbit = offs_k * BITS
-        q = _field(
-            qw_ptr + (kbit >> 5)[:, None] * stride_qw + offs_n[None, :],
-            (kbit & 31)[:, None],
-            stride_qw,
-            mask,
-            BITS,
-        )
+        q = _unpack3(qw_ptr, k0, offs_n, mask_n, K, stride_qw, BLOCK_K, BLOCK_N)
     nbit = offs_n * BITS
     if ALIGNED:
         g = k0 // group
@@ -302,20 +325,101 @@ def _qmv_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# launchers
+# launchers: each builds a Launch (what the JIT compiles and runs) from the tensors; the
+# ahead-of-time compile test (quantizers/kernels/aot.py) builds the same Launches from meta
+# tensors and compiles them for real GPU targets.
 
 
-def _gemm_blocks(m: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). Small tiles for the interpreter (numpy per
-    program) and for short M; a conventional 128×128×32 tile for training-size M on GPU.
-    Untuned: the GPU benchmark (benchmarks/gpu_suite.py) is where these get chosen."""
+class Launch(NamedTuple):
+    kernel: triton.runtime.JITFunction
+    grid: tuple[int, ...]
+    args: tuple
+    meta: dict  # constexprs, num_warps and num_stages
+
+    def run(self) -> None:
+        self.kernel[self.grid](*self.args, **self.meta)
+
+
+class Tile(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int = 3
+
+
+def gemm_tile(m: int, dtype: torch.dtype, bits: int) -> Tile:
+    """The forward GEMM's tile. Small tiles for the interpreter (numpy per program) and for short
+    M; a conventional 128×128×32 tile for training-size M on GPU. Every choice compiles without
+    register spills for sm_80/86/89/90/120 (tests/test_kernels_aot.py). Untuned: the GPU suite
+    (benchmarks/gpu_suite.py) is where these get chosen."""
     if INTERPRETED:  # 64-wide tiles leave ragged edges at the tests' K, N (multiples of 32)
-        return 16, 64, 64, 4
+        return Tile(16, 64, 64, 4)
+    if dtype == torch.float32:  # an IEEE fp32 dot runs on the FMA units: register hungry
+        return Tile(16, 32, 32, 4)
     if m <= 64:
-        return 16, 128, 64, 4
-    if dtype == torch.float32:
-        return 64, 64, 32, 4
-    return 128, 128, 32, 8
+        return Tile(16, 128, 64, 4)
+    return Tile(128, 128, 32, 8)
+
+
+def dx_tile(m: int, dtype: torch.dtype, bits: int) -> Tile:
+    """The input-gradient GEMM's tile: forward's with N and K swapped (K is the output tile
+    here, N the reduction), at least 32 rows of K (whole packed words at every bit width)."""
+    t = gemm_tile(m, dtype, bits)
+    return t._replace(block_n=t.block_k, block_k=max(t.block_n, 32))
+
+
+class GemvPlan(NamedTuple):
+    tile: Tile
+    splits: int
+    k_per_split: int
+
+
+def gemv_tile(m: int) -> Tile:
+    """The decode GEMV's tile: BLOCK_M covers all M rows."""
+    bm = triton.next_power_of_2(m)
+    if INTERPRETED:
+        return Tile(bm, 64, 64, 4)
+    # wider tiles or 8 warps leave small register spills on sm_90 (tests/test_kernels_aot.py)
+    return Tile(bm, 32, 64, 4) if bm <= 2 else Tile(bm, 64, 32, 4)
+
+
+def variant(kind: str, m: int, k: int, dtype: torch.dtype, bits: int, group: int | None) -> tuple:
+    """What decides which compiled kernel a launch runs (kind "fwd" or "dx"): the kernel, its
+    tile and ALIGNED, from the same rules as the launchers. Keys the first-use self-check."""
+    if kind == "fwd" and m <= GEMV_MAX_M:
+        t = gemv_tile(m)
+        return ("gemv", *t, _aligned(group, t.block_k, k)[0])
+    t = gemm_tile(m, dtype, bits) if kind == "fwd" else dx_tile(m, dtype, bits)
+    aligned = _aligned(group, t.block_k, k)[0]
+    if not aligned and not INTERPRETED:
+        t = gathered_tile(t, bits, kind)
+    return (kind, *t, aligned)
+
+
+def gemv_plan(m: int, n: int, k: int, programs: int) -> GemvPlan:
+    """Tile and K split of the decode GEMV for about `programs` programs in flight. The
+    [BLOCK_M, BLOCK_K, BLOCK_N] product lives in registers: ≤ 64 floats a thread."""
+    t = gemv_tile(m)
+    bn, bk = t.block_n, t.block_k
+    tiles_n = triton.cdiv(n, bn)
+    steps = triton.cdiv(k, bk)  # each split covers whole BLOCK_K steps
+    splits = max(1, min(steps, programs // max(tiles_n, 1)))
+    k_per_split = triton.cdiv(steps, splits) * bk
+    return GemvPlan(t, triton.cdiv(k, k_per_split), k_per_split)
+
+
+def gathered_tile(t: Tile, bits: int, kind: str) -> Tile:
+    """The tile when scales and zeros are gathered per row (act-order, or groups that tiles
+    straddle): those [BLOCK_K, BLOCK_N] gathers, pipelined over 3 stages, need up to 190 KB of
+    shared memory (over sm_86/89's 99 KB) and spill registers. Fewer stages (none at 3 bits)
+    and narrower output tiles keep every target within limits (tests/test_kernels_aot.py)."""
+    small = t.block_m <= 16
+    if kind == "dx":  # K is the output tile here: shorter K tiles hold fewer gathered rows
+        t = t._replace(block_k=min(t.block_k, 32 if small or bits == 3 else 64))
+    elif small or bits == 3:
+        t = t._replace(block_n=min(t.block_n, 64))
+    return t._replace(num_stages=1 if bits == 3 else 2)
 
 
 def _aligned(group: int | None, block_k: int, k: int) -> tuple[bool, int]:
@@ -327,13 +431,84 @@ def _aligned(group: int | None, block_k: int, k: int) -> tuple[bool, int]:
 
 def _check(x: Tensor, qweight: Tensor, bits: int, k: int) -> None:
     """The kernels index the packed buffers assuming contiguous rows."""
-    for t in (qweight,):
-        if not t.is_contiguous():
-            raise ValueError("packed buffers must be contiguous")
+    if not qweight.is_contiguous():
+        raise ValueError("packed buffers must be contiguous")
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"bits={bits}: the Triton kernels support 2, 3, 4 and 8")
     if qweight.shape[0] * 32 != k * bits:
         raise ValueError(f"qweight rows {qweight.shape[0]} do not hold K={k} values of {bits} bits")
+
+
+def forward_launch(x, qweight, qzeros, scales, g_idx, bits, bias, group, y) -> Launch:
+    """The GEMM Y = X · W (+ bias) into y [M, N]."""
+    m, k = x.shape
+    n = scales.shape[1]
+    t = gemm_tile(m, x.dtype, bits)
+    aligned, grp = _aligned(group, t.block_k, k)
+    if not aligned and not INTERPRETED:
+        t = gathered_tile(t, bits, "fwd")
+    args = (
+        x, qweight, qzeros, scales, g_idx, bias if bias is not None else y, y,
+        m, n, k, grp,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        qweight.stride(0), qzeros.stride(0), scales.stride(0),
+    )  # fmt: skip
+    meta = dict(
+        BITS=bits, ALIGNED=aligned, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=8,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )  # fmt: skip
+    grid = (triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n),)
+    return Launch(_qmm_fwd_kernel, grid, args, meta)
+
+
+def dx_launch(dy, qweight, qzeros, scales, g_idx, bits, group, dx) -> Launch:
+    """The GEMM dX = dY · Wᵀ into dx [M, K]."""
+    m, n = dy.shape
+    k = g_idx.shape[0]
+    t = dx_tile(m, dy.dtype, bits)
+    aligned, grp = _aligned(group, t.block_k, k)
+    if not aligned and not INTERPRETED:
+        t = gathered_tile(t, bits, "dx")
+    args = (
+        dy, qweight, qzeros, scales, g_idx, dx,
+        m, n, k, grp,
+        dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
+        qweight.stride(0), qzeros.stride(0), scales.stride(0),
+    )  # fmt: skip
+    meta = dict(
+        BITS=bits, ALIGNED=aligned, IEEE=dy.dtype == torch.float32,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=8,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )  # fmt: skip
+    grid = (triton.cdiv(m, t.block_m) * triton.cdiv(k, t.block_k),)
+    return Launch(_qmm_dx_kernel, grid, args, meta)
+
+
+def gemv_launch(x, qweight, qzeros, scales, g_idx, bits, group, plan: GemvPlan, part) -> Launch:
+    """The split-K GEMV's partial sums into part [splits, M, N] (fp32)."""
+    m, k = x.shape
+    n = scales.shape[1]
+    t = plan.tile
+    aligned, grp = _aligned(group, t.block_k, k)
+    args = (
+        x, qweight, qzeros, scales, g_idx, part,
+        m, n, k, grp, plan.k_per_split,
+        x.stride(0), x.stride(1),
+        qweight.stride(0), qzeros.stride(0), scales.stride(0),
+    )  # fmt: skip
+    meta = dict(
+        BITS=bits, ALIGNED=aligned, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )  # fmt: skip
+    return Launch(_qmv_kernel, (triton.cdiv(n, t.block_n), plan.splits), args, meta)
+
+
+def _programs(device: torch.device) -> int:
+    """Programs to keep in flight for the GEMV: ~4 per SM."""
+    if INTERPRETED:
+        return 4
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def forward(
@@ -356,19 +531,14 @@ def forward(
     _check(x, qweight, bits, k)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m <= GEMV_MAX_M:
-        return _gemv(x, qweight, qzeros, scales, g_idx, bits, bias, group, out=y)
-    bm, bn, bk, warps = _gemm_blocks(m, x.dtype)
-    aligned, grp = _aligned(group, bk, k)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _qmm_fwd_kernel[grid](
-        x, qweight, qzeros, scales, g_idx, bias if bias is not None else y, y,
-        m, n, k, grp,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        qweight.stride(0), qzeros.stride(0), scales.stride(0),
-        BITS=bits, ALIGNED=aligned, HAS_BIAS=bias is not None,
-        IEEE=x.dtype == torch.float32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps,
-    )  # fmt: skip
+        plan = gemv_plan(m, n, k, _programs(x.device))
+        part = torch.empty(plan.splits, m, n, dtype=torch.float32, device=x.device)
+        gemv_launch(x, qweight, qzeros, scales, g_idx, bits, group, plan, part).run()
+        out = part.sum(0) if plan.splits > 1 else part[0]
+        if bias is not None:
+            out = out + bias.float()
+        return y.copy_(out)
+    forward_launch(x, qweight, qzeros, scales, g_idx, bits, bias, group, y).run()
     return y
 
 
@@ -382,62 +552,9 @@ def backward_input(
     group: int | None = None,
 ) -> Tensor:
     """dX = dY · dequant(W)ᵀ for dY [M, N] -> dX [M, K] in dY's dtype."""
-    m, n = dy.shape
+    m, _ = dy.shape
     k = g_idx.shape[0]
     _check(dy, qweight, bits, k)
     dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
-    bm, bn, bk, warps = _gemm_blocks(m, dy.dtype)
-    bn, bk = bk, bn  # here K is the output tile and N the reduction
-    bk = max(bk, 32)  # whole packed words per tile at every bit width (PER ≤ 16)
-    aligned, grp = _aligned(group, bk, k)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(k, bk),)
-    _qmm_dx_kernel[grid](
-        dy, qweight, qzeros, scales, g_idx, dx,
-        m, n, k, grp,
-        dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
-        qweight.stride(0), qzeros.stride(0), scales.stride(0),
-        BITS=bits, ALIGNED=aligned, IEEE=dy.dtype == torch.float32,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps,
-    )  # fmt: skip
+    dx_launch(dy, qweight, qzeros, scales, g_idx, bits, group, dx).run()
     return dx
-
-
-def _gemv(
-    x: Tensor,
-    qweight: Tensor,
-    qzeros: Tensor,
-    scales: Tensor,
-    g_idx: Tensor,
-    bits: int,
-    bias: Tensor | None,
-    group: int | None,
-    out: Tensor,
-) -> Tensor:
-    m, k = x.shape
-    n = scales.shape[1]
-    bm = triton.next_power_of_2(m)
-    # the [BLOCK_M, BLOCK_K, BLOCK_N] product lives in registers: keep it ≤ 64 floats a thread
-    bn, bk, warps = (64, 64, 4) if bm <= 2 else (64, 32, 8)
-    if INTERPRETED:
-        bn, bk, target = 64, 64, 4
-    else:
-        target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-    tiles_n = triton.cdiv(n, bn)
-    # split K so that there are ~4 programs per SM, each over whole BLOCK_K steps
-    steps = triton.cdiv(k, bk)
-    splits = max(1, min(steps, target // max(tiles_n, 1)))
-    k_per_split = triton.cdiv(steps, splits) * bk
-    splits = triton.cdiv(k, k_per_split)
-    aligned, grp = _aligned(group, bk, k)
-    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-    _qmv_kernel[(tiles_n, splits)](
-        x, qweight, qzeros, scales, g_idx, part,
-        m, n, k, grp, k_per_split,
-        x.stride(0), x.stride(1),
-        qweight.stride(0), qzeros.stride(0), scales.stride(0),
-        BITS=bits, ALIGNED=aligned, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-    )  # fmt: skip
-    y = part.sum(0) if splits > 1 else part[0]
-    if bias is not None:
-        y = y + bias.float()
-    return out.copy_(y)

@@ -49,13 +49,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qdiablo.train.budget",
             "qdiablo.train.config",
             "qdiablo.train.adapters",
+            "qdiablo.train.fsdp_loading",
             "eval",
         ),
     ),
     ("loader: the one way to load a base", ("qdiablo.models",)),
     (
         "workflows: training and export",
-        ("qdiablo.train", "qdiablo.export"),  # every train module but the four of the core
+        ("qdiablo.train", "qdiablo.export"),  # every train module but those of the core
     ),
     (
         "top: pipeline, verbs, CLI",

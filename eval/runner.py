@@ -33,6 +33,7 @@ from eval.presets import DEFAULT_PRESET, PRESETS, EvalSettings, Preset
 from qdiablo.data import EVAL_SETS, build_prompt, encode_prompt
 from qdiablo.errors import UserError
 from qdiablo.io import read_json, write_json, write_text
+from qdiablo.outputs import OutputFolder
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +114,6 @@ def evaluate(
 
     Returns the summary. `model_info` (base, adapter, ...) is recorded and must match on resume.
     """
-    from qdiablo.outputs import OutputFolder
-
     settings = settings or EvalSettings()
     cfg = settings.resolved()
     out = Path(output_dir)

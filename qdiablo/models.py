@@ -39,6 +39,7 @@ from qdiablo.kinds import BASE_KINDS, PACKED_KINDS
 from qdiablo.manifest import is_export_folder, verify_export
 from qdiablo.nf4 import bnb_nf4_config, quantize_bnb_4bit_, require_bitsandbytes
 from qdiablo.train.adapters import load_lora
+from qdiablo.train.fsdp_loading import packed_base_on_meta
 from qdiablo.train.nf import fake_quantize_model_nf
 from quantizers.checkpoint import CheckpointError, load_quantized
 from quantizers.quant_linear import QuantLinear
@@ -332,8 +333,6 @@ def load_packed(
         )
     try:
         if torch.device(device).type == "meta":
-            from qdiablo.train.fsdp_loading import packed_base_on_meta
-
             net = packed_base_on_meta(str(folder), dtype or torch.float32, storage_dtype)
         else:
             net = load_quantized(folder, device=device, storage_dtype=storage_dtype)

@@ -27,7 +27,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from qdiablo import __version__
 from qdiablo.errors import UserError
+from qdiablo.io import write_json
 from quantizers.fileio import STAGING_PREFIX, install_entries
 
 log = logging.getLogger(__name__)
@@ -136,8 +138,6 @@ class OutputFolder:
         if exc_type is not None:
             refused = issubclass(exc_type, UserError)  # checks run before writes: nothing new
             if refused and self.previous is not None and self.marker.exists():
-                from qdiablo.io import write_json
-
                 write_json(self.marker, self.previous)  # a finished run stays marked finished
             else:
                 self._undo_if_untouched()
@@ -148,8 +148,6 @@ class OutputFolder:
         if self.entries() & self.files:
             return
         if self.previous is not None:
-            from qdiablo.io import write_json
-
             write_json(self.marker, self.previous)  # the earlier output is still whole
             return
         self.marker.unlink(missing_ok=True)
@@ -269,9 +267,6 @@ class OutputFolder:
         return data
 
     def _write_marker(self, complete: bool) -> None:
-        from qdiablo import __version__
-        from qdiablo.io import write_json
-
         write_json(
             self.marker,
             {

@@ -46,26 +46,18 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qdiablo.diablo",
             "qdiablo.nf4",
             "qdiablo.calibration",
-            "qdiablo.train",
             "qdiablo.train.nf",
             "qdiablo.train.budget",
             "qdiablo.train.config",
             "qdiablo.train.adapters",
+            "qdiablo.train.fsdp_loading",
             "eval",
         ),
     ),
     ("loader: the one way to load a base", ("qdiablo.models",)),
     (
         "workflows: training and export",
-        (
-            "qdiablo.train.bases",
-            "qdiablo.train.run",
-            "qdiablo.train.trainer",
-            "qdiablo.train.checkpoint",
-            "qdiablo.train.dataset",
-            "qdiablo.train.metrics",
-            "qdiablo.export",
-        ),
+        ("qdiablo.train", "qdiablo.export"),  # every train module but those of the core
     ),
     (
         "top: pipeline, verbs, CLI",

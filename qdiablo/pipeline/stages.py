@@ -37,6 +37,7 @@ from qdiablo.errors import UserError
 from qdiablo.flags import config_defaults
 from qdiablo.hashing import sha256_file
 from qdiablo.io import read_json, write_json, write_text
+from qdiablo.outputs import OutputFolder, marker_name
 
 log = logging.getLogger("qdiablo.pipeline")
 
@@ -229,8 +230,6 @@ class Runner:
     ) -> list[Outcome]:
         """Run the stages while holding the root folder (qdiablo.outputs: lock, marker, no
         foreign files touched), then `after()` (e.g. writing `reports`, names under root)."""
-        from qdiablo.outputs import OutputFolder
-
         stages = ordered(stages)
         self.validate(stages)
         names = {MARKER_DIR, *reports}
@@ -254,8 +253,6 @@ class Runner:
     def _adopt_legacy(self, names: set[str]) -> None:
         """A root written before output markers existed: its `stages/` folder shows this
         machinery made it, so the stage outputs it names are adopted as the verb's own."""
-        from qdiablo.outputs import marker_name
-
         if not self.markers.is_dir() or any(self.root.glob(".qdiablo-*.json")):
             return
         owned = sorted(n for n in names if (self.root / n).exists())

@@ -32,6 +32,7 @@ from qdiablo.diablo.model import (
 from qdiablo.errors import UserError
 from qdiablo.io import read_adapter_weights
 from qdiablo.train.fsdp import copy_full_, is_dtensor, trainable_named
+from quantizers.fileio import apply_umask
 
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -76,8 +77,6 @@ def save_adapter(
             model.save_pretrained(str(staged), save_embedding_layers=False, state_dict=gathered)
         else:
             raise TypeError(f"cannot save an adapter from a {type(model).__name__}")
-        from quantizers.fileio import apply_umask
-
         apply_umask(staged)  # safetensors writes 0600
         for item in staged.iterdir():
             os.replace(item, folder / item.name)

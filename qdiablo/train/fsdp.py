@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from qdiablo.errors import UserError
+from quantizers.quant_linear import QuantLinear
 
 FSDP_OPTIMIZER = "optimizer.pt"  # the unsharded optimizer state (same name as Trainer's)
 
@@ -132,8 +133,6 @@ def resident_bytes(tensors) -> int:
 
 def packed_base_bytes(model: nn.Module) -> int:
     """Bytes of the packed base (every QuantLinear's packed tensors) held by this process."""
-    from quantizers import QuantLinear
-
     return resident_bytes(
         p for m in model.modules() if isinstance(m, QuantLinear) for p in m.parameters()
     )

@@ -24,15 +24,15 @@ import torch
 from torch import nn
 
 from qdiablo.errors import UserError
+from quantizers.checkpoint import quantized_skeleton
+from quantizers.packing import zeros_v1_to_v2
+from quantizers.quant_linear import PACKED_NAMES, QuantLinear
 
 log = logging.getLogger(__name__)
 
 
 def packed_base_on_meta(folder: str, dtype: torch.dtype, storage_dtype: torch.dtype) -> nn.Module:
     """The packed model of `folder` on the meta device, float parameters typed as `dtype`."""
-    from quantizers import QuantLinear
-    from quantizers.checkpoint import quantized_skeleton
-
     model, files = quantized_skeleton(folder, storage_dtype, packed_device="meta")
     packed = {id(p) for m in model.modules() if isinstance(m, QuantLinear) for p in m.parameters()}
     for p in model.parameters():
@@ -85,8 +85,6 @@ def _packed_rows(reader: _Reader, key: str, start: int, stop: int, layer, storag
 
     A 2-D tensor keeps its rows when viewed as the storage dtype (only the last dim changes);
     a 1-D one (g_idx) does not, so its range is cut out of the bytes."""
-    from quantizers.packing import zeros_v1_to_v2
-
     if key.endswith(".g_idx"):
         size, logical = storage.itemsize, 4  # g_idx is int32 in the file
         first, last = start * size, stop * size  # the byte range this shard holds
@@ -111,8 +109,6 @@ class _FileTensor:
         return self.shape.numel()
 
     def take(self, flat_indices: torch.Tensor) -> torch.Tensor:
-        from quantizers.packing import zeros_v1_to_v2
-
         width = self.numel() // self.shape[0] if len(self.shape) else 1
         rows = {}
         for row in sorted(set((flat_indices // width).tolist())):
@@ -161,10 +157,7 @@ def _initial_adapter(name: str, param: torch.Tensor, seed: int) -> torch.Tensor:
 def shard_and_load(accelerator, model: nn.Module, base: nn.Module, seed: int) -> nn.Module:
     """Shard the meta `model` with accelerate's FSDP2 and fill each process's shards from the
     files of `base` (the meta model `packed_base_on_meta` built, now inside `model`)."""
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-
-    from quantizers import QuantLinear
-    from quantizers.quant_linear import PACKED_NAMES
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model  # deferred: slow, FSDP only
 
     files = base._qdiablo_files
     v1 = base.quant_config.checkpoint_format == "gptq"

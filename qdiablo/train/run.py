@@ -28,6 +28,7 @@ from qdiablo.diablo.targets import resolve_target_modules
 from qdiablo.errors import UserError
 from qdiablo.io import atomic_path, read_json, write_json
 from qdiablo.kinds import PACKED_KINDS
+from qdiablo.outputs import OutputFolder, remove_entry
 from qdiablo.train.adapters import (
     adapted_layers,
     attach_diablo,
@@ -36,7 +37,7 @@ from qdiablo.train.adapters import (
     trainable_parameters,
 )
 from qdiablo.train.bases import LoadedBase, load_training_base
-from qdiablo.train.budget import Budget, resolve_budget
+from qdiablo.train.budget import Budget, resolve_budget, valid_num_blocks
 from qdiablo.train.checkpoint import checkpoint_problem, latest_checkpoint, save_adapter, unwrap
 from qdiablo.train.config import (
     ADAPTER_DIR,
@@ -144,8 +145,6 @@ def resolve_resume(config: TrainConfig, output: Path) -> Path | None:
 
 def _clear_run(output: Path) -> None:
     """Remove the files of a run that never reached a checkpoint (train's own names only)."""
-    from qdiablo.outputs import remove_entry
-
     for name in (CONFIG_FILE, RESULTS_FILE, LOG_FILE, CHECKPOINT_DIR):
         if (output / name).exists():
             remove_entry(output / name)
@@ -179,8 +178,6 @@ def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget
 
 def _check_num_blocks(layers: list, num_blocks: int) -> None:
     """An N that does not divide a layer: name the layer and the valid N nearby (README)."""
-    from qdiablo.train.budget import valid_num_blocks
-
     for layer in layers:
         if layer.in_features % num_blocks or layer.out_features % num_blocks:
             valid = valid_num_blocks(layer_shapes(layers))
@@ -204,8 +201,6 @@ def train(
     `base` may be passed pre-loaded (it is modified in place: adapters are attached to it);
     `callbacks` are extra `transformers.TrainerCallback`s.
     """
-    from qdiablo.outputs import OutputFolder
-
     output = Path(config.output)
     under_fsdp = check_fsdp_launch(
         config.base, config.packed_storage, config.precision

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         f"-> Math10K eval ({'full sets' if args.full else f'first {args.limit} items per set'}) "
         f"-> export, under {root}/ ({args.threads} thread{'s' if args.threads > 1 else ''})"
     )
-    outcomes = Runner(root, args.force, isolate=True, threads=args.threads).run(stages)
+    outcomes = Runner(root, args.force, isolate=True, verb="demo", threads=args.threads).run(stages)
     print(summary_table(outcomes))
     print(comparison_table(root / "eval-base", root / "eval"))
     print(f"\nexported to {root / 'export'} (load it with qdiablo.export.load_exported)")

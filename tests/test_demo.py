@@ -30,13 +30,18 @@ def test_short_demo_runs_the_pipeline_and_resumes(tmp_path, capsys):
     assert "2" in card and "MagR" in card
     model = load_exported(out_dir / "export")
     assert sum(p.numel() for n, p in model.named_parameters() if "blocks" in n) > 0
+    # Each stage ran in its own process with one thread; its marker holds that process's peak RSS.
+    for stage in ("quantize", "eval-base", "train", "eval", "export"):
+        marker = json.loads((out_dir / "stages" / f"{stage}.json").read_text())
+        assert marker["peak_rss_of"] == "stage process" and marker["threads"] == 1
+        assert marker["peak_rss_mib"] > 100, stage
 
     assert cli.main(["demo", "--output", str(out_dir), *SHORT]) == 0
     statuses = {
         line.split()[0]: line.split()[1]
         for line in capsys.readouterr().out.splitlines()
         if line.split()[:1] in (["quantize"], ["eval-base"], ["train"], ["eval"], ["export"])
-        and len(line.split()) == 3
+        and len(line.split()) == 4
     }
     assert statuses == dict.fromkeys(
         ["quantize", "eval-base", "train", "eval", "export"], "skipped"

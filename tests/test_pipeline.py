@@ -269,3 +269,37 @@ def test_eval_nf2_base_is_the_training_nf2_base(tiny_model_dir):
     w = q["model.layers.0.mlp.up_proj.weight"].reshape(-1, 64)
     assert all(len(row.unique()) <= 4 for row in w)  # 4 NF2 levels per block of 64
     assert not torch.equal(w, p["model.layers.0.mlp.up_proj.weight"].reshape(-1, 64))
+
+
+def test_isolated_stages_record_their_own_peak_rss_and_repeat_bit_for_bit(
+    tmp_path, tiny_model_dir, math_file, task_file
+):
+    """The demo's mode: each stage in its own process with a fixed thread count. Two runs give
+    byte-identical weights, and each marker holds the stage process's peak RSS."""
+    from qdiablo.pipeline.stages import Runner, summary_table
+
+    weights = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        config = pipeline_config(
+            tmp_path / name,
+            tiny_model_dir,
+            math_file,
+            task_file,
+            train=None,
+            eval=None,
+            export=None,
+        )
+        root, stages = build_pipeline(yaml.safe_load(config.read_text()), str(config))
+        outcomes = Runner(root, isolate=True, threads=1).run(stages)
+        marker = markers(root)["quantize"]
+        assert marker["peak_rss_of"] == "stage process" and marker["threads"] == 1
+        # A Python process that imported torch and transformers holds well over 50 MiB; the
+        # parent's own figure would not come from wait4's rusage of the child.
+        assert marker["peak_rss_mib"] > 50
+        assert outcomes[0].peak_rss_mib == marker["peak_rss_mib"]
+        assert f"{marker['peak_rss_mib']:.0f}" in summary_table(outcomes)
+        weights.append(
+            b"".join(p.read_bytes() for p in sorted(root.glob("quantized/*.safetensors")))
+        )
+    assert weights[0] and weights[0] == weights[1]

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -164,6 +165,9 @@ class Outcome:
     status: str  # "ran", "resumed", "skipped"
     seconds: float
     run_id: str
+    # Peak resident memory in MiB: the stage's own process when isolated, else the whole
+    # process's high-water mark so far (which includes the stages before it).
+    peak_rss_mib: float | None = None
 
 
 def ordered(stages: Iterable[Stage]) -> list[Stage]:
@@ -194,6 +198,7 @@ class Runner:
         isolate: bool = False,
         verb: str = "run",
         overwrite: bool = False,
+        threads: int | None = None,
     ):
         self.root = Path(root)
         self.verb = verb  # whose marker the root folder carries (run, demo, compare)
@@ -203,6 +208,9 @@ class Runner:
         # isolate: each stage in its own `python -m qdiablo` process, so that peak memory is the
         # stage's own (in one process, freed memory of earlier stages stays resident).
         self.isolate = isolate
+        # threads: torch's CPU thread count for every stage. Float sums are reduced in an order
+        # that depends on it, so a fixed count makes a re-run give the same numbers.
+        self.threads = threads
         self.run_ids: dict[str, str] = {}
         self.outcomes: list[Outcome] = []
 
@@ -303,11 +311,17 @@ class Runner:
         args = {**stage.args, **(extra or {})}  # extra: e.g. train's resume=auto
         start = time.time()
         if self.isolate:
-            rc = self._subprocess(stage, args)
+            rc, peak_kib = self._subprocess(stage, args)
         else:
             namespace = parse_verb_args(stage.verb, args, stage.key) if extra else stage.namespace()
+            if self.threads:
+                import torch
+
+                torch.set_num_threads(self.threads)
             rc = namespace._run(namespace)
+            peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         seconds = time.time() - start
+        peak_mib = round(peak_kib / 1024, 1)
         gc.collect()
         if rc not in (0, None):
             raise UserError(f"{stage.key}: `qdiablo {stage.verb}` exited with status {rc}")
@@ -324,16 +338,20 @@ class Runner:
                 "output": str(stage.output),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "wall_seconds": round(seconds, 3),
+                "peak_rss_mib": peak_mib,
+                "peak_rss_of": "stage process" if self.isolate else "whole process so far",
+                "threads": self.threads,
                 "status": status,
             },
         )
         self._marker(stage, started=True).unlink(missing_ok=True)
         self.run_ids[stage.key] = run_id
-        log.info("%s: done in %.1f s", stage.key, seconds)
-        return Outcome(stage, status, seconds, run_id)
+        log.info("%s: done in %.1f s, peak RSS %.0f MiB", stage.key, seconds, peak_mib)
+        return Outcome(stage, status, seconds, run_id, peak_mib)
 
-    def _subprocess(self, stage: Stage, args: dict[str, Any]) -> int:
-        """`python -m qdiablo <verb> --config <args file>`: the verb's own YAML config path."""
+    def _subprocess(self, stage: Stage, args: dict[str, Any]) -> tuple[int, int]:
+        """`python -m qdiablo <verb> --config <args file>`: the verb's own YAML config path.
+        Returns the exit status and the process's peak RSS in KiB (from wait4's rusage)."""
         file = self.markers / f"{stage.key}.args.yaml"
         write_text(file, yaml.safe_dump({k: _plain(v) for k, v in args.items()}))
         repo = str(Path(__file__).resolve().parents[2])  # works without a pip install
@@ -341,8 +359,18 @@ class Runner:
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
         }
+        if self.threads:
+            env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
         command = [sys.executable, "-m", "qdiablo", stage.verb, "--config", str(file)]
-        return subprocess.run(command, env=env, check=False).returncode
+        child = subprocess.Popen(command, env=env)
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        except BaseException:
+            child.kill()
+            child.wait()
+            raise
+        child.returncode = os.waitstatus_to_exitcode(status)
+        return child.returncode, usage.ru_maxrss
 
     def _clear(self, stage: Stage, owned: bool) -> None:
         """Remove a stage's stale output; refuse a non-empty folder this machinery did not make."""
@@ -365,8 +393,10 @@ class Runner:
 
 
 def summary_table(outcomes: list[Outcome]) -> str:
-    """A plain-text table: stage, status, wall time."""
+    """A plain-text table: stage, status, wall time, peak RSS (MiB; "-" for a skipped stage)."""
     width = max([5, *(len(o.stage.key) for o in outcomes)])
-    lines = [f"{'stage':<{width}}  {'status':<8}  {'wall s':>8}"]
-    lines += [f"{o.stage.key:<{width}}  {o.status:<8}  {o.seconds:>8.1f}" for o in outcomes]
+    lines = [f"{'stage':<{width}}  {'status':<8}  {'wall s':>8}  {'peak RSS MiB':>12}"]
+    for o in outcomes:
+        rss = "-" if o.peak_rss_mib is None else f"{o.peak_rss_mib:.0f}"
+        lines.append(f"{o.stage.key:<{width}}  {o.status:<8}  {o.seconds:>8.1f}  {rss:>12}")
     return "\n".join(lines)

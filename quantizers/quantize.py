@@ -9,6 +9,7 @@ same result as one call per layer, with fewer, larger matrix operations.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import statistics
 import time
@@ -36,6 +37,7 @@ from quantizers.gptq import gptq_quantize
 from quantizers.magr import fast_matmul_dtype, magr
 from quantizers.packing import packable
 from quantizers.quant_linear import QuantLinear, dequantize_cache
+from quantizers.reconstruct import BlockRecon, reconstruct_block, split_holdout
 from quantizers.rtn import QuantResult, rtn_quantize
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class LayerReport:
     max_abs_before: float | None = None
     max_abs_after: float | None = None
     magr_change: float | None = None
+    damp_percent: float | None = None  # GPTQ's damping after any Cholesky retries
 
 
 @dataclass
@@ -66,6 +69,9 @@ class QuantReport:
     layers: list[LayerReport] = field(default_factory=list)
     calibration_tokens: int = 0
     seconds: float = 0.0
+    reconstruction: list[BlockRecon] = field(default_factory=list)
+    heldout_windows: int = 0  # calibration windows reconstruction held out (GPTQ saw them)
+    reconstruction_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,7 +94,50 @@ class QuantReport:
                 else f"{r.max_abs_before:.4f} → {r.max_abs_after:.4f}"
             )
             lines.append(f"| {r.name} | {r.shape[0]}×{r.shape[1]} | {err} | {mags} |")
-        return "\n".join(lines) + "\n"
+        retried = self.cholesky_fallbacks()
+        if retried:
+            lines += [
+                "",
+                f"GPTQ's Cholesky needed more damping than {self.config['damp_percent']:g} on "
+                f"{len(retried)} of {len(self.layers)} layers: "
+                + ", ".join(f"{r.name} ({r.damp_percent:g})" for r in retried),
+            ]
+        return "\n".join(lines + self._recon_markdown()) + "\n"
+
+    def cholesky_fallbacks(self, min_damp: float = 0.0) -> list[LayerReport]:
+        """GPTQ layers whose Cholesky needed more damping than configured (above min_damp)."""
+        configured = self.config.get("damp_percent")
+        return [
+            r
+            for r in self.layers
+            if r.damp_percent is not None
+            and r.damp_percent > configured
+            and r.damp_percent >= min_damp
+        ]
+
+    def _recon_markdown(self) -> list[str]:
+        if not self.reconstruction:
+            return []
+        lines = [
+            "",
+            f"Block-wise reconstruction ({self.heldout_windows} calibration windows held out; "
+            f"{self.reconstruction_seconds:.0f} s): relative squared block output error",
+            "",
+            "| block | train before → after | held-out before → after | steps | codes changed "
+            "| kept |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in self.reconstruction:
+            held = (
+                "—"
+                if r.heldout_before is None
+                else f"{r.heldout_before:.5f} → {r.heldout_after:.5f}"
+            )
+            lines.append(
+                f"| {r.name} | {r.train_before:.5f} → {r.train_after:.5f} | {held} | {r.steps} "
+                f"| {100 * r.codes_changed:.2f}% | {'yes' if r.kept else 'no (GPTQ result)'} |"
+            )
+        return lines
 
 
 def relative_output_error(
@@ -165,7 +214,12 @@ def quantize_weights(
 
 def _rows(result: QuantResult, a: int, b: int) -> QuantResult:
     return QuantResult(
-        result.codes[a:b], result.scales[:, a:b], result.zeros[:, a:b], result.g_idx, result.bits
+        result.codes[a:b],
+        result.scales[:, a:b],
+        result.zeros[:, a:b],
+        result.g_idx,
+        result.bits,
+        result.damp_percent,
     )
 
 
@@ -194,6 +248,7 @@ def _quantize_group(
     for name, lin in zip(names, layers):
         end = start + lin.out_features
         entry = LayerReport(f"{prefix}.{name}", (lin.out_features, lin.in_features))
+        entry.damp_percent = result.damp_percent
         if H is not None:
             entry.rel_error = relative_output_error(W[start:end], Q[start:end], H, fast)
         if W_magr is not None:
@@ -215,6 +270,51 @@ def _quantize_group(
             block, name, QuantLinear.from_result(_rows(result, start, end), config.group_size, bias)
         )
         start = end
+
+
+def _reconstruct(
+    block: nn.Module,
+    hidden: list[Tensor],
+    kwargs: list[dict],
+    targets: list[Tensor],
+    heldout: int,
+    config: QuantConfig,
+    calib_dtype: torch.dtype | None,
+    name: str,
+    report: QuantReport,
+) -> None:
+    rec = reconstruct_block(
+        block,
+        hidden,
+        kwargs,
+        targets,
+        heldout=heldout,
+        steps=config.recon_steps,
+        lr_code=config.recon_lr_code,
+        lr_scale=config.recon_lr_scale,
+        params=config.recon_params,
+        eval_every=config.recon_eval_every,
+        autocast_dtype=calib_dtype,
+        name=name,
+    )
+    report.reconstruction.append(rec)
+    report.reconstruction_seconds += rec.seconds
+    held = (
+        ""
+        if rec.heldout_before is None
+        else f", held-out {rec.heldout_before:.5f} -> {rec.heldout_after:.5f}"
+    )
+    log.info(
+        "%s: reconstruction %d steps in %.1f s: train error %.5f -> %.5f%s; %.2f%% codes changed%s",
+        name,
+        rec.steps,
+        rec.seconds,
+        rec.train_before,
+        rec.train_after,
+        held,
+        100 * rec.codes_changed,
+        "" if rec.kept else "; no held-out gain: GPTQ result kept",
+    )
 
 
 def _log_block(name: str, layers: list[LayerReport], bar) -> None:
@@ -274,9 +374,15 @@ def quantize_model(
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     start = time.perf_counter()
     prefix, blocks = find_decoder_blocks(model)
-    needs_data = config.method == "gptq" or config.magr or config.cd_sweeps > 0
+    needs_data = (
+        config.method == "gptq" or config.magr or config.cd_sweeps > 0 or config.reconstruct
+    )
     if needs_data or calib_data:
         check_calibration_data(calib_data)
+    heldout = 0
+    if config.reconstruct:  # same windows for GPTQ; the last ones are held out for reconstruction
+        train, held = split_holdout(calib_data, config.recon_holdout)
+        calib_data, heldout = train + held, len(held)
     use_data = bool(calib_data)
     _check_packable(blocks, prefix, config.bits)
     model_device = next(model.parameters()).device
@@ -299,6 +405,8 @@ def quantize_model(
         )
         with _autocast(device, calib_dtype):
             hidden, kwargs = capture_block_inputs(model, blocks, calib_data, device)
+        report.heldout_windows = sum(h.shape[0] for h in hidden[len(hidden) - heldout :])
+    hidden_fp = list(hidden) if config.reconstruct else None  # the full-precision model's
 
     with logging_redirect_tqdm(), torch.no_grad():
         bar = tqdm(range(len(blocks)), desc=f"quantizing W{config.bits}", unit="block")
@@ -307,6 +415,10 @@ def quantize_model(
             name = f"{prefix}.{i}"
             linears = block_linears(block, name)
             first = len(report.layers)
+            targets = None
+            if hidden_fp is not None:  # the original block (before MagR) on X_fp
+                with _autocast(device, calib_dtype):
+                    targets = run_block(copy.deepcopy(block), hidden_fp, kwargs)
             if hidden is None:
                 for layer in linears:
                     _quantize_group(block, linears, [layer], None, config, name, report)
@@ -323,6 +435,11 @@ def quantize_model(
                     for group in stage:
                         H = hessians[group[0]]
                         _quantize_group(block, linears, group, H, config, name, report)
+                if targets is not None:
+                    _reconstruct(
+                        block, hidden, kwargs, targets, heldout, config, calib_dtype, name, report
+                    )
+                    hidden_fp = targets
                 with dequantize_cache(block), _autocast(device, calib_dtype):
                     hidden = run_block(block, hidden, kwargs)
             _log_block(name, report.layers[first:], bar)
@@ -333,6 +450,15 @@ def quantize_model(
     model.quant_config = config
     model.config.quantization_config = config.quantization_config()
     model.train(was_training)
+    retried = report.cholesky_fallbacks()
+    if retried:
+        log.warning(
+            "GPTQ's Cholesky needed more damping than damp_percent=%g on %d of %d layers: %s",
+            config.damp_percent,
+            len(retried),
+            len(report.layers),
+            ", ".join(f"{r.name} ({r.damp_percent:g})" for r in retried),
+        )
     mean = report.mean_rel_error()
     log.info(
         "quantized %d layers in %.1f s%s",

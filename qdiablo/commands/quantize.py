@@ -68,6 +68,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="zero-point convention: gptq_v2 (GPTQModel's format, the default) or gptq (v1, "
         "zero-1; GPTQModel loads it only when symmetric)",
     )
+    p.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="block-wise reconstruction after GPTQ/RTN: train each block's codes and scales "
+        "against the full-precision block's outputs (same packed layout)",
+    )
+    p.add_argument(
+        "--recon-steps", type=int, default=60, help="reconstruction: Adam steps per block"
+    )
+    p.add_argument(
+        "--recon-lr-code", type=float, default=1e-2, help="reconstruction: code latent lr"
+    )
+    p.add_argument(
+        "--recon-lr-scale", type=float, default=1e-3, help="reconstruction: scale multiplier lr"
+    )
+    p.add_argument(
+        "--recon-params",
+        choices=["scales+codes", "scales", "codes"],
+        default="scales+codes",
+        help="reconstruction: what is trained",
+    )
+    p.add_argument(
+        "--recon-holdout",
+        type=float,
+        default=0.25,
+        help="reconstruction: share of calibration windows held out (early stopping, report)",
+    )
+    p.add_argument(
+        "--recon-eval-every",
+        type=int,
+        default=10,
+        help="reconstruction: steps between held-out evaluations",
+    )
     add_calibration_arguments(
         p,
         "calibration text: a .json/.jsonl Math10K file or a plain-text file "
@@ -107,6 +140,13 @@ def quant_config_from_args(args: argparse.Namespace):
             magr_solver=args.magr_solver,
             beta=args.beta,
             checkpoint_format=args.checkpoint_format,
+            reconstruct=args.reconstruct,
+            recon_steps=args.recon_steps,
+            recon_lr_code=args.recon_lr_code,
+            recon_lr_scale=args.recon_lr_scale,
+            recon_params=args.recon_params,
+            recon_holdout=args.recon_holdout,
+            recon_eval_every=args.recon_eval_every,
         )
     except ValueError as e:
         message = re.sub(
@@ -127,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} exists and is not a folder")
     tokenizer = load_tokenizer(args.model, args.gguf_file)
-    needs_data = config.method == "gptq" or config.magr or config.cd_sweeps > 0
+    needs_data = (
+        config.method == "gptq" or config.magr or config.cd_sweeps > 0 or config.reconstruct
+    )
     calib = None
     if needs_data or args.calib:
         calib = build_calibration_data(
@@ -145,9 +187,21 @@ def run(args: argparse.Namespace) -> int:
     mean = report.mean_rel_error()
     print(
         f"quantized {len(report.layers)} layers to {config.bits} bits "
-        f"(group size {config.group_size}, {config.method}{' + MagR' if config.magr else ''}) "
+        f"(group size {config.group_size}, {config.method}{' + MagR' if config.magr else ''}"
+        f"{' + reconstruction' if config.reconstruct else ''}) "
         f"in {report.seconds:.0f} s"
         + ("" if mean is None else f"; mean relative output error {mean:.4f}")
     )
+    if report.reconstruction:
+        kept = [r for r in report.reconstruction if r.kept]
+        print(
+            f"reconstruction: {len(kept)} of {len(report.reconstruction)} blocks improved on "
+            f"{report.heldout_windows} held-out windows, in {report.reconstruction_seconds:.0f} s"
+        )
+    retried = report.cholesky_fallbacks()
+    if retried:
+        print(
+            f"GPTQ's Cholesky needed more damping on {len(retried)} of {len(report.layers)} layers"
+        )
     print(f"saved to {output}")
     return 0

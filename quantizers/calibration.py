@@ -216,8 +216,11 @@ def collect_hessians(
     """H = XᵀX / n (float32) of the first layer of each group; the forward pass stops right after
     the last group's input has been seen.
 
-    product_dtype: compute each batch's XᵀX in this dtype (e.g. bfloat16, ~4x faster on CPU),
-    still summing the batches in float32."""
+    product_dtype: round the inputs X to this dtype (e.g. bfloat16, what an autocast forward
+    feeds the layer anyway); XᵀX itself is always computed and summed in float32. Rounding the
+    product to bfloat16 instead (2-3x faster on CPU) perturbs every entry by up to 2⁻⁹ of its
+    size, which made H indefinite beyond GPTQ's 1% damping on SmolLM2's o_proj inputs (their
+    diagonal spans four orders of magnitude; benchmarks/hessians_smollm2.py)."""
     firsts = [g[0] for g in groups]
     stop_at = groups[-1][-1]
     H: dict[str, Tensor] = {}
@@ -228,12 +231,8 @@ def collect_hessians(
         if name not in H:
             H[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
             count[name] = 0
-        if product_dtype is None:
-            x = x.float()
-            H[name].addmm_(x.t(), x)
-        else:
-            x = x.to(product_dtype)
-            H[name] += (x.t() @ x).float()
+        x = x.float() if product_dtype is None else x.to(product_dtype).float()
+        H[name].addmm_(x.t(), x)
         count[name] += x.shape[0]
 
     def hook(name: str):

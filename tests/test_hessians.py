@@ -1,0 +1,72 @@
+"""Calibration Hessians stay positive semi-definite with bfloat16 forwards, and GPTQ's Cholesky
+retries are reported per layer."""
+
+import torch
+from conftest import make_tiny_llama
+from test_quantize_model import calibration
+
+from quantizers import QuantConfig, quantize_model
+from quantizers.calibration import (
+    block_linears,
+    capture_block_inputs,
+    collect_hessians,
+    find_decoder_blocks,
+    input_groups,
+)
+from quantizers.gptq import damped_inverse_cholesky
+from quantizers.quantize import LayerReport, QuantReport
+
+
+def test_bf16_calibration_hessians_are_float32_grams_of_the_rounded_inputs():
+    model = make_tiny_llama()
+    with torch.no_grad():  # an outlier input channel, as real LLMs have: a wide diagonal
+        model.model.layers[0].input_layernorm.weight[3] = 300.0
+    _, blocks = find_decoder_blocks(model)
+    block = blocks[0]
+    linears = block_linears(block, "model.layers.0")
+    seen = []
+    q_proj = linears["self_attn.q_proj"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden, kwargs = capture_block_inputs(model, blocks, calibration(), torch.device("cpu"))
+        groups = input_groups(block, linears, hidden[0], kwargs[0])
+        H = collect_hessians(block, linears, groups[:1], hidden, kwargs, torch.bfloat16)
+        handle = q_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+        for h, kw in zip(hidden, kwargs):
+            block(h, **kw)
+        handle.remove()
+    X = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen]).to(torch.bfloat16)
+    reference = X.double().t() @ X.double() / X.shape[0]  # independent: float64 Gram
+    H = H["self_attn.q_proj"].double()
+    assert torch.allclose(H, reference, rtol=1e-5, atol=1e-7 * float(reference.diagonal().max()))
+    assert float(torch.linalg.eigvalsh(H)[0]) >= -1e-6 * float(H.diagonal().mean())
+    # What the old code computed (each batch's XᵀX rounded to bf16) is off by far more.
+    n = X.shape[0] // len(seen)
+    rounded = sum((X[i : i + n].t() @ X[i : i + n]).double() for i in range(0, X.shape[0], n))
+    assert float((rounded / X.shape[0] - reference).abs().max()) > 100 * float(
+        (H - reference).abs().max()
+    )
+
+
+def test_damped_cholesky_reports_the_damping_it_needed():
+    torch.manual_seed(0)
+    A = torch.randn(32, 32)
+    H = A @ A.t() / 32
+    shift = 0.05 * float(H.diagonal().mean())
+    H -= (float(torch.linalg.eigvalsh(H)[0]) + shift) * torch.eye(32)  # min eigenvalue −shift
+    _, damp = damped_inverse_cholesky(H, 0.01)
+    assert damp == 0.1
+    _, damp = damped_inverse_cholesky(H + shift * 2 * torch.eye(32), 0.01)
+    assert damp == 0.01
+
+
+def test_quantization_report_lists_cholesky_retries():
+    report = QuantReport(config=QuantConfig().to_dict())
+    report.layers = [
+        LayerReport("a", (8, 8), damp_percent=0.01),
+        LayerReport("b", (8, 8), damp_percent=1.0),
+        LayerReport("c", (8, 8), damp_percent=None),
+    ]
+    assert [r.name for r in report.cholesky_fallbacks()] == ["b"]
+    assert "Cholesky needed more damping than 0.01 on 1 of 3 layers: b (1)" in report.to_markdown()
+    model = quantize_model(make_tiny_llama(), calibration(), QuantConfig(bits=4, group_size=32))
+    assert all(r.damp_percent == 0.01 for r in model.quantization_report.layers)

@@ -155,3 +155,21 @@ def test_quantize_cli_reconstruct_flags(tiny_model_dir, tmp_path, capsys):
     assert cli.main(bad) != 0
     assert "--recon-holdout" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_compare_grid_adds_the_recon_method_by_name(tmp_path, tiny_model_dir, math_file):
+    from test_compare import grid_config
+
+    from qdiablo.pipeline.compare import build_grid
+
+    data = grid_config(tmp_path, tiny_model_dir, math_file, methods=[{"name": "MagR-DiaBlo+recon"}])
+    grid = build_grid(data, "c.yaml")
+    cells = {c.method.name: c for c in grid.cells}
+    assert "MagR-DiaBlo+recon" in cells and "MagR-DiaBlo" in cells
+    recon, plain = cells["MagR-DiaBlo+recon"], cells["MagR-DiaBlo"]
+    assert recon.base.namespace().reconstruct is True
+    assert plain.base.namespace().reconstruct is False
+    assert recon.base.key != plain.base.key and "recon" in recon.base.key
+    assert recon.train.args["adapter"] == "diablo"
+    default = build_grid(grid_config(tmp_path, tiny_model_dir, math_file), "c.yaml")
+    assert "MagR-DiaBlo+recon" not in {c.method.name for c in default.cells}

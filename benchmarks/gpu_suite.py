@@ -157,8 +157,7 @@ def pack_linears_(model: nn.Module, bits: int, group_size: int) -> int:
         new = random_quant_linear(
             old.in_features, old.out_features, bits, group_size, old.weight.device, seed=i
         )
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, new)
+        model.set_submodule(name, new)
         del old
     return len(names)
 
@@ -350,7 +349,7 @@ def run_decode(args, device: torch.device) -> dict:
                 b.numel() * b.element_size()
                 for b in (layer.qweight, layer.qzeros, layer.scales, layer.g_idx)
             )
-            group = layer._groups()
+            group = layer.contiguous_group_size()
             backend = kernels.select(x, bits)
             if backend == "triton":
                 bufs = (layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits, None, group)

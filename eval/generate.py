@@ -27,6 +27,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
+
+from quantizers import dequantize_cache
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +91,6 @@ def _dequantized_once(model) -> Iterator[None]:
     if not has_quantized_layers(model):
         yield
         return
-    from quantizers import dequantize_cache
-
     with dequantize_cache(model):
         yield
 
@@ -127,7 +128,7 @@ def greedy_batch(
     Returns, per prompt in input order, the generated ids (EOS excluded) and why it stopped.
     Call it inside `inference_context(model)`.
     """
-    from transformers import DynamicCache
+    from transformers import DynamicCache  # deferred: seconds to import
 
     if any(len(p) == 0 for p in prompts):
         raise ValueError("cannot generate from an empty prompt")
@@ -239,8 +240,6 @@ def iter_generate(
 
     Results come batch by batch (not in input order), so that a caller can save them as it goes.
     """
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(prompts), desc=desc, unit="ex", disable=not progress, leave=False)
     try:
         with inference_context(model):

@@ -1,4 +1,4 @@
-"""Math10K test sets as evaluation tasks, and the scoring rules of DESIGN.md §4.
+"""Math10K test sets as evaluation tasks, and the scoring rules of docs/math10k.md §6.
 
 Scoring looks at the generated response only (never the prompt):
 

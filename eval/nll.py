@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from eval.generate import batch_order, inference_context
 from qdiablo.data import IGNORE_INDEX, MathRecord, encode_example, reference_response
@@ -132,8 +133,6 @@ def iter_reference_nll(
     desc: str = "reference NLL",
 ) -> Iterator[list[TokenNLL]]:
     """Teacher-forced NLL of each record's reference response, yielded batch by batch."""
-    from tqdm.auto import tqdm
-
     examples = encode_references(tokenizer, records, template, reference, max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     bar = tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress, leave=False)

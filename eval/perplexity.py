@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdiablo.data import load_test_set
 from quantizers import dequantize_cache
 
 
@@ -74,8 +75,6 @@ def math10k_texts(name: str, with_output: bool = True) -> list[str]:
     """Texts from a vendored Math10K test set: the question, plus the file's worked solution
     when `with_output`. Those solutions are model-written rationales (and may be wrong): fine as
     text to measure perplexity on, never to train on."""
-    from qdiablo.data import load_test_set
-
     texts = []
     for r in load_test_set(name):
         text = r.instruction.strip()

@@ -77,7 +77,8 @@ def _check_run_file(out: Path, identity: dict[str, Any], overwrite: bool) -> Non
     write_json(path, {"format_version": FORMAT_VERSION, "identity": identity})
 
 
-def _safe_name(name: str) -> str:
+def safe_name(name: str) -> str:
+    """A task name as a file stem: `<stem>.jsonl` holds the task's per-example rows."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
@@ -127,7 +128,7 @@ def evaluate(
     timings: dict[str, Any] = {}
     for task in tasks:
         records = task.records[: cfg["limit"]] if cfg["limit"] else task.records
-        stem = _safe_name(task.name)
+        stem = safe_name(task.name)
         timing: dict[str, Any] = {}
         scores = None
         if cfg["generate"]:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from qdiablo.data import DEFAULT_TEMPLATE, build_prompt, load_shipped_train_records, read_records
 from qdiablo.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ def build_calibration_data(
 ) -> list[Tensor]:
     """Calibration batches (a list of LongTensor [batch, seq_len]) from a source: texts joined
     with EOS and cut into `num_samples` windows of `seq_len` tokens."""
-    from quantizers import tokenize_calibration
+    from quantizers import tokenize_calibration  # deferred: torch, off the `--help` path
 
     texts = calibration_texts(source, template)
     where = "the shipped Math10K subset" if source is None else str(source)

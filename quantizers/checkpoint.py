@@ -6,8 +6,8 @@
     tokenizer files        when a tokenizer is given
     quantization_report.json/.md  the per-layer report of quantize_model, when there is one
 
-Zero points: `checkpoint_format` "gptq" (v1, the default) stores zero − 1 in qzeros; "gptq_v2"
-stores the zero as is. QuantLinear holds v2 in memory; saving and loading convert. Writes are
+Zero points: `checkpoint_format` "gptq_v2" (the default) stores the zero as is; "gptq" (v1)
+stores zero − 1 in qzeros. QuantLinear holds v2 in memory; saving and loading convert. Writes are
 atomic (a temporary folder beside the target, renamed into place); loading is strict and names
 the file and tensor of anything missing, extra, truncated or mismatched.
 """
@@ -18,16 +18,16 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from quantizers.config import QuantConfig
+from quantizers.fileio import atomic_path, read_json, write_json
 from quantizers.packing import zeros_v1_to_v2, zeros_v2_to_v1
 from quantizers.quant_linear import QuantLinear
 
@@ -44,28 +44,6 @@ CORE_KEYS = ("bits", "group_size", "sym", "desc_act", "checkpoint_format", "quan
 
 class CheckpointError(ValueError):
     """A quantized checkpoint is missing, malformed, truncated or does not match its config."""
-
-
-@contextlib.contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path`, else it vanishes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "payload")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _quant_config_of(model: nn.Module) -> QuantConfig:
@@ -94,8 +72,6 @@ def _unique_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
     """Write `model` (quantized by quantize_model or loaded by load_quantized) as a HF folder."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     config = _quant_config_of(model)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -110,7 +86,8 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
             state[f"{name}.qzeros"] = zeros_v2_to_v1(m.qzeros.cpu(), m.bits, m.out_features, name)
     state = {k: v.cpu() for k, v in state.items()}
     entry = config.quantization_config()
-    with _atomic_dir(directory) as tmp:
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         previous = getattr(model.config, "quantization_config", None)
         model.config.quantization_config = entry
@@ -122,10 +99,10 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
         if generation is not None:
             with contextlib.suppress(Exception):
                 generation.save_pretrained(tmp)
-        _write_json(tmp / QUANTIZE_CONFIG_NAME, entry)
+        write_json(tmp / QUANTIZE_CONFIG_NAME, entry)
         report = getattr(model, "quantization_report", None)
         if report is not None:
-            _write_json(tmp / REPORT_NAME, report.to_dict())
+            write_json(tmp / REPORT_NAME, report.to_dict())
             (tmp / REPORT_MD_NAME).write_text(report.to_markdown(), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -141,12 +118,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from e
+    data = read_json(path, what="file", error=CheckpointError)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
@@ -178,29 +150,48 @@ def _config_from_entry(entry: dict[str, Any], where: str) -> QuantConfig:
 
 
 def _read_header(file: Path) -> dict[str, dict[str, Any]]:
-    """Parse a safetensors header and check every tensor's bytes are inside the file."""
+    """Each tensor's shape and safetensors dtype, read by safetensors without loading any data.
+
+    safetensors refuses a file whose tensors do not all lie inside it; the error then names the
+    file and, when it was cut short, the first tensor whose bytes are missing."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            names = f.keys()  # a safe_open handle is not iterable
+            slices = {name: f.get_slice(name) for name in names}
+            return {
+                name: {"shape": list(s.get_shape()), "dtype": s.get_dtype()}
+                for name, s in slices.items()
+            }
+    except SafetensorError as e:
+        raise CheckpointError(_damage(file, e)) from e
+
+
+def _damage(file: Path, error: Exception) -> str:
+    """What is wrong with a file safetensors refused, read from its raw header."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"{file}: truncated: {size} bytes, no safetensors header")
+            return f"{file}: truncated: {size} bytes, no safetensors header"
         n = int.from_bytes(head, "little")
         if n > size - 8:
-            raise CheckpointError(f"{file}: truncated: the header alone needs {n} bytes")
+            return f"{file}: truncated: the header alone needs {n} bytes"
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{file}: malformed safetensors header: {e}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"{file}: malformed safetensors header ({error})"
     header.pop("__metadata__", None)
     data = size - 8 - n
-    for name, info in header.items():
-        begin, end = info["data_offsets"]
+    cut = sorted(
+        (info["data_offsets"][1], name) for name, info in header.items() if isinstance(info, dict)
+    )
+    for end, name in cut:
         if end > data:
-            raise CheckpointError(
-                f"{file}: tensor '{name}' is truncated: it needs bytes {begin}..{end} of the "
-                f"data section, which holds only {data} (the file was cut short)"
+            return (
+                f"{file}: tensor '{name}' is truncated: it needs bytes up to {end} of the data "
+                f"section, which holds only {data} (the file was cut short)"
             )
-    return header
+    return f"{file}: not a valid safetensors file ({error})"
 
 
 _SAFETENSORS_DTYPES = {
@@ -241,8 +232,8 @@ def load_quantized(
     dtype: cast the unquantized weights (embeddings, norms, lm_head, biases); packed tensors and
     fp16 scales stay as stored. Default: as stored.
     """
+    # Deferred: transformers and accelerate take seconds to import; only loading needs them.
     from accelerate import init_empty_weights
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
@@ -308,8 +299,7 @@ def load_quantized(
             )
         except ValueError as e:
             raise CheckpointError(f"{name}: {e}") from e
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q)
+        model.set_submodule(name, q)
 
     expected = model.state_dict(keep_vars=True)
     tied = _tied_keys(model, set(headers))

@@ -27,13 +27,19 @@ def default_beta(bits: int, group_size: int) -> float:
 
 @dataclass
 class QuantConfig:
-    """How to quantize a model's decoder blocks (DESIGN.md §1, §7)."""
+    """How to quantize a model's decoder blocks (docs/gptq.md, docs/magr.md).
+
+    Each field's metadata (`help`, and `choices` where the values are few) is also the source of
+    `qdiablo quantize`'s flags."""
 
     method: str = field(
         default="gptq",
-        metadata={"help": "'gptq' (error-compensating, needs calibration data) or 'rtn'"},
+        metadata={
+            "help": "'gptq' (error-compensating, needs calibration data) or 'rtn'",
+            "choices": METHODS,
+        },
     )
-    bits: int = field(default=4, metadata={"help": "bits per weight: 2, 3, 4 or 8"})
+    bits: int = field(default=4, metadata={"help": "bits per weight", "choices": BITS})
     group_size: int = field(
         default=128,
         metadata={
@@ -94,7 +100,10 @@ class QuantConfig:
     )
     magr_solver: str = field(
         default="fista",
-        metadata={"help": "'fista' (accelerated, default) or 'plain' proximal gradient"},
+        metadata={
+            "help": "'fista' (accelerated) or 'plain' proximal gradient",
+            "choices": MAGR_SOLVERS,
+        },
     )
     beta: float | None = field(
         default=None,
@@ -124,7 +133,7 @@ class QuantConfig:
     )
     recon_params: str = field(
         default="scales+codes",
-        metadata={"help": "reconstruction: what is trained: 'scales+codes', 'scales' or 'codes'"},
+        metadata={"help": "reconstruction: what is trained", "choices": RECON_PARAMS},
     )
     recon_holdout: float = field(
         default=0.25,
@@ -143,7 +152,8 @@ class QuantConfig:
             "help": "zero-point convention written: 'gptq_v2' (stores the zero as is; GPTQModel's "
             "own format) or 'gptq' (v1, stores zero−1; qdiablo then keeps zeros >= 1 so nothing "
             "wraps). GPTQModel refuses asymmetric v1 checkpoints that it did not write itself, "
-            "so v2 is the default"
+            "so v2 is the default",
+            "choices": CHECKPOINT_FORMATS,
         },
     )
 

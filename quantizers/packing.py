@@ -1,4 +1,4 @@
-"""Bit packing of the GPTQ checkpoint layout (DESIGN.md §2).
+"""Bit packing of the GPTQ checkpoint layout (docs/formats.md §1-§3).
 
 Integers of `bits` bits are packed into int32 words as one little-endian bit stream: value i
 occupies bits [i·bits, (i+1)·bits) of the stream, word w holds stream bits [32w, 32w+32). For

@@ -183,7 +183,7 @@ class QuantLinear(nn.Module):
             self.g_idx,
             self.bits,
             dtype or torch.float32,
-            self._groups(),
+            self.contiguous_group_size(),
         )
         return w.t()
 
@@ -206,16 +206,23 @@ class QuantLinear(nn.Module):
                     self.g_idx,
                     self.bits,
                     x.dtype,
-                    self._groups(),
+                    self.contiguous_group_size(),
                 )
             y = x @ self._cache
             return y if self.bias is None else y + self.bias.to(y.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return _QuantMatmul.apply(
-            x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, bias, self._groups()
+            x,
+            self.qweight,
+            self.qzeros,
+            self.scales,
+            self.g_idx,
+            self.bits,
+            bias,
+            self.contiguous_group_size(),
         )
 
-    def _groups(self) -> int | None:
+    def contiguous_group_size(self) -> int | None:
         """The group size if g_idx has no act-order (else None), for the fast paths of the
         Triton kernels and of `dequantize_packed`. Cached while g_idx is the same tensor at the
         same version (a state-dict load bumps it), so the check (a device sync on GPU) happens

@@ -223,12 +223,6 @@ def _rows(result: QuantResult, a: int, b: int) -> QuantResult:
     )
 
 
-def _replace(block: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = block.get_submodule(parent_name) if parent_name else block
-    setattr(parent, child, new)
-
-
 def _quantize_group(
     block: nn.Module,
     linears: dict[str, nn.Linear],
@@ -266,9 +260,8 @@ def _quantize_group(
             f" (output change {entry.magr_change:.4f})",
         )
         bias = lin.bias.detach() if lin.bias is not None else None
-        _replace(
-            block, name, QuantLinear.from_result(_rows(result, start, end), config.group_size, bias)
-        )
+        packed = QuantLinear.from_result(_rows(result, start, end), config.group_size, bias)
+        block.set_submodule(name, packed)
         start = end
 
 

@@ -189,13 +189,20 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
     assert trainable.num_trainable_parameters() == model.num_trainable_parameters()
 
 
-def test_safetensors_keys_are_module_paths():
+def test_safetensors_keys_are_module_paths(tmp_path):
     from safetensors.torch import load_file
 
     model = get_diablo_model(make_tiny_llama(), DiaBloConfig(num_blocks=8))
-    assert "model.layers.0.self_attn.q_proj.blocks" in model.adapter_state_dict()
-    assert len(model.adapter_state_dict()) == 2 * len(TARGETS)
-    del load_file
+    model.save_pretrained(tmp_path / "adapter")
+    stored = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    expected = {
+        f"model.layers.{i}.{part}.{name}.blocks"
+        for i in range(2)
+        for part, names in (("self_attn", TARGETS[:3]), ("mlp", TARGETS[3:]))
+        for name in names
+    }
+    assert set(stored) == expected
+    assert stored["model.layers.0.self_attn.q_proj.blocks"].shape == (8, 64 // 8, 64 // 8)
 
 
 def _saved(tmp_path, config=None, seed=0):
@@ -223,8 +230,18 @@ def test_load_onto_another_base_is_refused_unless_forced(tmp_path):
 
 
 def test_a_bf16_copy_of_the_same_base_has_the_same_fingerprint(tmp_path):
+    from safetensors.torch import load_file
+
     path = _saved(tmp_path)
-    DiaBloModel.from_pretrained(make_tiny_llama().to(torch.bfloat16), path)
+    fp32, bf16 = make_tiny_llama(), make_tiny_llama().to(torch.bfloat16)
+    targets = diablo_model.find_targets(fp32, DiaBloConfig())
+    assert diablo_model.base_fingerprint(bf16, targets) == diablo_model.base_fingerprint(
+        fp32, targets
+    )
+    model = DiaBloModel.from_pretrained(bf16, path)  # no force: the fingerprint check passes
+    saved, loaded = load_file(path / "adapter_model.safetensors"), model.adapter_state_dict()
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k], saved[k]) and loaded[k].dtype == torch.float32 for k in saved)
 
 
 def test_mismatched_num_blocks_names_the_layer(tmp_path):
@@ -277,7 +294,7 @@ def test_a_failed_save_leaves_no_folder_and_keeps_the_old_one(tmp_path, monkeypa
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", crash)
+    monkeypatch.setattr("qdiablo.diablo.model.save_file", crash)
     with pytest.raises(OSError):
         model.save_pretrained(path)
     with pytest.raises(OSError):

@@ -8,7 +8,8 @@ import torch
 from eval.math10k import resolve_tasks
 from eval.nll import aggregate, reference_nll
 from qdiablo import cli
-from qdiablo.models import BASE_QUANT_CHOICES, load_adapter, load_base, load_model
+from qdiablo.kinds import BASE_KINDS, QUANT_FLAG_KINDS
+from qdiablo.models import load_adapter, load_base, load_model
 
 ARGS = ["--max-new-tokens", "3", "--limit", "2", "--batch-size", "2", "--no-progress"]
 
@@ -78,7 +79,8 @@ def test_eval_with_diablo_adapter_plain_and_merged(tiny_model_dir, tmp_path, tok
 
 
 def test_eval_with_lora_adapter(tiny_model_dir, tmp_path, tokenizer):
-    from peft import LoraConfig, get_peft_model
+    peft = pytest.importorskip("peft")
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
     adapter = tmp_path / "lora"
     config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -95,7 +97,7 @@ def test_eval_with_lora_adapter(tiny_model_dir, tmp_path, tokenizer):
 
 def test_nf4_base_loads_with_bitsandbytes_and_evaluates(tiny_model_dir, tmp_path, tokenizer):
     pytest.importorskip("bitsandbytes")
-    model = load_base(str(tiny_model_dir), quant="nf4")
+    model = load_base(str(tiny_model_dir), "nf4")
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     fp = direct_nll(load_model(str(tiny_model_dir)), tokenizer)
     nf4 = direct_nll(model, tokenizer)
@@ -120,7 +122,7 @@ def test_quantized_folder_loads_packed_and_evaluates(tiny_model_dir, tmp_path, t
     rc, summary = run_eval(tmp_path, "--model", str(folder), "--tasks", "SVAMP")
     assert rc == 0 and summary["tasks"]["SVAMP"]["nll"] == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="already quantized"):
-        load_base(str(folder), quant="nf4")
+        load_base(str(folder), "nf4")
 
 
 @pytest.mark.parametrize(
@@ -168,10 +170,18 @@ def test_yaml_config_and_custom_task_file(tiny_model_dir, tmp_path):
     assert row["prompt"].startswith("<|im_start|>user\n")
 
 
-def test_quant_choices_match_the_loader():
-    from qdiablo.commands import eval as eval_command
-
-    assert eval_command.BASE_QUANT_CHOICES == BASE_QUANT_CHOICES
+def test_quant_and_base_flags_map_onto_the_loaders_kinds():
+    """eval's --quant and train's --base are two spellings of the one loader vocabulary."""
+    _, verbs = cli.build_parser()
+    flags = {
+        a.dest: a
+        for v in ("eval", "train")
+        for a in verbs[v]._actions
+        if a.dest in ("quant", "base")
+    }
+    assert tuple(flags["quant"].choices) == tuple(QUANT_FLAG_KINDS)
+    assert set(QUANT_FLAG_KINDS.values()) <= set(BASE_KINDS)
+    assert set(flags["base"].choices) == set(BASE_KINDS) - {"auto"}
 
 
 def test_load_adapter_rejects_unknown_folders(tmp_path):

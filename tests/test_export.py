@@ -14,6 +14,7 @@ import shutil
 import pytest
 import torch
 from conftest import make_tiny_llama, make_tokenizer
+from huggingface_hub import ModelCard
 
 from qdiablo import cli
 from qdiablo.errors import UserError
@@ -115,7 +116,7 @@ def test_merged_folder_is_plain_transformers_with_the_adapted_logits(pipeline, e
     assert "quantization_config" not in cfg and cfg["dtype"] == "float32"
     merged = AutoModelForCausalLM.from_pretrained(exported / "merged")
     assert not any(isinstance(m, QuantLinear) for m in merged.modules())
-    # DESIGN §1: W + Dᵀ with W the dequantized base weight (exactly, in float32).
+    # docs/diablo.md §5: W + Dᵀ with W the dequantized base weight (exactly, in float32).
     layer = adapted.get_base_model().model.layers[1].mlp.down_proj
     D = torch.block_diag(*layer.blocks.detach())  # (in, out): block i maps slice i to slice i
     want = layer.base_layer.dequantize_weight() + D.t()
@@ -235,6 +236,20 @@ def test_model_card_records_quantizer_training_and_scores(pipeline, exported):
     ):
         assert text in card, text
     assert "## Notes" not in card  # the train run and eval are of this very adapter
+    # the YAML header the Hub reads: no base_model (no Hub id recorded), no library_name: peft
+    meta = ModelCard.load(exported / "README.md").data.to_dict()
+    assert "base_model" not in meta and "library_name" not in meta
+    assert {"qdiablo", "diablo", "gptq", "4-bit", "magr"} <= set(meta["tags"])
+    assert meta["quantization"] == {
+        "quant_method": "gptq",
+        "method": "gptq",
+        "bits": 4,
+        "group_size": 32,
+        "sym": False,
+        "desc_act": False,
+        "checkpoint_format": "gptq_v2",
+        "magr": True,
+    }
 
 
 def test_overwrite_and_a_failure_midway_leave_no_partial_export(pipeline, tmp_path, monkeypatch):
@@ -270,6 +285,7 @@ def test_cli_end_to_end(pipeline, tmp_path, capsys):
     argv += ["--base-model-name", "org/tiny-llama"]
     assert cli.main([*argv, "--merged-dtype", "bfloat16", "--method", "rtn", "--no-magr"]) == 0
     assert "- name: org/tiny-llama" in (out / "README.md").read_text()
+    assert ModelCard.load(out / "README.md").data.base_model == "org/tiny-llama"
     assert "exported adapter, base, merged, merged-gptq" in capsys.readouterr().out
     assert json.loads((out / "merged/config.json").read_text())["dtype"] == "bfloat16"
     qc = json.loads((out / "merged-gptq/quantize_config.json").read_text())
@@ -290,6 +306,7 @@ def test_eval_accepts_an_export_folder(exported, tmp_path, capsys):
 
 
 def test_a_peft_lora_adapter_exports_unmerged_and_the_card_says_so(pipeline, tmp_path):
+    pytest.importorskip("peft")
     from qdiablo.train.adapters import attach_lora
 
     base = load_quantized(pipeline["base"])
@@ -304,3 +321,5 @@ def test_a_peft_lora_adapter_exports_unmerged_and_the_card_says_so(pipeline, tmp
     assert torch.equal(_logits(load_exported(out)), _logits(lora.eval()))
     card = (out / "README.md").read_text()
     assert "a PEFT LORA adapter" in card and "no base fingerprint" in card
+    meta = ModelCard.load(out / "README.md").data
+    assert meta.library_name == "peft" and "lora" in meta.tags

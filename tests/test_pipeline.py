@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import yaml
 
 from qdiablo import cli
 from qdiablo.errors import UserError
-from qdiablo.pipeline.run import build_pipeline
+from qdiablo.pipeline.run import build_pipeline, run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +71,14 @@ def run(config: Path, *extra: str) -> int:
     return cli.main(["run", str(config), *extra])
 
 
+def statuses(outcomes) -> dict[str, str]:
+    """What run_pipeline did to each stage: "ran", "resumed" or "skipped"."""
+    return {o.stage.key: o.status for o in outcomes}
+
+
 def test_run_end_to_end_then_skip_rerun_and_resume(
-    tmp_path, tiny_model_dir, math_file, task_file, caplog, capsys
+    tmp_path, tiny_model_dir, math_file, task_file, capsys
 ):
-    caplog.set_level(logging.INFO, logger="qdiablo.pipeline")
     config = pipeline_config(tmp_path, tiny_model_dir, math_file, task_file)
     out = tmp_path / "out"
     stages = ["quantize", "train", "eval", "export"]
@@ -98,20 +101,18 @@ def test_run_end_to_end_then_skip_rerun_and_resume(
     assert len(first["quantize"]["hash"]) == 64
 
     # 1. Nothing changed: every stage is skipped, the markers are untouched.
-    caplog.clear()
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")}
-    assert run(config) == 0
-    for s in stages:
-        assert f"{s}: up to date, skipped" in caplog.text
+    assert statuses(run_pipeline(config)) == dict.fromkeys(stages, "skipped")
     assert {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")} == mtimes
     assert markers(out) == first
 
     # 2. A train key changed: train, eval (and export) re-run; quantize does not.
-    caplog.clear()
     config = pipeline_config(tmp_path, tiny_model_dir, math_file, task_file, train={"seed": 7})
-    assert run(config) == 0
+    assert statuses(run_pipeline(config)) == {
+        "quantize": "skipped",
+        **dict.fromkeys(stages[1:], "ran"),
+    }
     second = markers(out)
-    assert "quantize: up to date, skipped" in caplog.text
     assert second["quantize"] == first["quantize"]
     for s in stages[1:]:
         assert second[s]["run_id"] != first[s]["run_id"], s
@@ -121,38 +122,33 @@ def test_run_end_to_end_then_skip_rerun_and_resume(
 
     # 3. An interrupted eval (started, no marker): it re-runs, resuming its finished items;
     #    the stages before it are skipped.
-    caplog.clear()
     (out / "stages" / "eval.json").unlink()
     (out / "stages" / "eval.started.json").write_text(
         json.dumps({"hash": second["eval"]["hash"], "inputs": second["eval"]["inputs"]})
     )
-    assert run(config) == 0
+    done = statuses(run_pipeline(config))
+    assert done == {"quantize": "skipped", "train": "skipped", "eval": "resumed", "export": "ran"}
     third = markers(out)
-    assert "train: up to date, skipped" in caplog.text
-    assert "eval: resuming" in caplog.text
     assert third["eval"]["run_id"] != second["eval"]["run_id"]
     assert third["eval"]["status"] == "resumed"
     assert third["train"] == second["train"]
     assert not (out / "stages" / "eval.started.json").exists()
 
     # 4. An interrupted train with a checkpoint resumes from it (--resume auto).
-    caplog.clear()
     (out / "stages" / "train.json").unlink()
     (out / "stages" / "train.started.json").write_text(
         json.dumps({"hash": third["train"]["hash"], "inputs": third["train"]["inputs"]})
     )
-    assert run(config) == 0
+    assert statuses(run_pipeline(config))["train"] == "resumed"
     fourth = markers(out)
-    assert "train: resuming" in caplog.text and fourth["train"]["status"] == "resumed"
+    assert fourth["train"]["status"] == "resumed"
     assert fourth["eval"]["run_id"] != third["eval"]["run_id"]  # downstream follows
     assert fourth["eval"]["status"] == "ran"
 
     # 5. --force quantize re-runs everything.
-    caplog.clear()
-    assert run(config, "--force", "quantize") == 0
+    assert statuses(run_pipeline(config, force=["quantize"])) == dict.fromkeys(stages, "ran")
     fifth = markers(out)
     assert all(fifth[s]["run_id"] != fourth[s]["run_id"] for s in stages)
-    assert "up to date" not in caplog.text
 
 
 def test_run_refuses_bad_keys_before_anything_runs(
@@ -240,10 +236,10 @@ def test_eval_nf2_base_is_the_training_nf2_base(tiny_model_dir):
     import torch
 
     from qdiablo.models import load_base
-    from qdiablo.train.bases import load_base as load_train_base
+    from qdiablo.train.bases import load_training_base
 
-    evaluated = load_base(str(tiny_model_dir), quant="nf2")
-    trained = load_train_base("nf2", str(tiny_model_dir), device="cpu").model
+    evaluated = load_base(str(tiny_model_dir), "nf2")
+    trained = load_training_base("nf2", str(tiny_model_dir), device="cpu").model
     plain = load_base(str(tiny_model_dir))
     q = dict(evaluated.named_parameters())
     p = dict(plain.named_parameters())

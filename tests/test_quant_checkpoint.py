@@ -172,6 +172,12 @@ def test_truncated_file_names_file_and_tensor(saved, tmp_path):
     (broken / "model.safetensors").write_bytes(data[:5])
     with pytest.raises(CheckpointError, match="no safetensors header"):
         load_quantized(broken)
+    (broken / "model.safetensors").write_bytes(data[:100])
+    with pytest.raises(CheckpointError, match="truncated: the header alone needs"):
+        load_quantized(broken)
+    (broken / "model.safetensors").write_bytes(data[:8] + b"{garbage" + data[16:])
+    with pytest.raises(CheckpointError, match="malformed safetensors header"):
+        load_quantized(broken)
 
 
 def _copy_with(path, tmp_path, edit):

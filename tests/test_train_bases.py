@@ -1,7 +1,5 @@
 """Frozen bases (fp / nf4 / nf2) and DiaBlo on packed bitsandbytes layers."""
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbf
 import pytest
 import torch
 from conftest import make_tiny_llama
@@ -13,15 +11,21 @@ from qdiablo.diablo.model import base_fingerprint, find_targets
 from qdiablo.errors import UserError
 from qdiablo.nf4 import bnb_nf4_config, quantize_bnb_4bit_
 from qdiablo.train.adapters import attach_diablo, attach_lora
-from qdiablo.train.bases import load_base
+from qdiablo.train.bases import load_training_base
 from qdiablo.train.metrics import base_linear_bytes, layer_resident_bytes
 
 
-def _linear4bit_layers(model):
+@pytest.fixture
+def bnb():
+    """bitsandbytes (the `qlora` extra); the tests that need it skip where it is missing."""
+    return pytest.importorskip("bitsandbytes")
+
+
+def _linear4bit_layers(model, bnb):
     return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
 
 
-def test_inplace_nf4_equals_from_pretrained(tiny_model_dir):
+def test_inplace_nf4_equals_from_pretrained(tiny_model_dir, bnb):
     """The GGUF path (float load + swap) builds the same packed layers as from_pretrained."""
     config = bnb_nf4_config(torch.float32)
     reference = AutoModelForCausalLM.from_pretrained(
@@ -29,7 +33,7 @@ def test_inplace_nf4_equals_from_pretrained(tiny_model_dir):
     )
     ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     names = quantize_bnb_4bit_(ours, config)
-    ref_layers, our_layers = _linear4bit_layers(reference), _linear4bit_layers(ours)
+    ref_layers, our_layers = _linear4bit_layers(reference, bnb), _linear4bit_layers(ours, bnb)
     assert sorted(names) == sorted(ref_layers) == sorted(our_layers)
     assert "lm_head" not in names and type(ours.lm_head) is nn.Linear
     for name in names:
@@ -47,31 +51,33 @@ def test_inplace_nf4_equals_from_pretrained(tiny_model_dir):
     assert ours.is_loaded_in_4bit and ours.config.quantization_config.bnb_4bit_use_double_quant
 
 
-def test_nf4_fingerprint_is_the_same_on_both_load_paths(tiny_model_dir):
+def test_nf4_fingerprint_is_the_same_on_both_load_paths(tiny_model_dir, bnb):
     """An adapter trained on a GGUF model quantized in place loads onto the same model quantized
     by from_pretrained (evaluation's path), and vice versa."""
     inplace = make_tiny_llama(seed=0)  # the weights saved in tiny_model_dir, never saved itself
     quantize_bnb_4bit_(inplace, bnb_nf4_config(torch.float32))
-    loaded = load_base("nf4", str(tiny_model_dir)).model
+    loaded = load_training_base("nf4", str(tiny_model_dir)).model
     targets = find_targets(inplace, DiaBloConfig())
     assert base_fingerprint(inplace, targets) == base_fingerprint(loaded, targets)
     assert base_fingerprint(inplace, targets) != base_fingerprint(make_tiny_llama(seed=0), targets)
 
 
-def _dequantized_copy(layer: bnb.nn.Linear4bit) -> nn.Linear:
+def _dequantized_copy(layer: nn.Module) -> nn.Linear:
+    import bitsandbytes.functional as bnbf
+
     dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
     dense.weight.data = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
     dense.weight.requires_grad_(False)
     return dense
 
 
-def test_diablo_gradients_on_linear4bit_equal_those_on_dequantized_linear():
+def test_diablo_gradients_on_linear4bit_equal_those_on_dequantized_linear(bnb):
     """The blocks see exactly the dequantized weights: same loss, same block gradients."""
     torch.manual_seed(0)
     packed = make_tiny_llama(seed=3)
     quantize_bnb_4bit_(packed, bnb_nf4_config(torch.float32))
     dense = make_tiny_llama(seed=3)
-    for name, layer in _linear4bit_layers(packed).items():
+    for name, layer in _linear4bit_layers(packed, bnb).items():
         dense.set_submodule(name, _dequantized_copy(layer))
     config = DiaBloConfig(num_blocks=8, dropout=0.0)
     packed_d, dense_d = get_diablo_model(packed, config), get_diablo_model(dense, config)
@@ -92,9 +98,9 @@ def test_diablo_gradients_on_linear4bit_equal_those_on_dequantized_linear():
         assert a.base_layer.weight.dtype == torch.uint8 and a.base_layer.weight.grad is None
 
 
-def test_nf4_base_is_packed_and_smaller(tiny_model_dir):
-    fp = load_base("fp", str(tiny_model_dir))
-    nf4 = load_base("nf4", str(tiny_model_dir))
+def test_nf4_base_is_packed_and_smaller(tiny_model_dir, bnb):
+    fp = load_training_base("fp", str(tiny_model_dir))
+    nf4 = load_training_base("nf4", str(tiny_model_dir))
     assert not any(p.requires_grad for p in nf4.model.parameters())
     fp_bytes, nf4_bytes = base_linear_bytes(fp.model), base_linear_bytes(nf4.model)
     assert fp_bytes["layers"] == nf4_bytes["layers"] == 14
@@ -108,8 +114,10 @@ def test_nf4_base_is_packed_and_smaller(tiny_model_dir):
 
 
 @pytest.mark.parametrize("adapter", ["diablo", "lora"])
-def test_base_bytes_ignore_the_adapter(tiny_model_dir, adapter):
-    nf4 = load_base("nf4", str(tiny_model_dir))
+def test_base_bytes_ignore_the_adapter(tiny_model_dir, adapter, bnb):
+    if adapter == "lora":
+        pytest.importorskip("peft")
+    nf4 = load_training_base("nf4", str(tiny_model_dir))
     before = base_linear_bytes(nf4.model)
     if adapter == "diablo":
         wrapped = attach_diablo(nf4.model, 8, ["q_proj", "up_proj"], dropout=0.0)
@@ -119,7 +127,7 @@ def test_base_bytes_ignore_the_adapter(tiny_model_dir, adapter):
 
 
 def test_nf2_base_records_its_quantization(tiny_model_dir):
-    nf2 = load_base("nf2", str(tiny_model_dir))
+    nf2 = load_training_base("nf2", str(tiny_model_dir))
     assert nf2.model.config.quantization_config["bits"] == 2
     w = nf2.model.model.layers[1].mlp.down_proj.weight
     assert all(row.unique().numel() <= 4 for row in w.reshape(-1, 64))
@@ -128,6 +136,6 @@ def test_nf2_base_records_its_quantization(tiny_model_dir):
 
 def test_unknown_base_and_missing_model_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="unknown base 'int3'"):
-        load_base("int3", "smollm2")
+        load_training_base("int3", "smollm2")
     with pytest.raises(UserError, match="could not load a tokenizer"):
-        load_base("fp", str(tmp_path / "nowhere"))
+        load_training_base("fp", str(tmp_path / "nowhere"))

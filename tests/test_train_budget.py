@@ -1,5 +1,5 @@
-"""Matched trainable-parameter budgets (DESIGN.md §1), checked against published figures and the
-counts of the real adapters."""
+"""Matched trainable-parameter budgets (docs/diablo.md §4), checked against published figures
+and the counts of the real adapters."""
 
 import pytest
 from conftest import make_tiny_llama

@@ -1,7 +1,6 @@
 """NormalFloat levels and quantization (the NF2-LoRA baseline's base), against bitsandbytes' NF4
 and against QLoRA/LoftQ's construction computed independently with scipy."""
 
-import bitsandbytes.functional as bnbf
 import pytest
 import torch
 from conftest import make_tiny_llama
@@ -28,6 +27,7 @@ def loftq_levels(bits: int) -> list[float]:
 
 
 def test_nf4_levels_are_bitsandbytes_nf4_table():
+    bnbf = pytest.importorskip("bitsandbytes.functional")
     table = bnbf.get_4bit_type("nf4", device="cpu").float()
     torch.testing.assert_close(nf_levels(4), table, atol=1e-6, rtol=0)
 
@@ -47,6 +47,7 @@ def test_nf2_has_four_levels_with_exact_zero_and_ends():
 
 
 def test_nf4_quantization_matches_bitsandbytes_blockwise():
+    bnbf = pytest.importorskip("bitsandbytes.functional")
     torch.manual_seed(0)
     w = torch.randn(96, 128) * 0.02
     packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")

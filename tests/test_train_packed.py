@@ -5,18 +5,14 @@ GPTQ-LoRA against PEFT's LoRA on nn.Linear layers holding the same dequantized w
 import pytest
 import torch
 from conftest import make_tiny_llama, make_tokenizer
-from peft.tuners.lora.gptq import GPTQLoraLinear
 from torch import nn
 
 from qdiablo import DiaBloConfig, DiaBloModel, get_diablo_model
 from qdiablo.errors import UserError
 from qdiablo.train import TrainConfig, train
 from qdiablo.train.adapters import attach_lora, load_lora
-from qdiablo.train.bases import load_base
+from qdiablo.train.bases import load_training_base
 from qdiablo.train.metrics import base_linear_bytes
-
-# Until the quantizers package (issue 3) is merged, this module has nothing to test against.
-pytest.importorskip("quantizers.quant_linear")
 from quantizers import QuantConfig, QuantLinear, quantize_model, save_quantized
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -68,6 +64,7 @@ def test_diablo_gradients_on_quantlinear_equal_those_on_dequantized_linear():
 
 
 def test_gptq_lora_equals_peft_lora_on_dequantized_linear():
+    GPTQLoraLinear = pytest.importorskip("peft.tuners.lora.gptq").GPTQLoraLinear
     packed = quantized_tiny(bits=4)
     dense = dequantized_twin(packed)
     torch.manual_seed(7)
@@ -105,6 +102,8 @@ def rtn_folder(tmp_path_factory):
 
 @pytest.mark.parametrize("adapter", ["diablo", "lora"])
 def test_training_on_a_packed_folder(tmp_path, rtn_folder, math_file, adapter):
+    if adapter == "lora":
+        pytest.importorskip("peft")
     cfg = TrainConfig(
         model=str(rtn_folder),
         base="rtn",
@@ -134,7 +133,7 @@ def test_training_on_a_packed_folder(tmp_path, rtn_folder, math_file, adapter):
     assert res["base_linear_layers"]["layers"] == 14
     assert res["base_linear_layers"]["bytes"] < 0.25 * 4 * res["base_linear_layers"]["weights"]
     # the saved adapter reloads onto a freshly loaded packed base and gives the same model
-    fresh_base = load_base("rtn", str(rtn_folder)).model
+    fresh_base = load_training_base("rtn", str(rtn_folder)).model
     if adapter == "diablo":
         fresh = DiaBloModel.from_pretrained(fresh_base, result.adapter_dir)
     else:
@@ -147,9 +146,9 @@ def test_training_on_a_packed_folder(tmp_path, rtn_folder, math_file, adapter):
 
 def test_packed_base_kind_must_match_the_folder(tmp_path, rtn_folder):
     with pytest.raises(UserError, match="quantized with rtn"):
-        load_base("gptq", str(rtn_folder))
+        load_training_base("gptq", str(rtn_folder))
     with pytest.raises(UserError, match="folder written by `qdiablo quantize`"):
-        load_base("rtn", str(tmp_path / "nowhere"))
+        load_training_base("rtn", str(tmp_path / "nowhere"))
 
 
 def test_packed_2bit_layers_hold_at_most_0_6_of_the_4bit_bytes():

@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 from qdiablo import DiaBloModel
 from qdiablo.errors import UserError
 from qdiablo.train import TrainConfig, train
-from qdiablo.train.bases import load_base
+from qdiablo.train.bases import load_training_base
 from qdiablo.train.budget import (
     diablo_parameters,
     lora_parameters,
@@ -76,7 +76,7 @@ def test_diablo_on_nf4_trains_and_saves_a_loadable_adapter(tmp_path, tiny_model_
     assert len((result.output / "log.jsonl").read_text().splitlines()) >= 8
     # the saved adapter, loaded strictly onto a freshly quantized base, gives the same model
     fresh = DiaBloModel.from_pretrained(
-        load_base("nf4", str(tiny_model_dir)).model, result.adapter_dir
+        load_training_base("nf4", str(tiny_model_dir)).model, result.adapter_dir
     )
     ids = torch.randint(0, 250, (2, 16))
     result.model.eval()

@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qdiablo.pipeline.compare import run_compare
+    from qdiablo.pipeline.compare import run_compare  # deferred: the stages import torch
 
     run_compare(args.grid, force=args.force, output=args.output, isolate=not args.in_process)
     return 0

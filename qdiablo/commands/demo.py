@@ -15,6 +15,8 @@ import logging
 import time
 from pathlib import Path
 
+from qdiablo.io import read_json
+
 HELP = "the whole pipeline (2-bit MagR+GPTQ, DiaBlo, eval, export) on SmolLM2, offline"
 
 log = logging.getLogger("qdiablo.demo")
@@ -82,6 +84,7 @@ def stage_settings(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Deferred to keep `qdiablo --help` fast: the pipeline's stages import torch when they run.
     from qdiablo.pipeline.run import eval_stage, export_stage, quantize_stage, train_stage
     from qdiablo.pipeline.stages import Runner, summary_table
 
@@ -109,8 +112,6 @@ def run(args: argparse.Namespace) -> int:
 
 def comparison_table(base_dir: Path, tuned_dir: Path) -> str:
     """Markdown: per task, the un-tuned quantized base against base + DiaBlo."""
-    from qdiablo.io import read_json
-
     base = read_json(base_dir / "summary.json", what="evaluation summary")
     tuned = read_json(tuned_dir / "summary.json", what="evaluation summary")
 

@@ -11,18 +11,20 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
+
+from eval.presets import DEFAULT_PRESET, PRESETS
+from qdiablo.data import REFERENCE_MODES, TEMPLATES
+from qdiablo.errors import UserError
+from qdiablo.hashing import adapter_digest
+from qdiablo.kinds import BASE_QUANT_CHOICES, QUANT_FLAG_KINDS
 
 HELP = "evaluate a model (+ adapter) on the Math10K test sets: accuracy and reference NLL"
 
 log = logging.getLogger("qdiablo.eval")
 
-BASE_QUANT_CHOICES = ("none", "nf4", "nf2")
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from eval.presets import DEFAULT_PRESET, PRESETS
-    from qdiablo.data import REFERENCE_MODES, TEMPLATES
-
     g = p.add_argument_group("model")
     g.add_argument(
         "--model",
@@ -32,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gguf-file", default=None, help="GGUF file inside --model's folder")
     g.add_argument(
         "--quant",
-        choices=BASE_QUANT_CHOICES,  # qdiablo.models.BASE_QUANT_CHOICES (imports torch)
+        choices=BASE_QUANT_CHOICES,
         default="none",
         help="quantize a full-precision base on load: nf4 = bitsandbytes NF4 + double quant; "
         "nf2 = NF2 fake-quantized (absmax per 64), as `qdiablo train --base nf2`",
@@ -96,11 +98,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Deferred to keep `qdiablo --help` fast: these import torch and transformers.
     import torch
 
     from eval.math10k import resolve_tasks
     from eval.runner import MARKDOWN_FILE, EvalSettings, evaluate
-    from qdiablo.errors import UserError
     from qdiablo.models import adapter_kind, load_adapter, load_base, load_tokenizer
 
     if args.no_nll and args.nll_only:
@@ -123,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         [*(args.tasks or ([] if args.task_file else ["math4"])), *(args.task_file or [])]
     )
 
-    kind = adapter_kind(args.adapter) if args.adapter else None  # fail before loading models
+    adapter = adapter_kind(args.adapter) if args.adapter else None  # fail before loading models
     start = time.time()
     try:
         tokenizer = load_tokenizer(
@@ -131,16 +133,17 @@ def run(args: argparse.Namespace) -> int:
         )
     except UserError as e:
         raise UserError(str(e), hint="pass --tokenizer FOLDER (e.g. the original model's)") from e
-    model = load_base(args.model, quant=args.quant, gguf_file=args.gguf_file, dtype=args.dtype)
+    kind = QUANT_FLAG_KINDS[args.quant or "none"]  # `quant: null` in YAML means none
+    model = load_base(args.model, kind, gguf_file=args.gguf_file, dtype=args.dtype)
     info = {
         "base": args.model,
         "gguf_file": args.gguf_file,
         "quant": args.quant,
         "dtype": args.dtype,
         "adapter": args.adapter,
-        "adapter_kind": kind,
+        "adapter_kind": adapter,
         # A retrained adapter in the same folder must not resume the old one's results.
-        "adapter_sha256": _adapter_digest(args.adapter) if args.adapter else None,
+        "adapter_sha256": adapter_digest(args.adapter) if args.adapter else None,
         "merged": bool(args.adapter and args.merge_adapter),
     }
     if args.adapter:
@@ -157,22 +160,6 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
-    from pathlib import Path
-
     print(Path(args.output, MARKDOWN_FILE).read_text(encoding="utf-8"))
     print(f"results in {args.output} ({time.time() - start:.0f} s)")
     return 0 if summary else 1
-
-
-def _adapter_digest(folder: str) -> str:
-    """sha256 of the adapter's weight files (adapters are small: well under a second)."""
-    import hashlib
-    from pathlib import Path
-
-    digest = hashlib.sha256()
-    for f in sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.bin")):
-        digest.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()

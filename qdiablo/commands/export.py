@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from qdiablo.calibration import add_calibration_arguments
 from qdiablo.errors import UserError
 
 HELP = "export a quantized base + adapter (optionally merged) with a model card and manifest"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from qdiablo.calibration import add_calibration_arguments
-
     p.add_argument("--base", metavar="QUANTIZED_DIR", help="a folder written by `qdiablo quantize`")
     p.add_argument(
         "--adapter",
@@ -95,7 +94,7 @@ QUANT_FLAGS = (
 
 
 def run(args: argparse.Namespace) -> int:
-    from qdiablo.export import export_model, verify_export
+    from qdiablo.export import export_model, verify_export  # deferred: torch, transformers
 
     if args.verify:
         manifest = verify_export(args.verify)

@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qdiablo.pipeline.run import run_pipeline
+    from qdiablo.pipeline.run import run_pipeline  # deferred: the stages import torch
 
     run_pipeline(args.pipeline, force=args.force, output=args.output, isolate=args.isolate)
     return 0

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import argparse
 
+from qdiablo.flags import add_dataclass_arguments
+from qdiablo.train.config import TrainConfig
+
 HELP = "train a DiaBlo or LoRA adapter on a frozen fp / gptq / rtn / nf4 / nf2 base"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from qdiablo.train.config import add_config_arguments
-
-    add_config_arguments(p)
+    """One flag per TrainConfig field (its help, default and choices)."""
+    add_dataclass_arguments(p, TrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from qdiablo.train import TrainConfig, train
+    from qdiablo.train.run import train  # deferred: transformers' Trainer takes seconds to import
 
     train(TrainConfig.from_args(args))
     return 0

@@ -7,6 +7,7 @@ from typing import Any
 
 from qdiablo.errors import UserError
 
+# The reference's default on LLaMA-family models; other architectures: qdiablo/diablo/targets.py.
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 INDIVISIBLE_POLICIES = ("error", "pad")
 BLOCK_DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -14,7 +15,7 @@ BLOCK_DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 @dataclass
 class DiaBloConfig:
-    """Configuration of a DiaBlo adapter (DESIGN.md §1).
+    """Configuration of a DiaBlo adapter (docs/diablo.md).
 
     Each targeted linear layer `y = x Wᵀ` becomes `y = x Wᵀ + x·blockdiag(B₁…B_N)`, with the blocks
     zero-initialised, so the wrapped model starts exactly as the base.
@@ -28,12 +29,14 @@ class DiaBloConfig:
             "in·out/N trainable parameters."
         },
     )
-    target_modules: list[str] | str = field(
-        default_factory=lambda: list(DEFAULT_TARGETS),
+    target_modules: list[str] | str | None = field(
+        default=None,
         metadata={
             "help": "Layers to adapt: a list of names matched against the end of each module "
             "path (e.g. 'q_proj'), a regex string matched against the whole path, or "
-            "'all-linear' for every linear layer except the output head."
+            "'all-linear' for every linear layer except the output head. None: the "
+            "architecture's default (q,k,v,up,down on LLaMA-family models; see "
+            "qdiablo/diablo/targets.py), recorded as a list in the saved adapter."
         },
     )
     exclude_modules: list[str] | str | None = field(
@@ -78,7 +81,7 @@ class DiaBloConfig:
             raise UserError(f"num_blocks must be an integer, got {self.num_blocks!r}")
         if self.num_blocks < 1:
             raise UserError(f"num_blocks must be ≥ 1, got {self.num_blocks}")
-        if not self.target_modules:
+        if self.target_modules is not None and not self.target_modules:
             raise UserError("target_modules is empty: name at least one layer, or 'all-linear'")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")

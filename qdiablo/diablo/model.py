@@ -1,6 +1,6 @@
 """DiaBloModel: wraps a causal LM, swaps target layers for DiaBloLinear, saves and loads adapters.
 
-On disk an adapter is a PEFT-like folder (DESIGN.md §2):
+On disk an adapter is a PEFT-like folder (docs/formats.md §5):
 - `adapter_config.json`: `method: "diablo"`, the DiaBloConfig fields, the base's name and
   fingerprint, and `format_version`;
 - `adapter_model.safetensors`: one tensor per adapted layer, keyed `<module path>.blocks`.
@@ -9,6 +9,7 @@ On disk an adapter is a PEFT-like folder (DESIGN.md §2):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -18,17 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from qdiablo import __version__
 from qdiablo.diablo.config import DiaBloConfig
 from qdiablo.diablo.layer import DiaBloLinear
+from qdiablo.diablo.targets import resolve_target_modules
 from qdiablo.errors import UserError
 from qdiablo.io import atomic_path, read_adapter_weights, read_json
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+# An adapter folder (the file names PEFT uses; a base checkpoint's weights are model.safetensors).
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 # Keys of adapter_config.json besides the DiaBloConfig fields.
 METADATA_KEYS = {
@@ -59,16 +64,18 @@ def _matches(name: str, spec: list[str] | str) -> bool:
 
 
 def find_targets(model: nn.Module, config: DiaBloConfig) -> list[str]:
-    """Module paths to wrap, in model order. Errors name the offending module."""
+    """Module paths to wrap, in model order (None targets: the architecture's default).
+    Errors name the offending module."""
+    spec = resolve_target_modules(model, config.target_modules)
     output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     targets = []
     for name, module in model.named_modules():
         if not name or ".base_layer" in name:
             continue
-        if config.target_modules == "all-linear":
+        if spec == "all-linear":
             hit = _is_linear_like(module) and module is not output_head
         else:
-            hit = _matches(name, config.target_modules)
+            hit = _matches(name, spec)
         if not hit or (config.exclude_modules and _matches(name, config.exclude_modules)):
             continue
         if config.layers_to_transform is not None:
@@ -87,7 +94,7 @@ def find_targets(model: nn.Module, config: DiaBloConfig) -> list[str]:
     if not targets:
         examples = [n for n, m in model.named_modules() if _is_linear_like(m)][:6]
         raise UserError(
-            f"no layer matches target_modules={config.target_modules!r}",
+            f"no layer matches target_modules={spec!r}",
             hint=f"linear layers in this model look like: {', '.join(examples)}",
         )
     return targets
@@ -158,12 +165,6 @@ def base_fingerprint(model: nn.Module, targets: list[str]) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
 class DiaBloModel(nn.Module):
     """A causal LM whose target layers carry DiaBlo blocks; everything else is frozen.
 
@@ -173,7 +174,9 @@ class DiaBloModel(nn.Module):
     def __init__(self, model: nn.Module, config: DiaBloConfig):
         super().__init__()
         self.model = model
-        self.diablo_config = config
+        # The saved config names the layers, so that loading never depends on today's defaults.
+        targets_spec = resolve_target_modules(model, config.target_modules)
+        self.diablo_config = config = dataclasses.replace(config, target_modules=targets_spec)
         self.base_model_name_or_path = str(
             getattr(getattr(model, "config", None), "_name_or_path", "") or ""
         )
@@ -191,7 +194,7 @@ class DiaBloModel(nn.Module):
                 indivisible=config.indivisible,
                 name=name,
             )
-            _set_submodule(model, name, layer)
+            model.set_submodule(name, layer)
         log.info(
             "DiaBlo: wrapped %d layers with N=%d (%s trainable parameters)",
             len(targets),
@@ -263,7 +266,7 @@ class DiaBloModel(nn.Module):
         that had no adapter stay as they are (packed layers stay packed).
         """
         for name, layer in list(self.diablo_layers()):
-            _set_submodule(self.model, name, layer.merged_linear(dtype))
+            self.model.set_submodule(name, layer.merged_linear(dtype))
         return self.model
 
     @contextlib.contextmanager
@@ -285,10 +288,6 @@ class DiaBloModel(nn.Module):
 
     def save_pretrained(self, save_directory: str | Path) -> None:
         """Write adapter_config.json and adapter_model.safetensors, atomically as one folder."""
-        from safetensors.torch import save_file
-
-        from qdiablo import __version__
-
         config = {
             "method": "diablo",
             "format_version": FORMAT_VERSION,
@@ -301,8 +300,10 @@ class DiaBloModel(nn.Module):
         tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
         with atomic_path(save_directory) as tmp:
             tmp.mkdir()
-            save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            save_file(tensors, tmp / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
+            (tmp / ADAPTER_CONFIG_NAME).write_text(
+                json.dumps(config, indent=2, sort_keys=True) + "\n"
+            )
 
     @classmethod
     def from_pretrained(
@@ -320,7 +321,7 @@ class DiaBloModel(nn.Module):
         saved = read_adapter_config(adapter_dir)
         config = DiaBloConfig.from_dict(
             {k: v for k, v in saved.items() if k not in METADATA_KEYS},
-            source=str(adapter_dir / CONFIG_NAME),
+            source=str(adapter_dir / ADAPTER_CONFIG_NAME),
         )
         expected = saved.get("base_fingerprint") or {}
         actual = base_fingerprint(base_model, find_targets(base_model, config))
@@ -334,7 +335,7 @@ class DiaBloModel(nn.Module):
             if not force:
                 raise UserError(msg, hint="pass force=True (CLI: --force) to load it anyway")
             log.warning("%s (loading anyway: force=True)", msg)
-        tensors = read_adapter_weights(adapter_dir / WEIGHTS_NAME)
+        tensors = read_adapter_weights(adapter_dir / ADAPTER_WEIGHTS_NAME)
         model = cls(base_model, config)
         layers = dict(model.diablo_layers())
         expected_keys = {f"{n}.blocks" for n in layers}
@@ -348,7 +349,7 @@ class DiaBloModel(nn.Module):
             if extra:
                 parts.append(f"{len(extra)} unexpected tensor(s), e.g. {extra[0]}")
             raise UserError(
-                f"adapter {adapter_dir / WEIGHTS_NAME} does not match this base: "
+                f"adapter {adapter_dir / ADAPTER_WEIGHTS_NAME} does not match this base: "
                 + "; ".join(parts),
                 hint="was it trained with other target_modules or on another architecture?",
             )
@@ -357,8 +358,8 @@ class DiaBloModel(nn.Module):
             if t.shape != layer.blocks.shape:
                 _unwrap(model)
                 raise UserError(
-                    f"adapter {adapter_dir / WEIGHTS_NAME}: layer '{name}' has blocks of shape "
-                    f"{tuple(t.shape)}, but this base needs {tuple(layer.blocks.shape)}"
+                    f"adapter {adapter_dir / ADAPTER_WEIGHTS_NAME}: layer '{name}' has blocks of "
+                    f"shape {tuple(t.shape)}, but this base needs {tuple(layer.blocks.shape)}"
                 )
             with torch.no_grad():
                 layer.blocks.copy_(t)
@@ -371,7 +372,7 @@ class DiaBloModel(nn.Module):
 def _unwrap(model: DiaBloModel) -> None:
     """Put the original base layers back after a failed load, so the base is left unchanged."""
     for name, layer in list(model.diablo_layers()):
-        _set_submodule(model.model, name, layer.base_layer)
+        model.model.set_submodule(name, layer.base_layer)
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
@@ -379,7 +380,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise UserError(f"adapter folder not found: {adapter_dir}")
-    path = adapter_dir / CONFIG_NAME
+    path = adapter_dir / ADAPTER_CONFIG_NAME
     saved = read_json(path, what="adapter config")
     if not isinstance(saved, dict):
         raise UserError(f"{path}: expected a JSON object")

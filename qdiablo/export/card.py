@@ -3,13 +3,24 @@
 Everything in it is read from the files the pipeline wrote (quantize_config.json, the adapter's
 config, train_config.json / train_results.json, eval summary.json), so the card can be checked
 against them; what was not recorded is said to be unknown rather than guessed.
+
+The card is a `huggingface_hub.ModelCard` whose YAML header the Hub reads: `base_model` (only
+when the base is known by a Hub id), tags, the quantization settings, and `library_name: peft`
+for a PEFT adapter only (PEFT cannot load a DiaBlo adapter).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+# Local names of models whose Hub id is known (the embedded SmolLM2 GGUF is this model's).
+KNOWN_HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 @dataclass
@@ -225,8 +236,52 @@ def _usage(facts: CardFacts) -> list[str]:
     return lines
 
 
+def hub_id(name: str) -> str | None:
+    """The Hub id `name` stands for, or None (a local folder, or a name that is not a repo id)."""
+    name = KNOWN_HUB_IDS.get(name, name)
+    if name.count("/") != 1 or Path(name).exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def card_metadata(facts: CardFacts) -> ModelCardData:
+    """The card's YAML header. None-valued fields are left out of it."""
+    qc = facts.quantize_config
+    ours = (qc.get("meta") or {}).get("qdiablo") or {}
+    adapter = "diablo" if facts.adapter_kind == "diablo" else facts.adapter_kind
+    tags = ["qdiablo", adapter, "gptq", f"{qc.get('bits')}-bit", "quantized"]
+    if ours.get("magr"):
+        tags.append("magr")
+    quantization = {
+        "quant_method": qc.get("quant_method", "gptq"),
+        "method": ours.get("method"),
+        "bits": qc.get("bits"),
+        "group_size": qc.get("group_size"),
+        "sym": qc.get("sym"),
+        "desc_act": qc.get("desc_act"),
+        "checkpoint_format": qc.get("checkpoint_format"),
+        "magr": ours.get("magr"),
+    }
+    return ModelCardData(
+        base_model=hub_id(facts.base_name),
+        library_name=None if facts.adapter_kind == "diablo" else "peft",
+        pipeline_tag="text-generation",
+        tags=tags,
+        quantization={k: v for k, v in quantization.items() if v is not None},
+    )
+
+
 def model_card(facts: CardFacts) -> str:
-    """The README.md text of an export."""
+    """The README.md text of an export: the YAML metadata, then the body."""
+    card = ModelCard(f"---\n{card_metadata(facts).to_yaml()}\n---\n\n{_body(facts)}")
+    return str(card)
+
+
+def _body(facts: CardFacts) -> str:
     parts = ["base/ (quantized, GPTQ layout)", "adapter/"]
     if facts.merged_dtype:
         parts.append(f"merged/ ({facts.merged_dtype})")

@@ -1,4 +1,4 @@
-"""export_model / load_exported: one folder holding everything needed to use a trained model.
+"""export_model: one folder holding everything needed to use a trained model.
 
     EXPORT_DIR/
       base/           the quantized base, the files of `qdiablo quantize` as they were (GPTQ layout)
@@ -10,7 +10,7 @@
 
 The folder is built beside the target and renamed into place at the end, so a crash never leaves
 an export that looks whole; the adapter is loaded onto the base (fingerprint check) before
-anything is written.
+anything is written. `qdiablo.models.load_exported` loads it back.
 """
 
 from __future__ import annotations
@@ -25,11 +25,18 @@ from typing import Any
 
 import torch
 
+from eval.runner import SUMMARY_FILE
+from qdiablo.calibration import build_calibration_data
 from qdiablo.errors import UserError
 from qdiablo.export.card import CardFacts, model_card
-from qdiablo.export.manifest import MANIFEST_NAME, build_manifest, verify_export
 from qdiablo.export.merge import merge_into_dense, requantize, save_merged
+from qdiablo.hashing import adapter_digest
 from qdiablo.io import atomic_path, read_json
+from qdiablo.manifest import MANIFEST_NAME, build_manifest
+from qdiablo.models import adapter_kind, is_quantized_folder, load_adapter, load_packed
+from qdiablo.train.config import CONFIG_FILE, RESULTS_FILE
+from qdiablo.versions import library_versions
+from quantizers import QuantConfig, save_quantized
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +57,6 @@ def _check_output(output: Path, overwrite: bool, sources: Sequence[Path]) -> Non
 
 
 def _read_train_run(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    from qdiablo.train.run import CONFIG_FILE, RESULTS_FILE
-
     if not folder.is_dir():
         raise UserError(f"--train-run folder not found: {folder}")
     config = read_json(folder / CONFIG_FILE, what="training config")
@@ -60,34 +65,7 @@ def _read_train_run(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _read_eval(folder: Path) -> dict[str, Any]:
-    from eval.runner import SUMMARY_FILE
-
     return read_json(folder / SUMMARY_FILE, what="evaluation summary (run `qdiablo eval` first)")
-
-
-def _weights_digest(folder: Path) -> str:
-    from qdiablo.commands.eval import _adapter_digest
-
-    return _adapter_digest(str(folder))
-
-
-def _versions(adapter_kind: str) -> dict[str, str]:
-    import safetensors
-    import transformers
-
-    from qdiablo import __version__
-
-    out = {
-        "qdiablo": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "safetensors": safetensors.__version__,
-    }
-    if adapter_kind != "diablo":
-        import peft
-
-        out["peft"] = peft.__version__
-    return out
 
 
 def _describe(config_json: Mapping[str, Any]) -> str:
@@ -98,7 +76,7 @@ def _describe(config_json: Mapping[str, Any]) -> str:
 
 
 def _load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: seconds to import
 
     try:
         return AutoTokenizer.from_pretrained(folder)
@@ -109,8 +87,6 @@ def _load_tokenizer(folder: Path):
 
 def requantize_config(base_entry: Mapping[str, Any], overrides: Mapping[str, Any] | None):
     """The QuantConfig for re-quantizing: the base's settings, with `overrides` applied."""
-    from quantizers import QuantConfig
-
     ours = dict((base_entry.get("meta") or {}).get("qdiablo") or {})
     if ours:
         fields = {k: v for k, v in ours.items() if not k.startswith("resolved_")}
@@ -151,9 +127,6 @@ def export_model(
     `adapter` defaults to `train_run/adapter`. `requantize_merged` implies `merged` and needs a
     `calib` file; its settings are the base's quantize_config with `quant_overrides` applied.
     """
-    from qdiablo.models import adapter_kind, is_quantized_folder, load_adapter
-    from quantizers import load_quantized, save_quantized
-
     base, output = Path(base), Path(output)
     train_dir = Path(train_run) if train_run is not None else None
     if adapter is None:
@@ -192,8 +165,6 @@ def export_model(
 
     config = calib_data = None
     if requantize_merged:
-        from qdiablo.calibration import build_calibration_data
-
         config = requantize_config(base_entry, quant_overrides)
         if tokenizer is None:
             raise UserError(f"--requantize needs a tokenizer to read --calib; {base} has none")
@@ -201,10 +172,7 @@ def export_model(
             tokenizer, calib, calib_samples, calib_seq_len, calib_batch_size
         )
 
-    try:
-        base_model = load_quantized(base)
-    except ValueError as e:
-        raise UserError(f"--base {base}: {e}") from e
+    base_model = load_packed(base)
     model = load_adapter(base_model, adapter)  # the fingerprint check: before any write
     log.info("exporting %s + %s to %s", base, adapter, output)
 
@@ -219,7 +187,7 @@ def export_model(
         train_results=train_results,
         evals=summaries,
         merged_dtype=merged_dtype if merged else None,
-        versions=_versions(kind),
+        versions=library_versions(),
         notes=notes,
     )
     with atomic_path(output) as tmp:
@@ -260,12 +228,12 @@ def _consistency_notes(
 ) -> list[str]:
     """Warn (and say in the card) when the records given describe another adapter."""
     notes = []
-    digest = _weights_digest(adapter)
+    digest = adapter_digest(adapter)
     trained = train_dir / "adapter" if train_dir else None
     if (
         trained is not None
         and trained.resolve() != adapter.resolve()
-        and (not trained.is_dir() or _weights_digest(trained) != digest)
+        and (not trained.is_dir() or adapter_digest(trained) != digest)
     ):
         notes.append(f"the training records ({train_dir}) are for another adapter than this one")
     for name, summary in evals:
@@ -275,39 +243,3 @@ def _consistency_notes(
     for note in notes:
         log.warning("%s", note)
     return notes
-
-
-def load_exported(
-    path: str | Path,
-    *,
-    merged: bool = False,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    verify: bool = True,
-):
-    """Load an export: base/ + adapter/ (a DiaBloModel or PeftModel), or merged/ (a plain
-    transformers model). The manifest is checked first (`verify=False` skips the hashes only).
-
-    dtype: for base/, the unquantized weights (embeddings, norms, head) as in load_quantized;
-    for merged/, the weights' dtype. Default: as stored.
-    """
-    from qdiablo.models import load_adapter
-
-    folder = Path(path)
-    verify_export(folder, hashes=verify)
-    if merged:
-        from transformers import AutoModelForCausalLM
-
-        if not (folder / "merged").is_dir():
-            raise UserError(
-                f"{folder} has no merged/ model", hint="re-run `qdiablo export` with --merged"
-            )
-        model = AutoModelForCausalLM.from_pretrained(folder / "merged", dtype=dtype or "auto")
-        return model.to(device).eval()
-    from quantizers import load_quantized
-
-    try:
-        base = load_quantized(folder / "base", device=device, dtype=dtype)
-    except ValueError as e:
-        raise UserError(f"{folder / 'base'}: {e}") from e
-    return load_adapter(base, folder / "adapter")

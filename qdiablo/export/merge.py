@@ -1,10 +1,10 @@
 """Merging an adapter into its quantized base, and re-quantizing the merged model.
 
-DESIGN §1: W_merged = W + Dᵀ with W the *dequantized* base weight the blocks were trained against,
-never the original fp16 weight. Layers without an adapter are dequantized as they are, so the
-merged model is a plain Hugging Face model that any tool loads. Merging back into integers means
-re-quantizing (MagR + GPTQ on calibration data), which changes the outputs: the change is measured
-and reported, never hidden.
+W_merged = W + Dᵀ with W the *dequantized* base weight the blocks were trained against, never
+the original fp16 weight (docs/diablo.md §5). Layers without an adapter are dequantized as they
+are, so the merged model is a plain Hugging Face model that any tool loads. Merging back into
+integers means re-quantizing (MagR + GPTQ on calibration data), which changes the outputs: the
+change is measured and reported, never hidden.
 """
 
 from __future__ import annotations
@@ -18,14 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from qdiablo.diablo import DiaBloModel
 from qdiablo.errors import UserError
+from quantizers import QuantLinear, quantize_model
 
 log = logging.getLogger(__name__)
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def merge_into_dense(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -35,9 +32,6 @@ def merge_into_dense(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     W + Dᵀ is computed in float32 and cast once, layer by layer, so a float16 merge of a large
     model never holds a float32 copy of it.
     """
-    from qdiablo import DiaBloModel
-    from quantizers import QuantLinear
-
     if not isinstance(model, DiaBloModel):
         raise UserError(
             f"--merged needs a DiaBlo adapter; this one is {type(model).__name__}",
@@ -50,7 +44,7 @@ def merge_into_dense(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
             lin.weight.data = module.dequantize_weight(torch.float32).to(dtype).contiguous()
             if module.bias is not None:
                 lin.bias.data = module.bias.detach().to(dtype).clone()
-            _set_submodule(dense, name, lin)
+            dense.set_submodule(name, lin)
     dense.to(dtype)
     # It is no longer a GPTQ model: a config that says so would send transformers to GPTQModel.
     if hasattr(dense.config, "quantization_config"):
@@ -89,8 +83,6 @@ def requantize(
 ) -> dict[str, Any]:
     """Quantize the merged float model in place with `config` (a QuantConfig) and return the
     measured change of the logits on the first `probe_windows` calibration windows."""
-    from quantizers import quantize_model
-
     windows = [w.unsqueeze(0) for batch in calib for w in batch][:probe_windows]
     before = _logits(model, windows)
     log.warning(

@@ -1,4 +1,4 @@
-"""`qdiablo compare config.yaml`: the methods x bits x budgets grid of DESIGN.md §3, resumable.
+"""`qdiablo compare config.yaml`: methods x bits x budgets (docs/math10k.md §10).
 
 Each grid cell is a quantize (optional) -> train -> eval chain built from the `run` stage
 builders, and every stage is content-addressed: its folder and marker are named by its identity,
@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from qdiablo.errors import UserError
+from qdiablo.flags import load_yaml
+from qdiablo.pipeline.report import collect, write_reports
 from qdiablo.pipeline.run import (
     WIRED,
     check_wiring,
     eval_stage,
-    load_yaml,
     quantize_stage,
     train_stage,
 )
@@ -241,8 +242,6 @@ def run_compare(
 ) -> dict[str, Any]:
     """Run (or resume) the grid, then write compare.md, compare.json and compare.png. With
     `isolate` every stage runs in its own process, so each training's peak memory is its own."""
-    from qdiablo.pipeline.report import collect, write_reports
-
     grid = build_grid(load_yaml(config), str(config), output)
     stages = {s.key for c in grid.cells for s in (c.base, c.train, c.eval) if s}
     log.info("compare: %d cells, %d distinct stages", len(grid.cells), len(stages))

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from eval.report import read_jsonl
+from eval.runner import safe_name
 from qdiablo.data import EVAL_SETS
 from qdiablo.io import read_json, write_json, write_text
 from qdiablo.pipeline.stats import discordant_pairs, mcnemar_exact, mean_interval, wilson_interval
@@ -16,10 +18,7 @@ if TYPE_CHECKING:
 
 def _items(eval_dir: Path, task: str) -> dict[tuple[str, int], bool]:
     """(task, index) -> correct, from the eval's per-example JSON Lines."""
-    from eval.report import read_jsonl
-    from eval.runner import _safe_name
-
-    rows = read_jsonl(eval_dir / f"{_safe_name(task)}.jsonl", repair=False)
+    rows = read_jsonl(eval_dir / f"{safe_name(task)}.jsonl", repair=False)
     return {(task, int(r["index"])): bool(r["correct"]) for r in rows}
 
 
@@ -194,7 +193,7 @@ def markdown(results: dict[str, Any]) -> str:
 def figure(results: dict[str, Any], path: Path) -> None:
     """One panel per bits; groups = tasks + mean; one bar per method (and budget where the
     budgets differ); error bars = the 95% intervals."""
-    import matplotlib
+    import matplotlib  # deferred: optional and slow, only for the figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

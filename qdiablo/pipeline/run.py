@@ -13,9 +13,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from qdiablo.cli import load_yaml
 from qdiablo.errors import UserError
+from qdiablo.flags import load_yaml
+from qdiablo.io import read_json
 from qdiablo.pipeline.stages import Outcome, Runner, Stage, summary_table
+from qdiablo.train.checkpoint import latest_checkpoint
 
 log = logging.getLogger("qdiablo.pipeline")
 
@@ -67,8 +69,6 @@ def quantize_stage(key: str, model: str, settings: dict, output: Path, source: s
 
 
 def _train_resume(output: Path) -> dict[str, Any] | None:
-    from qdiablo.train.checkpoint import latest_checkpoint
-
     return {"resume": "auto"} if latest_checkpoint(output / "checkpoints") else None
 
 
@@ -257,8 +257,6 @@ def run_pipeline(
 
 def scores_text(eval_dir: Path) -> str:
     """One line per task (accuracy, NLL) and the 4-task mean, from an eval's summary.json."""
-    from qdiablo.io import read_json
-
     summary = read_json(Path(eval_dir) / "summary.json", what="evaluation summary")
     lines = ["eval scores:"]
     for name, t in summary.get("tasks", {}).items():

@@ -18,7 +18,10 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -26,7 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from qdiablo import __version__, cli
 from qdiablo.errors import UserError
+from qdiablo.flags import config_defaults
+from qdiablo.hashing import sha256_file
 from qdiablo.io import read_json, write_json, write_text
 
 log = logging.getLogger("qdiablo.pipeline")
@@ -61,11 +69,7 @@ def _file_digest(value: Any) -> Any:
     if isinstance(value, list):
         return [_file_digest(v) for v in value]
     if isinstance(value, str) and Path(value).is_file():
-        digest = hashlib.sha256()
-        with open(value, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        return {"path": value, "sha256": digest.hexdigest()}
+        return {"path": value, "sha256": sha256_file(value)}
     return value
 
 
@@ -75,8 +79,6 @@ def parse_verb_args(verb: str, values: dict[str, Any], source: str) -> argparse.
     Unknown keys, wrong types and bad choices are a UserError naming `source` (e.g.
     "config.yaml [train]"), raised before anything runs.
     """
-    from qdiablo import cli
-
     parser, verbs = cli.build_parser()
     if verb not in verbs:
         raise UserError(
@@ -84,7 +86,7 @@ def parse_verb_args(verb: str, values: dict[str, Any], source: str) -> argparse.
             hint=f"available: {', '.join(verbs)}",
         )
     plain = {k: _plain(v) for k, v in values.items()}
-    defaults = cli.config_defaults(verbs[verb], plain, source)
+    defaults = config_defaults(verbs[verb], plain, source)
     verbs[verb].set_defaults(**defaults)
     missing = [
         a.option_strings[-1] for a in verbs[verb]._actions if a.required and a.dest not in defaults
@@ -137,8 +139,6 @@ class Stage:
     @property
     def identity(self) -> str:
         if self._identity is None:
-            from qdiablo import __version__
-
             payload = {
                 "verb": self.verb,
                 "args": self.resolved(),
@@ -291,12 +291,6 @@ class Runner:
 
     def _subprocess(self, stage: Stage, args: dict[str, Any]) -> int:
         """`python -m qdiablo <verb> --config <args file>`: the verb's own YAML config path."""
-        import os
-        import subprocess
-        import sys
-
-        import yaml
-
         file = self.markers / f"{stage.key}.args.yaml"
         write_text(file, yaml.safe_dump({k: _plain(v) for k, v in args.items()}))
         repo = str(Path(__file__).resolve().parents[2])  # works without a pip install

@@ -17,19 +17,13 @@ from scipy.stats import binomtest, norm
 
 
 def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """The Wilson score interval of the proportion k/n; (0, 1) when n is 0."""
+    """The Wilson score interval of the proportion k/n (scipy's); (0, 1) when n is 0."""
     if n <= 0:
         return 0.0, 1.0
     if not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    z = float(norm.ppf(0.5 + confidence / 2))
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    lo = 0.0 if k == 0 else max(0.0, centre - half)  # exact at the edges (no 1e-17 residue)
-    hi = 1.0 if k == n else min(1.0, centre + half)
-    return lo, hi
+    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def mean_interval(

@@ -69,6 +69,19 @@ def packed_layer_types(model: nn.Module, target_modules: list[str] | str) -> set
     return types
 
 
+def dispatch_packed_layers(config, model: nn.Module, target_modules: list[str] | str) -> None:
+    """Tell PEFT to wrap our packed layers with its GPTQ LoRA layer (GPTQ-LoRA).
+
+    `LoraConfig._register_custom_module` is PEFT's documented, experimental hook for custom
+    layer types ("Custom models" in PEFT's developer guide); it has no public name yet.
+    """
+    from peft.tuners.lora.gptq import GPTQLoraLinear  # optional dependency (the qlora extra)
+
+    packed = packed_layer_types(model, target_modules)
+    if packed:
+        config._register_custom_module(dict.fromkeys(packed, GPTQLoraLinear))
+
+
 def attach_lora(
     model: nn.Module,
     rank: int,
@@ -78,8 +91,7 @@ def attach_lora(
 ):
     """Freeze the base and add PEFT LoRA (A Kaiming-uniform, B zero) to the targets."""
     try:
-        from peft import LoraConfig, get_peft_model
-        from peft.tuners.lora.gptq import GPTQLoraLinear
+        from peft import LoraConfig, get_peft_model  # optional dependency (the qlora extra)
     except ImportError as e:
         raise UserError("--adapter lora needs PEFT", hint='pip install -e ".[qlora]"') from e
     config = LoraConfig(
@@ -90,9 +102,7 @@ def attach_lora(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    packed = packed_layer_types(model, target_modules)
-    if packed:
-        config._register_custom_module(dict.fromkeys(packed, GPTQLoraLinear))
+    dispatch_packed_layers(config, model, target_modules)
     with warnings.catch_warnings():
         # PEFT warns "Unsupported layer type" for custom-dispatched layers it reads in/out from
         warnings.filterwarnings("ignore", message="Unsupported layer type")
@@ -106,16 +116,11 @@ def load_lora(model: nn.Module, adapter_dir: str, is_trainable: bool = False):
     PEFT does not save the custom-module mapping that GPTQ-LoRA was trained with, so a plain
     `PeftModel.from_pretrained` refuses QuantLinear targets; this registers it again first.
     """
-    from peft import LoraConfig, PeftModel
+    from peft import LoraConfig, PeftModel  # optional dependency (the qlora extra)
 
     config = LoraConfig.from_pretrained(str(adapter_dir))
     targets = config.target_modules
-    targets = targets if isinstance(targets, str) else sorted(targets)
-    packed = packed_layer_types(model, targets)
-    if packed:
-        from peft.tuners.lora.gptq import GPTQLoraLinear
-
-        config._register_custom_module(dict.fromkeys(packed, GPTQLoraLinear))
+    dispatch_packed_layers(config, model, targets if isinstance(targets, str) else sorted(targets))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Unsupported layer type")
         return PeftModel.from_pretrained(

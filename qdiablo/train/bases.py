@@ -1,36 +1,21 @@
-"""Frozen bases to train adapters on: fp | gptq | rtn | nf4 | nf2.
+"""Frozen bases to train adapters on: `qdiablo train --base fp | gptq | rtn | nf4 | nf2`.
 
-- `fp`: the model's float weights, in `dtype` (bf16/fp16 gives the "16-bit" references).
-- `gptq` / `rtn`: a folder written by `qdiablo quantize`; its linear layers stay packed
-  (`quantizers.QuantLinear`) while training.
-- `nf4`: bitsandbytes NF4 with double quantization (QLoRA's base). A Hugging Face folder or hub id
-  goes through `from_pretrained(quantization_config=...)`; a GGUF model (transformers refuses GGUF
-  plus quantization) is loaded in float and its linear layers are swapped for bitsandbytes
-  `Linear4bit`, exactly as `from_pretrained` would build them.
-- `nf2`: NF2 (absmax per block of 64), fake-quantized: see `qdiablo.train.nf`.
-
-In every case the output head (`lm_head`) and the embeddings stay in float, as bitsandbytes leaves
-them.
+The model itself comes from `qdiablo.models.load_base` (the one loader; its docstring describes
+each kind). Training adds the tokenizer, freezes every weight, turns the KV cache off and records
+what the base is.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from qdiablo.errors import UserError
-from qdiablo.models import load_model, load_tokenizer, parse_dtype
-from qdiablo.nf4 import load_nf4
-from qdiablo.train.config import BASE_KINDS
-
-log = logging.getLogger(__name__)
-
-PACKED_KINDS = ("gptq", "rtn")
+from qdiablo.kinds import PACKED_KINDS, TRAIN_BASE_KINDS
+from qdiablo.models import load_base, load_tokenizer, parse_dtype
 
 
 @dataclass
@@ -50,84 +35,36 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def load_base(
+def load_training_base(
     kind: str,
     model: str,
     gguf_file: str | None = None,
     dtype: str | torch.dtype = "float32",
     device: torch.device | str | None = None,
 ) -> LoadedBase:
-    """Load `model` as a frozen base of the given kind (see the module docstring)."""
-    if kind not in BASE_KINDS:
-        raise UserError(f"unknown base '{kind}'", hint=f"choose from {', '.join(BASE_KINDS)}")
+    """Load `model` as a frozen base of the given kind, with its tokenizer."""
+    if kind not in TRAIN_BASE_KINDS:
+        raise UserError(f"unknown base '{kind}'", hint=f"choose from {', '.join(TRAIN_BASE_KINDS)}")
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = parse_dtype(dtype)
+    if kind not in PACKED_KINDS:  # a missing tokenizer fails before the model loads
+        tokenizer = load_tokenizer(model, gguf_file)
+    net = load_base(model, kind, gguf_file=gguf_file, dtype=torch_dtype, device=device)
     if kind in PACKED_KINDS:
-        net, tokenizer = _load_packed(kind, model, torch_dtype, device)
+        try:
+            tokenizer = load_tokenizer(model)
+        except UserError as e:
+            raise UserError(
+                f"{model} holds no tokenizer", hint="quantize with the tokenizer saved alongside"
+            ) from e
         qc = net.config.quantization_config
         description = f"{model}, packed {kind} {qc.get('bits')}-bit g{qc.get('group_size')}"
     else:
-        tokenizer = load_tokenizer(model, gguf_file)
-        if kind == "nf4":
-            net = load_nf4(model, gguf_file, torch_dtype, device)
-            description = f"{model}, bitsandbytes NF4 + double quantization"
-        else:
-            net = load_model(model, gguf_file, dtype=torch_dtype, device=device)
-            description = f"{model}, {str(torch_dtype).removeprefix('torch.')}"
-            if kind == "nf2":
-                from qdiablo.train.nf import fake_quantize_model_nf
-
-                fake_quantize_model_nf(net, bits=2)
-                description = f"{model}, NF2 fake-quantized (absmax per block of 64)"
+        description = {
+            "nf4": f"{model}, bitsandbytes NF4 + double quantization",
+            "nf2": f"{model}, NF2 fake-quantized (absmax per block of 64)",
+        }.get(kind, f"{model}, {str(torch_dtype).removeprefix('torch.')}")
     for p in net.parameters():
         p.requires_grad_(False)
     net.config.use_cache = False  # no KV cache while training
     return LoadedBase(net, tokenizer, kind, description)
-
-
-# --------------------------------------------------------------------------------------------
-# Packed GPTQ / RTN folders (quantizers package)
-# --------------------------------------------------------------------------------------------
-
-
-def _load_packed(
-    kind: str, folder: str, dtype: torch.dtype, device: torch.device
-) -> tuple[nn.Module, object]:
-    """A `qdiablo quantize` folder: QuantLinear layers stay packed (int32 codes, fp16 scales)."""
-    try:
-        from quantizers import CheckpointError, QuantLinear, load_quantized
-    except ImportError as e:
-        raise UserError(
-            f"--base {kind} needs the quantizers package, which this build lacks",
-            hint="use --base fp, nf4 or nf2",
-        ) from e
-    if not Path(folder).is_dir():
-        raise UserError(
-            f"--base {kind} needs --model to be a folder written by `qdiablo quantize`, "
-            f"not '{folder}'",
-            hint="quantize first: qdiablo quantize --model ... --output FOLDER",
-        )
-    try:
-        net = load_quantized(folder, device=device)
-    except CheckpointError as e:
-        raise UserError(str(e)) from e
-    method = getattr(getattr(net, "quant_config", None), "method", None)
-    if method is not None and method != kind:
-        raise UserError(
-            f"--base {kind}: {folder} was quantized with {method}",
-            hint=f"use --base {method}",
-        )
-    # Cast only the float parameters (embeddings, norms, head): the packed layers keep their
-    # int32 codes and fp16 scales, which `model.to(dtype)` would round.
-    for param in net.parameters():
-        if param.is_floating_point() and param.dtype != dtype:
-            param.data = param.data.to(dtype)
-    packed = sum(isinstance(m, QuantLinear) for m in net.modules())
-    log.info("loaded %s: %d packed layers (%s)", folder, packed, method or "gptq layout")
-    try:
-        tokenizer = load_tokenizer(folder)
-    except UserError as e:
-        raise UserError(
-            f"{folder} holds no tokenizer", hint="quantize with the tokenizer saved alongside"
-        ) from e
-    return net, tokenizer

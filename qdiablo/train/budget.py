@@ -1,4 +1,4 @@
-"""Trainable-parameter budgets: DiaBlo's N blocks against LoRA's rank r (DESIGN.md §1).
+"""Trainable-parameter budgets: DiaBlo's N blocks against LoRA's rank r (docs/diablo.md §4).
 
 Over a set of adapted layers with shapes (inᵢ, outᵢ):
 - DiaBlo with N blocks trains Σ inᵢ·outᵢ/N parameters (with `indivisible='pad'`, N·⌈in/N⌉·⌈out/N⌉);

@@ -23,9 +23,14 @@ import torch
 from torch import nn
 
 from qdiablo.diablo import DiaBloConfig, DiaBloModel
-from qdiablo.diablo.model import CONFIG_NAME, METADATA_KEYS, WEIGHTS_NAME, read_adapter_config
+from qdiablo.diablo.model import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    METADATA_KEYS,
+    read_adapter_config,
+)
 from qdiablo.errors import UserError
-from qdiablo.io import read_adapter_weights, read_json
+from qdiablo.io import read_adapter_weights
 
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -40,7 +45,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def is_peft_model(model: nn.Module) -> bool:
     try:
-        from peft import PeftModel
+        from peft import PeftModel  # optional dependency (the qlora extra)
     except ImportError:
         return False
     return isinstance(model, PeftModel)
@@ -85,7 +90,8 @@ def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
 def _load_diablo(model: DiaBloModel, folder: Path) -> None:
     saved = read_adapter_config(folder)
     config = DiaBloConfig.from_dict(
-        {k: v for k, v in saved.items() if k not in METADATA_KEYS}, source=str(folder / CONFIG_NAME)
+        {k: v for k, v in saved.items() if k not in METADATA_KEYS},
+        source=str(folder / ADAPTER_CONFIG_NAME),
     )
     if config.to_dict() != model.diablo_config.to_dict():
         diff = [
@@ -93,7 +99,9 @@ def _load_diablo(model: DiaBloModel, folder: Path) -> None:
             for k, v in config.to_dict().items()
             if model.diablo_config.to_dict()[k] != v
         ]
-        raise UserError(f"{folder / CONFIG_NAME}: other DiaBlo settings ({'; '.join(diff)})")
+        raise UserError(
+            f"{folder / ADAPTER_CONFIG_NAME}: other DiaBlo settings ({'; '.join(diff)})"
+        )
     expected = (saved.get("base_fingerprint") or {}).get("sha256")
     if expected != model.base_fingerprint["sha256"]:
         was = (saved.get("base_fingerprint") or {}).get("description")
@@ -101,22 +109,22 @@ def _load_diablo(model: DiaBloModel, folder: Path) -> None:
             f"{folder}: saved on a different base ({was}), this base is "
             f"({model.base_fingerprint['description']})"
         )
-    tensors = read_adapter_weights(folder / WEIGHTS_NAME)
+    tensors = read_adapter_weights(folder / ADAPTER_WEIGHTS_NAME)
     layers = dict(model.diablo_layers())
-    _check_keys(folder / WEIGHTS_NAME, {f"{n}.blocks" for n in layers}, set(tensors))
+    _check_keys(folder / ADAPTER_WEIGHTS_NAME, {f"{n}.blocks" for n in layers}, set(tensors))
     with torch.no_grad():
         for name, layer in layers.items():
             t = tensors[f"{name}.blocks"]
             if t.shape != layer.blocks.shape:
                 raise UserError(
-                    f"{folder / WEIGHTS_NAME}: layer '{name}' has blocks {tuple(t.shape)}, "
+                    f"{folder / ADAPTER_WEIGHTS_NAME}: layer '{name}' has blocks {tuple(t.shape)}, "
                     f"the model needs {tuple(layer.blocks.shape)}"
                 )
             layer.blocks.copy_(t)
 
 
 def _load_lora(model, folder: Path) -> None:
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # optional
 
     path = folder / "adapter_model.safetensors"
     tensors = read_adapter_weights(path)
@@ -156,8 +164,3 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
         if m and child.is_dir() and (child / TRAINER_STATE).is_file():
             found.append((int(m.group(1)), child))
     return max(found)[1] if found else None
-
-
-def checkpoint_step(folder: str | Path) -> int:
-    state = read_json(Path(folder) / TRAINER_STATE, what="trainer state")
-    return int(state.get("global_step", 0))

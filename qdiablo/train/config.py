@@ -1,23 +1,30 @@
 """TrainConfig: every knob of a training run, with its help string (also the CLI's flags).
 
-`qdiablo train --help` is generated from these fields, and a run writes the resolved config to
-`train_config.json`, so the flags, the YAML config keys and the recorded settings share one list.
+`qdiablo train --help` is generated from these fields (by `qdiablo.flags`), and a run writes the
+resolved config to `train_config.json`, so the flags, the YAML config keys and the recorded
+settings share one list.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from qdiablo.data import DEFAULT_TEMPLATE, EVAL_SETS, MAX_LENGTH, TEMPLATES
-from qdiablo.diablo.config import DEFAULT_TARGETS
 from qdiablo.errors import UserError
+from qdiablo.kinds import TRAIN_BASE_KINDS
 
-BASE_KINDS = ("fp", "gptq", "rtn", "nf4", "nf2")
+BASE_KINDS = TRAIN_BASE_KINDS  # `--base`: the loader's kinds but "auto" (qdiablo.kinds)
 ADAPTERS = ("diablo", "lora")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
+# A run's output folder (written by `qdiablo.train.run`, read by export and the pipeline).
+CONFIG_FILE = "train_config.json"
+RESULTS_FILE = "train_results.json"
+LOG_FILE = "log.jsonl"
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"
 DEFAULT_LR = {"diablo": 5e-4, "lora": 3e-4}  # DiaBlo's GSM8K setting; ApiQ's LoRA setting
 
 
@@ -81,9 +88,13 @@ class TrainConfig:
             "adapter",
         ),
     )
-    target_modules: list[str] = field(
-        default_factory=lambda: list(DEFAULT_TARGETS),
-        metadata=_meta("layers to adapt (name suffixes), or all-linear", "adapter"),
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata=_meta(
+            "layers to adapt (name suffixes), or all-linear (default: the architecture's, "
+            "e.g. q_proj k_proj v_proj up_proj down_proj on LLaMA-family models)",
+            "adapter",
+        ),
     )
     dropout: float = field(
         default=0.05, metadata=_meta("dropout on the adapter's input", "adapter")
@@ -219,8 +230,11 @@ class TrainConfig:
         return self.lr if self.lr is not None else DEFAULT_LR[self.adapter]
 
     @property
-    def target_spec(self) -> list[str] | str:
-        """target_modules in DiaBloConfig / LoraConfig form ('all-linear' is a string)."""
+    def target_spec(self) -> list[str] | str | None:
+        """target_modules in DiaBloConfig / LoraConfig form ('all-linear' is a string; None is
+        the architecture's default, qdiablo.diablo.targets)."""
+        if self.target_modules is None:
+            return None
         return "all-linear" if self.target_modules == ["all-linear"] else list(self.target_modules)
 
     def to_dict(self) -> dict[str, Any]:
@@ -240,33 +254,3 @@ RESUME_FREE_FIELDS = {
     "save_total_limit",
     "progress",
 }
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, grouped, with the field's help and default."""
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in fields(TrainConfig):
-        meta = f.metadata
-        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else f.default_factory()
-        kwargs: dict[str, Any] = {"help": meta["help"], "default": default, "dest": f.name}
-        if f.type in ("bool",):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-            continue
-        if "list[str]" in str(f.type):
-            kwargs["nargs"] = "+"
-        kwargs["type"] = _scalar_type(str(f.type))
-        if "choices" in meta:
-            kwargs["choices"] = meta["choices"]
-        if default is not None and not isinstance(default, list):
-            kwargs["help"] += f" (default: {default})"
-        group.add_argument(flag, **kwargs)
-
-
-def _scalar_type(annotation: str):
-    if annotation.startswith("int"):
-        return int
-    if annotation.startswith("float"):
-        return float
-    return str

@@ -45,11 +45,6 @@ def peak_rss_bytes() -> int:
     return ru if sys.platform == "darwin" else ru * 1024
 
 
-def current_rss_bytes() -> int | None:
-    kb = _proc_status_kb("VmRSS")
-    return None if kb is None else kb * 1024
-
-
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark to the current RSS (Linux); False where unsupported."""
     try:
@@ -74,7 +69,7 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 
 def _bnb_linear_types() -> tuple[type, ...]:
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional dependency (the qlora extra)
     except ImportError:
         return ()
     return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)

@@ -1,4 +1,4 @@
-"""NormalFloat (NF) quantization, for the NF2-LoRA baseline (DESIGN.md §3).
+"""NormalFloat (NF) quantization, for the NF2-LoRA baseline (docs/math10k.md §10).
 
 The k-bit NormalFloat levels follow QLoRA §3 (and LoftQ's NF quantizer with k bits): 2^(k-1)
 positive quantiles and 2^(k-1) - 1 negative quantiles of N(0, 1), spaced between `offset` and 0.5,

@@ -12,17 +12,15 @@ Output folder layout:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import set_seed
 
+from qdiablo.diablo.targets import resolve_target_modules
 from qdiablo.errors import UserError
 from qdiablo.io import atomic_path, read_json, write_json
 from qdiablo.train.adapters import (
@@ -32,21 +30,24 @@ from qdiablo.train.adapters import (
     layer_shapes,
     trainable_parameters,
 )
-from qdiablo.train.bases import LoadedBase, load_base
+from qdiablo.train.bases import LoadedBase, load_training_base
 from qdiablo.train.budget import Budget, resolve_budget
 from qdiablo.train.checkpoint import latest_checkpoint, save_adapter
-from qdiablo.train.config import RESUME_FREE_FIELDS, TrainConfig
+from qdiablo.train.config import (
+    ADAPTER_DIR,
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    LOG_FILE,
+    RESULTS_FILE,
+    RESUME_FREE_FIELDS,
+    TrainConfig,
+)
 from qdiablo.train.dataset import PadCollator, select_records, tokenize_records
 from qdiablo.train.metrics import JsonlLogCallback, ThroughputCallback, base_linear_bytes
 from qdiablo.train.trainer import AdapterTrainer, training_arguments
+from qdiablo.versions import library_versions
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "train_config.json"
-RESULTS_FILE = "train_results.json"
-LOG_FILE = "log.jsonl"
-ADAPTER_DIR = "adapter"
-CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclass
@@ -110,32 +111,23 @@ def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget
     """Settle the budget on the base's target layers and attach the adapter.
 
     Returns the adapter model, the budget, and the other method at the matched setting."""
-    shapes = layer_shapes(adapted_layers(loaded.model, config.target_spec))
+    # DiaBlo and LoRA adapt the same layers: the architecture's default when none are given.
+    targets = resolve_target_modules(loaded.model, config.target_spec)
+    shapes = layer_shapes(adapted_layers(loaded.model, targets))
     budget = resolve_budget(
         shapes, config.adapter, config.num_blocks, config.rank, config.match_params
     )
     if config.adapter == "diablo":
-        model = attach_diablo(loaded.model, budget.num_blocks, config.target_spec, config.dropout)
+        model = attach_diablo(loaded.model, budget.num_blocks, targets, config.dropout)
         expected = budget.diablo_parameters
     else:
         alpha = config.lora_alpha if config.lora_alpha is not None else 2.0 * budget.rank
-        model = attach_lora(loaded.model, budget.rank, alpha, config.target_spec, config.dropout)
+        model = attach_lora(loaded.model, budget.rank, alpha, targets, config.dropout)
         expected = budget.lora_parameters
     actual = trainable_parameters(model)
     if actual != expected:
         raise RuntimeError(f"trainable parameters {actual:,} differ from the budget {expected:,}")
     return model, budget, budget.other_method(config.adapter, shapes)
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    out["transformers"] = transformers.__version__
-    for name in ("peft", "bitsandbytes", "accelerate"):
-        with contextlib.suppress(ImportError):
-            out[name] = __import__(name).__version__
-    return out
 
 
 def train(
@@ -154,7 +146,7 @@ def train(
         config.data, config.answer_suffix, config.decontaminate, config.max_records, config.seed
     )
     set_seed(config.seed)
-    loaded = base or load_base(config.base, config.model, config.gguf_file, config.dtype)
+    loaded = base or load_training_base(config.base, config.model, config.gguf_file, config.dtype)
     model, budget, other = attach_adapter(loaded, config)
     own_count = trainable_parameters(model)
     own = f"N={budget.num_blocks}" if config.adapter == "diablo" else f"r={budget.rank}"
@@ -213,7 +205,7 @@ def train(
         "throughput": throughput.summary(),
         "resumed_from": str(resume_from) if resume_from else None,
         "device": str(args.device),
-        "versions": _versions(),
+        "versions": library_versions(),
     }
     if trainer.is_world_process_zero():
         with atomic_path(adapter_dir) as tmp:

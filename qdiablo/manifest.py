@@ -9,13 +9,14 @@ loader), and other unlisted files only get a warning.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
+from qdiablo import __version__
 from qdiablo.errors import UserError
+from qdiablo.hashing import sha256_file
 from qdiablo.io import read_json
 
 log = logging.getLogger(__name__)
@@ -26,16 +27,6 @@ FORMAT_VERSION = 1
 # Folders a loader reads: they must hold exactly the files listed.
 LOADABLE_PARTS = ("base", "adapter", "merged", "merged-gptq")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB chunks (weights files can be many GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _files(folder: Path) -> list[str]:
@@ -49,8 +40,6 @@ def _files(folder: Path) -> list[str]:
 
 def build_manifest(folder: str | Path) -> dict[str, Any]:
     """The manifest of a finished export folder (every file's sha256 and size)."""
-    from qdiablo import __version__
-
     folder = Path(folder)
     files = {
         rel: {"sha256": sha256_file(folder / rel), "size": (folder / rel).stat().st_size}

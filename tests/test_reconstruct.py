@@ -173,3 +173,15 @@ def test_compare_grid_adds_the_recon_method_by_name(tmp_path, tiny_model_dir, ma
     assert recon.train.args["adapter"] == "diablo"
     default = build_grid(grid_config(tmp_path, tiny_model_dir, math_file), "c.yaml")
     assert "MagR-DiaBlo+recon" not in {c.method.name for c in default.cells}
+
+
+def test_export_requantize_reruns_reconstruction_when_the_base_had_it():
+    from qdiablo.export import requantize_config
+
+    entry = QuantConfig(bits=2, magr=True, reconstruct=True, recon_steps=7).quantization_config()
+    config = requantize_config(entry, None)
+    assert config.reconstruct is True and config.recon_steps == 7 and config.magr is True
+    assert requantize_config(entry, {"reconstruct": False}).reconstruct is False
+    foreign = {k: v for k, v in entry.items() if k != "meta"}  # a GPTQ folder from another tool
+    assert requantize_config(foreign, None).reconstruct is False
+    assert requantize_config(foreign, {"reconstruct": True}).reconstruct is True

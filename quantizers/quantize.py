@@ -37,7 +37,7 @@ from quantizers.gptq import gptq_quantize
 from quantizers.magr import fast_matmul_dtype, magr
 from quantizers.packing import packable
 from quantizers.quant_linear import QuantLinear, dequantize_cache
-from quantizers.reconstruct import BlockRecon, reconstruct_block, split_holdout
+from quantizers.reconstruct import BlockRecon, recon_markdown, reconstruct_block, split_holdout
 from quantizers.rtn import QuantResult, rtn_quantize
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,8 @@ class QuantReport:
                 f"{len(retried)} of {len(self.layers)} layers: "
                 + ", ".join(f"{r.name} ({r.damp_percent:g})" for r in retried),
             ]
-        return "\n".join(lines + self._recon_markdown()) + "\n"
+        recon = recon_markdown(self.reconstruction, self.heldout_windows)
+        return "\n".join(lines + recon) + "\n"
 
     def cholesky_fallbacks(self, min_damp: float = 0.0) -> list[LayerReport]:
         """GPTQ layers whose Cholesky needed more damping than configured (above min_damp)."""
@@ -114,30 +115,6 @@ class QuantReport:
             and r.damp_percent > configured
             and r.damp_percent >= min_damp
         ]
-
-    def _recon_markdown(self) -> list[str]:
-        if not self.reconstruction:
-            return []
-        lines = [
-            "",
-            f"Block-wise reconstruction ({self.heldout_windows} calibration windows held out; "
-            f"{self.reconstruction_seconds:.0f} s): relative squared block output error",
-            "",
-            "| block | train before → after | held-out before → after | steps | codes changed "
-            "| kept |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in self.reconstruction:
-            held = (
-                "—"
-                if r.heldout_before is None
-                else f"{r.heldout_before:.5f} → {r.heldout_after:.5f}"
-            )
-            lines.append(
-                f"| {r.name} | {r.train_before:.5f} → {r.train_after:.5f} | {held} | {r.steps} "
-                f"| {100 * r.codes_changed:.2f}% | {'yes' if r.kept else 'no (GPTQ result)'} |"
-            )
-        return lines
 
 
 def relative_output_error(
@@ -265,51 +242,6 @@ def _quantize_group(
         start = end
 
 
-def _reconstruct(
-    block: nn.Module,
-    hidden: list[Tensor],
-    kwargs: list[dict],
-    targets: list[Tensor],
-    heldout: int,
-    config: QuantConfig,
-    calib_dtype: torch.dtype | None,
-    name: str,
-    report: QuantReport,
-) -> None:
-    rec = reconstruct_block(
-        block,
-        hidden,
-        kwargs,
-        targets,
-        heldout=heldout,
-        steps=config.recon_steps,
-        lr_code=config.recon_lr_code,
-        lr_scale=config.recon_lr_scale,
-        params=config.recon_params,
-        eval_every=config.recon_eval_every,
-        autocast_dtype=calib_dtype,
-        name=name,
-    )
-    report.reconstruction.append(rec)
-    report.reconstruction_seconds += rec.seconds
-    held = (
-        ""
-        if rec.heldout_before is None
-        else f", held-out {rec.heldout_before:.5f} -> {rec.heldout_after:.5f}"
-    )
-    log.info(
-        "%s: reconstruction %d steps in %.1f s: train error %.5f -> %.5f%s; %.2f%% codes changed%s",
-        name,
-        rec.steps,
-        rec.seconds,
-        rec.train_before,
-        rec.train_after,
-        held,
-        100 * rec.codes_changed,
-        "" if rec.kept else "; no held-out gain: GPTQ result kept",
-    )
-
-
 def _log_block(name: str, layers: list[LayerReport], bar) -> None:
     """One INFO line per block (the per-layer lines are DEBUG; all are in the report)."""
     errors = [r.rel_error for r in layers if r.rel_error is not None]
@@ -361,6 +293,10 @@ def quantize_model(
         half precision on GPUs), and compute each batch's XᵀX in it. The weights are still read
         and quantized in full precision, and the Hessians summed in float32. "auto" picks
         bfloat16 where the hardware multiplies it natively. Default: the model's own dtype.
+    With `config.reconstruct`, each block is then trained against the full-precision block
+    (quantizers/reconstruct.py): the full-precision model's block inputs are carried alongside
+    the quantized model's, and the last `recon_holdout` of the windows are held out from that
+    training (GPTQ still sees every window).
     Embeddings and lm_head are left alone. The per-layer report is `model.quantization_report`.
     """
     if not isinstance(config, QuantConfig):
@@ -429,9 +365,11 @@ def quantize_model(
                         H = hessians[group[0]]
                         _quantize_group(block, linears, group, H, config, name, report)
                 if targets is not None:
-                    _reconstruct(
-                        block, hidden, kwargs, targets, heldout, config, calib_dtype, name, report
+                    rec = reconstruct_block(
+                        block, hidden, kwargs, targets, heldout, config, calib_dtype, name
                     )
+                    report.reconstruction.append(rec)
+                    report.reconstruction_seconds += rec.seconds
                     hidden_fp = targets
                 with dequantize_cache(block), _autocast(device, calib_dtype):
                     hidden = run_block(block, hidden, kwargs)

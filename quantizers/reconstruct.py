@@ -27,7 +27,6 @@ error did not improve keeps its GPTQ result.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Sequence
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from quantizers.calibration import block_output
-from quantizers.config import RECON_PARAMS
+from quantizers.config import RECON_PARAMS, QuantConfig
 from quantizers.quant_linear import QuantLinear, dequantize_cache
 from quantizers.rtn import MIN_SCALE, QuantResult
 
@@ -162,7 +161,7 @@ def block_error(
     return num / den if den > 0 else 0.0
 
 
-def reconstruct_block(
+def train_block(
     block: nn.Module,
     inputs: Sequence[Tensor],
     kwargs: Sequence[dict],
@@ -276,6 +275,69 @@ def reconstruct_block(
     )
 
 
-def full_precision_copy(block: nn.Module) -> nn.Module:
-    """A copy of the block before quantization (its original weights), for the targets."""
-    return copy.deepcopy(block)
+def reconstruct_block(
+    block: nn.Module,
+    inputs: Sequence[Tensor],
+    kwargs: Sequence[dict],
+    targets: Sequence[Tensor],
+    heldout: int,
+    config: QuantConfig,
+    autocast_dtype: torch.dtype | None = None,
+    name: str = "block",
+) -> BlockRecon:
+    """`train_block` with a QuantConfig's settings, logged (one INFO line per block)."""
+    rec = train_block(
+        block,
+        inputs,
+        kwargs,
+        targets,
+        heldout=heldout,
+        steps=config.recon_steps,
+        lr_code=config.recon_lr_code,
+        lr_scale=config.recon_lr_scale,
+        params=config.recon_params,
+        eval_every=config.recon_eval_every,
+        autocast_dtype=autocast_dtype,
+        name=name,
+    )
+    held = (
+        ""
+        if rec.heldout_before is None
+        else f", held-out {rec.heldout_before:.5f} -> {rec.heldout_after:.5f}"
+    )
+    log.info(
+        "%s: reconstruction %d steps in %.1f s: train error %.5f -> %.5f%s; %.2f%% codes changed%s",
+        name,
+        rec.steps,
+        rec.seconds,
+        rec.train_before,
+        rec.train_after,
+        held,
+        100 * rec.codes_changed,
+        "" if rec.kept else "; no held-out gain: GPTQ result kept",
+    )
+    return rec
+
+
+def recon_markdown(blocks: Sequence[BlockRecon], heldout_windows: int) -> list[str]:
+    """The report's reconstruction table (no lines when reconstruction did not run)."""
+    if not blocks:
+        return []
+    seconds = sum(r.seconds for r in blocks)
+    lines = [
+        "",
+        f"Block-wise reconstruction ({heldout_windows} calibration windows held out; "
+        f"{seconds:.0f} s): relative squared block output error",
+        "",
+        "| block | train before → after | held-out before → after | steps | codes changed | kept |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in blocks:
+        held = (
+            "—" if r.heldout_before is None else f"{r.heldout_before:.5f} → {r.heldout_after:.5f}"
+        )
+        lines.append(
+            f"| {r.name} | {r.train_before:.5f} → {r.train_after:.5f} | {held} | {r.steps} "
+            f"| {100 * r.codes_changed:.2f}% | {'yes' if r.kept else 'no (GPTQ result)'} |"
+        )
+    return lines

@@ -47,7 +47,7 @@ def main() -> None:
 
     import torch
 
-    from eval.generate import _left_pad, batch_order, eos_token_ids, generate, pad_token_id
+    from eval.generate import batch_order, eos_token_ids, generate, left_pad, pad_token_id
     from qdiablo.data import encode_prompt, load_test_set
     from qdiablo.models import load_model, load_tokenizer
 
@@ -101,7 +101,7 @@ def main() -> None:
     hf_batched: list[list[int] | None] = [None] * len(prompts)
     t = time.perf_counter()
     for batch in batch_order(prompts, args.batch_size):
-        ids, mask = _left_pad([prompts[i] for i in batch], pad, "cpu")
+        ids, mask = left_pad([prompts[i] for i in batch], pad, "cpu")
         with torch.inference_mode():
             out = model.generate(
                 input_ids=ids,

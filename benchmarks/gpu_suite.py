@@ -142,9 +142,10 @@ def random_quant_linear(
 
     layer = QuantLinear(in_features, out_features, bits, group_size, device=device)
     g = torch.Generator(device=device).manual_seed(seed)
-    for buf in (layer.qweight, layer.qzeros):
+    packed = layer.packed_tensors()
+    for buf in (packed.qweight, packed.qzeros):
         buf.copy_(torch.randint(-(2**31), 2**31 - 1, buf.shape, generator=g, device=device))
-    layer.scales.copy_(torch.rand(layer.scales.shape, generator=g, device=device) * 0.01 + 1e-3)
+    packed.scales.copy_(torch.rand(packed.scales.shape, generator=g, device=device) * 0.01 + 1e-3)
     return layer
 
 
@@ -345,14 +346,11 @@ def run_decode(args, device: torch.device) -> dict:
                 device=device,
                 dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
             )
-            nbytes = sum(
-                b.numel() * b.element_size()
-                for b in (layer.qweight, layer.qzeros, layer.scales, layer.g_idx)
-            )
+            nbytes = sum(b.numel() * b.element_size() for b in layer.packed_tensors())
             group = layer.contiguous_group_size()
             backend = kernels.select(x, bits)
             if backend == "triton":
-                bufs = (layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits, None, group)
+                bufs = (*layer.packed_tensors(), bits, None, group)
                 fn = partial(kernels.triton_module().forward, x, *bufs)
             else:
                 fn = partial(layer, x)

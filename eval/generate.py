@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from qdiablo.data import pad_batch
 from quantizers import dequantize_cache
 
 log = logging.getLogger(__name__)
@@ -95,17 +96,12 @@ def _dequantized_once(model) -> Iterator[None]:
         yield
 
 
-def _left_pad(
+def left_pad(
     prompts: Sequence[Sequence[int]], pad_id: int, device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        if len(p):
-            ids[row, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
-            mask[row, width - len(p) :] = 1
-    return ids.to(device), mask.to(device)
+    """Token-id prompts left-padded into (input_ids, attention_mask) on `device`."""
+    batch = pad_batch([{"input_ids": p} for p in prompts], pad_id, side="left")
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
 def _device(model) -> torch.device:
@@ -133,7 +129,7 @@ def greedy_batch(
     if any(len(p) == 0 for p in prompts):
         raise ValueError("cannot generate from an empty prompt")
     device = _device(model)
-    ids, mask = _left_pad(prompts, pad_token_id, device)
+    ids, mask = left_pad(prompts, pad_token_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
     out_tokens: list[list[int]] = [[] for _ in prompts]
@@ -192,7 +188,7 @@ def beam_batch(
 ) -> list[tuple[list[int], str]]:
     """Beam search on one left-padded batch through `model.generate` (deterministic)."""
     device = _device(model)
-    ids, mask = _left_pad(prompts, pad_token_id, device)
+    ids, mask = left_pad(prompts, pad_token_id, device)
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,

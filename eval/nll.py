@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from eval.generate import batch_order, inference_context
-from qdiablo.data import IGNORE_INDEX, MathRecord, encode_example, reference_response
+from qdiablo.data import IGNORE_INDEX, MathRecord, encode_example, pad_batch, reference_response
 
 DEFAULT_MAX_LENGTH = 2048
 _CHUNK = 256  # positions per float64 cross-entropy chunk
@@ -59,19 +59,6 @@ def encode_references(
     ]
 
 
-def _left_pad(examples: Sequence[dict[str, list[int]]], pad_id: int, device):
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[row, width - n :] = torch.tensor(e["input_ids"])
-        labels[row, width - n :] = torch.tensor(e["labels"])
-        mask[row, width - n :] = 1
-    return ids.to(device), labels.to(device), mask.to(device)
-
-
 def batch_nll(model, examples: Sequence[dict[str, list[int]]], pad_token_id: int) -> list[tuple]:
     """(summed NLL, token count) per example of one batch; call inside `inference_context`.
 
@@ -83,7 +70,8 @@ def batch_nll(model, examples: Sequence[dict[str, list[int]]], pad_token_id: int
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    ids, labels, mask = _left_pad(examples, pad_token_id, device)
+    batch = {k: v.to(device) for k, v in pad_batch(examples, pad_token_id, side="left").items()}
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     scored = labels != IGNORE_INDEX
     if not bool(scored.any()):

@@ -338,17 +338,29 @@ def encode_records(
     return examples
 
 
-def pad_batch(examples: Sequence[dict[str, list[int]]], pad_token_id: int):
-    """Right-pad a list of encoded examples into tensors (labels padded with IGNORE_INDEX)."""
+def pad_batch(
+    examples: Sequence[dict[str, Sequence[int]]], pad_token_id: int, side: str = "right"
+) -> dict:
+    """Pad encoded examples into a batch of LongTensors [batch, longest]: input_ids with
+    `pad_token_id`, labels (when the examples have them) with IGNORE_INDEX, and attention_mask
+    with 0 (ones over the tokens when an example has no mask).
+
+    Training pads on the right; evaluation pads on the left, so that every prompt ends (and every
+    generated or scored token starts) in the same column. The one pad helper of the project.
+    """
     import torch  # deferred: the records and templates here are read without torch (the CLI)
 
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     width = max(len(e["input_ids"]) for e in examples)
-
-    def pad(key: str, value: int) -> torch.Tensor:
-        return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in examples])
-
-    return {
-        "input_ids": pad("input_ids", pad_token_id),
-        "attention_mask": pad("attention_mask", 0),
-        "labels": pad("labels", IGNORE_INDEX),
-    }
+    fills = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    keys = [k for k in fills if k != "labels" or "labels" in examples[0]]
+    batch = {}
+    for key in keys:
+        rows = []
+        for e in examples:
+            values = list(e[key]) if key in e else [1] * len(e["input_ids"])
+            padding = [fills[key]] * (width - len(values))
+            rows.append(padding + values if side == "left" else values + padding)
+        batch[key] = torch.tensor(rows, dtype=torch.long).reshape(len(examples), width)
+    return batch

@@ -177,8 +177,11 @@ def load_base(
     gguf_file: str | None = None,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
+    packed_storage: str | torch.dtype = "int32",
 ) -> nn.Module:
-    """Load the base model that an adapter runs on (see the module docstring for `kind`)."""
+    """Load the base model that an adapter runs on (see the module docstring for `kind`).
+
+    `packed_storage`: the dtype a packed base's QuantLinear layers hold their bytes in."""
     if kind not in BASE_KINDS:
         raise UserError(f"unknown base '{kind}'", hint=f"choose from {', '.join(BASE_KINDS)}")
     path, _ = resolve_model(source, gguf_file)  # the one entry point: every source resolves here
@@ -193,7 +196,10 @@ def load_base(
         log.info("loading the export %s (base/ + adapter/)", source)
         return load_exported(path, device=device, dtype=torch_dtype)
     if kind in PACKED_KINDS or (kind == "auto" and local and is_quantized_folder(path)):
-        return load_packed(path, None if kind == "auto" else kind, torch_dtype, device)
+        storage = (
+            getattr(torch, packed_storage) if isinstance(packed_storage, str) else packed_storage
+        )
+        return load_packed(path, None if kind == "auto" else kind, torch_dtype, device, storage)
     if local and is_quantized_folder(path):
         raise UserError(
             f"{source} is already quantized ({QUANTIZE_CONFIG}); it cannot be loaded as '{kind}'",
@@ -234,12 +240,15 @@ def load_packed(
     method: str | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    storage_dtype: torch.dtype = torch.int32,
 ) -> nn.Module:
     """A `qdiablo quantize` folder with its linear layers packed (int32 codes, fp16 scales).
 
     `method` ('gptq' / 'rtn'), when given, must be the one the folder was written with. `dtype`
     casts only the float parameters (embeddings, norms, head), as `from_pretrained(dtype=...)`
     leaves the buffers: `model.to(dtype)` would also round rotary tables and packed biases.
+    The packed bytes are never cast: they are held as `storage_dtype` (see QuantLinear). On the
+    meta device nothing is read but the headers (FSDP's sharded loading fills it later).
     """
     what = f"--base {method}" if method else "a quantized base"
     if not Path(folder).is_dir() or not is_quantized_folder(folder):
@@ -248,7 +257,12 @@ def load_packed(
             hint="quantize first: qdiablo quantize --model ... --output FOLDER",
         )
     try:
-        net = load_quantized(folder, device=device)
+        if torch.device(device).type == "meta":
+            from qdiablo.train.fsdp_loading import packed_base_on_meta
+
+            net = packed_base_on_meta(str(folder), dtype or torch.float32, storage_dtype)
+        else:
+            net = load_quantized(folder, device=device, storage_dtype=storage_dtype)
     except CheckpointError as e:
         raise UserError(str(e)) from e
     stored = getattr(getattr(net, "quant_config", None), "method", None)
@@ -257,8 +271,11 @@ def load_packed(
             f"--base {method}: {folder} was quantized with {stored}", hint=f"use --base {stored}"
         )
     if dtype is not None:
+        packed = {
+            id(p) for m in net.modules() if isinstance(m, QuantLinear) for p in m.parameters()
+        }
         for param in net.parameters():
-            if param.is_floating_point() and param.dtype != dtype:
+            if param.is_floating_point() and param.dtype != dtype and id(param) not in packed:
                 param.data = param.data.to(dtype)
     packed = sum(isinstance(m, QuantLinear) for m in net.modules())
     log.info("loaded %s: %d packed layers (%s)", folder, packed, stored or "gptq layout")

@@ -83,7 +83,8 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
     state = _unique_state_dict(model)
     if config.checkpoint_format == "gptq":
         for name, m in layers.items():
-            state[f"{name}.qzeros"] = zeros_v2_to_v1(m.qzeros.cpu(), m.bits, m.out_features, name)
+            qzeros = m.packed_tensors().qzeros.cpu()
+            state[f"{name}.qzeros"] = zeros_v2_to_v1(qzeros, m.bits, m.out_features, name)
     state = {k: v.cpu() for k, v in state.items()}
     entry = config.quantization_config()
     with atomic_path(directory) as tmp:
@@ -226,12 +227,56 @@ def load_quantized(
     directory: str | os.PathLike,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    storage_dtype: torch.dtype = torch.int32,
 ) -> nn.Module:
     """Load a folder written by save_quantized (or a GPTQ-layout export) into QuantLinear layers.
 
     dtype: cast the unquantized weights (embeddings, norms, lm_head, biases); packed tensors and
     fp16 scales stay as stored. Default: as stored.
+    storage_dtype: the dtype QuantLinear holds its packed bytes in (see QuantLinear).
     """
+
+    directory = Path(directory)
+    model, files = quantized_skeleton(directory, storage_dtype, packed_device="cpu")
+    config = model.quant_config
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    state: dict[str, Tensor] = {}
+    for file in sorted(set(files.values())):
+        state.update(load_file(file))
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    left = [k for k, v in model.state_dict().items() if v.is_meta]
+    if left:
+        raise CheckpointError(f"{directory}: tensors never loaded: {left[:5]}")
+    if config.checkpoint_format == "gptq":
+        for name in quantized:
+            q = model.get_submodule(name)
+            qzeros = q.packed_tensors().qzeros
+            zeros, wrapped = zeros_v1_to_v2(qzeros, q.bits, q.out_features)
+            qzeros.copy_(zeros)
+            if wrapped:
+                log.warning(
+                    "%s: %d v1 zero points are stored as %d (a wrapped zero of 0); read as 0",
+                    name,
+                    wrapped,
+                    2**q.bits - 1,
+                )
+    if dtype is not None:
+        model.to(dtype)
+    model.to(device)
+    model.eval()
+    return model
+
+
+def quantized_skeleton(
+    directory: str | os.PathLike,
+    storage_dtype: torch.dtype = torch.int32,
+    packed_device: torch.device | str = "meta",
+) -> tuple[nn.Module, dict[str, Path]]:
+    """The model of a GPTQ-layout folder with its QuantLinear layers in place, every tensor
+    checked against the files' headers but none loaded: float weights on `meta`, packed tensors
+    on `packed_device` (zeros), non-persistent buffers (rotary tables) real. Returns the model
+    (with `quant_config` and `config.quantization_config` set) and the tensor name → file map."""
     # Deferred: transformers and accelerate take seconds to import; only loading needs them.
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -296,6 +341,8 @@ def load_quantized(
                 config.group_size,
                 bias=has_bias,
                 bias_dtype=bias_dtype or torch.float32,
+                device=packed_device,
+                storage_dtype=storage_dtype,
             )
         except ValueError as e:
             raise CheckpointError(f"{name}: {e}") from e
@@ -308,7 +355,6 @@ def load_quantized(
             raise CheckpointError(
                 f"{next(iter(files.values()))}: tensor '{key}' is missing from the checkpoint"
             )
-    state: dict[str, Tensor] = {}
     for key, (file, info) in headers.items():
         if key not in expected:
             raise CheckpointError(
@@ -326,33 +372,9 @@ def load_quantized(
         packed_int = key.endswith((".qweight", ".qzeros", ".g_idx"))
         if packed_int and key.rpartition(".")[0] in quantized and stored != torch.int32:
             raise CheckpointError(f"{file}: tensor '{key}' is {info['dtype']}, expected I32")
-    for file in sorted(set(files.values())):
-        state.update(load_file(file))
-
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    left = [k for k, v in model.state_dict().items() if v.is_meta]
-    if left:
-        raise CheckpointError(f"{directory}: tensors never loaded: {left[:5]}")
-    if config.checkpoint_format == "gptq":
-        for name in quantized:
-            q = model.get_submodule(name)
-            zeros, wrapped = zeros_v1_to_v2(q.qzeros, q.bits, q.out_features)
-            q.qzeros.copy_(zeros)
-            if wrapped:
-                log.warning(
-                    "%s: %d v1 zero points are stored as %d (a wrapped zero of 0); read as 0",
-                    name,
-                    wrapped,
-                    2**q.bits - 1,
-                )
     model.config.quantization_config = entry
     model.quant_config = config
-    if dtype is not None:
-        model.to(dtype)
-    model.to(device)
-    model.eval()
-    return model
+    return model, {key: file for key, (file, _) in headers.items()}
 
 
 def _tied_keys(model: nn.Module, present: set[str]) -> set[str]:

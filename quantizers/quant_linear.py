@@ -6,6 +6,14 @@ and multiplies; its backward dequantizes *again* to give the input gradient, thr
 autograd.Function that saves only the packed tensors, so no full-precision copy of any layer is
 kept alive between forward and backward. The base weights never get a gradient.
 
+Storage: the four packed tensors are frozen `nn.Parameter`s holding their bytes in one
+`storage_dtype` (int32 by default; a float dtype such as bf16 as bitsandbytes' `quant_storage`),
+so that FSDP2 shards them like any other parameter. Every reader goes through
+`QuantLinear.packed_tensors()`, which views the bytes back as int32 codes and fp16 scales. No
+cast touches the bytes: torch's dtype casts skip integer tensors, `_apply` moves float-stored
+bytes as raw bytes, and the state dict (hence the GPTQ checkpoint and the adapters' base
+fingerprint) always holds the GPTQ dtypes.
+
 `dequantize_packed` is the one place that turns the packed tensors into a float weight (the torch
 path). On CUDA the fused Triton kernels of `quantizers.kernels` replace it in forward and backward,
 dequantizing tiles in registers; `quantizers.kernels.select` decides, and logs which.
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +64,39 @@ def dequantize_packed(
         g = g_idx.long()
         w = (q - z.index_select(0, g)).float() * scales.float().index_select(0, g)
     return w if dtype == torch.float32 else w.to(dtype)
+
+
+PACKED_NAMES = ("qweight", "qzeros", "scales", "g_idx")
+PACKED_DTYPES = {
+    "qweight": torch.int32,
+    "qzeros": torch.int32,
+    "scales": torch.float16,
+    "g_idx": torch.int32,
+}
+STORAGE_DTYPES = (
+    torch.int32,
+    torch.int16,
+    torch.uint8,
+    torch.int8,
+    torch.bfloat16,
+    torch.float16,
+    torch.float32,
+)
+
+
+class PackedTensors(NamedTuple):
+    """The packed tensors in their GPTQ dtypes (views of the layer's storage, no copies)."""
+
+    qweight: Tensor  # int32 [in·bits/32, out]
+    qzeros: Tensor  # int32 [groups, out·bits/32]
+    scales: Tensor  # fp16 [groups, out]
+    g_idx: Tensor  # int32 [in]
+
+
+def as_packed_dtype(name: str, stored: Tensor) -> Tensor:
+    """`stored` (a packed tensor in any storage dtype) viewed as its GPTQ dtype."""
+    dtype = PACKED_DTYPES[name]
+    return stored if stored.dtype == dtype else stored.view(dtype)
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -104,9 +146,12 @@ class _QuantMatmul(torch.autograd.Function):
 class QuantLinear(nn.Module):
     """A packed, frozen linear layer: forward(x) = x·dequant(W)ᵀ (+ bias).
 
-    Buffers (the GPTQ layout, zero points in the gptq_v2 convention):
+    Packed tensors (the GPTQ layout, zero points in the gptq_v2 convention), read them with
+    `packed_tensors()`:
         qweight int32 [in·bits/32, out], qzeros int32 [groups, out·bits/32],
-        scales fp16 [groups, out], g_idx int32 [in], bias [out] (optional).
+        scales fp16 [groups, out], g_idx int32 [in].
+    They are frozen parameters whose bytes are stored as `storage_dtype` (see the module
+    docstring); `bias` [out] (optional) is an ordinary buffer that follows the model's dtype.
     """
 
     def __init__(
@@ -118,8 +163,10 @@ class QuantLinear(nn.Module):
         bias: bool = False,
         bias_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        storage_dtype: torch.dtype = torch.int32,
     ):
         super().__init__()
+        _check_storage_dtype(storage_dtype)
         for n, what in ((in_features, "in_features"), (out_features, "out_features")):
             if not packable(n, bits):
                 raise ValueError(
@@ -131,18 +178,19 @@ class QuantLinear(nn.Module):
         self.bits = bits
         self.group_size = group_size
         groups = 1 if group_size == -1 else -(-in_features // group_size)
+        self.storage_dtype = storage_dtype
         kw = {"device": device}
-        self.register_buffer(
-            "qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32, **kw)
-        )
-        self.register_buffer(
-            "qzeros", torch.zeros(groups, out_features * bits // 32, dtype=torch.int32, **kw)
-        )
-        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, **kw))
         default_g_idx = torch.arange(in_features, **kw) // (
             in_features if group_size == -1 else group_size
         )
-        self.register_buffer("g_idx", default_g_idx.to(torch.int32))
+        packed = {
+            "qweight": torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32, **kw),
+            "qzeros": torch.zeros(groups, out_features * bits // 32, dtype=torch.int32, **kw),
+            "scales": torch.zeros(groups, out_features, dtype=torch.float16, **kw),
+            "g_idx": default_g_idx.to(torch.int32),
+        }
+        for name, tensor in packed.items():
+            self.register_parameter(name, _frozen(tensor.view(storage_dtype)))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, **kw))
         else:
@@ -150,10 +198,16 @@ class QuantLinear(nn.Module):
         self._cache: Tensor | None = None
         self._caching = False
         self._group: tuple[Tensor, int, int | None] | None = None
+        self.register_state_dict_post_hook(_state_dict_in_packed_dtypes)
+        self.register_load_state_dict_pre_hook(_load_into_storage_dtype)
 
     @classmethod
     def from_result(
-        cls, result: QuantResult, group_size: int, bias: Tensor | None = None
+        cls,
+        result: QuantResult,
+        group_size: int,
+        bias: Tensor | None = None,
+        storage_dtype: torch.dtype = torch.int32,
     ) -> QuantLinear:
         """Pack a quantization result (codes [out, in], scales/zeros [groups, out])."""
         out_features, in_features = result.codes.shape
@@ -165,94 +219,153 @@ class QuantLinear(nn.Module):
             bias=bias is not None,
             bias_dtype=bias.dtype if bias is not None else torch.float32,
             device=result.codes.device,
+            storage_dtype=storage_dtype,
         )
-        layer.qweight.copy_(pack_qweight(result.codes, result.bits))
-        layer.qzeros.copy_(pack_qzeros(result.zeros, result.bits))
-        layer.scales.copy_(result.scales.half())
-        layer.g_idx.copy_(result.g_idx)
+        packed = layer.packed_tensors()
+        packed.qweight.copy_(pack_qweight(result.codes, result.bits))
+        packed.qzeros.copy_(pack_qzeros(result.zeros, result.bits))
+        packed.scales.copy_(result.scales.half())
+        packed.g_idx.copy_(result.g_idx)
         if bias is not None:
             layer.bias.copy_(bias.detach())
         return layer
 
+    def packed_tensors(self) -> PackedTensors:
+        """qweight, qzeros, g_idx as int32 and scales as fp16, whatever the storage dtype: views
+        of the stored bytes (writing into them writes the layer). Every reader goes through here."""
+        return PackedTensors(*(as_packed_dtype(n, self._parameters[n]) for n in PACKED_NAMES))
+
+    def set_storage_dtype(self, dtype: torch.dtype) -> QuantLinear:
+        """Hold the packed bytes as `dtype` from now on (the bytes themselves do not change)."""
+        _check_storage_dtype(dtype)
+        for name, view in zip(PACKED_NAMES, self.packed_tensors()):
+            self._parameters[name] = _frozen(view.view(dtype))
+        self.storage_dtype = dtype
+        self._group = None
+        return self
+
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dequantized weight [out, in] (a transposed view of the [in, out] result)."""
         w = dequantize_packed(
-            self.qweight,
-            self.qzeros,
-            self.scales,
-            self.g_idx,
-            self.bits,
-            dtype or torch.float32,
-            self.contiguous_group_size(),
+            *self.packed_tensors(), self.bits, dtype or torch.float32, self.contiguous_group_size()
         )
         return w.t()
 
     def codes(self) -> Tensor:
         """The integer codes [out, in] (for tests and inspection)."""
-        return unpack_qweight(self.qweight, self.bits, self.in_features).t()
+        return unpack_qweight(self.packed_tensors().qweight, self.bits, self.in_features).t()
 
     def zeros(self) -> Tensor:
         """The zero points [groups, out] (gptq_v2 convention: as is)."""
-        return unpack_qzeros(self.qzeros, self.bits, self.out_features)
+        return unpack_qzeros(self.packed_tensors().qzeros, self.bits, self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
+        packed = self.packed_tensors()
         if self._caching:
             cache = self._cache
             if cache is None or cache.dtype != x.dtype or cache.device != x.device:
                 self._cache = dequantize_packed(
-                    self.qweight,
-                    self.qzeros,
-                    self.scales,
-                    self.g_idx,
-                    self.bits,
-                    x.dtype,
-                    self.contiguous_group_size(),
+                    *packed, self.bits, x.dtype, self.contiguous_group_size()
                 )
             y = x @ self._cache
             return y if self.bias is None else y + self.bias.to(y.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return _QuantMatmul.apply(
-            x,
-            self.qweight,
-            self.qzeros,
-            self.scales,
-            self.g_idx,
-            self.bits,
-            bias,
-            self.contiguous_group_size(),
-        )
+        return _QuantMatmul.apply(x, *packed, self.bits, bias, self.contiguous_group_size())
 
     def contiguous_group_size(self) -> int | None:
         """The group size if g_idx has no act-order (else None), for the fast paths of the
         Triton kernels and of `dequantize_packed`. Cached while g_idx is the same tensor at the
         same version (a state-dict load bumps it), so the check (a device sync on GPU) happens
         once per layer, not per forward."""
+        stored = self._parameters["g_idx"]
         cached = self._group
-        if cached is None or cached[0] is not self.g_idx or cached[1] != self.g_idx._version:
-            cached = (self.g_idx, self.g_idx._version, kernels.group_size_of(self.g_idx))
+        if cached is None or cached[0] is not stored or cached[1] != stored._version:
+            g_idx = as_packed_dtype("g_idx", stored)
+            cached = (stored, stored._version, kernels.group_size_of(g_idx))
             self._group = cached
         return cached[2]
 
     def _apply(self, fn, recurse=True):
-        # model.to(dtype) / .half() would round the stored fp16 scales (bf16 loses bits): only
-        # follow device moves for them. The bias follows the model's dtype like any buffer.
-        scales = self.scales
-        super()._apply(fn, recurse)
-        if self.scales.dtype != scales.dtype:
-            self.scales = scales.to(self.scales.device)
+        # model.to(dtype), .half(), .float(), ... must never touch the packed bytes: apply `fn`
+        # to their raw uint8 view (which dtype casts skip) and keep only its device move. The
+        # bias follows the model's dtype like any buffer.
+        # (parameters sharded by FSDP, DTensors, take the ordinary path: FSDP manages them)
+        packed = {
+            n: self._parameters.pop(n) for n in PACKED_NAMES if not _is_dtensor(self._parameters[n])
+        }
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, stored in packed.items():
+                self._parameters[name] = _move_bytes(stored, fn)
         return self
 
     def packed_bytes(self) -> int:
-        """Bytes held by the packed buffers (qweight, qzeros, scales, g_idx, bias)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes held by the packed tensors and the bias (counted on their GPTQ dtypes)."""
+        tensors = [*self.packed_tensors(), *([] if self.bias is None else [self.bias])]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def extra_repr(self) -> str:
-        groups = self.scales.shape[0]
+        groups = self.packed_tensors().scales.shape[0]
+        storage = str(self.storage_dtype).removeprefix("torch.")
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bits={self.bits}, group_size={self.group_size}, groups={groups}, "
-            f"bias={self.bias is not None}"
+            f"bias={self.bias is not None}, storage={storage}"
         )
+
+
+def _frozen(t: Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+def _check_storage_dtype(dtype: torch.dtype) -> None:
+    if dtype not in STORAGE_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in STORAGE_DTYPES)
+        raise ValueError(f"storage_dtype {dtype}: expected one of {names}")
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor" or type(t.data).__name__ == "DTensor"
+
+
+def _move_bytes(stored: nn.Parameter, fn) -> nn.Parameter:
+    """`fn` (a Module._apply function) applied to a packed parameter's bytes: a device move
+    (or to_empty) happens, a dtype cast never does."""
+    raw = stored.data.view(torch.uint8)
+    moved = fn(raw)
+    if moved is raw:
+        return stored
+    if moved.dtype != torch.uint8:  # e.g. Module.type(dtype), which casts even integers
+        moved = raw.to(moved.device)
+    return _frozen(moved.view(stored.dtype))
+
+
+def _state_dict_in_packed_dtypes(module, state_dict, prefix, local_metadata) -> None:
+    """The state dict holds the GPTQ dtypes (int32 qweight, fp16 scales, ...), whatever the
+    storage dtype: saved checkpoints and adapter fingerprints do not depend on it."""
+    for name in PACKED_NAMES:
+        key = prefix + name
+        t = state_dict.get(key)
+        if t is not None and not _is_dtensor(t) and t.dtype != PACKED_DTYPES[name]:
+            state_dict[key] = as_packed_dtype(name, t)
+
+
+def _load_into_storage_dtype(module, state_dict, prefix, *args) -> None:
+    """Tensors given in their GPTQ dtypes are viewed as the storage dtype before loading, so
+    `load_state_dict` copies (or assigns) bytes and never casts values."""
+    for name in PACKED_NAMES:
+        key = prefix + name
+        t = state_dict.get(key)
+        stored = module._parameters.get(name)
+        if t is None or stored is None or _is_dtensor(t) or t.dtype == stored.dtype:
+            continue
+        if t.dtype != PACKED_DTYPES[name]:
+            raise ValueError(
+                f"{key}: got {str(t.dtype).removeprefix('torch.')}, expected "
+                f"{str(PACKED_DTYPES[name]).removeprefix('torch.')} (the GPTQ layout)"
+            )
+        state_dict[key] = t.contiguous().view(stored.dtype)
 
 
 def _gcd(a: int, b: int) -> int:

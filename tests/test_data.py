@@ -123,3 +123,24 @@ def test_pad_batch_pads_labels_with_ignore_index(tokenizer):
     assert batch["input_ids"].shape == batch["labels"].shape
     assert (batch["labels"][0, len(a["labels"]) :] == IGNORE_INDEX).all()
     assert batch["attention_mask"][0].sum() == len(a["input_ids"])
+
+
+def test_left_padding_mirrors_right_padding(tokenizer):
+    """Evaluation's left padding holds the same tokens as training's right padding, shifted so
+    that every row ends in the last column; a prompt without labels gets ids and a mask only."""
+    examples = [
+        encode_example(tokenizer, MathRecord(q, "b", "1")) for q in ("a", "a much longer one")
+    ]
+    right = pad_batch(examples, tokenizer.pad_token_id)
+    left = pad_batch(examples, tokenizer.pad_token_id, side="left")
+    for row, e in enumerate(examples):
+        n, width = len(e["input_ids"]), right["input_ids"].shape[1]
+        for key in ("input_ids", "labels", "attention_mask"):
+            assert left[key][row, width - n :].tolist() == right[key][row, :n].tolist()
+        assert (left["labels"][row, : width - n] == IGNORE_INDEX).all()
+        assert (left["input_ids"][row, : width - n] == tokenizer.pad_token_id).all()
+        assert left["attention_mask"][row].sum() == n
+    prompts = pad_batch([{"input_ids": [5, 6]}, {"input_ids": [7]}], 0, side="left")
+    assert set(prompts) == {"input_ids", "attention_mask"}
+    assert prompts["input_ids"].tolist() == [[5, 6], [0, 7]]
+    assert prompts["attention_mask"].tolist() == [[1, 1], [0, 1]]

@@ -157,8 +157,8 @@ def test_kernels_equal_dense_product_exactly_in_fp32(interpret, bits):
     """The raw launchers against dequantize_packed: with integer-valued activations every
     product and partial sum is exact in fp32, so any unpacking slip shows as a mismatch."""
     layer = make_layer(K, N, bits, 32, act_order=True)
-    w = dequantize_packed(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits)
-    bufs = (layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits)
+    w = dequantize_packed(*layer.packed_tensors(), bits)
+    bufs = (*layer.packed_tensors(), bits)
     x = torch.randint(-2, 3, (9, K)).float()
     ref = (x.double() @ w.double()).float()
     assert torch.allclose(interpret.forward(x, *bufs), ref, rtol=1e-6, atol=1e-4)

@@ -96,7 +96,7 @@ def test_v2_stores_zero_points_as_is(tmp_path):
     layer = model.model.layers[1].self_attn.o_proj
     with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
         stored = f.get_tensor("model.layers.1.self_attn.o_proj.qzeros")
-    assert torch.equal(stored, layer.qzeros)
+    assert torch.equal(stored, layer.packed_tensors().qzeros)
 
 
 def test_v1_cannot_hold_a_zero_point_of_zero(tmp_path):
@@ -106,7 +106,7 @@ def test_v1_cannot_hold_a_zero_point_of_zero(tmp_path):
 
     zeros = layer.zeros()
     zeros[0, 0] = 0
-    layer.qzeros.copy_(pack_qzeros(zeros, 2))
+    layer.packed_tensors().qzeros.copy_(pack_qzeros(zeros, 2))
     model.quant_config = dataclasses.replace(model.quant_config, checkpoint_format="gptq")
     with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_proj: 1 zero points are 0"):
         save_quantized(model, tmp_path / "q")

@@ -47,7 +47,9 @@ def test_diablo_gradients_on_quantlinear_equal_those_on_dequantized_linear():
         b.blocks.data.copy_(blocks)
     ids = torch.randint(0, 250, (2, 20))
     qweights = {
-        n: m.qweight.clone() for n, m in packed.named_modules() if isinstance(m, QuantLinear)
+        n: m.packed_tensors().qweight.clone()
+        for n, m in packed.named_modules()
+        if isinstance(m, QuantLinear)
     }
     loss_p, loss_d = pd(input_ids=ids, labels=ids).loss, dd(input_ids=ids, labels=ids).loss
     loss_p.backward()
@@ -59,8 +61,9 @@ def test_diablo_gradients_on_quantlinear_equal_those_on_dequantized_linear():
         torch.testing.assert_close(a.blocks.grad, b.blocks.grad, atol=1e-6, rtol=1e-4, msg=name)
     for name, m in packed.named_modules():
         if isinstance(m, QuantLinear):
-            assert torch.equal(m.qweight, qweights[name]) and m.qweight.dtype == torch.int32
-            assert not any(isinstance(t, nn.Parameter) for t in m.buffers())
+            qweight = m.packed_tensors().qweight
+            assert torch.equal(qweight, qweights[name]) and qweight.dtype == torch.int32
+            assert all(not p.requires_grad and p.grad is None for p in m.parameters())
 
 
 def test_gptq_lora_equals_peft_lora_on_dequantized_linear():
@@ -129,7 +132,9 @@ def test_training_on_a_packed_folder(tmp_path, rtn_folder, math_file, adapter):
     assert "packed rtn 4-bit g32" in res["base_description"]
     # the base stayed packed: every targeted layer still wraps a QuantLinear with int32 codes
     layers = [m for m in result.model.modules() if isinstance(m, QuantLinear)]
-    assert len(layers) == 14 and all(m.qweight.dtype == torch.int32 for m in layers)
+    assert len(layers) == 14 and all(
+        m.packed_tensors().qweight.dtype == torch.int32 for m in layers
+    )
     assert res["base_linear_layers"]["layers"] == 14
     assert res["base_linear_layers"]["bytes"] < 0.25 * 4 * res["base_linear_layers"]["weights"]
     # the saved adapter reloads onto a freshly loaded packed base and gives the same model
@@ -142,6 +147,27 @@ def test_training_on_a_packed_folder(tmp_path, rtn_folder, math_file, adapter):
     result.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids).logits, result.model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "float16", "int32"])
+def test_base_dtype_cast_keeps_packed_bytes_in_any_storage(rtn_folder, storage):
+    """load_training_base casts the float parameters to --dtype; float-stored packed bytes are
+    skipped (a cast would scramble the codes) while embeddings and norms do follow."""
+    from safetensors.torch import load_file
+
+    saved = load_file(rtn_folder / "model.safetensors")
+    net = load_training_base("rtn", str(rtn_folder), dtype="float32", packed_storage=storage).model
+    layers = {n: m for n, m in net.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == 14
+    assert net.model.embed_tokens.weight.dtype == torch.float32
+    for name, m in layers.items():
+        assert str(m.storage_dtype) == f"torch.{storage}"
+        packed = m.packed_tensors()
+        assert torch.equal(packed.qweight, saved[f"{name}.qweight"])
+        assert torch.equal(packed.g_idx, saved[f"{name}.g_idx"])
+        assert torch.equal(
+            packed.scales.view(torch.int16), saved[f"{name}.scales"].view(torch.int16)
+        )
 
 
 def test_packed_base_kind_must_match_the_folder(tmp_path, rtn_folder):

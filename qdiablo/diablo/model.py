@@ -123,19 +123,28 @@ def _config_identity(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _weight_sample(t: torch.Tensor, count: int = 256) -> bytes:
-    """Evenly spaced elements of a tensor; floats rounded to bf16, so fp32/bf16 copies agree."""
-    flat = t.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, min(count, flat.numel())).long().to(flat.device)
-    sample = flat[idx].cpu()
+def _weight_sample(t: Any, count: int = 256) -> bytes:
+    """Evenly spaced elements of a tensor; floats rounded to bf16, so fp32/bf16 copies agree.
+
+    `t` may also be a tensor still in a file (anything with shape, numel() and take(indices)),
+    so that only the sampled elements are read."""
+    idx = torch.linspace(0, t.numel() - 1, min(count, t.numel())).long()
+    if isinstance(t, torch.Tensor):
+        flat = t.detach().reshape(-1)
+        sample = flat[idx.to(flat.device)].cpu()
+    else:
+        sample = t.take(idx)
     if sample.is_floating_point():
         sample = sample.to(torch.bfloat16).view(torch.int16)
     return sample.numpy().tobytes()
 
 
-def base_fingerprint(model: nn.Module, targets: list[str]) -> dict[str, str]:
+def base_fingerprint(model: nn.Module, targets: list[str], state_of: Any = None) -> dict[str, str]:
     """A hash of the base's config, its quantization settings, and a sample of the weights of
-    the layers the adapter wraps; plus a short readable description for error messages."""
+    the layers the adapter wraps; plus a short readable description for error messages.
+
+    `state_of(name, layer)`: the layer's state dict (default `layer.state_dict()`), e.g. read
+    from the checkpoint files for a model whose weights are still on the meta device."""
     identity = _config_identity(model)
     h = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
     modules = dict(model.named_modules())
@@ -143,10 +152,14 @@ def base_fingerprint(model: nn.Module, targets: list[str]) -> dict[str, str]:
         base = modules[name]
         base = base.base_layer if isinstance(base, DiaBloLinear) else base
         h.update(name.encode())
-        for key, tensor in sorted(base.state_dict().items()):
-            if isinstance(tensor, torch.Tensor) and tensor.numel():
+        state = base.state_dict() if state_of is None else state_of(name, base)
+        for key, tensor in sorted(state.items()):
+            if hasattr(tensor, "shape") and tensor.numel():
                 h.update(f"{key}{tuple(tensor.shape)}".encode())
-                h.update(_weight_sample(tensor))
+                if not getattr(
+                    tensor, "is_meta", False
+                ):  # a model built on `meta` (memory plans) has no data
+                    h.update(_weight_sample(tensor))
     quant = identity.get("quantization_config") or {}
     desc = f"{identity.get('model_type', type(model).__name__)}"
     if "num_hidden_layers" in identity:
@@ -232,13 +245,17 @@ class DiaBloModel(nn.Module):
 
     def num_total_parameters(self) -> int:
         """All parameters, counting packed weights by their logical (unpacked) size."""
-        total = sum(
+        packed = set()
+        total = 0
+        for module in self.model.modules():
+            if callable(getattr(module, "packed_tensors", None)):  # quantizers.QuantLinear
+                packed.update(id(p) for p in module.parameters(recurse=False))
+                total += module.in_features * module.out_features
+        total += sum(
             p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
             for p in self.model.parameters()  # deduplicated: tied embeddings count once
+            if id(p) not in packed
         )
-        for module in self.model.modules():
-            if "qweight" in getattr(module, "_buffers", {}):
-                total += module.in_features * module.out_features
         return total
 
     def print_trainable_parameters(self) -> None:
@@ -286,8 +303,13 @@ class DiaBloModel(nn.Module):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"{name}.blocks": layer.blocks.detach() for name, layer in self.diablo_layers()}
 
-    def save_pretrained(self, save_directory: str | Path) -> None:
-        """Write adapter_config.json and adapter_model.safetensors, atomically as one folder."""
+    def save_pretrained(
+        self, save_directory: str | Path, tensors: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Write adapter_config.json and adapter_model.safetensors, atomically as one folder.
+
+        `tensors`: the blocks to write (default `adapter_state_dict()`), e.g. gathered from FSDP
+        shards."""
         config = {
             "method": "diablo",
             "format_version": FORMAT_VERSION,
@@ -297,7 +319,8 @@ class DiaBloModel(nn.Module):
             "trainable_parameters": self.num_trainable_parameters(),
             "qdiablo_version": __version__,
         }
-        tensors = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        tensors = self.adapter_state_dict() if tensors is None else tensors
+        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
         with atomic_path(save_directory) as tmp:
             tmp.mkdir()
             save_file(tensors, tmp / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})

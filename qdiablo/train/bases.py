@@ -41,15 +41,26 @@ def load_training_base(
     gguf_file: str | None = None,
     dtype: str | torch.dtype = "float32",
     device: torch.device | str | None = None,
+    packed_storage: str | torch.dtype = "int32",
 ) -> LoadedBase:
-    """Load `model` as a frozen base of the given kind, with its tokenizer."""
+    """Load `model` as a frozen base of the given kind, with its tokenizer.
+
+    `packed_storage`: the dtype packed (gptq/rtn) layers hold their bytes in (see QuantLinear);
+    `device="meta"` builds a packed base without reading its tensors (FSDP's sharded loading)."""
     if kind not in TRAIN_BASE_KINDS:
         raise UserError(f"unknown base '{kind}'", hint=f"choose from {', '.join(TRAIN_BASE_KINDS)}")
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = parse_dtype(dtype)
     if kind not in PACKED_KINDS:  # a missing tokenizer fails before the model loads
         tokenizer = load_tokenizer(model, gguf_file)
-    net = load_base(model, kind, gguf_file=gguf_file, dtype=torch_dtype, device=device)
+    net = load_base(
+        model,
+        kind,
+        gguf_file=gguf_file,
+        dtype=torch_dtype,
+        device=device,
+        packed_storage=packed_storage,
+    )
     if kind in PACKED_KINDS:
         try:
             tokenizer = load_tokenizer(model)

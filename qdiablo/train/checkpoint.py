@@ -31,6 +31,7 @@ from qdiablo.diablo.model import (
 )
 from qdiablo.errors import UserError
 from qdiablo.io import read_adapter_weights
+from qdiablo.train.fsdp import copy_full_, is_dtensor, trainable_named
 
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -51,11 +52,14 @@ def is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_adapter(model: nn.Module, folder: str | Path) -> None:
+def save_adapter(
+    model: nn.Module, folder: str | Path, gathered: dict[str, torch.Tensor] | None = None
+) -> None:
     """Write the adapter's files into `folder` (created if needed), each file atomically.
 
     The folder itself is not swapped, because other ranks write their RNG state into the same
-    checkpoint folder at the same time.
+    checkpoint folder at the same time. `gathered`: the trainable parameters in full, by name
+    (`qdiablo.train.fsdp.gather_trainable`), for a model sharded by FSDP.
     """
     model = unwrap(model)
     folder = Path(folder)
@@ -64,9 +68,12 @@ def save_adapter(model: nn.Module, folder: str | Path) -> None:
     try:
         staged = tmp / "adapter"
         if isinstance(model, DiaBloModel):
-            model.save_pretrained(staged)
+            tensors = None
+            if gathered is not None:
+                tensors = {k.removeprefix("model."): v for k, v in gathered.items()}
+            model.save_pretrained(staged, tensors=tensors)
         elif is_peft_model(model):
-            model.save_pretrained(str(staged), save_embedding_layers=False)
+            model.save_pretrained(str(staged), save_embedding_layers=False, state_dict=gathered)
         else:
             raise TypeError(f"cannot save an adapter from a {type(model).__name__}")
         for item in staged.iterdir():
@@ -120,7 +127,7 @@ def _load_diablo(model: DiaBloModel, folder: Path) -> None:
                     f"{folder / ADAPTER_WEIGHTS_NAME}: layer '{name}' has blocks {tuple(t.shape)}, "
                     f"the model needs {tuple(layer.blocks.shape)}"
                 )
-            layer.blocks.copy_(t)
+            copy_full_(layer.blocks, t)
 
 
 def _load_lora(model, folder: Path) -> None:
@@ -136,6 +143,12 @@ def _load_lora(model, folder: Path) -> None:
                 f"{path}: '{key}' has shape {tuple(t.shape)}, the model needs "
                 f"{tuple(expected[key].shape)}"
             )
+    trainable = dict(trainable_named(model))
+    if any(is_dtensor(p) for p in trainable.values()):  # sharded by FSDP: copy each shard
+        adapter = getattr(model, "active_adapter", "default")
+        for name, param in trainable.items():
+            copy_full_(param, tensors[name.replace(f".{adapter}.", ".")])
+        return
     set_peft_model_state_dict(model, tensors)
 
 

@@ -68,6 +68,16 @@ class TrainConfig:
             choices=("float32", "bfloat16", "float16"),
         ),
     )
+    packed_storage: str = field(
+        default="int32",
+        metadata=_meta(
+            "dtype that packed (gptq/rtn) layers store their bytes in; the bytes never change. "
+            "int32 is never touched by casts and FSDP2 shards it; a float dtype (as "
+            "bitsandbytes' quant_storage) suits tools that only shard floating parameters",
+            "base",
+            choices=("int32", "bfloat16", "float16", "float32"),
+        ),
+    )
     # ---- adapter -----------------------------------------------------------------------------
     adapter: str = field(
         default="diablo", metadata=_meta("the trainable adapter", "adapter", choices=ADAPTERS)
@@ -247,6 +257,7 @@ class TrainConfig:
 
 # Settings that may differ between a run and its resumption.
 RESUME_FREE_FIELDS = {
+    "packed_storage",  # the same bytes either way
     "resume",
     "output",
     "logging_steps",

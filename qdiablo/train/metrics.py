@@ -64,7 +64,9 @@ def cuda_peak_bytes() -> int | None:
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+    """Bytes this process holds: a tensor sharded by FSDP (a DTensor) counts its local shard."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
 
 
 def _bnb_linear_types() -> tuple[type, ...]:
@@ -79,7 +81,7 @@ def _is_base_linear(module: nn.Module, bnb_types: tuple[type, ...]) -> bool:
     """A frozen base linear layer (not an adapter's wrapper, which may share its class name)."""
     if type(module) is nn.Linear or (bnb_types and isinstance(module, bnb_types)):
         return True
-    return "qweight" in getattr(module, "_buffers", {})
+    return callable(getattr(module, "packed_tensors", None))  # quantizers.QuantLinear
 
 
 def layer_resident_bytes(module: nn.Module) -> int:

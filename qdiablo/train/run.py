@@ -12,6 +12,7 @@ Output folder layout:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -20,9 +21,12 @@ from typing import Any
 
 from transformers import set_seed
 
+from qdiablo.diablo import DiaBloModel
+from qdiablo.diablo.model import base_fingerprint
 from qdiablo.diablo.targets import resolve_target_modules
 from qdiablo.errors import UserError
 from qdiablo.io import atomic_path, read_json, write_json
+from qdiablo.kinds import PACKED_KINDS
 from qdiablo.train.adapters import (
     adapted_layers,
     attach_diablo,
@@ -32,7 +36,7 @@ from qdiablo.train.adapters import (
 )
 from qdiablo.train.bases import LoadedBase, load_training_base
 from qdiablo.train.budget import Budget, resolve_budget
-from qdiablo.train.checkpoint import latest_checkpoint, save_adapter
+from qdiablo.train.checkpoint import latest_checkpoint, save_adapter, unwrap
 from qdiablo.train.config import (
     ADAPTER_DIR,
     CHECKPOINT_DIR,
@@ -43,6 +47,8 @@ from qdiablo.train.config import (
     TrainConfig,
 )
 from qdiablo.train.dataset import PadCollator, select_records, tokenize_records
+from qdiablo.train.fsdp import check_fsdp_launch, gather_trainable, packed_base_bytes
+from qdiablo.train.fsdp_loading import file_state_of, shard_and_load
 from qdiablo.train.metrics import JsonlLogCallback, ThroughputCallback, base_linear_bytes
 from qdiablo.train.trainer import AdapterTrainer, training_arguments
 from qdiablo.versions import library_versions
@@ -141,13 +147,31 @@ def train(
     `callbacks` are extra `transformers.TrainerCallback`s.
     """
     output = Path(config.output)
+    under_fsdp = check_fsdp_launch(
+        config.base, config.packed_storage, config.precision
+    )  # FSDP1 / nf4 under FSDP: a clear error first
     resume_from = resolve_resume(config, output)
     records, data_summary = select_records(
         config.data, config.answer_suffix, config.decontaminate, config.max_records, config.seed
     )
     set_seed(config.seed)
-    loaded = base or load_training_base(config.base, config.model, config.gguf_file, config.dtype)
+    sharded_loading = under_fsdp and base is None and config.base in PACKED_KINDS
+    loaded = base or load_training_base(
+        config.base,
+        config.model,
+        config.gguf_file,
+        config.dtype,
+        device="meta" if sharded_loading else None,
+        packed_storage=config.packed_storage,
+    )
     model, budget, other = attach_adapter(loaded, config)
+    load_shards = None
+    if sharded_loading:  # the base is still on meta: each process reads only its shards
+        load_shards = functools.partial(shard_and_load, base=loaded.model, seed=config.seed)
+        if isinstance(model, DiaBloModel):
+            state_of = file_state_of(loaded.model, loaded.model._qdiablo_files)
+            targets = [name for name, _ in model.diablo_layers()]
+            model.base_fingerprint = base_fingerprint(model.model, targets, state_of)
     own_count = trainable_parameters(model)
     own = f"N={budget.num_blocks}" if config.adapter == "diablo" else f"r={budget.rank}"
     if other["adapter"] == "lora":
@@ -175,7 +199,9 @@ def train(
         train_dataset=dataset,
         data_collator=PadCollator(loaded.tokenizer.pad_token_id),
         callbacks=[throughput, JsonlLogCallback(output / LOG_FILE), *(callbacks or [])],
+        load_shards=load_shards,
     )
+    model = unwrap(trainer.model) if sharded_loading else model
     outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     adapter_dir = output / ADAPTER_DIR
@@ -207,9 +233,16 @@ def train(
         "device": str(args.device),
         "versions": library_versions(),
     }
+    gathered = gather_trainable(model) if under_fsdp else None  # a collective: every rank
+    if under_fsdp:
+        results["fsdp"] = {
+            "version": 2,
+            "sharded_loading": sharded_loading,
+            "packed_base_bytes_rank0": packed_base_bytes(model),
+        }
     if trainer.is_world_process_zero():
         with atomic_path(adapter_dir) as tmp:
-            save_adapter(model, tmp)
+            save_adapter(model, tmp, gathered)
         write_json(output / RESULTS_FILE, results)
         tps = results["throughput"]["tokens_per_second"]
         first, last = results["first_logged_loss"], results["last_logged_loss"]

@@ -2,8 +2,9 @@
 
 Trainer brings gradient accumulation, the schedule with warmup, clipping, mixed precision,
 gradient checkpointing, logging, checkpoint rotation, resume and multi-device (accelerate: DDP on
-GPUs, gloo on CPUs). `AdapterTrainer` changes only what it saves and loads: the adapter, never the
-frozen base (see `qdiablo.train.checkpoint`).
+GPUs, gloo on CPUs, or FSDP2). `AdapterTrainer` changes only what it saves and loads: the adapter,
+never the frozen base (see `qdiablo.train.checkpoint`); under FSDP the gathered adapter and an
+unsharded optimizer state (see `qdiablo.train.fsdp`).
 """
 
 from __future__ import annotations
@@ -16,21 +17,27 @@ from transformers import Trainer, TrainingArguments
 
 from qdiablo.diablo import DiaBloModel
 from qdiablo.errors import UserError
+from qdiablo.train import fsdp
 from qdiablo.train.checkpoint import load_adapter_weights, save_adapter, unwrap
 from qdiablo.train.config import TrainConfig
 
 TRAINING_ARGS_NAME = "training_args.bin"
+SCHEDULER_NAME = "scheduler.pt"
 
 
 class AdapterTrainer(Trainer):
     """A Trainer whose checkpoints hold the adapter only, and which reloads it strictly."""
 
-    def __init__(self, model: nn.Module, *args, **kwargs):
+    def __init__(self, model: nn.Module, *args, load_shards=None, **kwargs):
+        """`load_shards(accelerator, model)`: shards a model built on the meta device and fills
+        this process's shards (FSDP's sharded loading, `qdiablo.train.fsdp_loading`)."""
         if isinstance(model, DiaBloModel):
             # Trainer refuses a quantized model "without trainable adapters" unless PEFT's flag
             # says adapters are attached; DiaBlo blocks are such adapters.
             model._hf_peft_config_loaded = True
         super().__init__(model, *args, **kwargs)
+        if load_shards is not None:
+            self.model = self.model_wrapped = load_shards(self.accelerator, self.model)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
@@ -42,6 +49,46 @@ class AdapterTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None):
         target = model if model is not None else self.model
         load_adapter_weights(unwrap(target), resume_from_checkpoint)
+
+    # ---- FSDP: the gathered adapter, an unsharded optimizer state ---------------------------
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if fsdp.fsdp_requested() and not self.is_fsdp_enabled and not torch.cuda.is_available():
+            fsdp.enable_on_cpu(self.accelerator)  # CPU processes (gloo): tests, small runs
+            self.is_fsdp_enabled = True
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        gathered = fsdp.gather_trainable(unwrap(self.model))  # every rank takes part
+        if self.args.should_save:
+            save_adapter(self.model, output_dir, gathered)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _raw_optimizer(self):
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        fsdp.save_full_optimizer(
+            self.model, self._raw_optimizer(), output_dir, self.args.should_save
+        )
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not (
+            self.is_fsdp_enabled
+            or fsdp.saved_by_name(os.path.join(checkpoint, fsdp.FSDP_OPTIMIZER))
+        ):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        # an FSDP checkpoint (state keyed by parameter name), into any number of processes
+        fsdp.load_full_optimizer(self.model, self._raw_optimizer(), checkpoint)
+        state = torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True)
+        self.lr_scheduler.load_state_dict(state)
 
 
 def world_size() -> int:
@@ -77,6 +124,11 @@ def training_arguments(config: TrainConfig, checkpoint_dir: str) -> TrainingArgu
         )
     micro, accumulation = gradient_accumulation(config, world_size())
     save = config.save_steps > 0
+    checkpointing = config.gradient_checkpointing
+    if fsdp.check_fsdp_launch(
+        config.base, config.packed_storage, config.precision
+    ):  # FSDP2: activations are recomputed, always
+        checkpointing = not fsdp.fsdp_own_activation_checkpointing()
     return TrainingArguments(
         output_dir=checkpoint_dir,
         per_device_train_batch_size=micro,
@@ -91,7 +143,7 @@ def training_arguments(config: TrainConfig, checkpoint_dir: str) -> TrainingArgu
         optim="adamw_torch",
         bf16=config.precision == "bf16",
         fp16=config.precision == "fp16",
-        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing=checkpointing,
         # Non-reentrant checkpointing needs no input gradients and works under DDP.
         activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=config.logging_steps,

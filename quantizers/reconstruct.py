@@ -99,12 +99,13 @@ class TrainableQuantLinear(nn.Module):
         self.bits = layer.bits
         self.group_size = layer.group_size
         self.maxq = 2**layer.bits - 1
+        packed = layer.packed_tensors()
         codes = layer.codes().float()
         self.latent = nn.Parameter(codes, requires_grad=train_codes)
         self.register_buffer("codes0", codes.to(torch.uint8))
-        self.register_buffer("scales0", layer.scales.float())
+        self.register_buffer("scales0", packed.scales.float())
         self.register_buffer("zeros", layer.zeros().float())
-        self.register_buffer("g_idx", layer.g_idx.long())
+        self.register_buffer("g_idx", packed.g_idx.long())
         self.multiplier = nn.Parameter(torch.ones_like(self.scales0), requires_grad=train_scales)
         self.bias = layer.bias
 

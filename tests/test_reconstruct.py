@@ -112,7 +112,7 @@ def test_packed_layer_equals_the_trained_parameterisation(tmp_path, checkpoint_f
     x = torch.randn(5, 96)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), x @ reference.t() + bias, rtol=1e-5, atol=1e-5)
-    assert reloaded.scales.dtype == torch.float16
+    assert reloaded.packed_tensors().scales.dtype == torch.float16
     assert int(reloaded.codes().min()) >= 0 and int(reloaded.codes().max()) <= 3
     assert int(reloaded.zeros().min()) >= min_zero and int(reloaded.zeros().max()) <= 3
     assert bool((codes != layer.codes()).any())  # the test did move codes

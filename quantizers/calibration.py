@@ -216,12 +216,11 @@ def collect_hessians(
     """H = XᵀX / n (float32) of the first layer of each group; the forward pass stops right after
     the last group's input has been seen.
 
-    product_dtype: round the inputs X to this dtype (e.g. bfloat16, what an autocast forward
-    feeds the layer anyway); XᵀX itself is always computed and summed in float32. Rounding the
-    product to bfloat16 instead (2-3x faster on CPU) perturbs every entry by up to 2⁻⁹ of its
-    size; with outlier channels (up to 1,400x the mean diagonal entry on SmolLM2) that
-    made H indefinite, down to −0.58·mean(diag H), beyond GPTQ's 1% damping
-    (benchmarks/hessians_smollm2.py)."""
+    product_dtype: compute each batch's XᵀX in this dtype (e.g. bfloat16, ~4x faster on CPU),
+    still summing the batches in float32. Rounding the product perturbs every entry by up to 2⁻⁹
+    of its size; with SmolLM2's outlier channels that makes H indefinite (down to
+    −0.58·mean(diag H)) and GPTQ's Cholesky retries with more damping on ~10% of the Hessians
+    (benchmarks/hessians_smollm2.py); product_dtype=None (`--calib-dtype float32`) avoids it."""
     firsts = [g[0] for g in groups]
     stop_at = groups[-1][-1]
     H: dict[str, Tensor] = {}
@@ -232,8 +231,12 @@ def collect_hessians(
         if name not in H:
             H[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
             count[name] = 0
-        x = x.float() if product_dtype is None else x.to(product_dtype).float()
-        H[name].addmm_(x.t(), x)
+        if product_dtype is None:
+            x = x.float()
+            H[name].addmm_(x.t(), x)
+        else:
+            x = x.to(product_dtype)
+            H[name] += (x.t() @ x).float()
         count[name] += x.shape[0]
 
     def hook(name: str):

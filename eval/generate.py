@@ -138,13 +138,14 @@ def greedy_batch(
         return [(t, s) for t, s in zip(out_tokens, stopped)]
 
     cache = DynamicCache(config=model.config)
+    cache_arg = {cache_keyword(model): cache}
     alive = torch.arange(len(prompts), device=device)  # original row of each cache row
     next_pos = positions[:, -1] + 1
     logits = model(
         input_ids=ids,
         attention_mask=mask,
         position_ids=positions,
-        past_key_values=cache,
+        **cache_arg,
         use_cache=True,
         logits_to_keep=1,
     ).logits[:, -1, :]
@@ -169,12 +170,32 @@ def greedy_batch(
             input_ids=token[:, None],
             attention_mask=mask,
             position_ids=next_pos[:, None],
-            past_key_values=cache,
+            **cache_arg,
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1, :]
         next_pos = next_pos + 1
     return [(t, s) for t, s in zip(out_tokens, stopped)]
+
+
+def cache_keyword(model) -> str:
+    """The forward argument that takes the KV cache: `cache` in the transformers releases that
+    deprecate `past_key_values` (removal announced for 5.40), `past_key_values` before them.
+    Read from the innermost model's signature (adapter wrappers pass keywords through)."""
+    import inspect
+
+    base = model
+    for _ in range(4):
+        getter = getattr(base, "get_base_model", None)
+        inner = getter() if callable(getter) else None
+        if inner is None or inner is base:
+            break
+        base = inner
+    try:
+        parameters = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def beam_batch(

@@ -57,8 +57,7 @@ _IDENTITY_SETTINGS = ("template", "max_new_tokens", "num_beams", "reference")
 def _check_run_file(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
     path = out / RUN_FILE
     if overwrite:
-        for f in [path, out / SUMMARY_FILE, out / MARKDOWN_FILE, *out.glob("*.jsonl")]:
-            f.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # the folder already removed the rest of eval's own files
     elif path.is_file():
         saved = read_json(path, what="run file")
         old = saved.get("identity", {}) if isinstance(saved, dict) else {}
@@ -114,14 +113,35 @@ def evaluate(
 
     Returns the summary. `model_info` (base, adapter, ...) is recorded and must match on resume.
     """
+    from qdiablo.outputs import OutputFolder
+
     settings = settings or EvalSettings()
     cfg = settings.resolved()
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    info = dict(model_info or {})
-    identity = {**{k: cfg[k] for k in _IDENTITY_SETTINGS}, "model": info}
-    _check_run_file(out, identity, overwrite)
+    names = output_names(tasks)
+    folder = OutputFolder(
+        out, "eval", overwrite=overwrite, resumable=True, known=names, signature=RUN_FILE
+    )
+    with folder:
+        folder.claim(names)
+        info = dict(model_info or {})
+        identity = {**{k: cfg[k] for k in _IDENTITY_SETTINGS}, "model": info}
+        _check_run_file(out, identity, overwrite)
+        summary = _evaluate_into(out, model, tokenizer, tasks, cfg, info, progress)
+        folder.finish()
+    return summary
 
+
+def output_names(tasks: Sequence[Task]) -> list[str]:
+    """The files an evaluation of `tasks` writes: all `--overwrite` may remove."""
+    stems = [safe_name(t.name) for t in tasks]
+    return [RUN_FILE, SUMMARY_FILE, MARKDOWN_FILE] + [
+        f"{s}{suffix}" for s in stems for suffix in (".jsonl", ".nll.jsonl")
+    ]
+
+
+def _evaluate_into(out, model, tokenizer, tasks, cfg, info, progress) -> dict[str, Any]:
+    """The evaluation proper, into a folder already held and checked by `evaluate`."""
     eos = eos_token_ids(model, tokenizer)
     pad = pad_token_id(tokenizer, eos)
     summaries: dict[str, Any] = {}

@@ -100,3 +100,13 @@ def add_calibration_arguments(parser, calib_help: str) -> None:
         default=DEFAULT_BATCH_SIZE,
         help=f"windows per forward pass (default {DEFAULT_BATCH_SIZE})",
     )
+
+
+def check_calibration_arguments(args) -> None:
+    """The --calib* counts, checked before anything loads: one line naming the flag."""
+    from qdiablo.errors import UserError
+
+    for dest, minimum in (("calib_samples", 1), ("calib_seq_len", 2), ("calib_batch_size", 1)):
+        value = getattr(args, dest, None)
+        if value is not None and value < minimum:
+            raise UserError(f"--{dest.replace('_', '-')} {value}: must be ≥ {minimum}")

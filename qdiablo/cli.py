@@ -12,6 +12,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -70,14 +71,36 @@ def _find_config(argv: list[str], verbs: dict) -> tuple[str | None, str | None]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser, verbs = build_parser()
     verb, config = _find_config(argv, verbs)
+    from_file: dict[str, str] = {}
     if verb is not None and config is not None:
-        verbs[verb].set_defaults(**config_defaults(verbs[verb], load_yaml(config), str(config)))
-    return parser.parse_args(argv)
+        defaults = config_defaults(verbs[verb], load_yaml(config), str(config))
+        verbs[verb].set_defaults(**defaults)
+        given = {
+            a.dest
+            for a in verbs[verb]._actions
+            for opt in a.option_strings
+            if any(x == opt or x.startswith(opt + "=") for x in argv)
+        }
+        from_file = {dest: str(config) for dest in defaults if dest not in given}
+    args = parser.parse_args(argv)
+    args._from_file = from_file  # dest -> the YAML file its value came from
+    return args
+
+
+def _name_the_source(message: str, args: argparse.Namespace | None) -> str:
+    """`--max-steps 0: ...` becomes `FILE: key 'max-steps' 0: ...` when the value came from
+    the YAML file, so that the error points where the user must edit."""
+    m = re.match(r"--([a-z0-9][a-z0-9-]*)\b", message)
+    sources = getattr(args, "_from_file", None) or {}
+    if m and m.group(1).replace("-", "_") in sources:
+        return f"{sources[m.group(1).replace('-', '_')]}: key '{m.group(1)}'{message[m.end() :]}"
+    return message
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = os.environ.get("QDIABLO_DEBUG") == "1"
+    args = None
     try:
         args = parse_args(argv)
         logging.basicConfig(
@@ -94,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             getattr(e, "hint", None)
             or "run with --help for the options, or set QDIABLO_DEBUG=1 for a traceback"
         )
-        print(f"qdiablo: error: {e}", file=sys.stderr)
+        print(f"qdiablo: error: {_name_the_source(str(e), args)}", file=sys.stderr)
         print(f"hint: {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

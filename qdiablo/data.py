@@ -94,7 +94,10 @@ def read_records(path: str | Path, require_output: bool = True) -> list[MathReco
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from e
     raw = _parse_json_or_jsonl(text, path)
     records = []
     for i, item in enumerate(raw):

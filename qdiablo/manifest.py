@@ -18,6 +18,7 @@ from qdiablo import __version__
 from qdiablo.errors import UserError
 from qdiablo.hashing import sha256_file
 from qdiablo.io import read_json
+from qdiablo.outputs import is_bookkeeping
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def verify_export(path: str | Path, *, hashes: bool = True) -> dict[str, Any]:
                 f"{file}: sha256 does not match {MANIFEST_NAME} (corrupted or edited)", hint=hint
             )
     for rel in _files(folder):
-        if rel in listed:
+        if rel in listed or is_bookkeeping(rel):
             continue
         part = rel.split("/", 1)[0]
         if part in LOADABLE_PARTS or rel.endswith(WEIGHT_SUFFIXES):

@@ -88,10 +88,84 @@ def resolve_model(name_or_path: str, gguf_file: str | None = None) -> tuple[str,
     Maps the `smollm2` shortcut to its wheel folder and GGUF file and passes others through."""
     if name_or_path == SMOLLM2:
         return str(smollm2_dir()), gguf_file or SMOLLM2_GGUF
+    name_or_path = local_or_hub(name_or_path)
     folder = Path(name_or_path)
     if gguf_file is not None and folder.is_dir() and not (folder / gguf_file).is_file():
         raise UserError(f"GGUF file '{gguf_file}' not found in {name_or_path}")
     return name_or_path, gguf_file
+
+
+def looks_like_path(text: str) -> bool:
+    """A name meant as a local path: it starts with /, ./, ../ or ~, has two or more
+    separators, or its first component exists here. `org/name` is a hub id, not a path."""
+    if text.startswith(("/", "./", "../", "~", ".\\")) or text in (".", ".."):
+        return True
+    if text.count("/") + text.count("\\") >= 2:
+        return True
+    first = Path(text).parts[0] if Path(text).parts else ""
+    return "/" in text and Path(first).exists()
+
+
+def local_or_hub(name: str) -> str:
+    """A local path (checked: "not found: PATH" at once, no hub call), or a hub id that is
+    reachable or cached; a name that is neither says both, without minutes of retries."""
+    path = Path(name).expanduser()
+    if path.exists():
+        export_like = path.is_dir() and (path / "base").is_dir() and (path / "adapter").is_dir()
+        if export_like and not (path / "manifest.json").is_file():
+            raise UserError(
+                f"{path}: manifest missing (manifest.json): an incomplete qdiablo export",
+                hint="re-run `qdiablo export`, or re-copy the folder",
+            )
+        return str(path)
+    if looks_like_path(name):
+        raise UserError(f"not found: {name}", hint="check the path (it is not a hub id)")
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
+        cached = _hub_cache_folder(name)
+        if cached is not None:
+            return cached
+        raise UserError(
+            f"'{name}' is neither a local folder nor a model in the Hugging Face cache, and the "
+            "hub is not reachable (offline)",
+            hint="pass a local folder with config.json, or 'smollm2' for the embedded model",
+        )
+    return name
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers within `timeout` seconds (DNS included)."""
+    import os
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
+def _hub_cache_folder(repo_id: str) -> str | None:
+    """The cached snapshot folder of a hub model, if its config.json is in the local cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an invalid repo id, no huggingface_hub: not cached
+        return None
+    return str(Path(found).parent) if isinstance(found, str) else None
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None):

@@ -8,7 +8,8 @@
 
 Zero points: `checkpoint_format` "gptq_v2" (the default) stores the zero as is; "gptq" (v1)
 stores zero − 1 in qzeros. QuantLinear holds v2 in memory; saving and loading convert. Writes are
-atomic (a temporary folder beside the target, renamed into place); loading is strict and names
+staged (a temporary folder inside the target, whose files then replace only the same-named
+files); loading is strict and names
 the file and tensor of anything missing, extra, truncated or mismatched.
 """
 
@@ -18,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from quantizers.config import QuantConfig
-from quantizers.fileio import atomic_path, read_json, write_json
+from quantizers.fileio import read_json, staged_dir, write_json
 from quantizers.packing import zeros_v1_to_v2, zeros_v2_to_v1
 from quantizers.quant_linear import QuantLinear
 
@@ -39,6 +41,10 @@ QUANTIZE_CONFIG_NAME = "quantize_config.json"
 REPORT_NAME = "quantization_report.json"
 REPORT_MD_NAME = "quantization_report.md"
 # quantization_config keys that must agree between config.json and quantize_config.json
+# quantization_config keys other tools read at the top level, also in meta.qdiablo
+TOP_LEVEL_KEYS = ("bits", "group_size", "sym", "desc_act", "checkpoint_format")
+# The layout of a folder save_quantized writes: a newer layout says so instead of half-loading.
+FORMAT_VERSION = 1
 CORE_KEYS = ("bits", "group_size", "sym", "desc_act", "checkpoint_format", "quant_method")
 
 
@@ -70,8 +76,16 @@ def _unique_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
-    """Write `model` (quantized by quantize_model or loaded by load_quantized) as a HF folder."""
+def save_quantized(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    tokenizer=None,
+    claim: Callable[[list[str]], None] | None = None,
+) -> Path:
+    """Write `model` (quantized by quantize_model or loaded by load_quantized) as a HF folder.
+
+    Only the files written here are replaced in `directory`; other files stay. `claim` is called
+    with their names just before they move into place (the CLI records them as its own)."""
     directory = Path(directory)
     config = _quant_config_of(model)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -87,8 +101,8 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
             state[f"{name}.qzeros"] = zeros_v2_to_v1(qzeros, m.bits, m.out_features, name)
     state = {k: v.cpu() for k, v in state.items()}
     entry = config.quantization_config()
-    with atomic_path(directory) as tmp:
-        tmp.mkdir()
+    entry.setdefault("meta", {})["qdiablo_format_version"] = FORMAT_VERSION
+    with staged_dir(directory, claim) as tmp:
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         previous = getattr(model.config, "quantization_config", None)
         model.config.quantization_config = entry
@@ -131,7 +145,21 @@ def _config_from_entry(entry: dict[str, Any], where: str) -> QuantConfig:
         raise CheckpointError(
             f"{where}: quant_method is {entry.get('quant_method')!r}, expected 'gptq'"
         )
-    ours = (entry.get("meta") or {}).get("qdiablo")
+    meta = entry.get("meta") or {}
+    ours = meta.get("qdiablo")
+    version = meta.get("qdiablo_format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where}: written by a newer qdiablo (quantized folder format {version!r}); this "
+            f"one reads format {FORMAT_VERSION}: upgrade qdiablo to load it"
+        )
+    if isinstance(ours, dict):
+        for key in TOP_LEVEL_KEYS:  # what GPTQModel and transformers read must agree with ours
+            if key in entry and key in ours and entry[key] != ours[key]:
+                raise CheckpointError(
+                    f"{where}: top-level {key}={entry[key]!r} disagrees with qdiablo's "
+                    f"meta.qdiablo.{key}={ours[key]!r}"
+                )
     try:
         if isinstance(ours, dict):
             fields = {k: v for k, v in ours.items() if not k.startswith("resolved_")}
@@ -210,17 +238,31 @@ _SAFETENSORS_DTYPES = {
 
 
 def _weight_files(directory: Path) -> dict[str, Path]:
-    """tensor name -> file, for a single file or a sharded index."""
+    """tensor name -> file, for a single file or a sharded index. Any other weights or index
+    file in the folder is refused: a loader must not pick a half of two checkpoints."""
     single = directory / WEIGHTS_NAME
     index = directory / INDEX_NAME
+    present = {p.name for p in directory.glob("*.safetensors")} | {
+        p.name for p in directory.glob("*.safetensors.index.json")
+    }
     if single.is_file():
-        return {"": single}
-    if index.is_file():
+        files = {"": single}
+        expected = {WEIGHTS_NAME}
+    elif index.is_file():
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no weight_map")
-        return {k: directory / v for k, v in weight_map.items()}
-    raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} (or {INDEX_NAME}) found")
+        files = {k: directory / v for k, v in weight_map.items()}
+        expected = {INDEX_NAME, *(Path(v).name for v in weight_map.values())}
+    else:
+        raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} (or {INDEX_NAME}) found")
+    foreign = sorted(present - expected)
+    if foreign:
+        raise CheckpointError(
+            f"{directory}: holds weights files this checkpoint does not list "
+            f"({', '.join(foreign)}): refusing to load a mix; move them out of the folder"
+        )
+    return files
 
 
 def load_quantized(
@@ -243,6 +285,8 @@ def load_quantized(
     state: dict[str, Tensor] = {}
     for file in sorted(set(files.values())):
         state.update(load_file(file))
+    for name in quantized:
+        _check_packed(name, state, files[f"{name}.scales"])
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     left = [k for k, v in model.state_dict().items() if v.is_meta]
@@ -375,6 +419,29 @@ def quantized_skeleton(
     model.config.quantization_config = entry
     model.quant_config = config
     return model, {key: file for key, (file, _) in headers.items()}
+
+
+def _check_packed(name: str, state: dict[str, Tensor], file: Path) -> None:
+    """Values a kernel trusts: g_idx indexes scales without bounds checks (on a GPU a crafted
+    g_idx reads out of bounds), and a zero or non-finite scale poisons every output. Codes and
+    zero points need no check: every b-bit field of the packed words decodes into [0, 2^b)."""
+    scales = state[f"{name}.scales"]
+    groups = scales.shape[0]
+    g_idx = state.get(f"{name}.g_idx")
+    if g_idx is not None and g_idx.numel():
+        low, high = int(g_idx.min()), int(g_idx.max())
+        if low < 0 or high >= groups:
+            raise CheckpointError(
+                f"{file}: tensor '{name}.g_idx' holds values {low}..{high}, outside [0, {groups}) "
+                f"(the layer has {groups} groups)"
+            )
+    bad = ~torch.isfinite(scales.float()) | (scales == 0)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise CheckpointError(
+            f"{file}: tensor '{name}.scales' holds {int(bad.sum())} zero or non-finite "
+            f"value(s), the first at {where}"
+        )
 
 
 def _tied_keys(model: nn.Module, present: set[str]) -> set[str]:

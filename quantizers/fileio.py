@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     target = tmp / "payload"
     try:
         yield target
+        apply_umask(target)  # mkdtemp makes 0700 and safetensors writes 0600
         if path.is_dir() and not path.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "payload")
@@ -40,6 +41,52 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Staging folders inside an output; qdiablo.outputs removes them once their writer is gone.
+STAGING_PREFIX = ".qdiablo-tmp-"
+
+
+@contextlib.contextmanager
+def staged_dir(path: Path, claim: Callable[[list[str]], None] | None = None) -> Iterator[Path]:
+    """Yield a staging folder inside `path`; on success its entries replace the same-named
+    entries of `path` (announced first through `claim`), and nothing else in `path` is touched.
+    On failure the staging folder vanishes and `path` keeps what it held."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=path))
+    try:
+        yield tmp
+        names = sorted(p.name for p in tmp.iterdir())
+        if claim is not None:
+            claim(names)
+        install_entries(tmp, path, names)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def install_entries(staged: Path, target: Path, names: list[str]) -> None:
+    """Move `staged/NAME` onto `target/NAME` for each name (a folder replaces a folder), with
+    the user's umask; other entries of `target` stay."""
+    trash = Path(staged, ".replaced")
+    trash.mkdir(exist_ok=True)
+    for name in names:
+        apply_umask(staged / name)
+        if (target / name).is_dir() and not (target / name).is_symlink():
+            os.replace(target / name, trash / name)
+        os.replace(staged / name, target / name)
+    shutil.rmtree(staged, ignore_errors=True)
+
+
+def apply_umask(tree: Path) -> None:
+    """Files 0666 and folders 0777, less the user's umask, as transformers' saves get:
+    temporary folders are 0700 and safetensors writes 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tree = Path(tree)
+    for item in [tree, *(tree.rglob("*") if tree.is_dir() else ())]:
+        if not item.is_symlink() and item.exists():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

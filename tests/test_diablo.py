@@ -269,7 +269,8 @@ def test_mismatched_targets_name_the_modules(tmp_path):
         (lambda p: (p / "adapter_config.json").write_text("{not json"), "malformed JSON"),
         (lambda p: (p / "adapter_config.json").unlink(), "adapter config not found"),
         (lambda p: _edit_config(p, method="lora"), "not 'diablo'"),
-        (lambda p: _edit_config(p, format_version=99), "format_version"),
+        (lambda p: _edit_config(p, format_version=99), r"written by a newer qdiablo .*format 99"),
+        (lambda p: _edit_config(p, format_version="x"), "format_version 'x' is not supported"),
         (lambda p: _edit_config(p, num_blockz=3), "unknown DiaBloConfig field"),
         (
             lambda p: (p / "adapter_model.safetensors").write_bytes(

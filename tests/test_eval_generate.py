@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from eval.generate import EOS, LENGTH, batch_order, eos_token_ids, generate
+from eval.generate import EOS, LENGTH, batch_order, cache_keyword, eos_token_ids, generate
 from eval.nll import aggregate, reference_nll
 from qdiablo.data import MathRecord, encode_example, reference_response
 
@@ -181,3 +181,30 @@ def test_nll_is_accurate_in_float32_with_a_large_vocabulary(tokenizer):
         scored = torch.tensor(ex["labels"][1:]) != -100
         logp = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0]
         assert item.mean == pytest.approx(-logp[scored].mean().item(), abs=1e-6)
+
+
+def test_kv_cache_argument_follows_the_model_signature(model64, tokenizer):
+    """The cache goes in by the name the installed transformers' forward takes, so neither a
+    release without `cache` nor one without `past_key_values` breaks generation."""
+    import inspect
+    import warnings
+
+    from qdiablo import DiaBloConfig, get_diablo_model
+
+    expected = "cache" if "cache" in inspect.signature(model64.forward).parameters else None
+    assert cache_keyword(model64) == (expected or "past_key_values")
+    wrapped = get_diablo_model(make_tiny_llama(seed=3, dtype=torch.float64), DiaBloConfig(4))
+    assert cache_keyword(wrapped) == cache_keyword(model64)  # read through the wrapper
+
+    class OlderForward(torch.nn.Module):  # the signature of transformers before `cache`
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return input_ids
+
+    assert cache_keyword(OlderForward()) == "past_key_values"
+    prompts = [tokenizer(t)["input_ids"] for t in TEXTS[:2]]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*deprecated")
+        got = generate(
+            model64, prompts, eos_token_ids=[], pad_token_id=0, max_new_tokens=4, progress=False
+        )
+    assert [g.token_ids for g in got] == hf_one_at_a_time(model64, prompts, 4)

@@ -20,6 +20,7 @@ from qdiablo import cli
 from qdiablo.errors import UserError
 from qdiablo.export import export_model, load_exported, verify_export
 from qdiablo.models import load_adapter
+from qdiablo.outputs import is_bookkeeping
 from quantizers import QuantConfig, QuantLinear, load_quantized, quantize_model, save_quantized
 from quantizers.calibration import tokenize_calibration
 
@@ -99,11 +100,15 @@ def test_export_reloads_bit_identical_to_the_in_memory_model(pipeline, exported)
     assert not torch.equal(_logits(loaded), _logits(load_quantized(pipeline["base"])))  # trained
     # base/ and adapter/ are the input files, byte for byte; the manifest lists every file.
     for part, src in (("base", pipeline["base"]), ("adapter", pipeline["adapter"])):
-        names = sorted(p.name for p in src.iterdir())
+        names = sorted(p.name for p in src.iterdir() if not is_bookkeeping(p.name))
         assert sorted(p.name for p in (exported / part).iterdir()) == names
         assert filecmp.cmpfiles(src, exported / part, names, shallow=False)[0] == names
     manifest = json.loads((exported / "manifest.json").read_text())
-    files = {p.relative_to(exported).as_posix() for p in exported.rglob("*") if p.is_file()}
+    files = {
+        p.relative_to(exported).as_posix()
+        for p in exported.rglob("*")
+        if p.is_file() and not is_bookkeeping(p.name)
+    }
     assert set(manifest["files"]) == files - {"manifest.json"}
     assert "base/tokenizer.json" in files and manifest["qdiablo_version"]
 
@@ -256,7 +261,7 @@ def test_overwrite_and_a_failure_midway_leave_no_partial_export(pipeline, tmp_pa
     out = tmp_path / "out"
     export_model(pipeline["base"], pipeline["adapter"], out)
     before = (out / "manifest.json").read_text()
-    with pytest.raises(UserError, match="exists and is not empty") as e:
+    with pytest.raises(UserError, match="already holds a finished `qdiablo export`") as e:
         export_model(pipeline["base"], pipeline["adapter"], out)
     assert "--overwrite" in e.value.hint
 
@@ -323,3 +328,19 @@ def test_a_peft_lora_adapter_exports_unmerged_and_the_card_says_so(pipeline, tmp
     assert "a PEFT LORA adapter" in card and "no base fingerprint" in card
     meta = ModelCard.load(out / "README.md").data
     assert meta.library_name == "peft" and "lora" in meta.tags
+
+
+def test_export_keeps_user_files_and_overwrite_replaces_only_its_own(pipeline, tmp_path):
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+    (out / "old.safetensors").write_bytes(b"not export's")
+    with pytest.raises(UserError, match=r"did not write \(notes.md, old.safetensors\)"):
+        export_model(pipeline["base"], pipeline["adapter"], out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.md", "old.safetensors"]
+    export_model(pipeline["base"], pipeline["adapter"], out, overwrite=True)
+    export_model(pipeline["base"], pipeline["adapter"], out, overwrite=True)
+    assert (out / "notes.md").read_text() == "mine"
+    assert (out / "old.safetensors").read_bytes() == b"not export's"
+    with pytest.raises(UserError, match=r"old\.safetensors: not listed"):
+        verify_export(out)  # a stray weights file is still caught when loading

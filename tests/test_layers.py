@@ -26,7 +26,7 @@ PACKAGES = ("quantizers", "qdiablo", "eval")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("quantizers: imports nothing from qdiablo or eval", ("quantizers",)),
     (
-        "base: errors, file I/O, hashing, records/templates, flags, vocabularies",
+        "base: errors, file I/O, output folders, hashing, records/templates, flags, vocabularies",
         (
             "qdiablo",
             "qdiablo.errors",
@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qdiablo.flags",
             "qdiablo.kinds",
             "qdiablo.manifest",
+            "qdiablo.outputs",
             "qdiablo.versions",
         ),
     ),

@@ -213,8 +213,29 @@ def test_run_refuses_to_remove_a_folder_it_did_not_make(
     stray.mkdir(parents=True)
     (stray / "precious.txt").write_text("mine")
     assert run(config) == 2
-    assert "was not made by this pipeline" in capsys.readouterr().err
+    assert "did not write (quantized)" in capsys.readouterr().err
     assert (stray / "precious.txt").read_text() == "mine"
+
+
+def test_run_root_keeps_user_files_and_overwrite_removes_only_its_own(
+    tmp_path, tiny_model_dir, math_file, task_file, capsys
+):
+    config = pipeline_config(
+        tmp_path, tiny_model_dir, math_file, task_file, train=None, eval=None, export=None
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert run(config) == 2
+    assert "did not write (notes.txt)" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert run(config, "--overwrite") == 0
+    assert (out / "quantized" / "model.safetensors").is_file()
+    first = (out / "stages" / "quantize.json").read_text()
+    assert run(config, "--overwrite") == 0  # afresh: the stage ran again, notes.txt stayed
+    assert (out / "stages" / "quantize.json").read_text() != first
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / ".qdiablo-run.json").read_text())["complete"] is True
 
 
 def test_identity_follows_input_file_content_not_only_its_path(tmp_path, tiny_model_dir):

@@ -141,13 +141,16 @@ def test_bias_and_tied_embeddings_round_trip(tmp_path):
     assert torch.equal(logits(model, calib[0]), logits(loaded, calib[0]))
 
 
-def test_save_replaces_an_existing_folder_atomically(saved, tmp_path):
+def test_save_replaces_only_its_own_files_and_stages_atomically(saved, tmp_path):
     model, _, _ = saved
     target = tmp_path / "out"
     target.mkdir()
-    (target / "stale.txt").write_text("old")
+    (target / "notes.txt").write_text("the user's")
+    (target / "model.safetensors").write_bytes(b"an older save")
     save_quantized(model, target)
-    assert not (target / "stale.txt").exists() and (target / "model.safetensors").is_file()
+    assert (target / "notes.txt").read_text() == "the user's"  # never deleted
+    assert (target / "model.safetensors").stat().st_size > 100  # replaced
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
 
     class Broken:
         def save_pretrained(self, _path):
@@ -155,7 +158,8 @@ def test_save_replaces_an_existing_folder_atomically(saved, tmp_path):
 
     with pytest.raises(OSError, match="disk full"):
         save_quantized(model, target, tokenizer=Broken())
-    assert (target / "model.safetensors").is_file()  # the old folder survives intact
+    after = {p.name: p.read_bytes() for p in target.iterdir()}
+    assert after == before  # the failed save left the folder byte-identical, no staging left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -182,7 +186,7 @@ def test_truncated_file_names_file_and_tensor(saved, tmp_path):
 
 def _copy_with(path, tmp_path, edit):
     target = tmp_path / "edited"
-    target.mkdir()
+    target.mkdir(parents=True)
     for p in path.iterdir():
         (target / p.name).write_bytes(p.read_bytes())
     with safe_open(target / "model.safetensors", "pt") as f:
@@ -230,4 +234,77 @@ def test_disagreeing_config_files_are_an_error(saved, tmp_path):
         load_quantized(target)
     (target / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"config\.json: malformed JSON"):
+        load_quantized(target)
+
+
+def _edit_both_configs(target, edit) -> None:
+    for name in ("config.json", "quantize_config.json"):
+        data = json.loads((target / name).read_text())
+        edit(data["quantization_config"] if name == "config.json" else data)
+        (target / name).write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(("key", "value"), [("bits", 4), ("group_size", 64), ("sym", True)])
+def test_top_level_keys_must_agree_with_qdiablo_metadata(saved, tmp_path, key, value):
+    """GPTQModel reads the top-level keys, qdiablo its meta: a folder where they differ would
+    load as two different models, so it loads as neither."""
+    _, _, path = saved
+    target = _copy_with(path, tmp_path, lambda t: None)
+    _edit_both_configs(target, lambda qc: qc.__setitem__(key, value))
+    ours = json.loads((path / "quantize_config.json").read_text())["meta"]["qdiablo"][key]
+    match = rf"top-level {key}={value!r} disagrees with qdiablo's meta\.qdiablo\.{key}={ours!r}"
+    with pytest.raises(CheckpointError, match=match):
+        load_quantized(target)
+
+
+def test_a_newer_format_says_so(saved, tmp_path):
+    _, _, path = saved
+    assert (
+        json.loads((path / "quantize_config.json").read_text())["meta"]["qdiablo_format_version"]
+        == 1
+    )
+    target = _copy_with(path, tmp_path, lambda t: None)
+
+    def newer(qc):
+        qc["meta"]["qdiablo_format_version"] = 2
+        qc["meta"]["qdiablo"]["a_field_from_the_future"] = 1
+
+    _edit_both_configs(target, newer)
+    with pytest.raises(CheckpointError, match=r"written by a newer qdiablo .*format 2"):
+        load_quantized(target)
+
+
+def test_out_of_range_g_idx_and_bad_scales_are_refused(saved, tmp_path):
+    _, _, path = saved
+    layer = "model.layers.0.self_attn.q_proj"
+
+    def crafted_g_idx(t):
+        t[f"{layer}.g_idx"] = t[f"{layer}.g_idx"].clone()
+        t[f"{layer}.g_idx"][5] = 10_000  # a kernel would read scales[10000]
+
+    target = _copy_with(path, tmp_path / "g", crafted_g_idx)
+    with pytest.raises(
+        CheckpointError, match=rf"'{layer}\.g_idx' holds values 0\.\.10000, outside"
+    ):
+        load_quantized(target)
+    for bad in (0.0, float("inf"), float("nan")):
+
+        def crafted_scale(t, bad=bad):
+            t[f"{layer}.scales"] = t[f"{layer}.scales"].clone()
+            t[f"{layer}.scales"][1, 3] = bad
+
+        target = _copy_with(path, tmp_path / str(bad), crafted_scale)
+        with pytest.raises(CheckpointError, match=rf"'{layer}\.scales' holds 1 zero or non-finite"):
+            load_quantized(target)
+
+
+def test_foreign_weights_files_are_refused(saved, tmp_path):
+    _, _, path = saved
+    target = _copy_with(path, tmp_path, lambda t: None)
+    save_file({"x": torch.ones(2)}, target / "model-00001-of-00002.safetensors")
+    with pytest.raises(CheckpointError, match=r"does not list \(model-00001-of-00002"):
+        load_quantized(target)
+    (target / "model-00001-of-00002.safetensors").unlink()
+    (target / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    with pytest.raises(CheckpointError, match=r"does not list \(model\.safetensors\.index\.json"):
         load_quantized(target)

@@ -173,8 +173,11 @@ def test_base_dtype_cast_keeps_packed_bytes_in_any_storage(rtn_folder, storage):
 def test_packed_base_kind_must_match_the_folder(tmp_path, rtn_folder):
     with pytest.raises(UserError, match="quantized with rtn"):
         load_training_base("gptq", str(rtn_folder))
-    with pytest.raises(UserError, match="folder written by `qdiablo quantize`"):
+    with pytest.raises(UserError, match=r"^not found: .*nowhere$"):  # a path: no hub call
         load_training_base("rtn", str(tmp_path / "nowhere"))
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(UserError, match="folder written by `qdiablo quantize`"):
+        load_training_base("rtn", str(tmp_path / "plain"))
 
 
 def test_packed_2bit_layers_hold_at_most_0_6_of_the_4bit_bytes():

@@ -23,6 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--output", default=None, help="override the config's output folder")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh: remove this command's earlier outputs in the folder (only its "
+        "own; other files there are kept)",
+    )
+    p.add_argument(
         "--in-process",
         action="store_true",
         help="run the stages in this process (faster to start; by default each stage gets its "
@@ -33,5 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from qdiablo.pipeline.compare import run_compare  # deferred: the stages import torch
 
-    run_compare(args.grid, force=args.force, output=args.output, isolate=not args.in_process)
+    run_compare(
+        args.grid,
+        force=args.force,
+        output=args.output,
+        isolate=not args.in_process,
+        overwrite=args.overwrite,
+    )
     return 0

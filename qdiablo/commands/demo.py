@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         f"-> Math10K eval ({'full sets' if args.full else f'first {args.limit} items per set'}) "
         f"-> export, under {root}/"
     )
-    outcomes = Runner(root, args.force).run(stages)
+    outcomes = Runner(root, args.force, verb="demo").run(stages)
     print(summary_table(outcomes))
     print(comparison_table(root / "eval-base", root / "eval"))
     print(f"\nexported to {root / 'export'} (load it with qdiablo.export.load_exported)")

@@ -102,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from eval.math10k import resolve_tasks
-    from eval.runner import MARKDOWN_FILE, EvalSettings, evaluate
+    from eval.runner import MARKDOWN_FILE, EvalSettings, evaluate, output_names
     from qdiablo.models import adapter_kind, load_adapter, load_base, load_tokenizer
+    from qdiablo.outputs import OutputFolder
 
     if args.no_nll and args.nll_only:
         raise UserError("--no-nll and --nll-only exclude each other")
@@ -126,40 +127,52 @@ def run(args: argparse.Namespace) -> int:
     )
 
     adapter = adapter_kind(args.adapter) if args.adapter else None  # fail before loading models
-    start = time.time()
-    try:
-        tokenizer = load_tokenizer(
-            args.tokenizer or args.model, None if args.tokenizer else args.gguf_file
-        )
-    except UserError as e:
-        raise UserError(str(e), hint="pass --tokenizer FOLDER (e.g. the original model's)") from e
-    kind = QUANT_FLAG_KINDS[args.quant or "none"]  # `quant: null` in YAML means none
-    model = load_base(args.model, kind, gguf_file=args.gguf_file, dtype=args.dtype)
-    info = {
-        "base": args.model,
-        "gguf_file": args.gguf_file,
-        "quant": args.quant,
-        "dtype": args.dtype,
-        "adapter": args.adapter,
-        "adapter_kind": adapter,
-        # A retrained adapter in the same folder must not resume the old one's results.
-        "adapter_sha256": adapter_digest(args.adapter) if args.adapter else None,
-        "merged": bool(args.adapter and args.merge_adapter),
-    }
-    if args.adapter:
-        model = load_adapter(model, args.adapter, force=args.force, merge=args.merge_adapter)
-    log.info("model ready in %.0f s", time.time() - start)
-
-    summary = evaluate(
-        model,
-        tokenizer,
-        tasks,
+    # Hold the folder before loading anything: a second eval into it is refused at once.
+    folder = OutputFolder(
         args.output,
-        settings,
-        model_info=info,
+        "eval",
         overwrite=args.overwrite,
-        progress=not args.no_progress,
+        resumable=True,
+        known=output_names(tasks),
+        signature="run.json",
     )
+    with folder:
+        start = time.time()
+        try:
+            tokenizer = load_tokenizer(
+                args.tokenizer or args.model, None if args.tokenizer else args.gguf_file
+            )
+        except UserError as e:
+            raise UserError(
+                str(e), hint="pass --tokenizer FOLDER (e.g. the original model's)"
+            ) from e
+        kind = QUANT_FLAG_KINDS[args.quant or "none"]  # `quant: null` in YAML means none
+        model = load_base(args.model, kind, gguf_file=args.gguf_file, dtype=args.dtype)
+        info = {
+            "base": args.model,
+            "gguf_file": args.gguf_file,
+            "quant": args.quant,
+            "dtype": args.dtype,
+            "adapter": args.adapter,
+            "adapter_kind": adapter,
+            # A retrained adapter in the same folder must not resume the old one's results.
+            "adapter_sha256": adapter_digest(args.adapter) if args.adapter else None,
+            "merged": bool(args.adapter and args.merge_adapter),
+        }
+        if args.adapter:
+            model = load_adapter(model, args.adapter, force=args.force, merge=args.merge_adapter)
+        log.info("model ready in %.0f s", time.time() - start)
+
+        summary = evaluate(
+            model,
+            tokenizer,
+            tasks,
+            args.output,
+            settings,
+            model_info=info,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
     print(Path(args.output, MARKDOWN_FILE).read_text(encoding="utf-8"))
     print(f"results in {args.output} ({time.time() - start:.0f} s)")
     return 0 if summary else 1

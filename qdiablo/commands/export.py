@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qdiablo.calibration import add_calibration_arguments
+from qdiablo.calibration import add_calibration_arguments, check_calibration_arguments
 from qdiablo.errors import UserError
 
 HELP = "export a quantized base + adapter (optionally merged) with a model card and manifest"
@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.base or not args.output:
         raise UserError("--base and --output are required (or --verify EXPORT_DIR)")
+    check_calibration_arguments(args)
     overrides = {k: getattr(args, k) for k in QUANT_FLAGS if getattr(args, k) is not None}
     if overrides and not args.requantize:
         flags = ", ".join("--" + k.replace("_", "-") for k in overrides)

@@ -30,6 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--gguf-file", help="GGUF file inside --model's folder to load from")
     p.add_argument("--output", required=True, help="folder to write the quantized model to")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a folder holding other files (they are kept; an earlier quantize "
+        "output there is replaced)",
+    )
     add_dataclass_arguments(p, QuantConfig, group="quantizer (QuantConfig)")
     add_calibration_arguments(
         p,
@@ -65,31 +71,35 @@ def run(args: argparse.Namespace) -> int:
     # Deferred to keep `qdiablo --help` fast: these import torch, transformers and the quantizers.
     import torch
 
-    from qdiablo.calibration import build_calibration_data
+    from qdiablo.calibration import build_calibration_data, check_calibration_arguments
     from qdiablo.models import load_base, load_tokenizer
+    from qdiablo.outputs import OutputFolder
     from quantizers import quantize_model, save_quantized
 
     config = quant_config_from_args(args)
+    check_calibration_arguments(args)
     output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} exists and is not a folder")
-    tokenizer = load_tokenizer(args.model, args.gguf_file)
-    needs_data = (
-        config.method == "gptq" or config.magr or config.cd_sweeps > 0 or config.reconstruct
-    )
-    calib = None
-    if needs_data or args.calib:
-        calib = build_calibration_data(
-            tokenizer,
-            args.calib,
-            num_samples=args.calib_samples,
-            seq_len=args.calib_seq_len,
-            batch_size=args.calib_batch_size,
+    with OutputFolder(output, "quantize", overwrite=args.overwrite) as out:
+        tokenizer = load_tokenizer(args.model, args.gguf_file)
+        needs_data = (
+            config.method == "gptq" or config.magr or config.cd_sweeps > 0 or config.reconstruct
         )
-    model = load_base(args.model, "fp", gguf_file=args.gguf_file, dtype=args.dtype)
-    calib_dtype = {"auto": "auto", "float32": None, "bfloat16": torch.bfloat16}[args.calib_dtype]
-    quantize_model(model, calib, config, device=args.device, calib_dtype=calib_dtype)
-    save_quantized(model, output, tokenizer)
+        calib = None
+        if needs_data or args.calib:
+            calib = build_calibration_data(
+                tokenizer,
+                args.calib,
+                num_samples=args.calib_samples,
+                seq_len=args.calib_seq_len,
+                batch_size=args.calib_batch_size,
+            )
+        model = load_base(args.model, "fp", gguf_file=args.gguf_file, dtype=args.dtype)
+        calib_dtype = {"auto": "auto", "float32": None, "bfloat16": torch.bfloat16}[
+            args.calib_dtype
+        ]
+        quantize_model(model, calib, config, device=args.device, calib_dtype=calib_dtype)
+        save_quantized(model, output, tokenizer, claim=out.claim)
+        out.finish()
     report = model.quantization_report
     mean = report.mean_rel_error()
     print(

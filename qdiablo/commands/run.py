@@ -23,6 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--output", default=None, help="override the config's output folder")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh: remove this command's earlier outputs in the folder (only its "
+        "own; other files there are kept)",
+    )
+    p.add_argument(
         "--isolate",
         action="store_true",
         help="run each stage in its own process (its own peak memory; default: this process)",
@@ -32,5 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from qdiablo.pipeline.run import run_pipeline  # deferred: the stages import torch
 
-    run_pipeline(args.pipeline, force=args.force, output=args.output, isolate=args.isolate)
+    run_pipeline(
+        args.pipeline,
+        force=args.force,
+        output=args.output,
+        isolate=args.isolate,
+        overwrite=args.overwrite,
+    )
     return 0

@@ -356,7 +356,11 @@ class DiaBloModel(nn.Module):
                 f"{str(expected.get('sha256'))[:12]} ≠ {actual['sha256'][:12]}"
             )
             if not force:
-                raise UserError(msg, hint="pass force=True (CLI: --force) to load it anyway")
+                raise UserError(
+                    msg,
+                    hint="use the base it was trained on; only `qdiablo eval --force` "
+                    "(force=True in Python) loads it anyway, export and train have no override",
+                )
             log.warning("%s (loading anyway: force=True)", msg)
         tensors = read_adapter_weights(adapter_dir / ADAPTER_WEIGHTS_NAME)
         model = cls(base_model, config)
@@ -413,6 +417,12 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
             hint="a PEFT LoRA adapter loads with peft.PeftModel.from_pretrained",
         )
     version = saved.get("format_version")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise UserError(
+            f"{path}: written by a newer qdiablo ({saved.get('qdiablo_version', '?')}, adapter "
+            f"format {version}); this one reads format {FORMAT_VERSION}",
+            hint="upgrade qdiablo to load it",
+        )
     if version != FORMAT_VERSION:
         raise UserError(f"{path}: format_version {version!r} is not supported (expected 1)")
     return saved

@@ -31,9 +31,10 @@ from qdiablo.errors import UserError
 from qdiablo.export.card import CardFacts, model_card
 from qdiablo.export.merge import merge_into_dense, requantize, save_merged
 from qdiablo.hashing import adapter_digest
-from qdiablo.io import atomic_path, read_json
+from qdiablo.io import read_json
 from qdiablo.manifest import MANIFEST_NAME, build_manifest
 from qdiablo.models import adapter_kind, is_quantized_folder, load_adapter, load_packed
+from qdiablo.outputs import OutputFolder, is_bookkeeping
 from qdiablo.train.config import CONFIG_FILE, RESULTS_FILE
 from qdiablo.versions import library_versions
 from quantizers import QuantConfig, save_quantized
@@ -43,13 +44,11 @@ log = logging.getLogger(__name__)
 MERGED_DTYPES = ("float16", "bfloat16", "float32")
 
 
-def _check_output(output: Path, overwrite: bool, sources: Sequence[Path]) -> None:
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise UserError(
-            f"--output {output} exists and is not empty", hint="pass --overwrite to replace it"
-        )
+# Everything export writes at the top of its folder: all `--overwrite` may remove.
+EXPORT_NAMES = ("base", "adapter", "merged", "merged-gptq", "README.md", MANIFEST_NAME)
+
+
+def _check_output(output: Path, sources: Sequence[Path]) -> None:
     out = output.resolve()
     for src in sources:
         if out == src.resolve() or out in src.resolve().parents:
@@ -152,67 +151,84 @@ def export_model(
             "--requantize needs calibration data: re-quantizing the merged model runs MagR/GPTQ",
             hint="pass --calib FILE (a Math10K .json/.jsonl or a plain-text file)",
         )
-    _check_output(output, overwrite, [base, adapter, *([train_dir] if train_dir else [])])
-    train_config, train_results = _read_train_run(train_dir) if train_dir else (None, None)
-    summaries = [(str(e), _read_eval(Path(e))) for e in evals]
-    base_entry = read_json(base / "quantize_config.json", what="quantize config")
-    base_cfg = read_json(base / "config.json", what="model config")
-    report_file = base / "quantization_report.json"
-    quant_report = read_json(report_file) if report_file.is_file() else None
-    adapter_cfg = read_json(adapter / "adapter_config.json", what="adapter config")
-    notes = _consistency_notes(adapter, train_dir, summaries)
-    tokenizer = _load_tokenizer(base)
-
-    config = calib_data = None
-    if requantize_merged:
-        config = requantize_config(base_entry, quant_overrides)
-        if tokenizer is None:
-            raise UserError(f"--requantize needs a tokenizer to read --calib; {base} has none")
-        calib_data = build_calibration_data(
-            tokenizer, calib, calib_samples, calib_seq_len, calib_batch_size
-        )
-
-    base_model = load_packed(base)
-    model = load_adapter(base_model, adapter)  # the fingerprint check: before any write
-    log.info("exporting %s + %s to %s", base, adapter, output)
-
-    facts = CardFacts(
-        base_name=base_name or base_entry.get("model_name_or_path") or _unknown_name(train_config),
-        architecture=_describe(base_cfg),
-        quantize_config=base_entry,
-        quant_report=quant_report,
-        adapter_kind=kind,
-        adapter_config=adapter_cfg,
-        train_config=train_config,
-        train_results=train_results,
-        evals=summaries,
-        merged_dtype=merged_dtype if merged else None,
-        versions=library_versions(),
-        notes=notes,
+    _check_output(output, [base, adapter, *([train_dir] if train_dir else [])])
+    folder = OutputFolder(
+        output, "export", overwrite=overwrite, replace_own=False, known=EXPORT_NAMES
     )
-    with atomic_path(output) as tmp:
-        tmp.mkdir()
-        shutil.copytree(base, tmp / "base")
-        shutil.copytree(adapter, tmp / "adapter")
-        if merged:
-            log.info("merging the adapter into the dequantized base (%s)", merged_dtype)
-            dtype = getattr(torch, merged_dtype)
-            dense = merge_into_dense(model, torch.float32 if requantize_merged else dtype)
-            save_merged(dense, tmp / "merged", dtype, tokenizer)
-            if requantize_merged:
-                change = requantize(dense, calib_data, config)
-                save_quantized(dense, tmp / "merged-gptq", tokenizer)
-                facts.requantized = {
-                    "quantize_config": config.quantization_config(),
-                    "calibration": f"{sum(len(b) for b in calib_data)} windows of "
-                    f"{calib_seq_len} tokens from {Path(calib).name}",
-                    "change": change,
-                }
-        (tmp / "README.md").write_text(model_card(facts), encoding="utf-8")
-        manifest = build_manifest(tmp)
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    log.info("exported %d files to %s", len(manifest["files"]), output)
-    return output
+    with folder:
+        train_config, train_results = _read_train_run(train_dir) if train_dir else (None, None)
+        summaries = [(str(e), _read_eval(Path(e))) for e in evals]
+        base_entry = read_json(base / "quantize_config.json", what="quantize config")
+        base_cfg = read_json(base / "config.json", what="model config")
+        report_file = base / "quantization_report.json"
+        quant_report = read_json(report_file) if report_file.is_file() else None
+        adapter_cfg = read_json(adapter / "adapter_config.json", what="adapter config")
+        notes = _consistency_notes(adapter, train_dir, summaries)
+        tokenizer = _load_tokenizer(base)
+
+        config = calib_data = None
+        if requantize_merged:
+            config = requantize_config(base_entry, quant_overrides)
+            if tokenizer is None:
+                raise UserError(f"--requantize needs a tokenizer to read --calib; {base} has none")
+            calib_data = build_calibration_data(
+                tokenizer, calib, calib_samples, calib_seq_len, calib_batch_size
+            )
+
+        base_model = load_packed(base)
+        model = load_adapter(base_model, adapter)  # the fingerprint check: before any write
+        log.info("exporting %s + %s to %s", base, adapter, output)
+
+        facts = CardFacts(
+            base_name=base_name
+            or base_entry.get("model_name_or_path")
+            or _unknown_name(train_config),
+            architecture=_describe(base_cfg),
+            quantize_config=base_entry,
+            quant_report=quant_report,
+            adapter_kind=kind,
+            adapter_config=adapter_cfg,
+            train_config=train_config,
+            train_results=train_results,
+            evals=summaries,
+            merged_dtype=merged_dtype if merged else None,
+            versions=library_versions(),
+            notes=notes,
+        )
+        tmp = folder.staging()
+        try:
+            shutil.copytree(base, tmp / "base", ignore=_bookkeeping)
+            shutil.copytree(adapter, tmp / "adapter", ignore=_bookkeeping)
+            if merged:
+                log.info("merging the adapter into the dequantized base (%s)", merged_dtype)
+                dtype = getattr(torch, merged_dtype)
+                dense = merge_into_dense(model, torch.float32 if requantize_merged else dtype)
+                save_merged(dense, tmp / "merged", dtype, tokenizer)
+                if requantize_merged:
+                    change = requantize(dense, calib_data, config)
+                    save_quantized(dense, tmp / "merged-gptq", tokenizer)
+                    facts.requantized = {
+                        "quantize_config": config.quantization_config(),
+                        "calibration": f"{sum(len(b) for b in calib_data)} windows of "
+                        f"{calib_seq_len} tokens from {Path(calib).name}",
+                        "change": change,
+                    }
+            (tmp / "README.md").write_text(model_card(facts), encoding="utf-8")
+            manifest = build_manifest(tmp)
+            (tmp / MANIFEST_NAME).write_text(
+                json.dumps(manifest, indent=2) + "\n", encoding="utf-8"
+            )
+            folder.install(tmp)
+            folder.finish()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("exported %d files to %s", len(manifest["files"]), output)
+        return output
+
+
+def _bookkeeping(_folder: str, names: list[str]) -> list[str]:
+    """Locks and verb markers of the source folders stay behind (copytree's ignore)."""
+    return [n for n in names if is_bookkeeping(n)]
 
 
 def _unknown_name(train_config: Mapping[str, Any] | None) -> str:

@@ -40,6 +40,7 @@ log = logging.getLogger("qdiablo.pipeline")
 BUDGETS = ("matched", "paper")
 DEFAULT_N = 64
 DEFAULT_RANK = 64
+REPORT_NAMES = ("compare.md", "compare.json", "compare.png")
 TOP_KEYS = ("output", "model", "bits", "budgets", "methods", "quantize", "train", "eval")
 BUDGET_KEYS = {"num_blocks", "rank", "match_params"}
 DEFAULT_METHODS: list[dict[str, Any]] = [
@@ -239,6 +240,7 @@ def run_compare(
     force: list[str] | None = None,
     output: str | None = None,
     isolate: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the grid, then write compare.md, compare.json and compare.png. With
     `isolate` every stage runs in its own process, so each training's peak memory is its own."""
@@ -251,10 +253,15 @@ def run_compare(
                 f"--force {f}: not a stage kind (quantize, train, eval) nor a stage key",
                 hint=f"stage keys are the names in {grid.root / 'stages'}",
             )
-    runner = Runner(grid.root, force or [], isolate=isolate)
-    runner.run([c.eval for c in grid.cells])
-    results = collect(grid)
-    paths = write_reports(grid.root, results)
+    runner = Runner(grid.root, force or [], isolate=isolate, verb="compare", overwrite=overwrite)
+    written: dict[str, Any] = {}
+
+    def reports() -> None:
+        written["results"] = collect(grid)
+        written["paths"] = write_reports(grid.root, written["results"])
+
+    runner.run([c.eval for c in grid.cells], after=reports, reports=REPORT_NAMES)
+    results, paths = written["results"], written["paths"]
     print(summary_table(runner.outcomes))
     print(paths["md"].read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -237,6 +237,7 @@ def run_pipeline(
     force: list[str] | None = None,
     output: str | None = None,
     isolate: bool = False,
+    overwrite: bool = False,
 ) -> list[Outcome]:
     """Run (or resume) the pipeline a config describes; print the summary and the scores."""
     root, stages = build_pipeline(load_yaml(config), str(config), output)
@@ -247,7 +248,7 @@ def run_pipeline(
                 f"--force {f}: no such stage in {config}", hint=f"stages: {', '.join(names)}"
             )
     # --force STAGE re-runs that stage; the stages after it follow (their inputs changed).
-    outcomes = Runner(root, force or [], isolate=isolate).run(stages)
+    outcomes = Runner(root, force or [], isolate=isolate, overwrite=overwrite).run(stages)
     print(summary_table(outcomes))
     ev = next((s for s in stages if s.verb == "eval"), None)
     if ev is not None:

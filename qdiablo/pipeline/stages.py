@@ -14,6 +14,7 @@ its stale outputs are removed first, and only folders this machinery created are
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import json
@@ -185,8 +186,17 @@ def ordered(stages: Iterable[Stage]) -> list[Stage]:
 class Runner:
     """Runs stages in order under `root`, skipping or resuming as the module docstring says."""
 
-    def __init__(self, root: Path, force: Iterable[str] = (), isolate: bool = False):
+    def __init__(
+        self,
+        root: Path,
+        force: Iterable[str] = (),
+        isolate: bool = False,
+        verb: str = "run",
+        overwrite: bool = False,
+    ):
         self.root = Path(root)
+        self.verb = verb  # whose marker the root folder carries (run, demo, compare)
+        self.overwrite = overwrite
         self.markers = self.root / MARKER_DIR
         self.force = set(force)
         # isolate: each stage in its own `python -m qdiablo` process, so that peak memory is the
@@ -211,12 +221,48 @@ class Runner:
             s.namespace()
             _ = s.identity
 
-    def run(self, stages: list[Stage]) -> list[Outcome]:
+    def run(
+        self,
+        stages: list[Stage],
+        after: Callable[[], Any] | None = None,
+        reports: Iterable[str] = (),
+    ) -> list[Outcome]:
+        """Run the stages while holding the root folder (qdiablo.outputs: lock, marker, no
+        foreign files touched), then `after()` (e.g. writing `reports`, names under root)."""
+        from qdiablo.outputs import OutputFolder
+
         stages = ordered(stages)
         self.validate(stages)
+        names = {MARKER_DIR, *reports}
+        root = self.root.resolve()
         for s in stages:
-            self.outcomes.append(self._run_one(s))
+            with contextlib.suppress(ValueError):
+                names.add(s.output.resolve().relative_to(root).parts[0])
+        self._adopt_legacy(names)
+        folder = OutputFolder(
+            self.root, self.verb, overwrite=self.overwrite, resumable=True, known=names
+        )
+        with folder:
+            folder.claim(names)
+            for s in stages:
+                self.outcomes.append(self._run_one(s))
+            if after is not None:
+                after()
+            folder.finish()
         return self.outcomes
+
+    def _adopt_legacy(self, names: set[str]) -> None:
+        """A root written before output markers existed: its `stages/` folder shows this
+        machinery made it, so the stage outputs it names are adopted as the verb's own."""
+        from qdiablo.outputs import marker_name
+
+        if not self.markers.is_dir() or any(self.root.glob(".qdiablo-*.json")):
+            return
+        owned = sorted(n for n in names if (self.root / n).exists())
+        write_json(
+            self.root / marker_name(self.verb),
+            {"verb": self.verb, "format_version": 1, "complete": False, "files": owned},
+        )
 
     def _run_one(self, stage: Stage) -> Outcome:
         inputs = {d.key: self.run_ids[d.key] for d in stage.deps}

@@ -127,11 +127,11 @@ def resolve_budget(
         if rank is not None:
             num_blocks = matched_num_blocks(shapes, rank)
         else:
-            num_blocks = num_blocks or 64
+            num_blocks = 64 if num_blocks is None else num_blocks
             rank = matched_rank(shapes, num_blocks, indivisible)
-    else:
-        num_blocks = num_blocks or 64
-        rank = rank or 64
+    else:  # None means the default; 0 is an error below, never the default in disguise
+        num_blocks = 64 if num_blocks is None else num_blocks
+        rank = 64 if rank is None else rank
     if num_blocks < 1 or rank < 1:
         raise UserError(f"--num-blocks and --rank must be ≥ 1 (got N={num_blocks}, r={rank})")
     if adapter == "diablo":

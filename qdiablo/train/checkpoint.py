@@ -76,6 +76,9 @@ def save_adapter(
             model.save_pretrained(str(staged), save_embedding_layers=False, state_dict=gathered)
         else:
             raise TypeError(f"cannot save an adapter from a {type(model).__name__}")
+        from quantizers.fileio import apply_umask
+
+        apply_umask(staged)  # safetensors writes 0600
         for item in staged.iterdir():
             os.replace(item, folder / item.name)
     finally:
@@ -166,14 +169,55 @@ def _check_keys(path: Path, expected: set[str], found: set[str]) -> None:
         )
 
 
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The newest complete `checkpoint-<step>` folder (one holding trainer_state.json)."""
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (a missing or unparseable state file,
+    named), or None when it is complete."""
+    import json
+    import zipfile
+
+    folder = Path(folder)
+    state = folder / TRAINER_STATE
+    if not state.is_file():
+        return f"no {TRAINER_STATE}"
+    try:
+        data = json.loads(state.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"{state} does not parse: {e}"
+    if not isinstance(data, dict) or not isinstance(data.get("global_step"), int):
+        return f"{state} has no global_step"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        path = folder / name
+        if path.exists() and not zipfile.is_zipfile(path):
+            return f"{path} is truncated or not a torch file"
+    weights = [p for p in folder.glob("*.safetensors")]
+    if not weights:
+        return "no adapter weights (*.safetensors)"
+    for path in weights:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if len(head) < 8 or int.from_bytes(head, "little") > size - 8:
+            return f"{path} is truncated"
+    return None
+
+
+def latest_checkpoint(folder: str | Path, warn: bool = True) -> Path | None:
+    """The newest complete `checkpoint-<step>` folder; newer ones whose state files are missing
+    or do not parse are skipped, with a warning naming the file."""
+    import logging
+
     folder = Path(folder)
     if not folder.is_dir():
         return None
     found = []
     for child in folder.iterdir():
         m = _CHECKPOINT.match(child.name)
-        if m and child.is_dir() and (child / TRAINER_STATE).is_file():
+        if m and child.is_dir():
             found.append((int(m.group(1)), child))
-    return max(found)[1] if found else None
+    for _, child in sorted(found, reverse=True):
+        problem = checkpoint_problem(child)
+        if problem is None:
+            return child
+        if warn and (child / TRAINER_STATE).exists():
+            logging.getLogger(__name__).warning("skipping checkpoint %s: %s", child, problem)
+    return None

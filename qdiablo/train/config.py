@@ -8,6 +8,7 @@ settings share one list.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -214,6 +215,14 @@ class TrainConfig:
             "outputs",
         ),
     )
+    overwrite: bool = field(
+        default=False,
+        metadata=_meta(
+            "start afresh in an --output holding an earlier run (only train's own files are "
+            "removed) or other files (they are kept)",
+            "outputs",
+        ),
+    )
     progress: bool = field(default=True, metadata=_meta("show a progress bar", "outputs"))
 
     def __post_init__(self) -> None:
@@ -221,17 +230,33 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, str):
                 setattr(self, name, [value])
-        for name in ("batch_size", "max_length", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise UserError(f"micro-batch-size must be ≥ 1, got {self.micro_batch_size}")
-        if self.save_steps < 0:
-            raise UserError(f"save-steps must be ≥ 0, got {self.save_steps}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.warmup < 0:
-            raise UserError(f"warmup must be ≥ 0, got {self.warmup}")
+        at_least_one = ("batch_size", "max_length", "logging_steps")
+        optional_at_least_one = (
+            "num_blocks", "rank", "micro_batch_size", "max_records", "save_total_limit"
+        )  # fmt: skip
+        for name in at_least_one + optional_at_least_one:
+            value = getattr(self, name)
+            if value is not None or name in at_least_one:
+                _check_int(name, value, minimum=1)
+        _check_int("save_steps", self.save_steps, minimum=0)
+        _check_int("seed", self.seed, minimum=0)
+        _check_int("max_steps", self.max_steps, minimum=-1)
+        if self.max_steps == 0:
+            raise UserError(
+                "--max-steps 0: give -1 (train --epochs epochs) or a number of steps ≥ 1"
+            )
+        for name, low, high, closed in (
+            ("dropout", 0.0, 1.0, False),
+            ("warmup", 0.0, None, True),
+            ("epochs", 0.0, None, True),
+            ("weight_decay", 0.0, None, True),
+            ("max_grad_norm", 0.0, None, True),
+        ):
+            _check_float(name, getattr(self, name), low, high, closed)
+        for name in ("lr", "lora_alpha"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_float(name, value, 0.0, None, closed=False, low_open=True)
         if self.epochs <= 0 and self.max_steps <= 0:
             raise UserError("give --epochs > 0 or --max-steps > 0")
 
@@ -255,10 +280,41 @@ class TrainConfig:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    """An int (not a bool, not a float) ≥ minimum, else a one-line error naming the flag."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{_flag(name)} {value!r}: expected a whole number")
+    if value < minimum:
+        raise UserError(f"{_flag(name)} {value}: must be ≥ {minimum}")
+
+
+def _check_float(
+    name: str,
+    value: Any,
+    low: float,
+    high: float | None,
+    closed: bool,
+    low_open: bool = False,
+) -> None:
+    """A finite number in [low, high] (high excluded unless `closed`; low excluded if
+    `low_open`), else a one-line error naming the flag."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise UserError(f"{_flag(name)} {value!r}: expected a finite number")
+    if value < low or (low_open and value == low):
+        raise UserError(f"{_flag(name)} {value}: must be {'>' if low_open else '≥'} {low:g}")
+    if high is not None and (value > high or (not closed and value == high)):
+        raise UserError(f"{_flag(name)} {value}: must be {'≤' if closed else '<'} {high:g}")
+
+
 # Settings that may differ between a run and its resumption.
 RESUME_FREE_FIELDS = {
     "packed_storage",  # the same bytes either way
     "resume",
+    "overwrite",
     "output",
     "logging_steps",
     "save_steps",

@@ -12,6 +12,7 @@ Output folder layout:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -36,7 +37,7 @@ from qdiablo.train.adapters import (
 )
 from qdiablo.train.bases import LoadedBase, load_training_base
 from qdiablo.train.budget import Budget, resolve_budget
-from qdiablo.train.checkpoint import latest_checkpoint, save_adapter, unwrap
+from qdiablo.train.checkpoint import checkpoint_problem, latest_checkpoint, save_adapter, unwrap
 from qdiablo.train.config import (
     ADAPTER_DIR,
     CHECKPOINT_DIR,
@@ -54,6 +55,8 @@ from qdiablo.train.trainer import AdapterTrainer, training_arguments
 from qdiablo.versions import library_versions
 
 log = logging.getLogger(__name__)
+
+OUTPUT_NAMES = (CONFIG_FILE, RESULTS_FILE, LOG_FILE, ADAPTER_DIR, CHECKPOINT_DIR)
 
 
 @dataclass
@@ -76,26 +79,52 @@ def _say(message: str) -> None:
 
 
 def resolve_resume(config: TrainConfig, output: Path) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); guards against mixing runs."""
+    """The checkpoint to resume from (None for a fresh run); guards against mixing runs.
+
+    Called by rank 0 while it holds the folder's lock, so no live process writes there."""
     checkpoints = output / CHECKPOINT_DIR
-    if config.resume is None:
-        # Only rank 0 checks: the other ranks may start after it has written train_config.json.
-        started = (output / CONFIG_FILE).exists() or latest_checkpoint(checkpoints) is not None
-        if is_main_process() and started:
-            raise UserError(
-                f"{output} already holds a training run",
-                hint="pass --resume auto to continue it, or choose another --output",
-            )
-        return None
-    if config.resume == "auto":
+    if config.resume is None or config.resume == "auto":
         found = latest_checkpoint(checkpoints)
-        if found is None:
+        started = (output / CONFIG_FILE).exists() or checkpoints.exists()
+        if found is None and (output / RESULTS_FILE).exists() and is_main_process():
+            raise UserError(
+                f"{output} already holds a training run, finished ({RESULTS_FILE})",
+                hint="pass --overwrite to train afresh (removes only train's files), or choose "
+                "another --output",
+            )
+        if found is None and not started and config.resume == "auto":
             raise UserError(f"--resume auto: no complete checkpoint in {checkpoints}")
+        if found is None:
+            if started and is_main_process():
+                # Killed before its first complete checkpoint: nothing to resume, nothing to keep.
+                _say(
+                    f"{output}: the earlier run stopped before its first complete checkpoint "
+                    "and no process owns it: starting afresh"
+                )
+                _clear_run(output)
+            return None
+        if config.resume is None and (output / RESULTS_FILE).exists() and is_main_process():
+            raise UserError(
+                f"{output} already holds a training run, finished ({RESULTS_FILE})",
+                hint="pass --overwrite to train afresh (removes only train's files), or choose "
+                "another --output",
+            )
+        if config.resume is None:
+            # Only rank 0 checks: the other ranks may start after it has written train_config.
+            if is_main_process():
+                raise UserError(
+                    f"{output} already holds a training run (newest complete checkpoint: "
+                    f"{found.name})",
+                    hint="pass --resume auto to continue it, --overwrite to start afresh "
+                    "(removes only train's files), or choose another --output",
+                )
+            return None
         path = found
     else:
         path = Path(config.resume)
-        if not (path / "trainer_state.json").is_file():
-            raise UserError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
+        problem = checkpoint_problem(path)
+        if problem:
+            raise UserError(f"--resume {path}: not a complete checkpoint ({problem})")
     saved_file = output / CONFIG_FILE
     if saved_file.is_file():
         saved = read_json(saved_file, what="training config")
@@ -113,13 +142,25 @@ def resolve_resume(config: TrainConfig, output: Path) -> Path | None:
     return path
 
 
+def _clear_run(output: Path) -> None:
+    """Remove the files of a run that never reached a checkpoint (train's own names only)."""
+    from qdiablo.outputs import remove_entry
+
+    for name in (CONFIG_FILE, RESULTS_FILE, LOG_FILE, CHECKPOINT_DIR):
+        if (output / name).exists():
+            remove_entry(output / name)
+
+
 def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget, dict]:
     """Settle the budget on the base's target layers and attach the adapter.
 
     Returns the adapter model, the budget, and the other method at the matched setting."""
     # DiaBlo and LoRA adapt the same layers: the architecture's default when none are given.
     targets = resolve_target_modules(loaded.model, config.target_spec)
-    shapes = layer_shapes(adapted_layers(loaded.model, targets))
+    layers = adapted_layers(loaded.model, targets)
+    shapes = layer_shapes(layers)
+    if config.adapter == "diablo" and config.num_blocks is not None and layers:
+        _check_num_blocks(layers, config.num_blocks)
     budget = resolve_budget(
         shapes, config.adapter, config.num_blocks, config.rank, config.match_params
     )
@@ -136,6 +177,23 @@ def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget
     return model, budget, budget.other_method(config.adapter, shapes)
 
 
+def _check_num_blocks(layers: list, num_blocks: int) -> None:
+    """An N that does not divide a layer: name the layer and the valid N nearby (README)."""
+    from qdiablo.train.budget import valid_num_blocks
+
+    for layer in layers:
+        if layer.in_features % num_blocks or layer.out_features % num_blocks:
+            valid = valid_num_blocks(layer_shapes(layers))
+            below = [n for n in valid if n < num_blocks][-2:]
+            above = [n for n in valid if n > num_blocks][:2]
+            raise UserError(
+                f"--num-blocks {num_blocks} does not divide layer '{layer.name}' "
+                f"({layer.in_features}→{layer.out_features}); valid N nearby: "
+                f"{', '.join(map(str, below + above))}",
+                hint="pick a valid N, or target other modules",
+            )
+
+
 def train(
     config: TrainConfig,
     base: LoadedBase | None = None,
@@ -146,10 +204,38 @@ def train(
     `base` may be passed pre-loaded (it is modified in place: adapters are attached to it);
     `callbacks` are extra `transformers.TrainerCallback`s.
     """
+    from qdiablo.outputs import OutputFolder
+
     output = Path(config.output)
     under_fsdp = check_fsdp_launch(
         config.base, config.packed_storage, config.precision
     )  # FSDP1 / nf4 under FSDP: a clear error first
+    folder = OutputFolder(
+        output,
+        "train",
+        overwrite=config.overwrite,
+        resumable=True,
+        known=OUTPUT_NAMES,
+        signature=CONFIG_FILE,
+    )
+    # Rank 0 holds the folder; the other ranks write their RNG state into its checkpoints.
+    with folder if is_main_process() else contextlib.nullcontext():
+        if is_main_process():
+            folder.claim(OUTPUT_NAMES)
+        result = _train_into(output, config, base, callbacks, under_fsdp)
+        if is_main_process():
+            folder.finish()
+    return result
+
+
+def _train_into(
+    output: Path,
+    config: TrainConfig,
+    base: LoadedBase | None,
+    callbacks: list | None,
+    under_fsdp: bool,
+) -> TrainResult:
+    """The run proper, into a folder rank 0 holds."""
     resume_from = resolve_resume(config, output)
     records, data_summary = select_records(
         config.data, config.answer_suffix, config.decontaminate, config.max_records, config.seed

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import logging
@@ -34,6 +35,7 @@ METHODS = {
     "MagR+RTN": {"method": "rtn", "magr": True},
     "MagR+GPTQ": {"method": "gptq", "magr": True},
     "MagR+GPTQ+CD": {"method": "gptq", "magr": True, "cd_sweeps": None},  # 1, or 30 at W2
+    "MagR+GPTQ+recon": {"method": "gptq", "magr": True, "reconstruct": True},
 }
 
 
@@ -48,10 +50,25 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--cd-damp", type=float, default=None, help="override QuantConfig.cd_damp")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override QuantConfig fields for every method, e.g. magr_solver=plain magr_iters=200 "
+        "beta=0.8 recon_steps=100 (values parsed as JSON when they parse)",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/bench-quantizers-smollm2.json"))
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
 
     tokenizer = load_tokenizer("smollm2")
     base = load_model("smollm2")
@@ -67,6 +84,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {args.threads} thread(s)",
+        "overrides": overrides,
         "calibration": f"{sum(b.numel() for b in calib)} tokens of SVAMP questions "
         f"({args.calib_samples} x {args.calib_seq_len}), {args.calib_dtype} forward",
         "evaluation": f"{windows.numel()} tokens of GSM8K question+solution, windows of 256",
@@ -90,7 +108,7 @@ def main() -> None:
                 kw["cd_sweeps"] = 30 if bits == 2 else 1
                 if args.cd_damp is not None:
                     kw["cd_damp"] = args.cd_damp
-            config = QuantConfig(bits=bits, group_size=args.group_size, **kw)
+            config = QuantConfig(bits=bits, group_size=args.group_size, **{**kw, **overrides})
             model = copy.deepcopy(base)
             needs = config.method == "gptq" or config.magr or config.cd_sweeps
             t = time.perf_counter()
@@ -107,8 +125,25 @@ def main() -> None:
                 "mean_rel_error": model.quantization_report.mean_rel_error(),
                 "config": config.to_dict(),
             }
+            report = model.quantization_report
+            row["cholesky_fallbacks"] = {
+                r.name: r.damp_percent for r in report.cholesky_fallbacks()
+            }
+            row["layers"] = len(report.layers)
+            if report.reconstruction:
+                row["reconstruction_s"] = report.reconstruction_seconds
+                row["reconstruction"] = [dataclasses.asdict(r) for r in report.reconstruction]
             results["rows"].append(row)
-            print(f"W{bits} {name}: ppl {ppl:.3f}, quantized in {quant_s:.0f} s", flush=True)
+            print(
+                f"W{bits} {name}: ppl {ppl:.3f}, quantized in {quant_s:.0f} s"
+                + (
+                    f" (reconstruction {report.reconstruction_seconds:.0f} s)"
+                    if report.reconstruction
+                    else ""
+                )
+                + f"; Cholesky retries on {len(row['cholesky_fallbacks'])}/{row['layers']} layers",
+                flush=True,
+            )
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2))
     print()

@@ -60,5 +60,10 @@ def cd_refine(
                 Delta[:, j - i1] = dq
             R[:, i2:] -= Delta @ H[i1:i2, i2:]
     return QuantResult(
-        codes.to(torch.uint8), result.scales, result.zeros, result.g_idx, result.bits
+        codes.to(torch.uint8),
+        result.scales,
+        result.zeros,
+        result.g_idx,
+        result.bits,
+        result.damp_percent,
     )

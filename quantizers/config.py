@@ -10,6 +10,7 @@ METHODS = ("gptq", "rtn")
 BITS = (2, 3, 4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 MAGR_SOLVERS = ("fista", "plain")
+RECON_PARAMS = ("scales+codes", "scales", "codes")
 
 # MagR reference defaults for the β scale shrink: per channel by bit width; with groups the group
 # size decides (β = 0.95 at g128 and above, 1.0 below).
@@ -111,6 +112,40 @@ class QuantConfig:
             "reference table when magr is on, else 1.0"
         },
     )
+    reconstruct: bool = field(
+        default=False,
+        metadata={
+            "help": "block-wise reconstruction after GPTQ/RTN: train each block's codes and "
+            "scales so its outputs on the quantized model's inputs match the full-precision "
+            "block's (the packed layout is unchanged; needs calibration data)"
+        },
+    )
+    recon_steps: int = field(
+        default=60, metadata={"help": "reconstruction: Adam steps per block (one batch each)"}
+    )
+    recon_lr_code: float = field(
+        default=1e-2,
+        metadata={"help": "reconstruction: learning rate of the code latents (in code units)"},
+    )
+    recon_lr_scale: float = field(
+        default=1e-3,
+        metadata={"help": "reconstruction: learning rate of the per-group scale multipliers"},
+    )
+    recon_params: str = field(
+        default="scales+codes",
+        metadata={"help": "reconstruction: what is trained", "choices": RECON_PARAMS},
+    )
+    recon_holdout: float = field(
+        default=0.25,
+        metadata={
+            "help": "reconstruction: share of the calibration windows held out to measure the "
+            "error and stop early when it rises, in [0, 1); GPTQ still sees every window"
+        },
+    )
+    recon_eval_every: int = field(
+        default=10,
+        metadata={"help": "reconstruction: steps between held-out evaluations"},
+    )
     checkpoint_format: str = field(
         default="gptq_v2",
         metadata={
@@ -141,7 +176,7 @@ class QuantConfig:
         g = self.group_size
         if not is_int(g) or not (g == -1 or (g >= 16 and g & (g - 1) == 0)):
             raise bad("group_size", "-1 (per channel) or a power of two >= 16, e.g. 32, 64, 128")
-        for name in ("sym", "desc_act", "static_groups", "true_sequential", "magr"):
+        for name in ("sym", "desc_act", "static_groups", "true_sequential", "magr", "reconstruct"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         if self.method == "rtn" and (self.desc_act or self.static_groups):
@@ -160,6 +195,17 @@ class QuantConfig:
             raise bad("magr_solver", " or ".join(repr(s) for s in MAGR_SOLVERS))
         if self.beta is not None and (not is_num(self.beta) or not 0 < self.beta <= 1):
             raise bad("beta", "a number in (0, 1] (or None for the default)")
+        if not is_int(self.recon_steps) or self.recon_steps < 1:
+            raise bad("recon_steps", "an integer >= 1")
+        for name in ("recon_lr_code", "recon_lr_scale"):
+            if not is_num(getattr(self, name)) or not getattr(self, name) > 0:
+                raise bad(name, "a positive number")
+        if self.recon_params not in RECON_PARAMS:
+            raise bad("recon_params", " or ".join(repr(p) for p in RECON_PARAMS))
+        if not is_num(self.recon_holdout) or not 0 <= self.recon_holdout < 1:
+            raise bad("recon_holdout", "a number in [0, 1)")
+        if not is_int(self.recon_eval_every) or self.recon_eval_every < 1:
+            raise bad("recon_eval_every", "an integer >= 1")
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
             raise bad("checkpoint_format", " or ".join(repr(f) for f in CHECKPOINT_FORMATS))
 

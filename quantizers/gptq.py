@@ -29,6 +29,13 @@ class CholeskyError(ValueError):
 def inverse_cholesky(H: Tensor, damp_percent: float, name: str = "layer") -> Tensor:
     """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, retrying with 10× the damping
     when the factorisation fails (an ill-conditioned H, e.g. from too few calibration tokens)."""
+    return damped_inverse_cholesky(H, damp_percent, name)[0]
+
+
+def damped_inverse_cholesky(
+    H: Tensor, damp_percent: float, name: str = "layer"
+) -> tuple[Tensor, float]:
+    """`inverse_cholesky`, also returning the damping that succeeded."""
     if not bool(torch.isfinite(H).all()):
         raise CholeskyError(f"{name}: the calibration Hessian holds NaN or Inf values")
     mean_diag = float(H.diagonal().mean())
@@ -40,7 +47,7 @@ def inverse_cholesky(H: Tensor, damp_percent: float, name: str = "layer") -> Ten
         if int(info) == 0:
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if int(info) == 0 and bool(torch.isfinite(U).all()):
-                return U
+                return U, damp
         if attempt < DAMP_RETRIES:
             log.warning(
                 "%s: Cholesky failed with damp_percent=%g; retrying with %g",
@@ -96,7 +103,7 @@ def gptq_quantize(
     perm = torch.argsort(H.diagonal(), descending=True) if desc_act else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
-    U = inverse_cholesky(H, damp_percent, name)
+    U, damp = damped_inverse_cholesky(H, damp_percent, name)
 
     # Blocks hold whole groups, so a group's grid is taken from fully updated weights.
     block = g * max(1, BLOCK_SIZE // g) if dynamic else BLOCK_SIZE
@@ -127,4 +134,4 @@ def gptq_quantize(
     if perm is not None:
         inv = torch.argsort(perm)
         codes, g_idx = codes[:, inv], g_idx[inv]
-    return QuantResult(codes, scales, zeros.to(torch.int32), g_idx, bits)
+    return QuantResult(codes, scales, zeros.to(torch.int32), g_idx, bits, damp_percent=damp)

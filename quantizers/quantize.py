@@ -9,6 +9,7 @@ same result as one call per layer, with fewer, larger matrix operations.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import statistics
 import time
@@ -36,6 +37,7 @@ from quantizers.gptq import gptq_quantize
 from quantizers.magr import fast_matmul_dtype, magr
 from quantizers.packing import packable
 from quantizers.quant_linear import QuantLinear, dequantize_cache
+from quantizers.reconstruct import BlockRecon, recon_markdown, reconstruct_block, split_holdout
 from quantizers.rtn import QuantResult, rtn_quantize
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class LayerReport:
     max_abs_before: float | None = None
     max_abs_after: float | None = None
     magr_change: float | None = None
+    damp_percent: float | None = None  # GPTQ's damping after any Cholesky retries
 
 
 @dataclass
@@ -66,6 +69,9 @@ class QuantReport:
     layers: list[LayerReport] = field(default_factory=list)
     calibration_tokens: int = 0
     seconds: float = 0.0
+    reconstruction: list[BlockRecon] = field(default_factory=list)
+    heldout_windows: int = 0  # calibration windows reconstruction held out (GPTQ saw them)
+    reconstruction_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,7 +94,27 @@ class QuantReport:
                 else f"{r.max_abs_before:.4f} → {r.max_abs_after:.4f}"
             )
             lines.append(f"| {r.name} | {r.shape[0]}×{r.shape[1]} | {err} | {mags} |")
-        return "\n".join(lines) + "\n"
+        retried = self.cholesky_fallbacks()
+        if retried:
+            lines += [
+                "",
+                f"GPTQ's Cholesky needed more damping than {self.config['damp_percent']:g} on "
+                f"{len(retried)} of {len(self.layers)} layers: "
+                + ", ".join(f"{r.name} ({r.damp_percent:g})" for r in retried),
+            ]
+        recon = recon_markdown(self.reconstruction, self.heldout_windows)
+        return "\n".join(lines + recon) + "\n"
+
+    def cholesky_fallbacks(self, min_damp: float = 0.0) -> list[LayerReport]:
+        """GPTQ layers whose Cholesky needed more damping than configured (above min_damp)."""
+        configured = self.config.get("damp_percent")
+        return [
+            r
+            for r in self.layers
+            if r.damp_percent is not None
+            and r.damp_percent > configured
+            and r.damp_percent >= min_damp
+        ]
 
 
 def relative_output_error(
@@ -165,7 +191,12 @@ def quantize_weights(
 
 def _rows(result: QuantResult, a: int, b: int) -> QuantResult:
     return QuantResult(
-        result.codes[a:b], result.scales[:, a:b], result.zeros[:, a:b], result.g_idx, result.bits
+        result.codes[a:b],
+        result.scales[:, a:b],
+        result.zeros[:, a:b],
+        result.g_idx,
+        result.bits,
+        result.damp_percent,
     )
 
 
@@ -188,6 +219,7 @@ def _quantize_group(
     for name, lin in zip(names, layers):
         end = start + lin.out_features
         entry = LayerReport(f"{prefix}.{name}", (lin.out_features, lin.in_features))
+        entry.damp_percent = result.damp_percent
         if H is not None:
             entry.rel_error = relative_output_error(W[start:end], Q[start:end], H, fast)
         if W_magr is not None:
@@ -261,15 +293,25 @@ def quantize_model(
         half precision on GPUs), and compute each batch's XᵀX in it. The weights are still read
         and quantized in full precision, and the Hessians summed in float32. "auto" picks
         bfloat16 where the hardware multiplies it natively. Default: the model's own dtype.
+    With `config.reconstruct`, each block is then trained against the full-precision block
+    (quantizers/reconstruct.py): the full-precision model's block inputs are carried alongside
+    the quantized model's, and the last `recon_holdout` of the windows are held out from that
+    training (GPTQ still sees every window).
     Embeddings and lm_head are left alone. The per-layer report is `model.quantization_report`.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     start = time.perf_counter()
     prefix, blocks = find_decoder_blocks(model)
-    needs_data = config.method == "gptq" or config.magr or config.cd_sweeps > 0
+    needs_data = (
+        config.method == "gptq" or config.magr or config.cd_sweeps > 0 or config.reconstruct
+    )
     if needs_data or calib_data:
         check_calibration_data(calib_data)
+    heldout = 0
+    if config.reconstruct:  # same windows for GPTQ; the last ones are held out for reconstruction
+        train, held = split_holdout(calib_data, config.recon_holdout)
+        calib_data, heldout = train + held, len(held)
     use_data = bool(calib_data)
     _check_packable(blocks, prefix, config.bits)
     model_device = next(model.parameters()).device
@@ -292,6 +334,8 @@ def quantize_model(
         )
         with _autocast(device, calib_dtype):
             hidden, kwargs = capture_block_inputs(model, blocks, calib_data, device)
+        report.heldout_windows = sum(h.shape[0] for h in hidden[len(hidden) - heldout :])
+    hidden_fp = list(hidden) if config.reconstruct else None  # the full-precision model's
 
     with logging_redirect_tqdm(), torch.no_grad():
         bar = tqdm(range(len(blocks)), desc=f"quantizing W{config.bits}", unit="block")
@@ -300,6 +344,10 @@ def quantize_model(
             name = f"{prefix}.{i}"
             linears = block_linears(block, name)
             first = len(report.layers)
+            targets = None
+            if hidden_fp is not None:  # the original block (before MagR) on X_fp
+                with _autocast(device, calib_dtype):
+                    targets = run_block(copy.deepcopy(block), hidden_fp, kwargs)
             if hidden is None:
                 for layer in linears:
                     _quantize_group(block, linears, [layer], None, config, name, report)
@@ -316,6 +364,13 @@ def quantize_model(
                     for group in stage:
                         H = hessians[group[0]]
                         _quantize_group(block, linears, group, H, config, name, report)
+                if targets is not None:
+                    rec = reconstruct_block(
+                        block, hidden, kwargs, targets, heldout, config, calib_dtype, name
+                    )
+                    report.reconstruction.append(rec)
+                    report.reconstruction_seconds += rec.seconds
+                    hidden_fp = targets
                 with dequantize_cache(block), _autocast(device, calib_dtype):
                     hidden = run_block(block, hidden, kwargs)
             _log_block(name, report.layers[first:], bar)
@@ -326,6 +381,15 @@ def quantize_model(
     model.quant_config = config
     model.config.quantization_config = config.quantization_config()
     model.train(was_training)
+    retried = report.cholesky_fallbacks()
+    if retried:
+        log.warning(
+            "GPTQ's Cholesky needed more damping than damp_percent=%g on %d of %d layers: %s",
+            config.damp_percent,
+            len(retried),
+            len(report.layers),
+            ", ".join(f"{r.name} ({r.damp_percent:g})" for r in retried),
+        )
     mean = report.mean_rel_error()
     log.info(
         "quantized %d layers in %.1f s%s",

@@ -32,6 +32,7 @@ class QuantResult:
     zeros: Tensor
     g_idx: Tensor
     bits: int
+    damp_percent: float | None = None  # GPTQ: the damping its Cholesky needed
 
     def dequantize(self) -> Tensor:
         """The float32 weight [out, in] these codes stand for."""

@@ -70,6 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--magr-alpha", type=float, help="MagR α")
     g.add_argument("--magr-iters", type=int, help="MagR iterations")
     g.add_argument("--cd-sweeps", type=int, help="coordinate-descent sweeps")
+    g.add_argument(
+        "--reconstruct",
+        action=argparse.BooleanOptionalAction,
+        help="block-wise reconstruction (default: as the base was quantized)",
+    )
     g.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], help="zero-point convention")
 
 
@@ -83,6 +88,7 @@ QUANT_FLAGS = (
     "magr_alpha",
     "magr_iters",
     "cd_sweeps",
+    "reconstruct",
     "checkpoint_format",
 )
 

@@ -81,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     with OutputFolder(output, "quantize", overwrite=args.overwrite) as out:
         tokenizer = load_tokenizer(args.model, args.gguf_file)
-        needs_data = config.method == "gptq" or config.magr or config.cd_sweeps > 0
+        needs_data = (
+            config.method == "gptq" or config.magr or config.cd_sweeps > 0 or config.reconstruct
+        )
         calib = None
         if needs_data or args.calib:
             calib = build_calibration_data(
@@ -102,9 +104,21 @@ def run(args: argparse.Namespace) -> int:
     mean = report.mean_rel_error()
     print(
         f"quantized {len(report.layers)} layers to {config.bits} bits "
-        f"(group size {config.group_size}, {config.method}{' + MagR' if config.magr else ''}) "
+        f"(group size {config.group_size}, {config.method}{' + MagR' if config.magr else ''}"
+        f"{' + reconstruction' if config.reconstruct else ''}) "
         f"in {report.seconds:.0f} s"
         + ("" if mean is None else f"; mean relative output error {mean:.4f}")
     )
+    if report.reconstruction:
+        kept = [r for r in report.reconstruction if r.kept]
+        print(
+            f"reconstruction: {len(kept)} of {len(report.reconstruction)} blocks improved on "
+            f"{report.heldout_windows} held-out windows, in {report.reconstruction_seconds:.0f} s"
+        )
+    retried = report.cholesky_fallbacks()
+    if retried:
+        print(
+            f"GPTQ's Cholesky needed more damping on {len(retried)} of {len(report.layers)} layers"
+        )
     print(f"saved to {output}")
     return 0

@@ -90,6 +90,10 @@ def requantize_config(base_entry: Mapping[str, Any], overrides: Mapping[str, Any
     if ours:
         fields = {k: v for k, v in ours.items() if not k.startswith("resolved_")}
     else:  # a GPTQ folder written by another tool: its top-level keys
+        log.info(
+            "the base's quantize_config has no qdiablo settings: re-quantizing without MagR or "
+            "block-wise reconstruction unless the flags ask for them"
+        )
         names = {f.name for f in dataclasses.fields(QuantConfig)}
         fields = {k: v for k, v in base_entry.items() if k in names}
     fields.update({k: v for k, v in (overrides or {}).items() if v is not None})

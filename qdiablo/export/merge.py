@@ -86,11 +86,12 @@ def requantize(
     windows = [w.unsqueeze(0) for batch in calib for w in batch][:probe_windows]
     before = _logits(model, windows)
     log.warning(
-        "re-quantizing the merged model (%s, %d-bit, group size %d%s): this changes its outputs",
+        "re-quantizing the merged model (%s, %d-bit, group size %d%s%s): this changes its outputs",
         config.method,
         config.bits,
         config.group_size,
         ", MagR" if config.magr else "",
+        ", block-wise reconstruction" if config.reconstruct else "",
     )
     quantize_model(model, calib, config)
     after = _logits(model, windows)

@@ -8,6 +8,8 @@ DiaBlo run at N=64 is the same under both budgets), and a re-run skips what is d
 Methods (a name, quantize settings or null, train settings; `bits` limits where one applies):
 QLoRA (NF4 base, 4 bits), NF2-LoRA (NF2 base, 2 bits), GPTQ-LoRA (GPTQ without MagR + LoRA) and
 the reference MagR-DiaBlo (MagR + GPTQ + DiaBlo), which every other method is tested against.
+MagR-DiaBlo+recon (its base with block-wise reconstruction) is built in but off by default: list
+`- name: MagR-DiaBlo+recon` under `methods` to add it.
 Budgets: `matched` (LoRA's rank matched to DiaBlo's N: train's --match-params) and `paper`
 (N against r, 64 and 64 by default, as the paper did; not matched).
 """
@@ -61,6 +63,14 @@ DEFAULT_METHODS: list[dict[str, Any]] = [
         "reference": True,
     },
 ]
+# Built in but not in the default grid: a config's `methods` turns one on by name alone.
+OPTIONAL_METHODS: list[dict[str, Any]] = [
+    {
+        "name": "MagR-DiaBlo+recon",
+        "quantize": {"method": "gptq", "magr": True, "reconstruct": True},
+        "train": {"adapter": "diablo"},
+    },
+]
 
 
 @dataclass
@@ -102,6 +112,7 @@ def parse_methods(entries: Any, source: str) -> list[Method]:
     """The default methods, with the config's entries replacing (same name), removing
     (`skip: true`) or adding methods."""
     methods = {m["name"]: copy.deepcopy(m) for m in DEFAULT_METHODS}
+    optional = {m["name"]: m for m in OPTIONAL_METHODS}
     if entries is not None and not isinstance(entries, list):
         raise UserError(f"{source}: 'methods' must be a list of {{name, quantize, train}}")
     for entry in entries or []:
@@ -116,7 +127,8 @@ def parse_methods(entries: Any, source: str) -> list[Method]:
         if entry.get("skip"):
             methods.pop(entry["name"], None)
             continue
-        methods[entry["name"]] = {**methods.get(entry["name"], {}), **entry}
+        builtin = methods.get(entry["name"]) or copy.deepcopy(optional.get(entry["name"], {}))
+        methods[entry["name"]] = {**builtin, **entry}
     out = [
         Method(
             name=str(m["name"]),
@@ -190,6 +202,7 @@ def build_grid(data: dict[str, Any], source: str, output: str | None = None) -> 
                 q = {**common_q, **method.quantize, "bits": bits}
                 base = quantize_stage("quantize", model, q, root / "tmp", where)
                 kind = f"{q.get('method', 'gptq')}{'-magr' if q.get('magr') else ''}"
+                kind += "-recon" if q.get("reconstruct") else ""
                 base = _content_address(base, root / "bases", f"base-w{bits}-{kind}", shared)
             check_wiring(method.train, WIRED["train"] | BUDGET_KEYS, where)
             for budget in budgets:

@@ -1,0 +1,187 @@
+"""Block-wise reconstruction (quantizers/reconstruct.py) on tiny random LLaMA models."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_llama, make_tokenizer
+from safetensors.torch import load_file, save_file
+
+from qdiablo import cli
+from quantizers import QuantConfig, QuantLinear, load_quantized, quantize_model, save_quantized
+from quantizers.calibration import block_output
+from quantizers.reconstruct import TrainableQuantLinear, split_holdout
+from quantizers.rtn import rtn_quantize
+
+TEXT = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "
+    "May. How many clips did Natalia sell altogether in April and May? "
+)
+
+
+def calibration(samples=16, seq_len=64):
+    texts = [TEXT * 4, "Weng earns $12 an hour for babysitting. " * 9] * 6
+    from quantizers import tokenize_calibration
+
+    return tokenize_calibration(make_tokenizer(), texts, samples, seq_len, batch_size=4)
+
+
+def last_block_outputs(model, windows):
+    outputs = []
+    block = model.model.layers[-1]
+    handle = block.register_forward_hook(lambda _m, _a, out: outputs.append(block_output(out)))
+    with torch.no_grad():
+        for w in windows:
+            model(w)
+    handle.remove()
+    return torch.cat(outputs)
+
+
+def heldout_output_error(model, fp_model, windows):
+    """Relative squared error of the last decoder block's outputs against the fp model's."""
+    out, ref = last_block_outputs(model, windows), last_block_outputs(fp_model, windows)
+    return float(((out - ref) ** 2).sum() / (ref**2).sum())
+
+
+def test_split_holdout_keeps_every_window_in_order():
+    calib = calibration(samples=10)
+    train, held = split_holdout(calib, 0.25)
+    assert [b.shape[0] for b in train] == [4, 4]
+    assert [b.shape[0] for b in held] == [2]
+    assert torch.equal(torch.cat(train + held), torch.cat(calib))
+    with pytest.raises(ValueError, match="at least 2 calibration windows"):
+        split_holdout([calib[0][:1]], 0.25)
+    assert split_holdout(calib, 0.0)[1] == []
+
+
+def test_reconstruction_lowers_heldout_error_and_round_trips(tmp_path):
+    fp = make_tiny_llama(init_range=0.2)
+    calib = calibration()
+    off = quantize_model(copy.deepcopy(fp), calib, QuantConfig(bits=2, group_size=32, magr=True))
+    config = QuantConfig(bits=2, group_size=32, magr=True, reconstruct=True, recon_steps=40)
+    on = quantize_model(copy.deepcopy(fp), calib, config)
+    report = on.quantization_report
+    assert report.heldout_windows == 4 and len(report.reconstruction) == 2
+    for block in report.reconstruction:
+        assert block.kept and block.heldout_after < block.heldout_before
+    # GPTQ saw the same windows with reconstruction on and off: the first block's layers match.
+    for a, b in zip(off.quantization_report.layers[:7], report.layers[:7]):
+        assert a.rel_error == pytest.approx(b.rel_error, rel=1e-4)
+    # Independent of the report: the whole model's last block outputs on the held-out windows
+    # move closer to the full-precision model's.
+    held = [w[None] for w in torch.cat(calib)[-4:]]
+    error_on, error_off = heldout_output_error(on, fp, held), heldout_output_error(off, fp, held)
+    assert error_on < 0.9 * error_off
+    # The packed layout: saved and reloaded bit for bit, and the report records the run.
+    save_quantized(on, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(loaded(held[0]).logits, on(held[0]).logits)
+    meta = json.loads((tmp_path / "q" / "quantize_config.json").read_text())["meta"]["qdiablo"]
+    assert meta["reconstruct"] is True and meta["recon_steps"] == 40
+    saved = json.loads((tmp_path / "q" / "quantization_report.json").read_text())
+    assert saved["reconstruction"][0]["heldout_after"] == report.reconstruction[0].heldout_after
+    assert "Block-wise reconstruction" in (tmp_path / "q" / "quantization_report.md").read_text()
+
+
+@pytest.mark.parametrize("checkpoint_format", ["gptq_v2", "gptq"])
+def test_packed_layer_equals_the_trained_parameterisation(tmp_path, checkpoint_format):
+    torch.manual_seed(0)
+    bits, group = 2, 32
+    min_zero = 1 if checkpoint_format == "gptq" else 0
+    W = torch.randn(64, 96)
+    bias = torch.randn(64)
+    layer = QuantLinear.from_result(rtn_quantize(W, bits, group, min_zero=min_zero), group, bias)
+    trainable = TrainableQuantLinear(layer)
+    with torch.no_grad():  # what training could do: latents far out of range, odd scales
+        trainable.latent.add_(3 * torch.randn_like(trainable.latent))
+        trainable.multiplier.mul_(1 + 0.3 * torch.rand_like(trainable.multiplier))
+    trainable.clamp_latent_()
+    packed = trainable.to_quant_linear()
+    save_file(packed.state_dict(), tmp_path / "layer.safetensors")
+    reloaded = QuantLinear(96, 64, bits, group, bias=True)
+    reloaded.load_state_dict(load_file(tmp_path / "layer.safetensors"))
+    # Independent reference: the parameterisation with fp16-rounded scales, written out.
+    codes = torch.clamp(trainable.latent.detach().round(), 0, 2**bits - 1)
+    scales = (trainable.scales0 * trainable.multiplier.detach()).half().float()
+    g = torch.arange(96) // group
+    reference = (codes - trainable.zeros.t()[:, g]) * scales.t()[:, g]
+    assert torch.equal(reloaded.dequantize_weight(), reference)
+    assert torch.equal(trainable.weight(fp16_scales=True).detach(), reference)
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), x @ reference.t() + bias, rtol=1e-5, atol=1e-5)
+    assert reloaded.packed_tensors().scales.dtype == torch.float16
+    assert int(reloaded.codes().min()) >= 0 and int(reloaded.codes().max()) <= 3
+    assert int(reloaded.zeros().min()) >= min_zero and int(reloaded.zeros().max()) <= 3
+    assert bool((codes != layer.codes()).any())  # the test did move codes
+
+
+def test_reconstruct_config_validation():
+    for kw, field in [
+        ({"recon_steps": 0}, "recon_steps"),
+        ({"recon_lr_code": 0}, "recon_lr_code"),
+        ({"recon_lr_scale": -1.0}, "recon_lr_scale"),
+        ({"recon_params": "zeros"}, "recon_params"),
+        ({"recon_holdout": 1.0}, "recon_holdout"),
+        ({"recon_eval_every": 0}, "recon_eval_every"),
+        ({"reconstruct": "yes"}, "reconstruct"),
+    ]:
+        with pytest.raises(ValueError, match=f"QuantConfig.{field}"):
+            QuantConfig(**kw)
+    config = QuantConfig(reconstruct=True, recon_steps=7, recon_params="scales")
+    assert QuantConfig.from_dict(config.to_dict()) == config
+
+
+def test_quantize_cli_reconstruct_flags(tiny_model_dir, tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join([TEXT] * 30))
+    out = tmp_path / "w2"
+    common = ["quantize", "--model", str(tiny_model_dir), "--bits", "2", "--group-size", "32"]
+    common += ["--calib", str(calib), "--calib-samples", "8", "--calib-seq-len", "32"]
+    argv = [*common, "--output", str(out), "--reconstruct", "--recon-steps", "5"]
+    argv += ["--recon-params", "scales", "--recon-lr-scale", "0.002", "--recon-holdout", "0.5"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "+ reconstruction" in printed and "held-out windows" in printed
+    meta = json.loads((out / "quantize_config.json").read_text())["meta"]["qdiablo"]
+    assert meta["reconstruct"] is True
+    assert (meta["recon_steps"], meta["recon_params"]) == (5, "scales")
+    assert (meta["recon_lr_scale"], meta["recon_holdout"]) == (0.002, 0.5)
+    report = json.loads((out / "quantization_report.json").read_text())
+    assert report["heldout_windows"] == 4 and len(report["reconstruction"]) == 2
+    bad = [*common, "--output", str(tmp_path / "bad"), "--reconstruct", "--recon-holdout", "1"]
+    assert cli.main(bad) != 0
+    assert "--recon-holdout" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_compare_grid_adds_the_recon_method_by_name(tmp_path, tiny_model_dir, math_file):
+    from test_compare import grid_config
+
+    from qdiablo.pipeline.compare import build_grid
+
+    data = grid_config(tmp_path, tiny_model_dir, math_file, methods=[{"name": "MagR-DiaBlo+recon"}])
+    grid = build_grid(data, "c.yaml")
+    cells = {c.method.name: c for c in grid.cells}
+    assert "MagR-DiaBlo+recon" in cells and "MagR-DiaBlo" in cells
+    recon, plain = cells["MagR-DiaBlo+recon"], cells["MagR-DiaBlo"]
+    assert recon.base.namespace().reconstruct is True
+    assert plain.base.namespace().reconstruct is False
+    assert recon.base.key != plain.base.key and "recon" in recon.base.key
+    assert recon.train.args["adapter"] == "diablo"
+    default = build_grid(grid_config(tmp_path, tiny_model_dir, math_file), "c.yaml")
+    assert "MagR-DiaBlo+recon" not in {c.method.name for c in default.cells}
+
+
+def test_export_requantize_reruns_reconstruction_when_the_base_had_it():
+    from qdiablo.export import requantize_config
+
+    entry = QuantConfig(bits=2, magr=True, reconstruct=True, recon_steps=7).quantization_config()
+    config = requantize_config(entry, None)
+    assert config.reconstruct is True and config.recon_steps == 7 and config.magr is True
+    assert requantize_config(entry, {"reconstruct": False}).reconstruct is False
+    foreign = {k: v for k, v in entry.items() if k != "meta"}  # a GPTQ folder from another tool
+    assert requantize_config(foreign, None).reconstruct is False
+    assert requantize_config(foreign, {"reconstruct": True}).reconstruct is True

@@ -47,6 +47,12 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--calib-dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument(
+        "--products",
+        choices=["calib", "float32"],
+        default="calib",
+        help="dtype of each batch's XᵀX: the forward pass's (--calib-dtype) or float32",
+    )
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--cd-damp", type=float, default=None, help="override QuantConfig.cd_damp")
@@ -86,7 +92,8 @@ def main() -> None:
         f"torch {torch.__version__}, {args.threads} thread(s)",
         "overrides": overrides,
         "calibration": f"{sum(b.numel() for b in calib)} tokens of SVAMP questions "
-        f"({args.calib_samples} x {args.calib_seq_len}), {args.calib_dtype} forward",
+        f"({args.calib_samples} x {args.calib_seq_len}), {args.calib_dtype} forward, "
+        f"XᵀX products in {args.calib_dtype if args.products == 'calib' else 'float32'}",
         "evaluation": f"{windows.numel()} tokens of GSM8K question+solution, windows of 256",
         "rows": [],
     }
@@ -112,7 +119,13 @@ def main() -> None:
             model = copy.deepcopy(base)
             needs = config.method == "gptq" or config.magr or config.cd_sweeps
             t = time.perf_counter()
-            quantize_model(model, calib if needs else None, config, calib_dtype=calib_dtype)
+            quantize_model(
+                model,
+                calib if needs else None,
+                config,
+                calib_dtype=calib_dtype,
+                product_dtype="calib" if args.products == "calib" else None,
+            )
             quant_s = time.perf_counter() - t
             t = time.perf_counter()
             ppl = perplexity(model, windows).perplexity

@@ -282,6 +282,7 @@ def quantize_model(
     config: QuantConfig,
     device: torch.device | str | None = None,
     calib_dtype: torch.dtype | str | None = None,
+    product_dtype: torch.dtype | str | None = "calib",
 ) -> nn.Module:
     """Quantize the linear layers of `model`'s decoder blocks in place and return the model.
 
@@ -293,6 +294,8 @@ def quantize_model(
         half precision on GPUs), and compute each batch's XᵀX in it. The weights are still read
         and quantized in full precision, and the Hessians summed in float32. "auto" picks
         bfloat16 where the hardware multiplies it natively. Default: the model's own dtype.
+    product_dtype: the dtype of each batch's XᵀX ("calib": calib_dtype's; None: float32). Products
+        rounded to bfloat16 can make H indefinite (quantizers/calibration.collect_hessians).
     With `config.reconstruct`, each block is then trained against the full-precision block
     (quantizers/reconstruct.py): the full-precision model's block inputs are carried alongside
     the quantized model's, and the last `recon_holdout` of the windows are held out from that
@@ -320,6 +323,12 @@ def quantize_model(
         calib_dtype = fast_matmul_dtype(device)
     elif calib_dtype is not None and not isinstance(calib_dtype, torch.dtype):
         raise ValueError(f"calib_dtype must be a torch.dtype, 'auto' or None, got {calib_dtype!r}")
+    if product_dtype == "calib":
+        product_dtype = calib_dtype
+    elif product_dtype is not None and not isinstance(product_dtype, torch.dtype):
+        raise ValueError(
+            f"product_dtype must be a torch.dtype, 'calib' or None, got {product_dtype!r}"
+        )
     report = QuantReport(config=config.to_dict())
     was_training = model.training
     model.eval()
@@ -359,7 +368,7 @@ def quantize_model(
                     # layers quantized so far dequantize once for all batches
                     with dequantize_cache(block), _autocast(device, calib_dtype):
                         hessians = collect_hessians(
-                            block, linears, stage, hidden, kwargs, product_dtype=calib_dtype
+                            block, linears, stage, hidden, kwargs, product_dtype=product_dtype
                         )
                     for group in stage:
                         H = hessians[group[0]]

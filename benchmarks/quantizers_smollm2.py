@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument(
         "--products",
         choices=["calib", "float32"],
-        default="calib",
+        default="float32",
         help="dtype of each batch's XᵀX: the forward pass's (--calib-dtype) or float32",
     )
     p.add_argument("--eval-tokens", type=int, default=8192)

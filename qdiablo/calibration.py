@@ -4,7 +4,9 @@ pipeline.
 
 A source is one of:
 - None: the real Math10K training subset shipped in the package, each record as its Alpaca
-  prompt plus the worked solution (the distribution the adapter is later trained on);
+  prompt plus the worked solution (the distribution the adapter is later trained on), less the
+  records whose instruction is a test item of the four evaluated sets: with `reconstruct`,
+  calibration is training, and it must never see an item that is evaluated later;
 - a `.json` / `.jsonl` file of Math10K records (`instruction`, `output`, `answer`), formatted
   the same way (records without an `output` contribute their prompt);
 - any other file: plain UTF-8 text, split into paragraphs at blank lines.
@@ -16,7 +18,15 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qdiablo.data import DEFAULT_TEMPLATE, build_prompt, load_shipped_train_records, read_records
+from qdiablo.data import (
+    DEFAULT_TEMPLATE,
+    EVAL_SETS,
+    build_prompt,
+    decontaminate,
+    load_shipped_train_records,
+    load_test_set,
+    read_records,
+)
 from qdiablo.errors import UserError
 
 if TYPE_CHECKING:
@@ -34,7 +44,8 @@ def calibration_texts(
 ) -> list[str]:
     """The calibration texts of a source (see the module docstring)."""
     if source is None:
-        records = load_shipped_train_records()
+        tests = {name: load_test_set(name) for name in EVAL_SETS}
+        records, _ = decontaminate(load_shipped_train_records(), tests)
         return [build_prompt(r.instruction, template) + r.output for r in records]
     path = Path(source)
     if not path.is_file():

@@ -8,8 +8,9 @@ DiaBlo run at N=64 is the same under both budgets), and a re-run skips what is d
 Methods (a name, quantize settings or null, train settings; `bits` limits where one applies):
 QLoRA (NF4 base, 4 bits), NF2-LoRA (NF2 base, 2 bits), GPTQ-LoRA (GPTQ without MagR + LoRA) and
 the reference MagR-DiaBlo (MagR + GPTQ + DiaBlo), which every other method is tested against.
-MagR-DiaBlo+recon (its base with block-wise reconstruction) is built in but off by default: list
-`- name: MagR-DiaBlo+recon` under `methods` to add it.
+MagR-DiaBlo+recon (its base with block-wise reconstruction) and GPTQ-LoRA+recon (LoRA on that
+same base) are built in but off by default: list `- name: MagR-DiaBlo+recon` under `methods` to
+add one.
 Budgets: `matched` (LoRA's rank matched to DiaBlo's N: train's --match-params) and `paper`
 (N against r, 64 and 64 by default, as the paper did; not matched).
 """
@@ -69,6 +70,11 @@ OPTIONAL_METHODS: list[dict[str, Any]] = [
         "name": "MagR-DiaBlo+recon",
         "quantize": {"method": "gptq", "magr": True, "reconstruct": True},
         "train": {"adapter": "diablo"},
+    },
+    {  # LoRA on the same reconstructed base: what reconstruction alone is worth to LoRA
+        "name": "GPTQ-LoRA+recon",
+        "quantize": {"method": "gptq", "magr": True, "reconstruct": True},
+        "train": {"adapter": "lora"},
     },
 ]
 

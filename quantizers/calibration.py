@@ -231,7 +231,7 @@ def collect_hessians(
         if name not in H:
             H[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
             count[name] = 0
-        if product_dtype is None:
+        if product_dtype in (None, torch.float32):
             x = x.float()
             H[name].addmm_(x.t(), x)
         else:

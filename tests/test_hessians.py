@@ -1,6 +1,9 @@
 """Calibration Hessians stay positive semi-definite with bfloat16 forwards, and GPTQ's Cholesky
 retries are reported per layer."""
 
+import copy
+
+import pytest
 import torch
 from conftest import make_tiny_llama
 from test_quantize_model import calibration
@@ -68,3 +71,27 @@ def test_quantization_report_lists_cholesky_retries():
     assert "Cholesky needed more damping than 0.01 on 1 of 3 layers: b (1)" in report.to_markdown()
     model = quantize_model(make_tiny_llama(), calibration(), QuantConfig(bits=4, group_size=32))
     assert all(r.damp_percent == 0.01 for r in model.quantization_report.layers)
+
+
+def test_quantize_model_uses_float32_products_unless_asked_for_the_forward_dtype():
+    """bf16 forward passes, float32 XᵀX by default: the same codes as an explicit float32
+    product, and different ones from products rounded to bfloat16 (the old default)."""
+    model = make_tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[3] = 300.0
+    config = QuantConfig(bits=2, group_size=32)
+    runs = {
+        key: quantize_model(
+            copy.deepcopy(model), calibration(), config, calib_dtype=torch.bfloat16, **kw
+        )
+        for key, kw in {
+            "default": {},
+            "float32": {"product_dtype": torch.float32},
+            "rounded": {"product_dtype": "calib"},
+        }.items()
+    }
+    packed = {k: m.model.layers[0].self_attn.q_proj.packed_tensors() for k, m in runs.items()}
+    same = {k: torch.equal(p.qweight, packed["default"].qweight) for k, p in packed.items()}
+    assert same == {"default": True, "float32": True, "rounded": False}
+    with pytest.raises(ValueError, match="product_dtype must be"):
+        quantize_model(copy.deepcopy(model), calibration(), config, product_dtype="half")

@@ -107,3 +107,18 @@ def test_default_calibration_is_the_shipped_math10k_subset(tokenizer):
     assert texts[0].startswith(ALPACA_TEMPLATE.split("{")[0])
     batches = build_calibration_data(tokenizer, num_samples=6, seq_len=32, batch_size=4)
     assert [tuple(b.shape) for b in batches] == [(4, 32), (2, 32)]
+
+
+def test_default_calibration_never_holds_an_evaluated_item():
+    """With reconstruction, calibration trains the base: the shipped subset's records that are
+    test items of the evaluated sets (12 mawps overlaps) must not be in it."""
+    from qdiablo.data import EVAL_SETS, load_shipped_train_records, load_test_set
+
+    tested = {" ".join(r.instruction.lower().split()) for n in EVAL_SETS for r in load_test_set(n)}
+    shipped = load_shipped_train_records()
+    overlapping = [r for r in shipped if " ".join(r.instruction.lower().split()) in tested]
+    assert overlapping  # the check below can fail: the shipped subset does hold test items
+    texts = calibration_texts()
+    assert len(texts) == len(shipped) - len(overlapping)
+    for r in overlapping:
+        assert not any(r.instruction in t for t in texts)

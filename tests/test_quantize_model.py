@@ -182,9 +182,10 @@ def test_quant_config_defaults_and_beta_table():
     c = QuantConfig(bits=2, group_size=-1, magr=True)
     assert (c.resolved_beta, c.resolved_magr_alpha) == (0.8, 1e-3)
     assert QuantConfig(bits=3, group_size=-1, magr=True).resolved_beta == 0.9
-    assert QuantConfig(bits=2, group_size=128, magr=True).resolved_beta == 0.95
+    assert QuantConfig(bits=2, group_size=128, magr=True).resolved_beta == 0.8
     assert QuantConfig(bits=2, group_size=64, magr=True).resolved_magr_alpha == 1e-4
-    assert QuantConfig(bits=2, group_size=64, magr=True).resolved_beta == 1.0
+    assert QuantConfig(bits=3, group_size=64, magr=True).resolved_beta == 0.9
+    assert QuantConfig(bits=4, group_size=64, magr=True).resolved_beta == 1.0
     assert QuantConfig(bits=2, group_size=-1).resolved_beta == 1.0  # β only with MagR
     assert QuantConfig(beta=0.7).resolved_beta == 0.7
     c = QuantConfig(bits=3)

@@ -6,8 +6,8 @@ Cells: W2/W3/W4 x g64/g128. In every cell, GPTQ and MagR+GPTQ with the defaults 
   - beta: MagR's scale shrink per the official code's bit-width rule (0.8 / 0.9 / 1.0 at
     2 / 3 / 4 bits, whatever the group size) instead of the group-size rule;
   - plain200: MagR solved by the paper's 200 plain proximal-gradient steps instead of FISTA-50;
-and `chosen`: GPTQ and MagR+GPTQ with today's code defaults (no override), the combination the
-table chose.
+then `chosen`: GPTQ and MagR+GPTQ with today's code defaults (no override), the combination the
+table chose, and `recon`: MagR+GPTQ with block-wise reconstruction at those defaults.
 Each run is one `benchmarks/quantizers_smollm2.py` process (its perplexity and calibration:
 32 windows of SVAMP questions; perplexity on GSM8K question+solution text), its JSON kept in
 --out-dir so that a second call resumes; then the table is printed for BENCHMARKS.md.
@@ -27,7 +27,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OFFICIAL_BETA = {2: 0.8, 3: 0.9, 4: 1.0}  # the MagR code's rule: by bit width only
-FACTORS = ("old", "products", "beta", "plain200", "chosen")
+FACTORS = ("old", "products", "beta", "plain200", "chosen", "recon")
+VARIANT_FACTOR = {
+    "default": "old",
+    "fp32prod": "products",
+    "beta": "beta",
+    "plain200": "plain200",
+    "chosen": "chosen",
+    "recon": "recon",
+}
 
 
 def old_beta(bits: int, group_size: int) -> float:
@@ -36,28 +44,33 @@ def old_beta(bits: int, group_size: int) -> float:
 
 
 def jobs(bits: list[int], groups: list[int], factors: list[str]) -> dict[str, list[str]]:
-    """name -> quantizers_smollm2.py arguments."""
+    """name -> quantizers_smollm2.py arguments, in the order to run them (each cell's plain200
+    last: it is the slowest)."""
     out = {}
     for g in groups:
         for b in bits:
             cell = ["--bits", str(b), "--group-size", str(g)]
-            old = [*cell, "--products", "calib"]
-            if "old" in factors:
-                out[f"w{b}g{g}-default"] = [*old, "--methods", "GPTQ", "MagR+GPTQ"]
-            if "products" in factors:
-                out[f"w{b}g{g}-fp32prod"] = [
-                    *cell, "--methods", "GPTQ", "MagR+GPTQ", "--products", "float32"
-                ]  # fmt: skip
-            if "beta" in factors and OFFICIAL_BETA[b] != old_beta(b, g):
-                out[f"w{b}g{g}-beta"] = [
-                    *old, "--methods", "MagR+GPTQ", "--set", f"beta={OFFICIAL_BETA[b]}"
-                ]  # fmt: skip
-            if "plain200" in factors:
-                out[f"w{b}g{g}-plain200"] = [
-                    *old, "--methods", "MagR+GPTQ", "--set", "magr_solver=plain", "magr_iters=200"
-                ]  # fmt: skip
-            if "chosen" in factors:
-                out[f"w{b}g{g}-chosen"] = [*cell, "--methods", "GPTQ", "MagR+GPTQ"]
+            beta = f"beta={old_beta(b, g)}"  # only MagR+GPTQ reads β
+            both = ["--methods", "GPTQ", "MagR+GPTQ"]
+            variants = {
+                "default": [*cell, *both, "--products", "calib", "--set", beta],
+                "fp32prod": [*cell, *both, "--products", "float32", "--set", beta],
+                "beta": [
+                    *cell, "--methods", "MagR+GPTQ", "--products", "calib",
+                    "--set", f"beta={OFFICIAL_BETA[b]}",
+                ],
+                "chosen": [*cell, *both],  # today's code defaults, no override
+                "recon": [*cell, "--methods", "MagR+GPTQ+recon"],
+                "plain200": [
+                    *cell, "--methods", "MagR+GPTQ", "--products", "calib",
+                    "--set", beta, "magr_solver=plain", "magr_iters=200",
+                ],
+            }  # fmt: skip
+            if OFFICIAL_BETA[b] == old_beta(b, g):  # same β: beta is old, chosen is fp32prod
+                del variants["beta"], variants["chosen"]
+            for variant, args in variants.items():
+                if VARIANT_FACTOR[variant] in factors:
+                    out[f"w{b}g{g}-{variant}"] = args
     return out
 
 
@@ -85,35 +98,49 @@ def rows(out_dir: Path) -> dict[str, dict[str, dict]]:
     return found
 
 
+LABELS = {
+    "default": "old defaults (bf16 XᵀX, group-size β, FISTA-50)",
+    "fp32prod": "float32 XᵀX",
+    "beta": "β by bits (official)",
+    "plain200": "MagR plain-200",
+    "chosen": "**chosen** (float32 XᵀX, β by bits, FISTA-50)",
+    "recon": "chosen + reconstruction",
+}
+
+
 def table(out_dir: Path) -> str:
-    """One line per cell and variant: GPTQ and MagR+GPTQ perplexity, time, Cholesky retries."""
+    """One line per cell and variant: GPTQ and MagR+GPTQ perplexity, the MagR+GPTQ quantize
+    time and the Cholesky retries (GPTQ · MagR+GPTQ)."""
     found = rows(out_dir)
     lines = [
-        "| cell | variant | GPTQ ppl | MagR+GPTQ ppl | MagR+GPTQ quantize s | Cholesky retries |",
+        "| cell | variant | GPTQ ppl | MagR+GPTQ ppl | MagR+GPTQ s | Cholesky retries |",
         "|---|---|---:|---:|---:|---:|",
     ]
+    order = list(LABELS)
 
-    def cell_key(name: str) -> tuple[int, int, str]:
+    def key(name: str) -> tuple[int, int, int]:
         cell, _, variant = name.partition("-")
-        variant = {"default": "old", "fp32prod": "products"}.get(variant, variant)
         b, g = cell[1:].split("g")
-        order = list(FACTORS)
-        return (int(g), -int(b), str(order.index(variant) if variant in order else variant))
+        return int(g), int(b), order.index(variant) if variant in order else len(order)
 
-    for name in sorted(found, key=cell_key):
+    for name in sorted(found, key=key):
         cell, _, variant = name.partition("-")
-        variant = {"default": "old defaults", "fp32prod": "float32 XᵀX"}.get(variant, variant)
         methods = found[name]
-        gptq, magr = methods.get("GPTQ"), methods.get("MagR+GPTQ")
+        gptq = methods.get("GPTQ")
+        magr = methods.get("MagR+GPTQ") or methods.get("MagR+GPTQ+recon")
         retries = [
             f"{len(r['cholesky_fallbacks'])}/{r['layers']}" for r in (gptq, magr) if r is not None
         ]
+        seconds = ""
+        if magr:
+            seconds = f"{magr['quant_s']:.0f}"
+            if "reconstruction_s" in magr:
+                seconds += f" (recon {magr['reconstruction_s']:.0f})"
         lines.append(
-            f"| {cell.upper()} | {variant} | "
-            + (f"{gptq['ppl']:,.2f}" if gptq else "")
-            + " | "
-            + (f"{magr['ppl']:,.2f} | {magr['quant_s']:.0f}" if magr else " | ")
-            + f" | {' · '.join(retries)} |"
+            f"| W{cell[1:].replace('g', ' g')} | {LABELS.get(variant, variant)} | "
+            f"{format(gptq['ppl'], ',.2f') if gptq else ''} | "
+            f"{format(magr['ppl'], ',.2f') if magr else ''} | {seconds} | "
+            f"{' · '.join(retries)} |"
         )
     return "\n".join(lines)
 
@@ -128,11 +155,17 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--out-dir", type=Path, default=Path("runs/quantizer-defaults"))
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run these jobs, in this order")
     p.add_argument("--table-only", action="store_true", help="print the table of finished runs")
     args = p.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         todo = jobs(args.bits, args.group_sizes, args.factors)
+        if args.only:
+            unknown = sorted(set(args.only) - set(todo))
+            if unknown:
+                p.error(f"unknown job {unknown[0]}; the jobs are {', '.join(todo)}")
+            todo = {name: todo[name] for name in args.only}
         with ThreadPoolExecutor(args.jobs) as pool:
             for f in [
                 pool.submit(run_one, n, a, args.out_dir, args.threads) for n, a in todo.items()

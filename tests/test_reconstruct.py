@@ -162,17 +162,20 @@ def test_compare_grid_adds_the_recon_method_by_name(tmp_path, tiny_model_dir, ma
 
     from qdiablo.pipeline.compare import build_grid
 
-    data = grid_config(tmp_path, tiny_model_dir, math_file, methods=[{"name": "MagR-DiaBlo+recon"}])
+    added = [{"name": "MagR-DiaBlo+recon"}, {"name": "GPTQ-LoRA+recon"}]
+    data = grid_config(tmp_path, tiny_model_dir, math_file, methods=added)
     grid = build_grid(data, "c.yaml")
     cells = {c.method.name: c for c in grid.cells}
     assert "MagR-DiaBlo+recon" in cells and "MagR-DiaBlo" in cells
+    lora = cells["GPTQ-LoRA+recon"]  # LoRA on the very same reconstructed base
+    assert lora.base is cells["MagR-DiaBlo+recon"].base and lora.train.args["adapter"] == "lora"
     recon, plain = cells["MagR-DiaBlo+recon"], cells["MagR-DiaBlo"]
     assert recon.base.namespace().reconstruct is True
     assert plain.base.namespace().reconstruct is False
     assert recon.base.key != plain.base.key and "recon" in recon.base.key
     assert recon.train.args["adapter"] == "diablo"
     default = build_grid(grid_config(tmp_path, tiny_model_dir, math_file), "c.yaml")
-    assert "MagR-DiaBlo+recon" not in {c.method.name for c in default.cells}
+    assert not {"MagR-DiaBlo+recon", "GPTQ-LoRA+recon"} & {c.method.name for c in default.cells}
 
 
 def test_export_requantize_reruns_reconstruction_when_the_base_had_it():

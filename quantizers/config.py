@@ -109,8 +109,8 @@ class QuantConfig:
     beta: float | None = field(
         default=None,
         metadata={
-            "help": "scale shrink β in (0, 1]: scale = β·(max−min)/(2^bits−1); default: the MagR "
-            "reference table when magr is on, else 1.0"
+            "help": "scale shrink β in (0, 1]: scale = β·(max−min)/(2^bits−1); default with magr: "
+            "0.8 / 0.9 / 1.0 at 2 / 3 / 4+ bits (the official MagR code's rule), else 1.0"
         },
     )
     reconstruct: bool = field(

@@ -147,6 +147,13 @@ class QuantConfig:
         default=10,
         metadata={"help": "reconstruction: steps between held-out evaluations"},
     )
+    recon_patience: int = field(
+        default=3,
+        metadata={
+            "help": "reconstruction: held-out evaluations in a row without a new best before a "
+            "block stops (its best parameters are kept)"
+        },
+    )
     checkpoint_format: str = field(
         default="gptq_v2",
         metadata={
@@ -207,6 +214,8 @@ class QuantConfig:
             raise bad("recon_holdout", "a number in [0, 1)")
         if not is_int(self.recon_eval_every) or self.recon_eval_every < 1:
             raise bad("recon_eval_every", "an integer >= 1")
+        if not is_int(self.recon_patience) or self.recon_patience < 1:
+            raise bad("recon_patience", "an integer >= 1")
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
             raise bad("checkpoint_format", " or ".join(repr(f) for f in CHECKPOINT_FORMATS))
 

@@ -173,10 +173,16 @@ def train_block(
     lr_scale: float = 1e-3,
     params: str = "scales+codes",
     eval_every: int = 10,
+    patience: int = 3,
     autocast_dtype: torch.dtype | None = None,
     name: str = "block",
 ) -> BlockRecon:
     """Train the QuantLinear layers of `block` in place (see the module docstring).
+
+    Every `eval_every` steps the held-out error is measured and the best parameters so far are
+    kept; training stops after `patience` evaluations in a row without a new best. (Stopping at
+    the first rise, as this did until 2026-12, stopped nearly every SmolLM2 block at step 50 on
+    noise: 200 steps lowered block 3's held-out error 3.3× more.)
 
     inputs/kwargs: the quantized model's block inputs X_q per batch; targets: the
     full-precision block's outputs F(X_fp) per batch; the last `heldout` batches are held out.
@@ -223,7 +229,7 @@ def train_block(
     def snapshot() -> list[Tensor]:
         return [p.detach().clone() for g in groups for p in g["params"]]
 
-    best, best_state, step = heldout_before, snapshot(), 0
+    best, best_state, step, stale = heldout_before, snapshot(), 0, 0
     try:
         with torch.enable_grad():
             for step in range(1, steps + 1):
@@ -242,9 +248,11 @@ def train_block(
                         err = block_error(block, *hold)
                     log.debug("%s: step %d, held-out error %.5f", name, step, err)
                     if err < best:
-                        best, best_state = err, snapshot()
-                    else:
-                        log.debug("%s: held-out error rose at step %d: stopping", name, step)
+                        best, best_state, stale = err, snapshot(), 0
+                        continue
+                    stale += 1
+                    if stale >= patience:
+                        log.debug("%s: no held-out gain in %d checks: stopping", name, stale)
                         break
         if heldout:
             with torch.no_grad():
@@ -298,6 +306,7 @@ def reconstruct_block(
         lr_scale=config.recon_lr_scale,
         params=config.recon_params,
         eval_every=config.recon_eval_every,
+        patience=config.recon_patience,
         autocast_dtype=autocast_dtype,
         name=name,
     )

@@ -126,6 +126,7 @@ def test_reconstruct_config_validation():
         ({"recon_params": "zeros"}, "recon_params"),
         ({"recon_holdout": 1.0}, "recon_holdout"),
         ({"recon_eval_every": 0}, "recon_eval_every"),
+        ({"recon_patience": 0}, "recon_patience"),
         ({"reconstruct": "yes"}, "reconstruct"),
     ]:
         with pytest.raises(ValueError, match=f"QuantConfig.{field}"):
@@ -188,3 +189,39 @@ def test_export_requantize_reruns_reconstruction_when_the_base_had_it():
     foreign = {k: v for k, v in entry.items() if k != "meta"}  # a GPTQ folder from another tool
     assert requantize_config(foreign, None).reconstruct is False
     assert requantize_config(foreign, {"reconstruct": True}).reconstruct is True
+
+
+@pytest.mark.parametrize("patience", [1, 4])
+def test_training_stops_after_patience_checks_without_a_new_best(caplog, patience):
+    """The stop step follows from the logged held-out errors alone: the first step at which
+    `patience` evaluations in a row have not beaten the best error so far."""
+    import logging
+    import re
+
+    fp = make_tiny_llama(init_range=0.2)
+    config = QuantConfig(
+        bits=2,
+        group_size=32,
+        magr=True,
+        reconstruct=True,
+        recon_steps=40,
+        recon_eval_every=1,
+        recon_patience=patience,
+        recon_lr_scale=0.05,
+        recon_lr_code=0.3,
+    )  # fmt: skip  (high learning rates: a noisy held-out error)
+    with caplog.at_level(logging.DEBUG, logger="quantizers.reconstruct"):
+        model = quantize_model(copy.deepcopy(fp), calibration(), config)
+    stops = []
+    for block in model.quantization_report.reconstruction:
+        pattern = re.compile(re.escape(block.name) + r": step (\d+), held-out error ([\d.e+-]+)")
+        series = [float(m.group(2)) for r in caplog.records if (m := pattern.match(r.getMessage()))]
+        best, stale, expected = block.heldout_before, 0, len(series)
+        for step, err in enumerate(series, 1):
+            best, stale = (err, 0) if err < best else (best, stale + 1)
+            if stale >= patience:
+                expected = step
+                break
+        assert block.steps == expected == len(series)
+        stops.append(expected)
+    assert min(stops) < 40  # the rule did stop something early

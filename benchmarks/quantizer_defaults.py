@@ -104,7 +104,8 @@ LABELS = {
     "beta": "β by bits (official)",
     "plain200": "MagR plain-200",
     "chosen": "**chosen** (float32 XᵀX, β by bits, FISTA-50)",
-    "recon": "chosen + reconstruction",
+    "recon60": "chosen + reconstruction, 60 steps, stop at the first held-out rise (before)",
+    "recon": "chosen + reconstruction (100 steps, patience 5)",
 }
 
 

@@ -10,7 +10,8 @@ from qdiablo.export import load_exported
 
 pytestmark = pytest.mark.slow
 
-SHORT = ["--calib-samples", "8", "--steps", "6", "--limit", "1", "--max-new-tokens", "24"]
+SHORT = ["--calib-samples", "8", "--recon-steps", "3", "--steps", "6", "--limit", "1"]
+SHORT += ["--max-new-tokens", "24"]
 
 
 def test_short_demo_runs_the_pipeline_and_resumes(tmp_path, capsys):
@@ -26,6 +27,8 @@ def test_short_demo_runs_the_pipeline_and_resumes(tmp_path, capsys):
     # Training lowers the reference-response NLL of the 2-bit base on the held-out test items.
     mean = lambda s: sum(t["nll"] for t in s["tasks"].values()) / len(s["tasks"])  # noqa: E731
     assert mean(tuned) < mean(base)
+    report = json.loads((out_dir / "quantized" / "quantization_report.json").read_text())
+    assert len(report["reconstruction"]) == 30  # every block went through reconstruction
     card = (out_dir / "export" / "README.md").read_text()
     assert "2" in card and "MagR" in card
     model = load_exported(out_dir / "export")

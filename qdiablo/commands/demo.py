@@ -1,12 +1,14 @@
 """`qdiablo demo`: the whole pipeline on the embedded SmolLM2-135M-Instruct, offline.
 
-MagR + GPTQ at 2 bits -> evaluate the un-tuned quantized base -> train DiaBlo blocks on the
-shipped real Math10K records (decontaminated against the evaluated sets) -> evaluate again ->
+MagR + GPTQ at 2 bits with block-wise reconstruction -> evaluate the un-tuned quantized base ->
+train DiaBlo blocks on the shipped real Math10K records (decontaminated against the evaluated
+sets) -> evaluate again ->
 export (GPTQ-layout base + adapter + model card + sha256 manifest), then a table of the two
 evaluations side by side. It runs on the `qdiablo run` stage machinery, so an interrupted demo
 resumes where it stopped. Each stage runs in its own process (its memory is returned when it
 ends, and its peak RSS is its own) with a fixed torch thread count (`--threads`, default 1), so
-two runs on one machine print the same figures. The defaults take about 15 minutes on a CPU;
+two runs on one machine print the same figures. The defaults take about 40 minutes on one CPU
+thread, half of it reconstruction (`--no-reconstruct` skips it: a worse base, a faster demo);
 `--full` drops the size limits (all calibration samples, every training record for 3 epochs,
 the full test sets).
 """
@@ -37,6 +39,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calib-samples", type=int, default=32, help="calibration windows of 256 tokens"
     )
+    p.add_argument(
+        "--no-reconstruct",
+        dest="reconstruct",
+        action="store_false",
+        help="skip block-wise reconstruction of the 2-bit base (about half the demo's time; at "
+        "2 bits it lowered the fine-tuned reference NLL from 3.16 to 2.49 in BENCHMARKS.md)",
+    )
+    p.add_argument("--recon-steps", type=int, default=None, help="reconstruction steps per block")
     p.add_argument("--steps", type=int, default=30, help="training steps (batch 8)")
     p.add_argument("--limit", type=int, default=8, help="evaluated items per test set")
     p.add_argument("--max-new-tokens", type=int, default=200, help="generation budget per answer")
@@ -71,7 +81,10 @@ def stage_settings(args: argparse.Namespace) -> dict[str, dict]:
         "magr": True,
         "calib_samples": 128 if args.full else args.calib_samples,
         "calib_seq_len": 256,
+        "reconstruct": args.reconstruct,
     }
+    if args.reconstruct and args.recon_steps is not None:
+        quantize["recon_steps"] = args.recon_steps
     train = {
         "adapter": "diablo",
         "num_blocks": args.num_blocks,
@@ -112,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     export = export_stage("export", q, train, [tuned_eval], s["export"], root / "export", "demo")
     stages = [q, base_eval, train, tuned_eval, export]
     print(
-        f"qdiablo demo: {args.model}, MagR+GPTQ {args.bits}-bit -> DiaBlo N={args.num_blocks} "
+        f"qdiablo demo: {args.model}, MagR+GPTQ {args.bits}-bit"
+        f"{' + reconstruction' if args.reconstruct else ''} -> DiaBlo N={args.num_blocks} "
         f"-> Math10K eval ({'full sets' if args.full else f'first {args.limit} items per set'}) "
         f"-> export, under {root}/ ({args.threads} thread{'s' if args.threads > 1 else ''})"
     )

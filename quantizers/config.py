@@ -122,7 +122,7 @@ class QuantConfig:
         },
     )
     recon_steps: int = field(
-        default=100, metadata={"help": "reconstruction: Adam steps per block (one batch each)"}
+        default=60, metadata={"help": "reconstruction: Adam steps per block (one batch each)"}
     )
     recon_lr_code: float = field(
         default=1e-2,
@@ -148,10 +148,10 @@ class QuantConfig:
         metadata={"help": "reconstruction: steps between held-out evaluations"},
     )
     recon_patience: int = field(
-        default=5,
+        default=1,
         metadata={
             "help": "reconstruction: held-out evaluations in a row without a new best before a "
-            "block stops (its best parameters are kept)"
+            "block stops (its best parameters are kept); 1 stops at the first rise"
         },
     )
     checkpoint_format: str = field(

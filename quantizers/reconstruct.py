@@ -168,22 +168,23 @@ def train_block(
     kwargs: Sequence[dict],
     targets: Sequence[Tensor],
     heldout: int = 0,
-    steps: int = 100,
+    steps: int = 60,
     lr_code: float = 1e-2,
     lr_scale: float = 1e-3,
     params: str = "scales+codes",
     eval_every: int = 10,
-    patience: int = 5,
+    patience: int = 1,
     autocast_dtype: torch.dtype | None = None,
     name: str = "block",
 ) -> BlockRecon:
     """Train the QuantLinear layers of `block` in place (see the module docstring).
 
     Every `eval_every` steps the held-out error is measured and the best parameters so far are
-    kept; training stops after `patience` evaluations in a row without a new best. The held-out
-    error rises for a while when codes start to flip (SmolLM2 W2 block 3: down to step 40, up at
-    50-60, then down again to step 200); stopping at the first rise, as this did until 2026-12,
-    stopped nearly every block at step 50 with no code changed.
+    kept; training stops after `patience` evaluations in a row without a new best. The default,
+    60 steps stopping at the first rise, was chosen by measurement (SmolLM2 W2 g64, BENCHMARKS.md):
+    the held-out error rises for a while when codes start to flip, and 100 steps with patience 5
+    went past that, lowered the blocks' held-out errors about 3x further and changed 5-10% of the
+    codes, but the model's perplexity on other text did not improve (75 vs 70) at 2.4x the time.
 
     inputs/kwargs: the quantized model's block inputs X_q per batch; targets: the
     full-precision block's outputs F(X_fp) per batch; the last `heldout` batches are held out.

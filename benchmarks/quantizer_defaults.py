@@ -35,6 +35,7 @@ VARIANT_FACTOR = {
     "plain200": "plain200",
     "chosen": "chosen",
     "recon": "recon",
+    "recon100": "recon",
 }
 
 
@@ -61,6 +62,10 @@ def jobs(bits: list[int], groups: list[int], factors: list[str]) -> dict[str, li
                 ],
                 "chosen": [*cell, *both],  # today's code defaults, no override
                 "recon": [*cell, "--methods", "MagR+GPTQ+recon"],
+                "recon100": [
+                    *cell, "--methods", "MagR+GPTQ+recon",
+                    "--set", "recon_steps=100", "recon_patience=5",
+                ],
                 "plain200": [
                     *cell, "--methods", "MagR+GPTQ", "--products", "calib",
                     "--set", beta, "magr_solver=plain", "magr_iters=200",
@@ -104,8 +109,8 @@ LABELS = {
     "beta": "β by bits (official)",
     "plain200": "MagR plain-200",
     "chosen": "**chosen** (float32 XᵀX, β by bits, FISTA-50)",
-    "recon60": "chosen + reconstruction, 60 steps, stop at the first held-out rise (before)",
-    "recon": "chosen + reconstruction (100 steps, patience 5)",
+    "recon": "**chosen + reconstruction** (60 steps, stop at the first held-out rise)",
+    "recon100": "chosen + reconstruction, 100 steps, patience 5",
 }
 
 

@@ -220,7 +220,8 @@ def collect_hessians(
     still summing the batches in float32. Rounding the product perturbs every entry by up to 2⁻⁹
     of its size; with SmolLM2's outlier channels that makes H indefinite (down to
     −0.58·mean(diag H)) and GPTQ's Cholesky retries with more damping on ~10% of the Hessians
-    (benchmarks/hessians_smollm2.py); product_dtype=None (`--calib-dtype float32`) avoids it."""
+    (benchmarks/hessians_smollm2.py); product_dtype=None (float32, quantize_model's default)
+    avoids it."""
     firsts = [g[0] for g in groups]
     stop_at = groups[-1][-1]
     H: dict[str, Tensor] = {}

@@ -291,13 +291,13 @@ def quantize_model(
     device: where each block is processed (one at a time); defaults to the model's device.
     calib_dtype: run the calibration forward passes under autocast to this dtype (e.g.
         torch.bfloat16: about 3x faster on a CPU with AVX512-BF16, as GPTQ is usually run in
-        half precision on GPUs). The weights are still read
-        and quantized in full precision, and the Hessians summed in float32. "auto" picks
+        half precision on GPUs). The weights are still read and quantized in full precision.
+        "auto" picks
         bfloat16 where the hardware multiplies it natively. Default: the model's own dtype.
     product_dtype: the dtype of each batch's XᵀX from the (possibly bf16-rounded) inputs; None:
         float32, the default. "calib": calib_dtype's, which was the default until 2026-12: products
-        rounded to bfloat16 made H indefinite and GPTQ's Cholesky retry with more damping on ~2%
-        of SmolLM2's layers (BENCHMARKS.md, the defaults table).
+        rounded to bfloat16 made H indefinite and GPTQ's Cholesky retry with more damping on
+        1.4-6.2% of SmolLM2's layers, float32 on none (BENCHMARKS.md, the defaults table).
     With `config.reconstruct`, each block is then trained against the full-precision block
     (quantizers/reconstruct.py): the full-precision model's block inputs are carried alongside
     the quantized model's, and the last `recon_holdout` of the windows are held out from that

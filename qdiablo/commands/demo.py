@@ -2,15 +2,14 @@
 
 MagR + GPTQ at 2 bits with block-wise reconstruction -> evaluate the un-tuned quantized base ->
 train DiaBlo blocks on the shipped real Math10K records (decontaminated against the evaluated
-sets) -> evaluate again ->
-export (GPTQ-layout base + adapter + model card + sha256 manifest), then a table of the two
-evaluations side by side. It runs on the `qdiablo run` stage machinery, so an interrupted demo
-resumes where it stopped. Each stage runs in its own process (its memory is returned when it
-ends, and its peak RSS is its own) with a fixed torch thread count (`--threads`, default 1), so
-two runs on one machine print the same figures. The defaults take about 35 minutes on one CPU
-thread, a third of it reconstruction (`--no-reconstruct` skips it: a worse base, a faster demo);
-`--full` drops the size limits (all calibration samples, every training record for 3 epochs,
-the full test sets).
+sets) -> evaluate again -> export (GPTQ-layout base + adapter + model card + sha256 manifest),
+then a table of the two evaluations side by side. It runs on the `qdiablo run` stage machinery,
+so an interrupted demo resumes where it stopped. Each stage runs in its own process (its memory
+is returned when it ends, and its peak RSS is its own) with a fixed torch thread count
+(`--threads`, default 1), so two runs on one machine print the same figures. The defaults take
+about 35 minutes on one CPU thread, a third of it reconstruction (`--no-reconstruct` skips it:
+a worse base, a faster demo); `--full` drops the size limits (all calibration samples, every
+training record for 3 epochs, the full test sets).
 """
 
 from __future__ import annotations
@@ -43,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--no-reconstruct",
         dest="reconstruct",
         action="store_false",
-        help="skip block-wise reconstruction of the 2-bit base (about half the demo's time; at "
-        "2 bits it lowered the fine-tuned reference NLL from 3.16 to 2.49 in BENCHMARKS.md)",
+        help="skip block-wise reconstruction of the 2-bit base (a third of the demo's time; at 2 "
+        "bits it lowered the fine-tuned reference NLL from 3.16 to 2.49 in BENCHMARKS.md)",
     )
     p.add_argument("--recon-steps", type=int, default=None, help="reconstruction steps per block")
     p.add_argument("--steps", type=int, default=30, help="training steps (batch 8)")

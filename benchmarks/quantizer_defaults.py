@@ -51,11 +51,11 @@ def jobs(bits: list[int], groups: list[int], factors: list[str]) -> dict[str, li
     for g in groups:
         for b in bits:
             cell = ["--bits", str(b), "--group-size", str(g)]
-            beta = f"beta={old_beta(b, g)}"  # only MagR+GPTQ reads β
+            beta = f"beta={old_beta(b, g)}"  # MagR+GPTQ only: plain GPTQ keeps β = 1
             both = ["--methods", "GPTQ", "MagR+GPTQ"]
             variants = {
-                "default": [*cell, *both, "--products", "calib", "--set", beta],
-                "fp32prod": [*cell, *both, "--products", "float32", "--set", beta],
+                "default": [*cell, *both, "--products", "calib", "--set-magr", beta],
+                "fp32prod": [*cell, *both, "--products", "float32", "--set-magr", beta],
                 "beta": [
                     *cell, "--methods", "MagR+GPTQ", "--products", "calib",
                     "--set", f"beta={OFFICIAL_BETA[b]}",
@@ -68,7 +68,7 @@ def jobs(bits: list[int], groups: list[int], factors: list[str]) -> dict[str, li
                 ],
                 "plain200": [
                     *cell, "--methods", "MagR+GPTQ", "--products", "calib",
-                    "--set", beta, "magr_solver=plain", "magr_iters=200",
+                    "--set-magr", beta, "magr_solver=plain", "magr_iters=200",
                 ],
             }  # fmt: skip
             if OFFICIAL_BETA[b] == old_beta(b, g):  # same β: beta is old, chosen is fp32prod
@@ -142,9 +142,11 @@ def table(out_dir: Path) -> str:
             seconds = f"{magr['quant_s']:.0f}"
             if "reconstruction_s" in magr:
                 seconds += f" (recon {magr['reconstruction_s']:.0f})"
+        # † a GPTQ run that read a β override meant for MagR (runs made before --set-magr)
+        dagger = "†" if gptq and gptq["config"].get("beta") not in (None, 1.0) else ""
         lines.append(
             f"| W{cell[1:].replace('g', ' g')} | {LABELS.get(variant, variant)} | "
-            f"{format(gptq['ppl'], ',.2f') if gptq else ''} | "
+            f"{format(gptq['ppl'], ',.2f') + dagger if gptq else ''} | "
             f"{format(magr['ppl'], ',.2f') if magr else ''} | {seconds} | "
             f"{' · '.join(retries)} |"
         )

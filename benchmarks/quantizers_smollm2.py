@@ -64,17 +64,18 @@ def main() -> None:
         help="override QuantConfig fields for every method, e.g. magr_solver=plain magr_iters=200 "
         "beta=0.8 recon_steps=100 (values parsed as JSON when they parse)",
     )
+    p.add_argument(
+        "--set-magr",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="like --set, for the MagR methods only (e.g. beta, which plain GPTQ would also read)",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/bench-quantizers-smollm2.json"))
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    overrides, magr_overrides = parse_sets(args.set), parse_sets(args.set_magr)
 
     tokenizer = load_tokenizer("smollm2")
     base = load_model("smollm2")
@@ -91,6 +92,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {args.threads} thread(s)",
         "overrides": overrides,
+        "magr_overrides": magr_overrides,
         "calibration": f"{sum(b.numel() for b in calib)} tokens of SVAMP questions "
         f"({args.calib_samples} x {args.calib_seq_len}), {args.calib_dtype} forward, "
         f"XᵀX products in {args.calib_dtype if args.products == 'calib' else 'float32'}",
@@ -115,7 +117,8 @@ def main() -> None:
                 kw["cd_sweeps"] = 30 if bits == 2 else 1
                 if args.cd_damp is not None:
                     kw["cd_damp"] = args.cd_damp
-            config = QuantConfig(bits=bits, group_size=args.group_size, **{**kw, **overrides})
+            extra = {**overrides, **(magr_overrides if kw.get("magr") else {})}
+            config = QuantConfig(bits=bits, group_size=args.group_size, **{**kw, **extra})
             model = copy.deepcopy(base)
             needs = config.method == "gptq" or config.magr or config.cd_sweeps
             t = time.perf_counter()
@@ -161,6 +164,18 @@ def main() -> None:
             args.out.write_text(json.dumps(results, indent=2))
     print()
     print(markdown(results, args.group_size))
+
+
+def parse_sets(items: list[str]) -> dict:
+    """FIELD=VALUE strings -> {field: value}, values parsed as JSON when they parse."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def markdown(results: dict, group_size: int) -> str:

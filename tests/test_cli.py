@@ -74,3 +74,10 @@ def test_user_error_is_one_line_plus_hint(echo, capsys):
 def test_missing_config_file(echo, tmp_path, capsys):
     assert cli.main(["echo", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--threads", "--recon-steps", "--steps", "--limit"])
+def test_demo_refuses_a_count_below_one_before_writing(tmp_path, capsys, flag):
+    assert cli.main(["demo", "--output", str(tmp_path / "demo"), flag, "0"]) == 2
+    assert f"{flag} 0: must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

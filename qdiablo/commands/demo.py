@@ -112,8 +112,10 @@ def run(args: argparse.Namespace) -> int:
     from qdiablo.pipeline.run import eval_stage, export_stage, quantize_stage, train_stage
     from qdiablo.pipeline.stages import Runner, summary_table
 
-    if args.threads < 1:
-        raise UserError(f"--threads {args.threads}: must be at least 1")
+    for flag in ("threads", "recon_steps", "steps", "limit", "calib_samples"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:  # before any stage writes into the output folder
+            raise UserError(f"--{flag.replace('_', '-')} {value}: must be at least 1")
     start = time.time()
     root = Path(args.output)
     s = stage_settings(args)

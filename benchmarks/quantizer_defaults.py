@@ -7,12 +7,13 @@ Cells: W2/W3/W4 x g64/g128. In every cell, GPTQ and MagR+GPTQ with the defaults 
     2 / 3 / 4 bits, whatever the group size) instead of the group-size rule;
   - plain200: MagR solved by the paper's 200 plain proximal-gradient steps instead of FISTA-50;
 then `chosen`: GPTQ and MagR+GPTQ with today's code defaults (no override), the combination the
-table chose, and `recon`: MagR+GPTQ with block-wise reconstruction at those defaults.
+table chose, `recon`: MagR+GPTQ with block-wise reconstruction at those defaults, and
+`recon100`: the same with 100 steps and patience 5.
 Each run is one `benchmarks/quantizers_smollm2.py` process (its perplexity and calibration:
 32 windows of SVAMP questions; perplexity on GSM8K question+solution text), its JSON kept in
 --out-dir so that a second call resumes; then the table is printed for BENCHMARKS.md.
 
-    OMP_NUM_THREADS=1 python benchmarks/quantizer_defaults.py --jobs 2 --out-dir runs/defaults
+    OMP_NUM_THREADS=1 python benchmarks/quantizer_defaults.py --jobs 2   # runs/quantizer-defaults
 """
 
 from __future__ import annotations

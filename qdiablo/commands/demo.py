@@ -7,9 +7,9 @@ then a table of the two evaluations side by side. It runs on the `qdiablo run` s
 so an interrupted demo resumes where it stopped. Each stage runs in its own process (its memory
 is returned when it ends, and its peak RSS is its own) with a fixed torch thread count
 (`--threads`, default 1), so two runs on one machine print the same figures. The defaults take
-about 35 minutes on one CPU thread, a third of it reconstruction (`--no-reconstruct` skips it:
-a worse base, a faster demo); `--full` drops the size limits (all calibration samples, every
-training record for 3 epochs, the full test sets).
+an estimated 35 minutes on one CPU thread, a third of it reconstruction (`--no-reconstruct`
+skips it: a worse base, a faster demo); `--full` drops the size limits (all calibration
+samples, every training record for 3 epochs, the full test sets).
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from qdiablo.io import read_json
 from qdiablo.kinds import BASE_KINDS, PACKED_KINDS
 from qdiablo.manifest import is_export_folder, verify_export
 from qdiablo.nf4 import bnb_nf4_config, quantize_bnb_4bit_, require_bitsandbytes
+from qdiablo.optional import import_peft
 from qdiablo.train.adapters import load_lora
 from qdiablo.train.fsdp_loading import packed_base_on_meta
 from qdiablo.train.nf import fake_quantize_model_nf
@@ -414,10 +415,7 @@ def load_adapter(model, adapter_dir: str | Path, *, force: bool = False, merge: 
     if kind == "diablo":
         wrapped = DiaBloModel.from_pretrained(model, adapter_dir, force=force)
     else:
-        try:
-            from peft import PeftModel  # optional dependency (the qlora extra)
-        except ImportError as e:
-            raise UserError("PEFT adapters need peft", hint='pip install "qdiablo[qlora]"') from e
+        PeftModel = import_peft(what="a PEFT adapter").PeftModel
         if kind == "lora":  # re-registers the packed-layer dispatch GPTQ-LoRA was trained with
             wrapped = load_lora(model, str(adapter_dir))
         else:

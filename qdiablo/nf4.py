@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import nn
 
-from qdiablo.errors import UserError
+from qdiablo.optional import import_bitsandbytes
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def quantize_bnb_4bit_(net: nn.Module, config) -> list[str]:
     Builds the same modules and packed weights that `from_pretrained(quantization_config=...)`
     does (tested), for models that only load in float (GGUF).
     """
-    import bitsandbytes as bnb  # optional dependency (the qlora extra)
+    bnb = import_bitsandbytes()
 
     head = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
     names = [n for n, m in net.named_modules() if type(m) is nn.Linear and m is not head]
@@ -72,7 +72,4 @@ def quantize_bnb_4bit_(net: nn.Module, config) -> list[str]:
 
 
 def require_bitsandbytes() -> None:
-    try:
-        import bitsandbytes  # noqa: F401  (optional dependency: the qlora extra)
-    except ImportError as e:
-        raise UserError("NF4 bases need bitsandbytes", hint='pip install -e ".[qlora]"') from e
+    import_bitsandbytes(what="NF4 bases")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
 import platform
 
 from qdiablo import __version__
@@ -16,10 +16,9 @@ def library_versions() -> dict[str, str]:
     """qdiablo's, Python's and each installed library's version, by name."""
     out = {"qdiablo": __version__, "python": platform.python_version()}
     for name in REQUIRED + OPTIONAL:
-        try:
-            # deferred: these are imported already wherever a run or an export records them
-            out[name] = importlib.import_module(name).__version__
-        except ImportError:
+        try:  # the installed distribution's version: importing bitsandbytes has side effects
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
             if name in REQUIRED:
                 raise
     return out

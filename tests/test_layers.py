@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qdiablo.flags",
             "qdiablo.kinds",
             "qdiablo.manifest",
+            "qdiablo.optional",
             "qdiablo.outputs",
             "qdiablo.versions",
         ),

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdiablo.errors import UserError
+from qdiablo.optional import import_bitsandbytes
 
 
 def block_shape(
@@ -129,7 +130,7 @@ def dense_weight(base_layer: nn.Module) -> torch.Tensor:
     weight = getattr(base_layer, "weight", None)
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:  # bitsandbytes Linear4bit
-        import bitsandbytes.functional as bnbf  # optional dependency (the qlora extra)
+        bnbf = import_bitsandbytes("bitsandbytes.functional")
 
         return bnbf.dequantize_4bit(weight.data, quant_state)
     if isinstance(weight, torch.Tensor) and weight.shape == (

@@ -17,7 +17,7 @@ from torch import nn
 
 from qdiablo.diablo import DiaBloConfig, DiaBloModel, get_diablo_model
 from qdiablo.diablo.model import find_targets
-from qdiablo.errors import UserError
+from qdiablo.optional import import_peft
 from qdiablo.train.budget import Shape
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def dispatch_packed_layers(config, model: nn.Module, target_modules: list[str] |
     `LoraConfig._register_custom_module` is PEFT's documented, experimental hook for custom
     layer types ("Custom models" in PEFT's developer guide); it has no public name yet.
     """
-    from peft.tuners.lora.gptq import GPTQLoraLinear  # optional dependency (the qlora extra)
+    GPTQLoraLinear = import_peft("peft.tuners.lora.gptq").GPTQLoraLinear
 
     packed = packed_layer_types(model, target_modules)
     if packed:
@@ -90,10 +90,8 @@ def attach_lora(
     dropout: float,
 ):
     """Freeze the base and add PEFT LoRA (A Kaiming-uniform, B zero) to the targets."""
-    try:
-        from peft import LoraConfig, get_peft_model  # optional dependency (the qlora extra)
-    except ImportError as e:
-        raise UserError("--adapter lora needs PEFT", hint='pip install -e ".[qlora]"') from e
+    peft = import_peft(what="--adapter lora")
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -116,7 +114,8 @@ def load_lora(model: nn.Module, adapter_dir: str, is_trainable: bool = False):
     PEFT does not save the custom-module mapping that GPTQ-LoRA was trained with, so a plain
     `PeftModel.from_pretrained` refuses QuantLinear targets; this registers it again first.
     """
-    from peft import LoraConfig, PeftModel  # optional dependency (the qlora extra)
+    peft = import_peft()
+    LoraConfig, PeftModel = peft.LoraConfig, peft.PeftModel
 
     config = LoraConfig.from_pretrained(str(adapter_dir))
     targets = config.target_modules

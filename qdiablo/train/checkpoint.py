@@ -31,6 +31,7 @@ from qdiablo.diablo.model import (
 )
 from qdiablo.errors import UserError
 from qdiablo.io import read_adapter_weights
+from qdiablo.optional import import_peft, loaded
 from qdiablo.train.fsdp import copy_full_, is_dtensor, trainable_named
 from quantizers.fileio import apply_umask
 
@@ -46,11 +47,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def is_peft_model(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel  # optional dependency (the qlora extra)
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
+    peft = loaded("peft")  # a PEFT model exists only once peft is imported
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def save_adapter(
@@ -133,7 +131,9 @@ def _load_diablo(model: DiaBloModel, folder: Path) -> None:
 
 
 def _load_lora(model, folder: Path) -> None:
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict  # optional
+    utils = import_peft("peft.utils")
+    get_peft_model_state_dict = utils.get_peft_model_state_dict
+    set_peft_model_state_dict = utils.set_peft_model_state_dict
 
     path = folder / "adapter_model.safetensors"
     tensors = read_adapter_weights(path)

@@ -19,7 +19,10 @@ from qdiablo.kinds import TRAIN_BASE_KINDS
 BASE_KINDS = TRAIN_BASE_KINDS  # `--base`: the loader's kinds but "auto" (qdiablo.kinds)
 ADAPTERS = ("diablo", "lora")
 PRECISIONS = ("fp32", "bf16", "fp16")
-SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
+SCHEDULERS = ("linear", "cosine", "constant_with_warmup", "constant")
+# `--optimizer` → TrainingArguments.optim. SGD (no momentum) is the reference where a run must be
+# compared update by update (its step is linear in the gradient; AdamW's is not).
+OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd"}
 # A run's output folder (written by `qdiablo.train.run`, read by export and the pipeline).
 CONFIG_FILE = "train_config.json"
 RESULTS_FILE = "train_results.json"
@@ -168,7 +171,15 @@ class TrainConfig:
         default=None,
         metadata=_meta("peak learning rate (default: DiaBlo 5e-4, LoRA 3e-4)", "optimisation"),
     )
-    weight_decay: float = field(default=0.0, metadata=_meta("AdamW weight decay", "optimisation"))
+    optimizer: str = field(
+        default="adamw",
+        metadata=_meta(
+            "adamw (torch AdamW) or sgd (plain SGD: lr × gradient, a reference for comparisons)",
+            "optimisation",
+            choices=tuple(OPTIMIZERS),
+        ),
+    )
+    weight_decay: float = field(default=0.0, metadata=_meta("weight decay", "optimisation"))
     scheduler: str = field(
         default="linear",
         metadata=_meta("learning-rate schedule", "optimisation", choices=SCHEDULERS),
@@ -230,6 +241,12 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, str):
                 setattr(self, name, [value])
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise UserError(
+                    f"{_flag(f.name)} {getattr(self, f.name)!r}: choose from {', '.join(choices)}"
+                )
         at_least_one = ("batch_size", "max_length", "logging_steps")
         optional_at_least_one = (
             "num_blocks", "rank", "micro_batch_size", "max_records", "save_total_limit"
@@ -308,6 +325,11 @@ def _check_float(
         raise UserError(f"{_flag(name)} {value}: must be {'>' if low_open else '≥'} {low:g}")
     if high is not None and (value > high or (not closed and value == high)):
         raise UserError(f"{_flag(name)} {value}: must be {'≤' if closed else '<'} {high:g}")
+
+
+def field_defaults() -> dict[str, Any]:
+    """Each TrainConfig field's default: what a run recorded before the field existed meant."""
+    return {f.name: f.default for f in fields(TrainConfig)}
 
 
 # Settings that may differ between a run and its resumption.

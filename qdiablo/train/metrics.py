@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from qdiablo.optional import loaded
+
 # --------------------------------------------------------------------------------------------
 # Memory
 # --------------------------------------------------------------------------------------------
@@ -70,11 +72,8 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 
 
 def _bnb_linear_types() -> tuple[type, ...]:
-    try:
-        import bitsandbytes as bnb  # optional dependency (the qlora extra)
-    except ImportError:
-        return ()
-    return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    bnb = loaded("bitsandbytes")  # its layers exist only once it is imported
+    return () if bnb is None else (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 
 
 def _is_base_linear(module: nn.Module, bnb_types: tuple[type, ...]) -> bool:

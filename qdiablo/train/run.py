@@ -47,6 +47,7 @@ from qdiablo.train.config import (
     RESULTS_FILE,
     RESUME_FREE_FIELDS,
     TrainConfig,
+    field_defaults,
 )
 from qdiablo.train.dataset import PadCollator, select_records, tokenize_records
 from qdiablo.train.fsdp import check_fsdp_launch, gather_trainable, packed_base_bytes
@@ -129,11 +130,11 @@ def resolve_resume(config: TrainConfig, output: Path) -> Path | None:
     saved_file = output / CONFIG_FILE
     if saved_file.is_file():
         saved = read_json(saved_file, what="training config")
-        now = config.to_dict()
+        now, defaults = config.to_dict(), field_defaults()
         diff = [
             f"{k}: {saved.get(k)!r} → {v!r}"
             for k, v in now.items()
-            if k not in RESUME_FREE_FIELDS and saved.get(k) != v
+            if k not in RESUME_FREE_FIELDS and saved.get(k, defaults.get(k)) != v
         ]
         if diff:
             raise UserError(

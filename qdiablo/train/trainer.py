@@ -17,9 +17,10 @@ from transformers import Trainer, TrainingArguments
 
 from qdiablo.diablo import DiaBloModel
 from qdiablo.errors import UserError
+from qdiablo.optional import prepare_trainer_imports
 from qdiablo.train import fsdp
 from qdiablo.train.checkpoint import load_adapter_weights, save_adapter, unwrap
-from qdiablo.train.config import TrainConfig
+from qdiablo.train.config import OPTIMIZERS, TrainConfig
 
 TRAINING_ARGS_NAME = "training_args.bin"
 SCHEDULER_NAME = "scheduler.pt"
@@ -35,6 +36,7 @@ class AdapterTrainer(Trainer):
             # Trainer refuses a quantized model "without trainable adapters" unless PEFT's flag
             # says adapters are attached; DiaBlo blocks are such adapters.
             model._hf_peft_config_loaded = True
+        prepare_trainer_imports()  # Trainer imports PEFT (and it bitsandbytes): quietly first
         super().__init__(model, *args, **kwargs)
         if load_shards is not None:
             self.model = self.model_wrapped = load_shards(self.accelerator, self.model)
@@ -140,7 +142,7 @@ def training_arguments(config: TrainConfig, checkpoint_dir: str) -> TrainingArgu
         lr_scheduler_type=config.scheduler,
         warmup_steps=config.warmup,
         max_grad_norm=config.max_grad_norm,
-        optim="adamw_torch",
+        optim=OPTIMIZERS[config.optimizer],
         bf16=config.precision == "bf16",
         fp16=config.precision == "fp16",
         activation_checkpointing=checkpointing,

@@ -29,8 +29,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qdiablo import DiaBloConfig, get_diablo_model
+from qdiablo.adapters.budget import lora_parameters, matched_rank
 from qdiablo.diablo.config import DEFAULT_TARGETS
-from qdiablo.train.budget import lora_parameters, matched_rank
 from quantizers import QuantLinear
 
 CONFIGS = {

@@ -182,15 +182,11 @@ def build_model(method: str, smoke: bool, layers: int, device: torch.device):
     """The adapted model for a method, and its trainable-parameter count."""
     from transformers import LlamaForCausalLM
 
+    from qdiablo.adapters.budget import matched_rank
+    from qdiablo.adapters.common import adapted_layers, layer_shapes, trainable_parameters
+    from qdiablo.adapters.diablo import attach_diablo
+    from qdiablo.adapters.lora import attach_lora
     from qdiablo.nf4 import bnb_nf4_config, quantize_bnb_4bit_
-    from qdiablo.train.adapters import (
-        adapted_layers,
-        attach_diablo,
-        attach_lora,
-        layer_shapes,
-        trainable_parameters,
-    )
-    from qdiablo.train.budget import matched_rank
 
     base, adapter, rank = METHODS[method]
     torch.manual_seed(0)

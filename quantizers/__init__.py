@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from quantizers.checkpoint import CheckpointError, load_quantized, save_quantized
     from quantizers.config import QuantConfig, default_beta
     from quantizers.quant_linear import QuantLinear, dequantize_cache, dequantize_packed
-    from quantizers.quantize import LayerReport, QuantReport, quantize_model, quantize_weights
+    from quantizers.quantize import quantize_model, quantize_weights
+    from quantizers.report import LayerReport, QuantReport
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -34,8 +35,8 @@ _EXPORTS = {
     "QuantLinear": "quantizers.quant_linear",
     "dequantize_cache": "quantizers.quant_linear",
     "dequantize_packed": "quantizers.quant_linear",
-    "LayerReport": "quantizers.quantize",
-    "QuantReport": "quantizers.quantize",
+    "LayerReport": "quantizers.report",
+    "QuantReport": "quantizers.report",
     "quantize_model": "quantizers.quantize",
     "quantize_weights": "quantizers.quantize",
 }

@@ -11,10 +11,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,111 +36,17 @@ from quantizers.gptq import gptq_quantize
 from quantizers.magr import fast_matmul_dtype, magr
 from quantizers.packing import packable
 from quantizers.quant_linear import QuantLinear, dequantize_cache
-from quantizers.reconstruct import BlockRecon, recon_markdown, reconstruct_block, split_holdout
+from quantizers.reconstruct import reconstruct_block, split_holdout
+from quantizers.report import (
+    LayerReport,
+    QuantReport,
+    log_block,
+    median_max_abs,
+    relative_output_error,
+)
 from quantizers.rtn import QuantResult, rtn_quantize
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LayerReport:
-    """What quantization did to one layer.
-
-    rel_error: ‖XWᵀ − XŴᵀ‖ / ‖XWᵀ‖ on the calibration inputs (None without calibration data).
-    max_abs_before/after: median over rows (or row-groups) of max |w|, before and after MagR.
-    magr_change: ‖XWᵀ − XW_magrᵀ‖ / ‖XWᵀ‖, the output change MagR alone made.
-    """
-
-    name: str
-    shape: tuple[int, int]
-    rel_error: float | None = None
-    max_abs_before: float | None = None
-    max_abs_after: float | None = None
-    magr_change: float | None = None
-    damp_percent: float | None = None  # GPTQ's damping after any Cholesky retries
-
-
-@dataclass
-class QuantReport:
-    """Per-layer report of one quantize_model run (attached as `model.quantization_report`)."""
-
-    config: dict[str, Any]
-    layers: list[LayerReport] = field(default_factory=list)
-    calibration_tokens: int = 0
-    seconds: float = 0.0
-    reconstruction: list[BlockRecon] = field(default_factory=list)
-    heldout_windows: int = 0  # calibration windows reconstruction held out (GPTQ saw them)
-    reconstruction_seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def mean_rel_error(self) -> float | None:
-        errors = [r.rel_error for r in self.layers if r.rel_error is not None]
-        return sum(errors) / len(errors) if errors else None
-
-    def to_markdown(self) -> str:
-        """A table for a model card."""
-        lines = [
-            "| layer | shape | rel. output error | median max abs w (before → after MagR) |",
-            "|---|---|---|---|",
-        ]
-        for r in self.layers:
-            err = "—" if r.rel_error is None else f"{r.rel_error:.4f}"
-            mags = (
-                "—"
-                if r.max_abs_before is None
-                else f"{r.max_abs_before:.4f} → {r.max_abs_after:.4f}"
-            )
-            lines.append(f"| {r.name} | {r.shape[0]}×{r.shape[1]} | {err} | {mags} |")
-        retried = self.cholesky_fallbacks()
-        if retried:
-            lines += [
-                "",
-                f"GPTQ's Cholesky needed more damping than {self.config['damp_percent']:g} on "
-                f"{len(retried)} of {len(self.layers)} layers: "
-                + ", ".join(f"{r.name} ({r.damp_percent:g})" for r in retried),
-            ]
-        recon = recon_markdown(self.reconstruction, self.heldout_windows)
-        return "\n".join(lines + recon) + "\n"
-
-    def cholesky_fallbacks(self, min_damp: float = 0.0) -> list[LayerReport]:
-        """GPTQ layers whose Cholesky needed more damping than configured (above min_damp)."""
-        configured = self.config.get("damp_percent")
-        return [
-            r
-            for r in self.layers
-            if r.damp_percent is not None
-            and r.damp_percent > configured
-            and r.damp_percent >= min_damp
-        ]
-
-
-def relative_output_error(
-    W: Tensor, Q: Tensor, H: Tensor, matmul_dtype: torch.dtype | None = None
-) -> float:
-    """‖X(W−Q)ᵀ‖ / ‖XWᵀ‖ computed from H = XᵀX/n alone (matmuls optionally in a faster dtype:
-    it is a report, three digits are plenty)."""
-    D, W = (W - Q).float(), W.float()
-    if matmul_dtype is not None:
-        Hm = H.to(matmul_dtype)
-        num = float(((D.to(matmul_dtype) @ Hm).float() * D).sum())
-        den = float(((W.to(matmul_dtype) @ Hm).float() * W).sum())
-    else:
-        num = float(((D @ H) * D).sum())
-        den = float(((W @ H) * W).sum())
-    return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
-
-
-def median_max_abs(W: Tensor, group_size: int) -> float:
-    """Median over rows (or over each row's groups) of the largest |w|."""
-    A = W.abs()
-    if group_size != -1 and group_size < W.shape[1]:
-        groups = -(-W.shape[1] // group_size)
-        A = torch.nn.functional.pad(A, (0, groups * group_size - W.shape[1]))
-        A = A.reshape(W.shape[0], groups, group_size)
-        return float(A.amax(dim=2).median())
-    return float(A.amax(dim=1).median())
 
 
 def quantize_weights(
@@ -242,23 +147,6 @@ def _quantize_group(
         start = end
 
 
-def _log_block(name: str, layers: list[LayerReport], bar) -> None:
-    """One INFO line per block (the per-layer lines are DEBUG; all are in the report)."""
-    errors = [r.rel_error for r in layers if r.rel_error is not None]
-    if not errors:
-        return
-    worst = max(layers, key=lambda r: r.rel_error or 0.0)
-    line = (
-        f"{name}: rel. output error mean {statistics.mean(errors):.4f}, "
-        f"max {worst.rel_error:.4f} ({worst.name.rsplit('.', 1)[-1]})"
-    )
-    shrink = [r.max_abs_after / r.max_abs_before for r in layers if r.max_abs_before]
-    if shrink:
-        line += f"; MagR median max|w| x{statistics.mean(shrink):.2f}"
-    log.info(line)
-    bar.set_postfix(rel_err=f"{statistics.mean(errors):.4f}")
-
-
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
@@ -274,6 +162,86 @@ def _check_packable(blocks: nn.ModuleList, prefix: str, bits: int) -> None:
                         f"{prefix}.{i}.{name}: {what}={n} cannot be packed at {bits} bits "
                         "(the GPTQ layout needs a multiple of 32 values per 32·bits-bit span)"
                     )
+
+
+def needs_calibration(config: QuantConfig) -> bool:
+    """Whether `config` cannot run without calibration data (RTN alone can)."""
+    return config.method == "gptq" or config.magr or config.cd_sweeps > 0 or config.reconstruct
+
+
+def _resolve_dtypes(
+    device: torch.device, calib_dtype: Any, product_dtype: Any
+) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """calib_dtype ('auto' → bf16 where the hardware multiplies it) and product_dtype ('calib' →
+    calib_dtype's; None → float32) as dtypes, with a clear error otherwise."""
+    if calib_dtype == "auto":
+        calib_dtype = fast_matmul_dtype(device)
+    elif calib_dtype is not None and not isinstance(calib_dtype, torch.dtype):
+        raise ValueError(f"calib_dtype must be a torch.dtype, 'auto' or None, got {calib_dtype!r}")
+    if product_dtype == "calib":
+        product_dtype = calib_dtype
+    elif product_dtype is not None and not isinstance(product_dtype, torch.dtype):
+        raise ValueError(
+            f"product_dtype must be a torch.dtype, 'calib' or None, got {product_dtype!r}"
+        )
+    return calib_dtype, product_dtype
+
+
+@dataclass
+class BlockInputs:
+    """What the block-by-block loop carries from one decoder block to the next: the quantized
+    model's inputs to the block, the keyword arguments each batch is called with, and (for
+    reconstruction) the full-precision model's inputs; `heldout`: the last windows reconstruction
+    holds out."""
+
+    hidden: list[Tensor] | None
+    kwargs: list[dict] | None
+    hidden_fp: list[Tensor] | None = None
+    heldout: int = 0
+
+
+def quantize_block(
+    block: nn.Module,
+    name: str,
+    inputs: BlockInputs,
+    config: QuantConfig,
+    report: QuantReport,
+    calib_dtype: torch.dtype | None,
+    product_dtype: torch.dtype | None,
+    device: torch.device,
+) -> None:
+    """Quantize one decoder block in place (MagR → GPTQ/RTN → pack, then reconstruction), and
+    advance `inputs` to the next block's."""
+    linears = block_linears(block, name)
+    if inputs.hidden is None:  # RTN without data: every layer on its own, no report error
+        for layer in linears:
+            _quantize_group(block, linears, [layer], None, config, name, report)
+        return
+    hidden, kwargs = inputs.hidden, inputs.kwargs
+    targets = None
+    if inputs.hidden_fp is not None:  # the original block (before MagR) on X_fp
+        with _autocast(device, calib_dtype):
+            targets = run_block(copy.deepcopy(block), inputs.hidden_fp, kwargs)
+    with _autocast(device, calib_dtype):
+        groups = input_groups(block, linears, hidden[0], kwargs[0])
+    stages = [[g] for g in groups] if config.true_sequential else [groups]
+    for stage in stages:
+        # layers quantized so far dequantize once for all batches
+        with dequantize_cache(block), _autocast(device, calib_dtype):
+            hessians = collect_hessians(
+                block, linears, stage, hidden, kwargs, product_dtype=product_dtype
+            )
+        for group in stage:
+            _quantize_group(block, linears, group, hessians[group[0]], config, name, report)
+    if targets is not None:
+        rec = reconstruct_block(
+            block, hidden, kwargs, targets, inputs.heldout, config, calib_dtype, name
+        )
+        report.reconstruction.append(rec)
+        report.reconstruction_seconds += rec.seconds
+        inputs.hidden_fp = targets
+    with dequantize_cache(block), _autocast(device, calib_dtype):
+        inputs.hidden = run_block(block, hidden, kwargs)
 
 
 def quantize_model(
@@ -292,8 +260,8 @@ def quantize_model(
     calib_dtype: run the calibration forward passes under autocast to this dtype (e.g.
         torch.bfloat16: about 3x faster on a CPU with AVX512-BF16, as GPTQ is usually run in
         half precision on GPUs). The weights are still read and quantized in full precision.
-        "auto" picks
-        bfloat16 where the hardware multiplies it natively. Default: the model's own dtype.
+        "auto" picks bfloat16 where the hardware multiplies it natively. Default: the model's
+        own dtype.
     product_dtype: the dtype of each batch's XᵀX from the (possibly bf16-rounded) inputs; None:
         float32, the default. "calib": calib_dtype's, which was the default until 2026-12: products
         rounded to bfloat16 made H indefinite and GPTQ's Cholesky retry with more damping on
@@ -308,35 +276,22 @@ def quantize_model(
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     start = time.perf_counter()
     prefix, blocks = find_decoder_blocks(model)
-    needs_data = (
-        config.method == "gptq" or config.magr or config.cd_sweeps > 0 or config.reconstruct
-    )
-    if needs_data or calib_data:
+    if needs_calibration(config) or calib_data:
         check_calibration_data(calib_data)
     heldout = 0
     if config.reconstruct:  # same windows for GPTQ; the last ones are held out for reconstruction
         train, held = split_holdout(calib_data, config.recon_holdout)
         calib_data, heldout = train + held, len(held)
-    use_data = bool(calib_data)
     _check_packable(blocks, prefix, config.bits)
     model_device = next(model.parameters()).device
     device = torch.device(device) if device is not None else model_device
-    if calib_dtype == "auto":
-        calib_dtype = fast_matmul_dtype(device)
-    elif calib_dtype is not None and not isinstance(calib_dtype, torch.dtype):
-        raise ValueError(f"calib_dtype must be a torch.dtype, 'auto' or None, got {calib_dtype!r}")
-    if product_dtype == "calib":
-        product_dtype = calib_dtype
-    elif product_dtype is not None and not isinstance(product_dtype, torch.dtype):
-        raise ValueError(
-            f"product_dtype must be a torch.dtype, 'calib' or None, got {product_dtype!r}"
-        )
+    calib_dtype, product_dtype = _resolve_dtypes(device, calib_dtype, product_dtype)
     report = QuantReport(config=config.to_dict())
     was_training = model.training
     model.eval()
 
-    hidden = kwargs = None
-    if use_data:
+    inputs = BlockInputs(None, None, heldout=heldout)
+    if calib_data:
         report.calibration_tokens = sum(b.numel() for b in calib_data)
         log.info(
             "calibrating on %d sequences, %d tokens",
@@ -344,47 +299,21 @@ def quantize_model(
             report.calibration_tokens,
         )
         with _autocast(device, calib_dtype):
-            hidden, kwargs = capture_block_inputs(model, blocks, calib_data, device)
-        report.heldout_windows = sum(h.shape[0] for h in hidden[len(hidden) - heldout :])
-    hidden_fp = list(hidden) if config.reconstruct else None  # the full-precision model's
+            inputs.hidden, inputs.kwargs = capture_block_inputs(model, blocks, calib_data, device)
+        held = inputs.hidden[len(inputs.hidden) - heldout :]
+        report.heldout_windows = sum(h.shape[0] for h in held)
+        if config.reconstruct:
+            inputs.hidden_fp = list(inputs.hidden)  # the full-precision model's
 
     with logging_redirect_tqdm(), torch.no_grad():
         bar = tqdm(range(len(blocks)), desc=f"quantizing W{config.bits}", unit="block")
         for i in bar:
             block = blocks[i].to(device)
-            name = f"{prefix}.{i}"
-            linears = block_linears(block, name)
             first = len(report.layers)
-            targets = None
-            if hidden_fp is not None:  # the original block (before MagR) on X_fp
-                with _autocast(device, calib_dtype):
-                    targets = run_block(copy.deepcopy(block), hidden_fp, kwargs)
-            if hidden is None:
-                for layer in linears:
-                    _quantize_group(block, linears, [layer], None, config, name, report)
-            else:
-                with _autocast(device, calib_dtype):
-                    groups = input_groups(block, linears, hidden[0], kwargs[0])
-                stages = [[g] for g in groups] if config.true_sequential else [groups]
-                for stage in stages:
-                    # layers quantized so far dequantize once for all batches
-                    with dequantize_cache(block), _autocast(device, calib_dtype):
-                        hessians = collect_hessians(
-                            block, linears, stage, hidden, kwargs, product_dtype=product_dtype
-                        )
-                    for group in stage:
-                        H = hessians[group[0]]
-                        _quantize_group(block, linears, group, H, config, name, report)
-                if targets is not None:
-                    rec = reconstruct_block(
-                        block, hidden, kwargs, targets, heldout, config, calib_dtype, name
-                    )
-                    report.reconstruction.append(rec)
-                    report.reconstruction_seconds += rec.seconds
-                    hidden_fp = targets
-                with dequantize_cache(block), _autocast(device, calib_dtype):
-                    hidden = run_block(block, hidden, kwargs)
-            _log_block(name, report.layers[first:], bar)
+            quantize_block(
+                block, f"{prefix}.{i}", inputs, config, report, calib_dtype, product_dtype, device
+            )
+            log_block(f"{prefix}.{i}", report.layers[first:], bar)
             blocks[i] = block.to(model_device)
 
     report.seconds = time.perf_counter() - start
@@ -392,6 +321,11 @@ def quantize_model(
     model.quant_config = config
     model.config.quantization_config = config.quantization_config()
     model.train(was_training)
+    _log_summary(report, config)
+    return model
+
+
+def _log_summary(report: QuantReport, config: QuantConfig) -> None:
     retried = report.cholesky_fallbacks()
     if retried:
         log.warning(
@@ -408,4 +342,3 @@ def quantize_model(
         report.seconds,
         "" if mean is None else f"; mean rel. output error {mean:.4f}",
     )
-    return model

@@ -8,8 +8,9 @@ import torch
 from eval.math10k import resolve_tasks
 from eval.nll import aggregate, reference_nll
 from qdiablo import cli
+from qdiablo.adapters.loading import load_adapter
 from qdiablo.kinds import BASE_KINDS, QUANT_FLAG_KINDS
-from qdiablo.models import load_adapter, load_base, load_model
+from qdiablo.models import load_base, load_model
 
 ARGS = ["--max-new-tokens", "3", "--limit", "2", "--batch-size", "2", "--no-progress"]
 

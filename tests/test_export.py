@@ -17,9 +17,9 @@ from conftest import make_tiny_llama, make_tokenizer
 from huggingface_hub import ModelCard
 
 from qdiablo import cli
+from qdiablo.adapters.loading import load_adapter
 from qdiablo.errors import UserError
 from qdiablo.export import export_model, load_exported, verify_export
-from qdiablo.models import load_adapter
 from qdiablo.outputs import is_bookkeeping
 from quantizers import QuantConfig, QuantLinear, load_quantized, quantize_model, save_quantized
 from quantizers.calibration import tokenize_calibration
@@ -312,7 +312,7 @@ def test_eval_accepts_an_export_folder(exported, tmp_path, capsys):
 
 def test_a_peft_lora_adapter_exports_unmerged_and_the_card_says_so(pipeline, tmp_path):
     pytest.importorskip("peft")
-    from qdiablo.train.adapters import attach_lora
+    from qdiablo.adapters.lora import attach_lora
 
     base = load_quantized(pipeline["base"])
     lora = attach_lora(base, rank=4, alpha=8, target_modules=["q_proj"], dropout=0.0)

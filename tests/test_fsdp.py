@@ -231,7 +231,7 @@ def test_fsdp_lora_on_float_stored_packed_base_with_bf16_policy(tmp_path, rtn_fo
     """GPTQ-LoRA under FSDP2 with the packed bytes stored as bf16 (bitsandbytes-style) and a
     bf16 mixed-precision policy: the gathered packed bytes still equal the file's, and the
     saved LoRA folder loads without FSDP and reproduces the gathered weights bit for bit."""
-    from qdiablo.train.adapters import load_lora
+    from qdiablo.adapters.lora import load_lora
 
     out = tmp_path / "lora"
     config = _config(
@@ -261,7 +261,8 @@ def test_fingerprint_read_from_the_files_equals_a_loaded_bases(tmp_path, checkpo
     points converted as load_quantized does): the same sha256 as on a loaded base."""
     from qdiablo import DiaBloConfig, get_diablo_model
     from qdiablo.diablo.model import base_fingerprint
-    from qdiablo.train.fsdp_loading import file_state_of, packed_base_on_meta
+    from qdiablo.models import packed_base_on_meta
+    from qdiablo.train.fsdp_loading import file_state_of
     from quantizers import load_quantized
 
     config = QuantConfig(method="rtn", bits=2, group_size=32, checkpoint_format=checkpoint_format)

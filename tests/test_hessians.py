@@ -17,7 +17,7 @@ from quantizers.calibration import (
     input_groups,
 )
 from quantizers.gptq import damped_inverse_cholesky
-from quantizers.quantize import LayerReport, QuantReport
+from quantizers.report import LayerReport, QuantReport
 
 
 def test_float32_calibration_hessians_are_psd_grams_and_bf16_products_are_not_exact():

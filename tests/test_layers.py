@@ -37,6 +37,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qdiablo.kinds",
             "qdiablo.manifest",
             "qdiablo.optional",
+            "qdiablo.sources",
+            "qdiablo.devices",
             "qdiablo.outputs",
             "qdiablo.versions",
         ),
@@ -46,19 +48,16 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "qdiablo.diablo",
             "qdiablo.nf4",
+            "qdiablo.nf",
             "qdiablo.calibration",
-            "qdiablo.train.nf",
-            "qdiablo.train.budget",
-            "qdiablo.train.config",
-            "qdiablo.train.adapters",
-            "qdiablo.train.fsdp_loading",
+            "qdiablo.adapters",
             "eval",
         ),
     ),
     ("loader: the one way to load a base", ("qdiablo.models",)),
     (
         "workflows: training and export",
-        ("qdiablo.train", "qdiablo.export"),  # every train module but those of the core
+        ("qdiablo.train", "qdiablo.export"),
     ),
     (
         "top: pipeline, verbs, CLI",

@@ -9,7 +9,7 @@ from quant_problems import output_error, structured_problem
 from quantizers.config import default_beta
 from quantizers.gptq import gptq_quantize
 from quantizers.magr import group_linf_prox, lambda_max, linf_prox, magr, magr_objective
-from quantizers.quantize import median_max_abs
+from quantizers.report import median_max_abs
 from quantizers.rtn import rtn_quantize
 
 

@@ -8,7 +8,7 @@ from quant_problems import output_error, structured_problem
 
 from quantizers.cd import cd_refine
 from quantizers.gptq import CholeskyError, gptq_quantize, inverse_cholesky
-from quantizers.quantize import relative_output_error
+from quantizers.report import relative_output_error
 from quantizers.rtn import find_grid, rtn_quantize
 
 

@@ -7,10 +7,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from qdiablo import DiaBloConfig, get_diablo_model
+from qdiablo.adapters.diablo import attach_diablo
+from qdiablo.adapters.lora import attach_lora
 from qdiablo.diablo.model import base_fingerprint, find_targets
 from qdiablo.errors import UserError
 from qdiablo.nf4 import bnb_nf4_config, quantize_bnb_4bit_
-from qdiablo.train.adapters import attach_diablo, attach_lora
 from qdiablo.train.bases import load_training_base
 from qdiablo.train.metrics import base_linear_bytes, layer_resident_bytes
 

@@ -4,10 +4,7 @@ and the counts of the real adapters."""
 import pytest
 from conftest import make_tiny_llama
 
-from qdiablo.errors import UserError
-from qdiablo.train.adapters import adapted_layers, attach_diablo, attach_lora, layer_shapes
-from qdiablo.train.adapters import trainable_parameters as count
-from qdiablo.train.budget import (
+from qdiablo.adapters.budget import (
     diablo_parameters,
     lora_parameters,
     matched_num_blocks,
@@ -15,6 +12,11 @@ from qdiablo.train.budget import (
     resolve_budget,
     valid_num_blocks,
 )
+from qdiablo.adapters.common import adapted_layers, layer_shapes
+from qdiablo.adapters.common import trainable_parameters as count
+from qdiablo.adapters.diablo import attach_diablo
+from qdiablo.adapters.lora import attach_lora
+from qdiablo.errors import UserError
 
 # LLaMA-7B, q,k,v,up,down over 32 decoder layers.
 LLAMA7B = [(4096, 4096)] * 3 + [(4096, 11008), (11008, 4096)]

@@ -6,7 +6,7 @@ import torch
 from conftest import make_tiny_llama
 from scipy.stats import norm
 
-from qdiablo.train.nf import (
+from qdiablo.nf import (
     fake_quantize_model_nf,
     nf_dequantize,
     nf_fake_quantize,

@@ -8,9 +8,9 @@ from conftest import make_tiny_llama, make_tokenizer
 from torch import nn
 
 from qdiablo import DiaBloConfig, DiaBloModel, get_diablo_model
+from qdiablo.adapters.lora import attach_lora, load_lora
 from qdiablo.errors import UserError
 from qdiablo.train import TrainConfig, train
-from qdiablo.train.adapters import attach_lora, load_lora
 from qdiablo.train.bases import load_training_base
 from qdiablo.train.metrics import base_linear_bytes
 from quantizers import QuantConfig, QuantLinear, quantize_model, save_quantized

@@ -9,15 +9,15 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from qdiablo import DiaBloModel
-from qdiablo.errors import UserError
-from qdiablo.train import TrainConfig, train
-from qdiablo.train.bases import load_training_base
-from qdiablo.train.budget import (
+from qdiablo.adapters.budget import (
     diablo_parameters,
     lora_parameters,
     matched_num_blocks,
     matched_rank,
 )
+from qdiablo.errors import UserError
+from qdiablo.train import TrainConfig, train
+from qdiablo.train.bases import load_training_base
 
 
 def config(tmp_path, model_dir, data, name="run", **overrides) -> TrainConfig:

@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
 
     from eval.math10k import resolve_tasks
     from eval.runner import MARKDOWN_FILE, EvalSettings, evaluate, output_names
-    from qdiablo.models import adapter_kind, load_adapter, load_base, load_tokenizer
+    from qdiablo.adapters.loading import adapter_kind, load_adapter
+    from qdiablo.models import load_base, load_tokenizer
     from qdiablo.outputs import OutputFolder
 
     if args.no_nll and args.nll_only:

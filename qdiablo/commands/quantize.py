@@ -75,17 +75,15 @@ def run(args: argparse.Namespace) -> int:
     from qdiablo.models import load_base, load_tokenizer
     from qdiablo.outputs import OutputFolder
     from quantizers import quantize_model, save_quantized
+    from quantizers.quantize import needs_calibration
 
     config = quant_config_from_args(args)
     check_calibration_arguments(args)
     output = Path(args.output)
     with OutputFolder(output, "quantize", overwrite=args.overwrite) as out:
         tokenizer = load_tokenizer(args.model, args.gguf_file)
-        needs_data = (
-            config.method == "gptq" or config.magr or config.cd_sweeps > 0 or config.reconstruct
-        )
         calib = None
-        if needs_data or args.calib:
+        if needs_calibration(config) or args.calib:
             calib = build_calibration_data(
                 tokenizer,
                 args.calib,

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from eval.runner import SUMMARY_FILE
+from qdiablo.adapters.loading import adapter_kind, load_adapter
 from qdiablo.calibration import build_calibration_data
 from qdiablo.errors import UserError
 from qdiablo.export.card import CardFacts, model_card
@@ -33,7 +34,7 @@ from qdiablo.export.merge import merge_into_dense, requantize, save_merged
 from qdiablo.hashing import adapter_digest
 from qdiablo.io import read_json
 from qdiablo.manifest import MANIFEST_NAME, build_manifest
-from qdiablo.models import adapter_kind, is_quantized_folder, load_adapter, load_packed
+from qdiablo.models import is_quantized_folder, load_packed
 from qdiablo.outputs import OutputFolder, is_bookkeeping
 from qdiablo.train.config import CONFIG_FILE, RESULTS_FILE
 from qdiablo.versions import library_versions

@@ -1,7 +1,7 @@
 """Sharded loading of a packed base under FSDP2: no process ever holds the whole base.
 
-1. `packed_base_on_meta`: the model of a `qdiablo quantize` folder is built on the meta device
-   (QuantLinear layers included), nothing read but the headers;
+1. `qdiablo.models.packed_base_on_meta`: the model of a `qdiablo quantize` folder is built on
+   the meta device (QuantLinear layers included), nothing read but the headers;
 2. the adapter is attached on meta as usual; DiaBlo's base fingerprint is computed from the files,
    reading only the rows it samples, so it equals the fingerprint of a normally loaded base;
 3. `shard_and_load`: accelerate's own `fsdp2_prepare_model` shards the meta model (one unit per
@@ -24,23 +24,10 @@ import torch
 from torch import nn
 
 from qdiablo.errors import UserError
-from quantizers.checkpoint import quantized_skeleton
 from quantizers.packing import zeros_v1_to_v2
 from quantizers.quant_linear import PACKED_NAMES, QuantLinear
 
 log = logging.getLogger(__name__)
-
-
-def packed_base_on_meta(folder: str, dtype: torch.dtype, storage_dtype: torch.dtype) -> nn.Module:
-    """The packed model of `folder` on the meta device, float parameters typed as `dtype`."""
-    model, files = quantized_skeleton(folder, storage_dtype, packed_device="meta")
-    packed = {id(p) for m in model.modules() if isinstance(m, QuantLinear) for p in m.parameters()}
-    for p in model.parameters():
-        if p.is_floating_point() and id(p) not in packed:
-            p.data = p.data.to(dtype)
-    model._qdiablo_files = files  # where each tensor lives, for shard_and_load
-    model.eval()
-    return model
 
 
 def _file_key(param_name: str) -> str:

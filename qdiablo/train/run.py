@@ -22,6 +22,10 @@ from typing import Any
 
 from transformers import set_seed
 
+from qdiablo.adapters.budget import Budget, resolve_budget, valid_num_blocks
+from qdiablo.adapters.common import adapted_layers, layer_shapes, trainable_parameters
+from qdiablo.adapters.diablo import attach_diablo
+from qdiablo.adapters.lora import attach_lora
 from qdiablo.diablo import DiaBloModel
 from qdiablo.diablo.model import base_fingerprint
 from qdiablo.diablo.targets import resolve_target_modules
@@ -29,15 +33,7 @@ from qdiablo.errors import UserError
 from qdiablo.io import atomic_path, read_json, write_json
 from qdiablo.kinds import PACKED_KINDS
 from qdiablo.outputs import OutputFolder, remove_entry
-from qdiablo.train.adapters import (
-    adapted_layers,
-    attach_diablo,
-    attach_lora,
-    layer_shapes,
-    trainable_parameters,
-)
 from qdiablo.train.bases import LoadedBase, load_training_base
-from qdiablo.train.budget import Budget, resolve_budget, valid_num_blocks
 from qdiablo.train.checkpoint import checkpoint_problem, latest_checkpoint, save_adapter, unwrap
 from qdiablo.train.config import (
     ADAPTER_DIR,

@@ -1,6 +1,4 @@
-"""Putting the trainable adapter on a frozen base: DiaBlo (qdiablo) or LoRA (PEFT).
-
-LoRA runs through PEFT itself, so the baselines are the ecosystem's LoRA:
+"""LoRA through PEFT itself, so the baselines are the ecosystem's LoRA:
 - on nn.Linear and bitsandbytes Linear4bit bases PEFT dispatches its own layers (QLoRA);
 - on packed `quantizers.QuantLinear` layers (GPTQ-LoRA), PEFT's custom-module dispatch maps the
   packed class to PEFT's own `GPTQLoraLinear`, the LoRA layer PEFT uses for GPTQModel's packed
@@ -9,53 +7,12 @@ LoRA runs through PEFT itself, so the baselines are the ecosystem's LoRA:
 
 from __future__ import annotations
 
-import logging
 import warnings
-from dataclasses import dataclass
 
 from torch import nn
 
-from qdiablo.diablo import DiaBloConfig, DiaBloModel, get_diablo_model
-from qdiablo.diablo.model import find_targets
+from qdiablo.adapters.common import adapted_layers
 from qdiablo.optional import import_peft
-from qdiablo.train.budget import Shape
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AdaptedLayer:
-    name: str
-    in_features: int
-    out_features: int
-    base_type: str
-
-
-def adapted_layers(model: nn.Module, target_modules: list[str] | str) -> list[AdaptedLayer]:
-    """The layers an adapter with these targets wraps (the same rule for DiaBlo and LoRA)."""
-    names = find_targets(model, DiaBloConfig(num_blocks=1, target_modules=target_modules))
-    layers = []
-    for name in names:
-        m = model.get_submodule(name)
-        layers.append(AdaptedLayer(name, m.in_features, m.out_features, type(m).__name__))
-    return layers
-
-
-def layer_shapes(layers: list[AdaptedLayer]) -> list[Shape]:
-    return [(layer.in_features, layer.out_features) for layer in layers]
-
-
-def attach_diablo(
-    model: nn.Module, num_blocks: int, target_modules: list[str] | str, dropout: float
-) -> DiaBloModel:
-    """Freeze the base and wrap the targets with zero-initialised float32 blocks."""
-    config = DiaBloConfig(
-        num_blocks=num_blocks,
-        target_modules=target_modules,
-        dropout=dropout,
-        block_dtype="float32",
-    )
-    return get_diablo_model(model, config)
 
 
 def packed_layer_types(model: nn.Module, target_modules: list[str] | str) -> set[type]:
@@ -125,7 +82,3 @@ def load_lora(model: nn.Module, adapter_dir: str, is_trainable: bool = False):
         return PeftModel.from_pretrained(
             model, str(adapter_dir), config=config, is_trainable=is_trainable
         )
-
-
-def trainable_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

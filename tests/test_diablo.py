@@ -421,7 +421,8 @@ def test_module_is_importable_by_its_documented_names():
 
 def test_dropout_keeps_the_shared_input_once_and_matches_the_dense_reference():
     """q, k and v read one hidden state: with dropout their backward holds that tensor once (in
-    its own dtype) plus a 1-byte mask each, never a dropped copy in the blocks' float32; output
+    its own dtype) plus a 1-byte mask each, never a dropped copy in the blocks' float32 nor a
+    scaled copy of the blocks; output
     and gradients equal the dense reference, W x + (mask ⊙ x) D / (1 - p), under the same mask."""
     from qdiablo.diablo.layer import dense_delta, dropout_mask
 
@@ -444,9 +445,8 @@ def test_dropout_keeps_the_shared_input_once_and_matches_the_dense_reference():
     torch.manual_seed(1)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         ys = [layer(x) for layer in layers]
-    blocks = sum(layer.blocks.numel() * 4 for layer in layers)  # the scaled blocks each layer saves
-    weights = sum(layer.base_layer.weight.untyped_storage().nbytes() for layer in layers)
-    activations = sum(saved.values()) - blocks - weights
+    params = {p.untyped_storage().data_ptr() for layer in layers for p in layer.parameters()}
+    activations = sum(n for ptr, n in saved.items() if ptr not in params)
     assert activations == x.numel() * 2 + 3 * x.numel()  # bf16 x once, three bool masks
     assert 3 * 4 * x.numel() > 2 * activations  # three float32 dropped copies took that
 

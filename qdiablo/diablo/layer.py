@@ -54,8 +54,9 @@ def _dropped(x: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dtype) -> 
 
 
 class _BlockDiagonalMatmul(torch.autograd.Function):
-    """y = drop(x) · blockdiag(B) for x of shape (T, N·bi), B of shape (N, bi, bo), and an
-    optional keep-mask (T, N·bi) of the adapter dropout (the 1/(1-p) scale is in B already).
+    """y = drop(x) · blockdiag(s·B) for x of shape (T, N·bi), B of shape (N, bi, bo), an optional
+    keep-mask (T, N·bi) of the adapter dropout and its 1/(1-p) scale s, applied to the (small)
+    blocks rather than the (large) input.
 
     All three GEMMs are batched over the N blocks. Measured on CPU (BENCHMARKS.md), the GEMMs run
     several times faster when the token dimension T is the wide, contiguous dimension of their
@@ -64,24 +65,28 @@ class _BlockDiagonalMatmul(torch.autograd.Function):
     once. dB reads both operands as views.
 
     Saved for backward: x itself, in its own dtype, the 1-byte mask and B, never the dropped
-    input in the blocks' dtype; backward recomputes that (one elementwise pass). The layers that
-    read the same input (q, k and v read one normalised hidden state) so hold it once between
-    them, plus a mask each, where a saved fp32 dropped copy per layer cost 3 × 4 bytes a value.
+    input in the blocks' dtype nor the scaled blocks; backward recomputes both (elementwise
+    passes, with the same roundings as the forward). The layers that read the same input (q, k
+    and v read one normalised hidden state) so hold it once between them, plus a mask each,
+    where a saved fp32 dropped copy per layer cost 3 × 4 bytes a value.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor | None, blocks: torch.Tensor):
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor | None, blocks: torch.Tensor, scale):
         t = x.shape[0]
         n, bi, bo = blocks.shape
         h_t = _dropped(x, keep, blocks.dtype).view(t, n, bi).permute(1, 2, 0)  # (N, bi, T)
-        y_t = torch.bmm(blocks.transpose(1, 2), h_t)  # (N, bo, T)
+        scaled = blocks if scale == 1.0 else blocks * scale
+        y_t = torch.bmm(scaled.transpose(1, 2), h_t)  # (N, bo, T)
         ctx.save_for_backward(x, keep, blocks)
+        ctx.scale = scale
         ctx.compute_dtype = y_t.dtype  # bf16 under autocast
         return y_t.permute(2, 0, 1).reshape(t, n * bo)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, keep, blocks = ctx.saved_tensors
+        scale = ctx.scale
         t = x.shape[0]
         n, bi, bo = blocks.shape
         dtype = ctx.compute_dtype
@@ -89,14 +94,16 @@ class _BlockDiagonalMatmul(torch.autograd.Function):
         dy_t = dy.view(t, n, bo).permute(1, 2, 0)  # (N, bo, T), a view
         dx = dblocks = None
         if ctx.needs_input_grad[0]:
-            dx_t = torch.bmm(blocks.to(dtype), dy_t)  # (N, bi, T)
+            scaled = blocks if scale == 1.0 else blocks * scale
+            dx_t = torch.bmm(scaled.to(dtype), dy_t)  # (N, bi, T)
             dh = dx_t.permute(2, 0, 1).reshape(t, n * bi).to(blocks.dtype)
             dx = (dh if keep is None else torch.where(keep, dh, 0.0)).to(x.dtype)
         if ctx.needs_input_grad[2]:
             h = _dropped(x, keep, blocks.dtype)
             x_t = h.to(dtype).view(t, n, bi).permute(1, 2, 0)
             dblocks = torch.bmm(x_t, dy.view(t, n, bo).transpose(0, 1)).to(blocks.dtype)
-        return dx, None, dblocks
+            dblocks = dblocks if scale == 1.0 else dblocks * scale
+        return dx, None, dblocks, None
 
 
 def block_diagonal_matmul(
@@ -104,9 +111,11 @@ def block_diagonal_matmul(
     blocks: torch.Tensor,
     out_features: int,
     keep: torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> torch.Tensor:
-    """x · blockdiag(blocks) for x of any leading shape (..., in) → (..., out), in the blocks'
-    dtype; with `keep` (a bool mask shaped like x), the dropped-out input where it is False.
+    """x · blockdiag(scale · blocks) for x of any leading shape (..., in) → (..., out), in the
+    blocks' dtype; with `keep` (a bool mask shaped like x), the dropped-out input where it is
+    False (dropout's 1/(1-p) goes in `scale`).
 
     Zero-pads the input and slices the output when the blocks are padded (indivisible='pad').
     """
@@ -118,7 +127,7 @@ def block_diagonal_matmul(
             keep = F.pad(keep, (0, n * block_in - keep.shape[-1]))
     flat = x.reshape(-1, n * block_in).contiguous()
     mask = None if keep is None else keep.reshape(-1, n * block_in).contiguous()
-    y = _BlockDiagonalMatmul.apply(flat, mask, blocks)
+    y = _BlockDiagonalMatmul.apply(flat, mask, blocks, float(scale))
     y = y.view(*lead, n * block_out)
     return y if n * block_out == out_features else y[..., :out_features]
 
@@ -218,8 +227,7 @@ class DiaBloLinear(nn.Module):
         if self.merged or not self.adapter_enabled:
             return y
         keep, scale = dropout_mask(x, self.dropout, self.training)
-        blocks = self.blocks if scale == 1.0 else self.blocks * scale
-        return y + block_diagonal_matmul(x, blocks, self.out_features, keep).to(y.dtype)
+        return y + block_diagonal_matmul(x, self.blocks, self.out_features, keep, scale).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """Dᵀ, the (out, in) update that merging adds to the base weight."""

@@ -20,7 +20,7 @@ from qdiablo.errors import UserError
 from qdiablo.flags import config_defaults, load_yaml
 
 # The pipeline order: model -> quantize -> train -> eval -> export.
-COMMANDS = ["demo", "quantize", "train", "eval", "export", "run", "compare"]
+COMMANDS = ["demo", "quantize", "train", "eval", "export", "run", "compare", "plan"]
 
 log = logging.getLogger("qdiablo")
 

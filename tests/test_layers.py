@@ -51,6 +51,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qdiablo.nf",
             "qdiablo.calibration",
             "qdiablo.adapters",
+            "qdiablo.memory",
             "eval",
         ),
     ),

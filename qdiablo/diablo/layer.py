@@ -48,9 +48,10 @@ def _divisors(n: int) -> list[int]:
 
 
 def _dropped(x: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The adapter's input: x in the blocks' dtype, zeroed where the dropout mask drops it."""
-    h = x.to(dtype)
-    return h if keep is None else torch.where(keep, h, 0.0)
+    """The adapter's input in `dtype`, zeroed where the dropout mask drops it. Masked in x's own
+    dtype, then cast: the same values as casting first (masking only selects), one transient
+    copy of x's size less."""
+    return (x if keep is None else torch.where(keep, x, 0.0)).to(dtype)
 
 
 class _BlockDiagonalMatmul(torch.autograd.Function):
@@ -93,16 +94,17 @@ class _BlockDiagonalMatmul(torch.autograd.Function):
         dy = dy.to(dtype)
         dy_t = dy.view(t, n, bo).permute(1, 2, 0)  # (N, bo, T), a view
         dx = dblocks = None
-        if ctx.needs_input_grad[0]:
-            scaled = blocks if scale == 1.0 else blocks * scale
-            dx_t = torch.bmm(scaled.to(dtype), dy_t)  # (N, bi, T)
-            dh = dx_t.permute(2, 0, 1).reshape(t, n * bi).to(blocks.dtype)
-            dx = (dh if keep is None else torch.where(keep, dh, 0.0)).to(x.dtype)
+        # one transient at a time: the dropped input for dB is freed before dX is computed
         if ctx.needs_input_grad[2]:
-            h = _dropped(x, keep, blocks.dtype)
-            x_t = h.to(dtype).view(t, n, bi).permute(1, 2, 0)
+            x_t = _dropped(x, keep, dtype).view(t, n, bi).permute(1, 2, 0)
             dblocks = torch.bmm(x_t, dy.view(t, n, bo).transpose(0, 1)).to(blocks.dtype)
             dblocks = dblocks if scale == 1.0 else dblocks * scale
+            del x_t
+        if ctx.needs_input_grad[0]:
+            scaled = blocks if scale == 1.0 else blocks * scale
+            dh = torch.bmm(scaled.to(dtype), dy_t).permute(2, 0, 1).reshape(t, n * bi)
+            # masked in the compute dtype, then cast: the values the float32 detour gave
+            dx = (dh if keep is None else torch.where(keep, dh, 0.0)).to(x.dtype)
         return dx, None, dblocks, None
 
 

@@ -16,15 +16,19 @@ of the compute dtype (2 under bf16/fp16 autocast, else p):
     LoRA (PEFT)            per adapted layer: its dropped, cast input in·c (+ in for the mask)
                            and A's output r·c
 
-and per token once: the rotary cos/sin (2·head_dim·p), the final norm (4h + 4) and the loss's
-log-softmax output in float32 (4V). Dropout also keeps a scaled copy of every block (the adapter's
-bytes) until backward. With gradient checkpointing a layer keeps only its input (h·p); one
-layer's activations come back while its backward runs.
+and per token once: the rotary cos/sin (2·head_dim·p) and the loss's log-softmax output in
+float32 (4V); the final norm's 4h + 4 is offset by the first block's input norm, which saves
+nothing (the embeddings are frozen). Under autocast on float parameters of another dtype, the
+cast copy of the output head's weight (V·h·c) is saved too, and of every float linear layer's
+for a float base. With gradient checkpointing a layer keeps only its input (h·p) and one layer's
+activations come back while its backward runs.
 
-On top of what is saved, the step's transient peak is the larger of the loss (logits in c and
-their float32 copy in forward; two float32 gradients of the logits in backward: 8V a token) and a
-layer's backward (its activation gradients, ≤ 4(3i + 2h) a token), plus one packed layer
-dequantized (8 bytes a weight for the int32 codes and the float32 weight, then c for the cast).
+The step's peak adds a transient to what is saved: the loss's (logits in c and their float32
+copy in forward, two float32 gradients of the logits in backward: at most max(cV + 4V, 8V) a
+token), or, later in backward, the larger of one packed layer dequantized (8 bytes a weight: the
+int32 codes and the float32 weight; `quantizers.packing.dequantize_packed` works in place after
+that) and a DiaBlo layer's backward (2·c·i a token). `tests/test_memory_plan.py` measures the peak
+of a CPU step tensor by tensor against this.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ class Adapted:
     out_features: int
 
 
-def _reads(name: str) -> str:
+def input_of(name: str) -> str:
     for kind, names in (
         ("attn_in", ATTN_IN),
         ("attn_out", ATTN_OUT),
@@ -75,24 +79,25 @@ class TrainActivations:
     """Bytes a training step holds besides the model state, as functions of the tokens."""
 
     per_layer: int  # saved per token per decoder layer
-    shared: int  # saved per token once (rotary tables, final norm, log-softmax output)
+    shared: int  # saved per token once (rotary tables, log-softmax output)
     logprobs: int  # the part of `shared` freed once the loss's backward ran (4V)
     checkpoint: int  # kept per token per layer under gradient checkpointing (its input)
     loss_transient: int  # per token, the loss's forward/backward transient
-    layer_transient: int  # per token, one layer's backward transient
-    fixed: int  # per step: dropout's scaled copy of the blocks
+    layer_transient: int  # per token, a DiaBlo layer's backward transient
     dequant: int  # one packed layer dequantized (the largest)
+    fixed: int  # per step: autocast's saved weight copies
 
     def peak(self, tokens: int, layers: int, checkpointing: bool) -> int:
         """Peak bytes above the model state for a micro-batch of `tokens` tokens."""
-        inputs = tokens * INPUT_BYTES_PER_TOKEN
+        base = tokens * INPUT_BYTES_PER_TOKEN + self.fixed
+        late = max(self.dequant, tokens * self.layer_transient)  # in a layer's backward
         if not checkpointing:
             saved = tokens * (layers * self.per_layer + self.shared)
-            return inputs + saved + tokens * self.loss_transient + self.fixed + self.dequant
+            return base + saved + max(tokens * self.loss_transient, late - tokens * self.logprobs)
         kept = tokens * layers * self.checkpoint
         loss = tokens * (self.shared + self.loss_transient)
-        layer = tokens * (self.shared - self.logprobs + self.per_layer + self.layer_transient)
-        return inputs + kept + max(loss, layer) + self.fixed + self.dequant
+        layer = tokens * (self.shared - self.logprobs + self.per_layer) + late
+        return base + kept + max(loss, layer)
 
 
 def train_activations(
@@ -102,35 +107,36 @@ def train_activations(
     adapter: str = "diablo",
     dropout: float = 0.05,
     rank: int = 0,
-    adapter_bytes: int = 0,
     largest_packed_weights: int = 0,
+    float_linear_weights: int = 0,
 ) -> TrainActivations:
     """The per-token terms of the module docstring for this model and adapter; `per_block`: the
-    adapted layers of one decoder block."""
+    adapted layers of one decoder block; `float_linear_weights`: the weights of the decoder's
+    unpacked linear layers (a float base), whose autocast copies are saved."""
     h, i, kv, v = shape.hidden, shape.intermediate, shape.kv_dim, shape.vocab
     q = shape.heads * shape.head_dim
     p, c = dtypes.param, dtypes.compute
     per_layer = 2 * (4 * h + 4) + c * (2 * q + 2 * kv) + 4 * shape.heads + 3 * c * i
     if adapter == "diablo":
         widths = {"attn_in": h * p, "attn_out": q * c, "mlp_in": h * p, "mlp_mid": i * c}
-        inputs = {_reads(a.name) for a in per_block}
-        per_layer += sum(widths.get(k, c * _width(k, per_block)) for k in inputs)
+        inputs = {input_of(a.name) for a in per_block}
+        per_layer += sum(widths[k] if k in widths else c * _width(k, per_block) for k in inputs)
         if dropout > 0:
             per_layer += sum(a.in_features for a in per_block)
     else:  # PEFT LoRA
         per_layer += sum(a.in_features * (c + (1 if dropout > 0 else 0)) for a in per_block)
         per_layer += len(per_block) * rank * c
-    shared = 2 * shape.head_dim * p + (4 * h + 4) + 4 * v
-    loss = max(v * (c + (4 if c != 4 else 0)), 8 * v)
+    shared = 2 * shape.head_dim * p + 4 * v
+    fixed = 0 if c == p else v * h * c + float_linear_weights * c
     return TrainActivations(
         per_layer=per_layer,
         shared=shared,
         logprobs=4 * v,
         checkpoint=h * p,
-        loss_transient=loss,
-        layer_transient=4 * (3 * i + 2 * h),
-        fixed=adapter_bytes if adapter == "diablo" and dropout > 0 else 0,
-        dequant=largest_packed_weights * (8 + c),
+        loss_transient=max(v * (c + (4 if c != 4 else 0)), 8 * v),
+        layer_transient=2 * c * i,
+        dequant=8 * largest_packed_weights,
+        fixed=fixed,
     )
 
 

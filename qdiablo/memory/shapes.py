@@ -10,6 +10,7 @@ header), or one of the shapes in `PRESETS` (the issue tables' LLaMA models, no f
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,12 @@ def build_on_meta(
     for p in model.parameters():
         p.requires_grad_(False)
     if adapter == "diablo":
-        return get_diablo_model(
-            model, DiaBloConfig(num_blocks=num_blocks, target_modules=targets, dropout=0.0)
-        )
+        quiet = logging.getLogger("qdiablo.diablo.model")
+        level, quiet.level = quiet.level, logging.WARNING  # no "wrapped N layers" per plan
+        try:
+            return get_diablo_model(
+                model, DiaBloConfig(num_blocks=num_blocks, target_modules=targets, dropout=0.0)
+            )
+        finally:
+            quiet.setLevel(level)
     return model

@@ -49,7 +49,8 @@ from qdiablo.train.dataset import PadCollator, select_records, tokenize_records
 from qdiablo.train.fsdp import check_fsdp_launch, gather_trainable, packed_base_bytes
 from qdiablo.train.fsdp_loading import file_state_of, shard_and_load
 from qdiablo.train.metrics import JsonlLogCallback, ThroughputCallback, base_linear_bytes
-from qdiablo.train.trainer import AdapterTrainer, training_arguments
+from qdiablo.train.runtime import Runtime, resolve_runtime
+from qdiablo.train.trainer import AdapterTrainer, training_arguments, world_size
 from qdiablo.versions import library_versions
 
 log = logging.getLogger(__name__)
@@ -199,6 +200,7 @@ def train(
     `callbacks` are extra `transformers.TrainerCallback`s.
     """
     output = Path(config.output)
+    config, runtime = resolve_runtime(config, world_size())  # `auto` made concrete: recorded
     under_fsdp = check_fsdp_launch(
         config.base, config.packed_storage, config.precision
     )  # FSDP1 / nf4 under FSDP: a clear error first
@@ -214,7 +216,7 @@ def train(
     with folder if is_main_process() else contextlib.nullcontext():
         if is_main_process():
             folder.claim(OUTPUT_NAMES)
-        result = _train_into(output, config, base, callbacks, under_fsdp)
+        result = _train_into(output, config, base, callbacks, under_fsdp, runtime)
         if is_main_process():
             folder.finish()
     return result
@@ -226,6 +228,7 @@ def _train_into(
     base: LoadedBase | None,
     callbacks: list | None,
     under_fsdp: bool,
+    runtime: Runtime,
 ) -> TrainResult:
     """The run proper, into a folder rank 0 holds."""
     resume_from = resolve_resume(config, output)
@@ -239,7 +242,7 @@ def _train_into(
         config.model,
         config.gguf_file,
         config.dtype,
-        device="meta" if sharded_loading else None,
+        device="meta" if sharded_loading else runtime.device,
         packed_storage=config.packed_storage,
     )
     model, budget, other = attach_adapter(loaded, config)
@@ -258,6 +261,10 @@ def _train_into(
         same = f"DiaBlo at the matched N={other['num_blocks']}"
     count = other["trainable_parameters"]
     _say(f"base: {loaded.description} ({config.base})")
+    _say(
+        f"on {runtime.device}: {config.precision} compute, {config.dtype} float weights, "
+        f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}"
+    )
     _say(
         f"adapter: {config.adapter} {own} on {budget.num_layers} layers: {own_count:,} trainable "
         f"parameters ({same}: {f'{count:,}' if count is not None else 'n/a'})"
@@ -309,6 +316,9 @@ def _train_into(
         "throughput": throughput.summary(),
         "resumed_from": str(resume_from) if resume_from else None,
         "device": str(args.device),
+        "precision": config.precision,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "runtime": runtime.to_dict(),
         "versions": library_versions(),
     }
     gathered = gather_trainable(model) if under_fsdp else None  # a collective: every rank

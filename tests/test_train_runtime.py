@@ -82,8 +82,9 @@ def test_a_gpu_gets_bf16_checkpointing_and_the_planners_micro_batch(gpu, tmp_pat
 
 def test_a_named_gpu_must_be_this_processs(gpu, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(UserError, match="CUDA_VISIBLE_DEVICES"):
+    with pytest.raises(UserError, match="LOCAL_RANK") as e:
         resolve_runtime(TrainConfig(device="cuda:1"))
+    assert "CUDA_VISIBLE_DEVICES=1" in e.value.hint
 
 
 def test_the_flag_parses_as_auto_on_off(tmp_path):

@@ -10,9 +10,8 @@ import logging
 
 import pytest
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import make_tiny_llama
+from live_bytes import LiveBytes
 
 from qdiablo import cli
 from qdiablo.diablo import DiaBloConfig, get_diablo_model
@@ -22,7 +21,6 @@ from qdiablo.memory.plan import GiB, MemoryPlan, usable
 from qdiablo.memory.settings import PlanSettings
 from qdiablo.memory.shapes import ModelShape, load_source
 from quantizers import QuantConfig, QuantLinear, quantize_model
-from tests.conftest import make_tiny_llama
 
 SIZES = dict(hidden=128, intermediate=352, layers=3, heads=8, kv_heads=2, vocab=500)
 
@@ -146,30 +144,6 @@ def test_saved_activations_are_what_autograd_saves(dtype, autocast):
         predicted = tokens * (layers * act.per_layer + act.shared) + act.fixed
         measured = saved_bytes(wrapped, ids, autocast)
         assert abs(measured - predicted) <= 0.01 * predicted, (layers, measured, predicted)
-
-
-class LiveBytes(TorchDispatchMode):
-    """The peak of the bytes held by tensors created while it is active (views of existing
-    storages, such as the model's parameters, are not new memory)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.known = {t.untyped_storage().data_ptr() for t in model.parameters()}
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for ptr in [k for k, (ref, _) in self.live.items() if ref.expired()]:
-            del self.live[ptr]
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                ptr = storage.data_ptr()
-                if storage.nbytes() and ptr not in self.live and ptr not in self.known:
-                    self.live[ptr] = (StorageWeakRef(storage), storage.nbytes())
-        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
-        return out
 
 
 # A dispatch mode sees the packed matmul before autocast does, so a step under the mode skips

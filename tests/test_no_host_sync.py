@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from torch import nn
 from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -30,7 +31,6 @@ from quantizers import (
     save_quantized,
 )
 from quantizers.rtn import QuantResult, rtn_quantize
-from tests.conftest import make_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 OURS = (str(REPO / "quantizers"), str(REPO / "qdiablo" / "diablo"))

@@ -56,6 +56,7 @@ NEUTRAL_KEYS = frozenset(
         "progress",
         "no_progress",
         "threads",
+        "device",  # where a stage runs, like threads: not what it is
         "logging_steps",
         "save_steps",
         "save_total_limit",
@@ -199,8 +200,11 @@ class Runner:
         verb: str = "run",
         overwrite: bool = False,
         threads: int | None = None,
+        device: str | None = None,
     ):
         self.root = Path(root)
+        # device: passed to every stage whose verb takes --device, unless the stage sets its own
+        self.device = device
         self.verb = verb  # whose marker the root folder carries (run, demo, compare)
         self.overwrite = overwrite
         self.markers = self.root / MARKER_DIR
@@ -308,12 +312,16 @@ class Runner:
             stage.verb,
             stage.output,
         )
-        args = {**stage.args, **(extra or {})}  # extra: e.g. train's resume=auto
+        placed = self._device_args(stage)
+        args = {**placed, **stage.args, **(extra or {})}  # extra: e.g. train's resume=auto
         start = time.time()
         if self.isolate:
             rc, peak_kib = self._subprocess(stage, args)
         else:
-            namespace = parse_verb_args(stage.verb, args, stage.key) if extra else stage.namespace()
+            reparse = extra or (placed and "device" not in stage.args)
+            namespace = (
+                parse_verb_args(stage.verb, args, stage.key) if reparse else stage.namespace()
+            )
             if self.threads:
                 import torch
 
@@ -348,6 +356,12 @@ class Runner:
         self.run_ids[stage.key] = run_id
         log.info("%s: done in %.1f s, peak RSS %.0f MiB", stage.key, seconds, peak_mib)
         return Outcome(stage, status, seconds, run_id, peak_mib)
+
+    def _device_args(self, stage: Stage) -> dict[str, Any]:
+        """{"device": ...} for a stage whose verb has a --device flag, when one is set."""
+        if self.device is None or "device" not in vars(stage.namespace()):
+            return {}
+        return {"device": self.device}
 
     def _subprocess(self, stage: Stage, args: dict[str, Any]) -> tuple[int, int]:
         """`python -m qdiablo <verb> --config <args file>`: the verb's own YAML config path.

@@ -57,19 +57,19 @@ def pack_rows(values: Tensor, bits: int) -> Tensor:
     lo, hi = torch.aminmax(values)
     if int(lo) < 0 or int(hi) >= 2**bits:
         raise ValueError(f"values to pack must lie in [0, {2**bits - 1}], got {int(lo)}..{int(hi)}")
-    per, words, word, shift_cpu = _chunk(bits)
-    spills = shift_cpu + bits > 32  # the value's high bits start the next word
+    per, words, _, shift_cpu = _chunk(bits)
     shift = shift_cpu.to(values.device)
     v = values.to(torch.long).reshape(n // per, per, cols)
     out = torch.zeros(n // per, words, cols, dtype=torch.long, device=values.device)
+    # which values go to which word, decided on the host in plain integers (no device read)
+    where = [(i * bits // 32, i * bits % 32) for i in range(per)]
     for w in range(words):
-        mine = word == w  # CPU masks: deciding on them reads nothing from the device
-        out[:, w] = ((v[:, mine.to(v.device)] << shift[mine.to(v.device)][:, None]) & MASK32).sum(
-            dim=1
-        )
-        carry = (word == w - 1) & spills
-        if bool(carry.any()):
-            c = carry.to(v.device)
+        mine = torch.tensor([i for i, (word, _) in enumerate(where) if word == w])
+        mine = mine.to(values.device)
+        out[:, w] = ((v[:, mine] << shift[mine][:, None]) & MASK32).sum(dim=1)
+        carry = [i for i, (word, s) in enumerate(where) if word == w - 1 and s + bits > 32]
+        if carry:  # the high bits of values that started in the word before
+            c = torch.tensor(carry).to(values.device)
             out[:, w] += (v[:, c] >> (32 - shift[c])[:, None]).sum(dim=1)
     out = out.view(n * bits // 32, cols)
     return (out - ((out >> 31) << 32)).to(torch.int32)  # reinterpret uint32 as int32

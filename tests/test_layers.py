@@ -26,9 +26,17 @@ PACKAGES = ("quantizers", "qdiablo", "eval")
 # own top-level package (so eval/ never reaches into qdiablo's adapters, nor they into eval/).
 # A module belongs to the layer of its longest matching prefix.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("quantizers: imports nothing from qdiablo or eval", ("quantizers",)),
     (
-        "base: errors, file I/O, output folders, hashing, records/templates, flags, vocabularies",
+        "quantizers: calibration capture, MagR, RTN, GPTQ, coordinate descent, reconstruction, "
+        "packing, `QuantLinear`, the GPTQ checkpoint layout, kernels, its own file I/O; it imports "
+        "nothing from qdiablo or eval",
+        ("quantizers",),
+    ),
+    (
+        "base: user errors, atomic writes and JSON, output folders, sha256, Math10K records and "
+        "prompt templates, the flag generator, the base-kind vocabulary, the export manifest, "
+        "the library versions a run records, the optional libraries (PEFT, bitsandbytes) imported "
+        "without the hub, where a model comes from, the device rule",
         (
             "qdiablo",
             "qdiablo.errors",
@@ -46,7 +54,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     (
-        "core: adapters, NormalFloat, calibration data, training settings, evaluation",
+        "core: the DiaBlo adapter; attaching DiaBlo or PEFT LoRA, budgets, loading a saved "
+        "adapter; NF4/NF2 bases; calibration texts; Math10K evaluation",
         (
             "qdiablo.diablo",
             "qdiablo.nf4",
@@ -56,13 +65,16 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "eval",
         ),
     ),
-    ("loader: the one way to load a base", ("qdiablo.models",)),
     (
-        "workflows: training and export",
+        "loader: the one way to load a base (`load_base(source, kind)`) or an export",
+        ("qdiablo.models",),
+    ),
+    (
+        "workflows: training settings and runs (sharded FSDP loading included), the export folder",
         ("qdiablo.train", "qdiablo.export"),
     ),
     (
-        "verbs: one module per pipeline step",
+        "verbs: one module per pipeline step, a thin layer over the library",
         (
             "qdiablo.commands",
             "qdiablo.commands.quantize",
@@ -73,7 +85,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("pipeline: resumable stage graphs of those verbs", ("qdiablo.pipeline",)),
     (
-        "top: the pipeline verbs, the CLI",
+        "top: the pipeline verbs (run, compare, demo) and the command",
         (
             "qdiablo.commands.run",
             "qdiablo.commands.compare",
@@ -83,6 +95,16 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
 ]
+
+
+def layer_table() -> str:
+    """The layer map as docs/architecture.md shows it (tests/test_docs.py keeps them equal)."""
+    rows = ["| layer | modules | role |", "|---|---|---|"]
+    for i, (description, prefixes) in enumerate(LAYERS):
+        name, _, role = description.partition(": ")
+        rows.append(f"| {i}. {name} | {', '.join(f'`{p}`' for p in prefixes)} | {role} |")
+    return "\n".join(rows)
+
 
 # Modules that call importlib.import_module with a computed name, and why that is no dependency.
 DYNAMIC_IMPORTS = {

@@ -146,16 +146,30 @@ def _width(name: str, layers: list[Adapted]) -> int:
 
 @dataclass(frozen=True)
 class EvalActivations:
-    """Bytes evaluation holds besides the model, for a batch (generation and reference NLL)."""
+    """Bytes evaluation holds besides the model, for a batch: greedy generation, or the
+    reference NLL's teacher-forced forward, whichever is larger, plus dequantizing."""
 
     kv_cache: int
     prefill: int
     logits: int
+    nll: int
     dequant: int
 
     @property
+    def generation(self) -> int:
+        return self.kv_cache + self.prefill + self.logits
+
+    @property
     def total(self) -> int:
-        return self.kv_cache + self.prefill + self.logits + self.dequant
+        return max(self.generation, self.nll) + self.dequant
+
+
+def _forward(shape: ModelShape, c: int, rows: int, tokens: int) -> int:
+    """One layer's transient tensors for `rows` sequences of `tokens` tokens without autograd
+    (MLP and attention tensors in the compute dtype), and the attention mask, a byte a pair."""
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
+    q = shape.heads * shape.head_dim
+    return rows * tokens * c * (3 * i + 2 * h + q + 2 * kv) + rows * tokens * tokens
 
 
 def eval_activations(
@@ -165,17 +179,21 @@ def eval_activations(
     prompt: int,
     new_tokens: int,
     dequant: int,
+    reference: int = 0,
 ) -> EvalActivations:
     """Greedy generation of `new_tokens` after a `prompt`-token prompt, `batch` rows at a time:
     the KV cache of every layer (keys and values in the compute dtype), the prefill's transient
-    (one layer's MLP and attention tensors for every prompt token, and the attention mask, one
-    byte per pair), the last position's logits, and what dequantizing costs (`dequant`: the
-    whole-model cache, or one layer dequantized per call)."""
-    c = dtypes.compute
-    h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
-    q = shape.heads * shape.head_dim
+    (`_forward`), the last position's logits; and the reference NLL of a `reference`-token
+    response: a forward over prompt and response, the logits of the response positions and the
+    float64 cross-entropy of 256 positions at a time. `dequant`: what dequantizing costs (the
+    whole-model cache, or one layer per call)."""
+    c, v = dtypes.compute, shape.vocab
     length = prompt + new_tokens
-    kv_cache = 2 * shape.layers * kv * c * batch * length
-    prefill = batch * prompt * c * (3 * i + 2 * h + q + 2 * kv) + batch * prompt * length
-    logits = batch * shape.vocab * (c + 4)
-    return EvalActivations(kv_cache, prefill, logits, dequant)
+    kv_cache = 2 * shape.layers * shape.kv_dim * c * batch * length
+    prefill = _forward(shape, c, batch, prompt)
+    logits = batch * v * (c + 4)
+    nll = 0
+    if reference:
+        seq = prompt + reference
+        nll = _forward(shape, c, batch, seq) + batch * (reference + 1) * v * c + 2 * 256 * v * 8
+    return EvalActivations(kv_cache, prefill, logits, nll, dequant)

@@ -127,14 +127,20 @@ class MemoryPlan:
         else:
             dequant = self.largest * (8 + c)
         return eval_activations(
-            self.shape, self.dtypes, s.eval_batch, s.eval_prompt, s.eval_new_tokens, dequant
+            self.shape,
+            self.dtypes,
+            s.eval_batch,
+            s.eval_prompt,
+            s.eval_new_tokens,
+            dequant,
+            s.eval_reference,
         )
 
     def eval(self) -> Peak:
         act = self.eval_activations()
         need = self.state.base + act.total
         note = (
-            f"KV cache {_g(act.kv_cache)}, prefill {_g(act.prefill)}, "
+            f"KV cache {_g(act.kv_cache)}, prefill {_g(act.prefill)}, NLL pass {_g(act.nll)}, "
             f"{'dequantized copy' if self.settings.dequant_cache else 'one layer dequantized'} "
             f"{_g(act.dequant)}"
         )
@@ -143,37 +149,55 @@ class MemoryPlan:
         return Peak("eval", HOST_RUNTIME + self.state.base, need, note)
 
     def block_fp32(self) -> int:
-        """One decoder block's parameters in float32."""
+        """B: one decoder block's parameters in float32."""
         per_layer = sum(i * o for _, i, o, _ in self.block_layers)
         return 4 * (per_layer + 2 * self.shape.hidden)
 
     def hessians(self) -> int:
-        """GPTQ's H = XᵀX/n per input group of one block, float32."""
+        """H: GPTQ's XᵀX/n per group of layers reading the same tensor, float32."""
         groups = {}
         for name, i, _, _ in self.block_layers:
             groups[input_of(name)] = i
         return 4 * sum(i * i for i in groups.values())
 
-    def quantize(self) -> Peak:
+    def packed_model(self) -> int:
+        """P: the packed model as saved (codes, zeros, scales, g_idx; embeddings, norms, head)."""
+        return (self.state.packed + self.state.other + self.state.buffers) * self.settings.processes
+
+    def calibration(self) -> int:
+        """A: the calibration activations, one hidden vector per token (bf16 on a GPU, float32
+        on the CPU)."""
         s = self.settings
-        calib = s.calib_samples * s.calib_seq_len * self.shape.hidden * 2  # bf16 activations
-        packed = self.state.packed * s.processes + self.state.other * s.processes
-        host = packed + 2 * self.block_fp32() + calib + QUANTIZE_SLACK
-        device = self.block_fp32() + self.hessians() + 3 * calib
-        note = f"{s.calib_samples}×{s.calib_seq_len} calibration tokens: {_g(calib)}"
+        size = 4 if s.device == "cpu" else 2
+        return s.calib_samples * s.calib_seq_len * self.shape.hidden * size
+
+    def quantize(self) -> Peak:
+        """The bounds the streaming quantize keeps (issue 19 item 2; docs/memory.md):
+        host P + 2B + A + 1.5 GiB, device B + H + 3A (6B + 3A with reconstruction, which holds
+        the block, its float copy, the trainable scales and AdamW's state); on the CPU, where
+        host and device are one, P + 2B + H + 3A + 1.5 GiB."""
+        s = self.settings
+        P, B, H, A = self.packed_model(), self.block_fp32(), self.hessians(), self.calibration()
+        host = P + 2 * B + A + QUANTIZE_SLACK
+        device = max(B + H, 6 * B if s.reconstruct else 0) + 3 * A
+        note = f"{s.calib_samples}×{s.calib_seq_len} calibration tokens: {_g(A)}"
         if s.device == "cpu":
-            return Peak("quantize", host + self.hessians() + 2 * calib, None, note)
+            return Peak("quantize", P + 2 * B + H + 3 * A + QUANTIZE_SLACK, None, note)
         return Peak("quantize", host, device, note)
 
     def export(self) -> Peak:
+        """`export --merged`, streamed (issue 19 item 8): host P + S + M + B + 1.5 GiB (S: one
+        shard; M: one block merged, bf16); on a GPU the device holds one block dequantized and
+        merged, 2B."""
         s = self.settings
         shard = int(s.shard_gib * GiB)
-        packed = (self.state.packed + self.state.other) * s.processes
-        host = HOST_RUNTIME + packed + shard + 4 * self.largest
-        note = f"--merged: shards of {s.shard_gib:g} GiB, one layer in float32"
+        P, B = self.packed_model(), self.block_fp32()
+        merged = B // 2
+        host = P + shard + merged + B + QUANTIZE_SLACK
+        note = f"--merged: shards of {s.shard_gib:g} GiB, one block merged at a time"
         if s.device == "cpu":
-            return Peak("export", host + 2 * self.block_fp32(), None, note)
-        return Peak("export", host, 2 * self.block_fp32(), note)
+            return Peak("export", host, None, note)
+        return Peak("export", host, 2 * B, note)
 
     def peaks(self) -> list[Peak]:
         return [self.quantize(), self.train(), self.eval(), self.export()]

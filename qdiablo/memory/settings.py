@@ -62,9 +62,15 @@ class PlanSettings:
     )
     calib_samples: int = field(default=128, metadata=_meta("quantize: calibration windows"))
     calib_seq_len: int = field(default=2048, metadata=_meta("quantize: tokens per window"))
+    reconstruct: bool = field(
+        default=False, metadata=_meta("quantize: block-wise reconstruction (--reconstruct)")
+    )
     eval_batch: int = field(default=16, metadata=_meta("eval: examples per batch"))
     eval_prompt: int = field(default=256, metadata=_meta("eval: prompt tokens"))
     eval_new_tokens: int = field(default=512, metadata=_meta("eval: generated tokens"))
+    eval_reference: int = field(
+        default=128, metadata=_meta("eval: tokens of the reference response (its NLL)")
+    )
     dequant_cache: bool = field(
         default=False,
         metadata=_meta("eval: keep every packed layer dequantized (the whole-model copy)"),

@@ -152,16 +152,18 @@ class EvalActivations:
     kv_cache: int
     prefill: int
     logits: int
-    nll: int
+    nll: int  # the NLL pass's peak: a layer's tensors (and its dequantization), or the logits
     dequant: int
+    held: bool = False  # the dequantized copy is kept for the run (else one layer per call)
 
     @property
     def generation(self) -> int:
-        return self.kv_cache + self.prefill + self.logits
+        layer = self.prefill + (0 if self.held else self.dequant)
+        return self.kv_cache + max(layer, self.logits)
 
     @property
     def total(self) -> int:
-        return max(self.generation, self.nll) + self.dequant
+        return max(self.generation, self.nll) + (self.dequant if self.held else 0)
 
 
 def _forward(shape: ModelShape, c: int, rows: int, tokens: int) -> int:
@@ -180,20 +182,21 @@ def eval_activations(
     new_tokens: int,
     dequant: int,
     reference: int = 0,
+    held: bool = False,
 ) -> EvalActivations:
     """Greedy generation of `new_tokens` after a `prompt`-token prompt, `batch` rows at a time:
     the KV cache of every layer (keys and values in the compute dtype), the prefill's transient
     (`_forward`), the last position's logits; and the reference NLL of a `reference`-token
-    response: a forward over prompt and response, the logits of the response positions and the
-    float64 cross-entropy of 256 positions at a time. `dequant`: what dequantizing costs (the
-    whole-model cache, or one layer per call)."""
+    response: a forward over prompt and response, then the logits of the response positions and
+    the float64 cross-entropy of 256 positions at a time. `dequant`: what dequantizing costs: the
+    whole-model copy, `held` for the run, or one layer's, while that layer runs."""
     c, v = dtypes.compute, shape.vocab
     length = prompt + new_tokens
     kv_cache = 2 * shape.layers * shape.kv_dim * c * batch * length
     prefill = _forward(shape, c, batch, prompt)
     logits = batch * v * (c + 4)
     nll = 0
-    if reference:
-        seq = prompt + reference
-        nll = _forward(shape, c, batch, seq) + batch * (reference + 1) * v * c + 2 * 256 * v * 8
-    return EvalActivations(kv_cache, prefill, logits, nll, dequant)
+    if reference:  # a layer's tensors, then (after the last layer) the logits and cross-entropy
+        layer = _forward(shape, c, batch, prompt + reference) + (0 if held else dequant)
+        nll = max(layer, batch * (reference + 1) * v * c + 2 * 256 * v * 8)
+    return EvalActivations(kv_cache, prefill, logits, nll, dequant, held)

@@ -28,8 +28,17 @@ from qdiablo.memory.state import StateBytes, lora_state_bytes, state_bytes
 
 GiB = 1024**3
 HOST_RUNTIME = int(0.5 * GiB)
-"""Host memory of the process before any model is loaded: Python, torch, transformers and
-qdiablo imported (measured: 0.49 GiB peak RSS for `qdiablo train`'s imports, CPU torch)."""
+"""Host memory of a `qdiablo train` process before any model is loaded: Python, torch,
+transformers, accelerate and qdiablo imported (measured: 0.49 GiB of RSS after the imports;
+0.53 GiB peak for a whole run on a tiny model; CPU torch)."""
+EVAL_RUNTIME = int(0.45 * GiB)
+"""The same for `qdiablo eval`, which imports no Trainer (measured: 0.46 GiB peak, tiny model)."""
+CPU_ALLOCATOR = 1.27
+"""On the CPU a step's resident memory exceeds its live tensors: freed blocks below glibc's mmap
+threshold stay in the heap, fragmented, and new ones do not always fit them. Measured: the live
+tensors of a SmolLM2 step (0.908 GiB, exactly the formula) raised RSS by 1.215 GiB; over the three
+sizes of BENCHMARKS.md ("Memory planner") the step's RSS is 1.23-1.32 times the formula's
+activations, whose mean this is. On a GPU, `usable` accounts for the caching allocator."""
 QUANTIZE_SLACK = int(1.5 * GiB)  # the issue's constant in the quantize host bound
 
 
@@ -101,7 +110,8 @@ class MemoryPlan:
         need = self.state.total + act
         note = f"micro-batch {b}×{t}, state {_g(self.state.total)} + activations {_g(act)}"
         if s.device == "cpu":
-            return Peak("train", HOST_RUNTIME + need, None, note)
+            host = HOST_RUNTIME + self.state.total + int(CPU_ALLOCATOR * act)
+            return Peak("train", host, None, note)
         return Peak("train", HOST_RUNTIME + self.state.base, need, note)
 
     def largest_micro_batch(self, memory: int, seq_len: int | None = None) -> int:
@@ -134,6 +144,7 @@ class MemoryPlan:
             s.eval_new_tokens,
             dequant,
             s.eval_reference,
+            held=bool(s.dequant_cache and self.bits is not None),
         )
 
     def eval(self) -> Peak:
@@ -145,8 +156,8 @@ class MemoryPlan:
             f"{_g(act.dequant)}"
         )
         if self.settings.device == "cpu":
-            return Peak("eval", HOST_RUNTIME + need, None, note)
-        return Peak("eval", HOST_RUNTIME + self.state.base, need, note)
+            return Peak("eval", EVAL_RUNTIME + need, None, note)
+        return Peak("eval", EVAL_RUNTIME + self.state.base, need, note)
 
     def block_fp32(self) -> int:
         """B: one decoder block's parameters in float32."""

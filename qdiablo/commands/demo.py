@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         f"qdiablo demo: {args.model}, MagR+GPTQ {args.bits}-bit"
         f"{' + reconstruction' if args.reconstruct else ''} -> DiaBlo N={args.num_blocks} "
         f"-> Math10K eval ({'full sets' if args.full else f'first {args.limit} items per set'}) "
-        f"-> export, under {root}/ ({args.threads} thread{'s' if args.threads > 1 else ''})"
+        f"-> export, under {root}/ ({args.threads} thread{'s' if args.threads > 1 else ''}, "
+        f"device {args.device})"
     )
     runner = Runner(
         root, args.force, isolate=True, verb="demo", threads=args.threads, device=args.device

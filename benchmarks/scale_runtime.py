@@ -104,6 +104,11 @@ def plan_for(folder: Path, **settings):
     return MemoryPlan(load_source(str(folder)), PlanSettings(**{**base, **settings}))
 
 
+def train_plan(folder: Path) -> float:
+    plan = plan_for(folder, num_blocks=BLOCKS, micro_batch=BATCH, seq_len=LENGTH)
+    return plan.train().host / GiB
+
+
 def train_row(work: Path, size: str, folder: Path) -> Row:
     out = work / f"train-{size}"
     argv = ["train", "--base", "rtn", "--model", str(folder), "--output", str(out)]
@@ -111,8 +116,7 @@ def train_row(work: Path, size: str, folder: Path) -> Row:
     argv += ["--max-steps", str(STEPS), "--batch-size", str(BATCH), "--max-length", str(LENGTH)]
     argv += ["--num-blocks", str(BLOCKS), "--save-steps", "0", "--no-progress", "--device", "cpu"]
     peak, wall = measured(qdiablo(*argv), work / f"{size}-train.log")
-    plan = plan_for(folder, num_blocks=BLOCKS, micro_batch=BATCH, seq_len=LENGTH)
-    return Row(size, "train", peak, plan.train().host / GiB, wall, "qdiablo " + " ".join(argv))
+    return Row(size, "train", peak, train_plan(folder), wall, "qdiablo " + " ".join(argv))
 
 
 def eval_lengths(folder: Path) -> tuple[int, int]:
@@ -138,6 +142,11 @@ def eval_row(work: Path, size: str, folder: Path, cache: str) -> Row:
     argv += ["--batch-size", str(ITEMS), "--dequant-cache", cache, "--device", "cpu"]
     argv += ["--no-progress", "--template", "alpaca"]
     peak, wall = measured(qdiablo(*argv), work / f"{size}-eval-{cache}.log")
+    planned = eval_plan(folder, cache)
+    return Row(size, f"eval (cache {cache})", peak, planned, wall, "qdiablo " + " ".join(argv))
+
+
+def eval_plan(folder: Path, cache: str) -> float:
     prompt, reference = eval_lengths(folder)
     plan = plan_for(
         folder,
@@ -147,14 +156,7 @@ def eval_row(work: Path, size: str, folder: Path, cache: str) -> Row:
         eval_reference=reference,
         dequant_cache=cache == "on",
     )
-    return Row(
-        size,
-        f"eval (cache {cache})",
-        peak,
-        plan.eval().host / GiB,
-        wall,
-        "qdiablo " + " ".join(argv),
-    )
+    return plan.eval().host / GiB
 
 
 def markdown(rows: list[Row]) -> str:
@@ -182,11 +184,24 @@ def main() -> None:
     )
     p.add_argument("--sizes", nargs="+", default=None, help="only these sizes")
     p.add_argument("--markdown", action="store_true", help="print the table of saved results")
+    p.add_argument(
+        "--replan",
+        action="store_true",
+        help="recompute the planner's column of the saved results (the measurements stay)",
+    )
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results_file = args.work / "runtime-results.json"
     saved = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    if args.markdown:
+    if args.replan:
+        for r in saved.values():
+            folder = args.work / f"q-{r['size']}"
+            cache = "on" if "cache on" in r["verb"] else "off"
+            r["predicted_gib"] = (
+                train_plan(folder) if r["verb"] == "train" else eval_plan(folder, cache)
+            )
+        results_file.write_text(json.dumps(saved, indent=1))
+    if args.markdown or args.replan:
         print(markdown([Row(**r) for r in saved.values()]))
         return
     models = {"135m": "smollm2", **dict(m.split("=", 1) for m in args.model)}

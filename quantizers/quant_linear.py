@@ -1,4 +1,5 @@
 """QuantLinear: a frozen linear layer stored packed in the GPTQ layout, trainable through.
+(One file over 400 lines: the layer, its custom matmul op and its storage hooks share invariants.)
 
 Memory really shrinks: the layer holds `qweight`, `qzeros`, `scales`, `g_idx` (and an optional
 bias), about bits/8 bytes per weight plus the per-group scales and zeros. Its forward dequantizes

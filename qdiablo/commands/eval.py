@@ -51,22 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--force", action="store_true", help="load a DiaBlo adapter onto a different base"
     )
-    g.add_argument(
-        "--dtype",
-        default="auto",
-        help="dtype of the float weights and the compute: auto (bfloat16 on a GPU that has it, "
-        "float16 on older GPUs, float32 on the CPU), float32, bfloat16, float16",
-    )
-    add_device_argument(g, "the model runs")
-    g.add_argument(
-        "--dequant-cache",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="packed (gptq/rtn) layers: on = dequantize every layer once and keep the float "
-        "copies for the run (fast, the model's size again in --dtype); off = dequantize each "
-        "layer at each call (or run the fused kernels), one layer's float weight at a time; "
-        "auto = on when the copy takes at most half the memory free on the device",
-    )
+    _add_device_arguments(g)
 
     g = p.add_argument_group("tasks and protocol")
     g.add_argument(
@@ -114,6 +99,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_device_arguments(g) -> None:
+    """Where the model runs, in what dtype, and whether packed layers keep a dequantized copy."""
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        help="dtype of the float weights and the compute: auto (bfloat16 on a GPU that has it, "
+        "float16 on older GPUs, float32 on the CPU), float32, bfloat16, float16",
+    )
+    add_device_argument(g, "the model runs")
+    g.add_argument(
+        "--dequant-cache",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="packed (gptq/rtn) layers: on = dequantize every layer once and keep the float "
+        "copies for the run (fast, the model's size again in --dtype); off = dequantize each "
+        "layer at each call (or run the fused kernels), one layer's float weight at a time; "
+        "auto = on when the copy takes at most half the memory free on the device",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     # Deferred to keep `qdiablo --help` fast: these import torch and transformers.
     import torch
@@ -121,18 +126,14 @@ def run(args: argparse.Namespace) -> int:
     from eval.math10k import resolve_tasks
     from eval.runner import MARKDOWN_FILE, EvalSettings, evaluate, output_names
     from qdiablo.adapters.loading import adapter_kind, load_adapter
-    from qdiablo.devices import allow_tf32, default_compute_dtype, resolve_device
     from qdiablo.models import load_base, load_tokenizer
     from qdiablo.outputs import OutputFolder
-    from qdiablo.sources import parse_dtype
 
     if args.no_nll and args.nll_only:
         raise UserError("--no-nll and --nll-only exclude each other")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    allow_tf32(device)
-    dtype = default_compute_dtype(device) if args.dtype == "auto" else parse_dtype(args.dtype)
+    device, dtype = _device_and_dtype(args)
     dtype_name = str(dtype).removeprefix("torch.")
     settings = EvalSettings(
         preset=args.preset,
@@ -162,14 +163,7 @@ def run(args: argparse.Namespace) -> int:
     )
     with folder:
         start = time.time()
-        try:
-            tokenizer = load_tokenizer(
-                args.tokenizer or args.model, None if args.tokenizer else args.gguf_file
-            )
-        except UserError as e:
-            raise UserError(
-                str(e), hint="pass --tokenizer FOLDER (e.g. the original model's)"
-            ) from e
+        tokenizer = _tokenizer(args, load_tokenizer)
         kind = QUANT_FLAG_KINDS[args.quant or "none"]  # `quant: null` in YAML means none
         model = load_base(
             args.model, kind, gguf_file=args.gguf_file, dtype=dtype_name, device=device
@@ -204,6 +198,26 @@ def run(args: argparse.Namespace) -> int:
     print(Path(args.output, MARKDOWN_FILE).read_text(encoding="utf-8"))
     print(f"results in {args.output} ({time.time() - start:.0f} s)")
     return 0 if summary else 1
+
+
+def _device_and_dtype(args: argparse.Namespace):
+    """--device by the one rule (TF32 allowed on a GPU); --dtype auto: the device's default."""
+    from qdiablo.devices import allow_tf32, default_compute_dtype, resolve_device
+    from qdiablo.sources import parse_dtype
+
+    device = resolve_device(args.device)
+    allow_tf32(device)
+    dtype = default_compute_dtype(device) if args.dtype == "auto" else parse_dtype(args.dtype)
+    return device, dtype
+
+
+def _tokenizer(args: argparse.Namespace, load_tokenizer):
+    try:
+        return load_tokenizer(
+            args.tokenizer or args.model, None if args.tokenizer else args.gguf_file
+        )
+    except UserError as e:
+        raise UserError(str(e), hint="pass --tokenizer FOLDER (e.g. the original model's)") from e
 
 
 def _dequant_cache(mode: str, model, dtype, device) -> bool:

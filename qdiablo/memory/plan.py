@@ -33,11 +33,12 @@ transformers, accelerate and qdiablo imported (measured: 0.49 GiB of RSS after t
 0.53 GiB peak for a whole run on a tiny model; CPU torch)."""
 EVAL_RUNTIME = int(0.45 * GiB)
 """The same for `qdiablo eval`, which imports no Trainer (measured: 0.46 GiB peak, tiny model)."""
+MMAP_THRESHOLD = 32 * 2**20  # glibc's largest dynamic mmap threshold on 64-bit Linux
 CPU_ALLOCATOR = 1.27
 """On the CPU a step's resident memory exceeds its live tensors: freed blocks below glibc's mmap
 threshold stay in the heap, fragmented, and new ones do not always fit them. Measured: the live
 tensors of a SmolLM2 step (0.908 GiB, exactly the formula) raised RSS by 1.215 GiB; over the three
-sizes of BENCHMARKS.md ("Memory planner") the step's RSS is 1.23-1.32 times the formula's
+sizes of BENCHMARKS.md ("Memory planner") the step's RSS is 1.24-1.31 times the formula's
 activations, whose mean this is. On a GPU, `usable` accounts for the caching allocator."""
 QUANTIZE_SLACK = int(1.5 * GiB)  # the issue's constant in the quantize host bound
 
@@ -133,7 +134,7 @@ class MemoryPlan:
         if self.bits is None:
             dequant = 0
         elif s.dequant_cache:
-            dequant = weights * (4 if s.device == "cpu" else c)
+            dequant = self.cpu_copy_bytes() if s.device == "cpu" else weights * c
         else:
             dequant = self.largest * (8 + c)
         return eval_activations(
@@ -146,6 +147,17 @@ class MemoryPlan:
             s.eval_reference,
             held=bool(s.dequant_cache and self.bits is not None),
         )
+
+    def cpu_copy_bytes(self) -> int:
+        """The whole-model float32 copy's resident cost on the CPU: it is built layer by layer
+        beside each layer's int32 codes, freed at once. glibc serves blocks of 32 MiB and more
+        with mmap and returns them when freed; smaller ones come from the heap, which the freed
+        codes leave fragmented, as a step's activations do (CPU_ALLOCATOR)."""
+        total = 0
+        for _, i, o, _ in self.block_layers:
+            size = 4 * i * o
+            total += size if size >= MMAP_THRESHOLD else int(CPU_ALLOCATOR * size)
+        return total * self.shape.layers
 
     def eval(self) -> Peak:
         act = self.eval_activations()

@@ -198,15 +198,8 @@ def export_model(
             plan = plan_serving(serve, config, block_linear_shapes(base_model))
         if requantize_merged or plan.needs_calibration:
             what = "--requantize" if requantize_merged else "--serve marlin / an exact --gguf"
-            if calib is None:
-                raise UserError(
-                    f"{what} needs calibration data: re-quantizing the merged model runs MagR/GPTQ",
-                    hint="pass --calib FILE (a Math10K .json/.jsonl or a plain-text file)",
-                )
-            if tokenizer is None:
-                raise UserError(f"{what} needs a tokenizer to read --calib; {base} has none")
-            calib_data = build_calibration_data(
-                tokenizer, calib, calib_samples, calib_seq_len, calib_batch_size
+            calib_data = _calibration(
+                what, tokenizer, base, calib, calib_samples, calib_seq_len, calib_batch_size
             )
         model = load_adapter(base_model, adapter)  # the fingerprint check: before any write
         log.info("exporting %s + %s to %s", base, adapter, output)
@@ -272,6 +265,18 @@ def export_model(
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("exported %d files to %s", len(manifest["files"]), output)
         return output
+
+
+def _calibration(what: str, tokenizer, base: Path, calib, samples: int, seq_len: int, batch: int):
+    """The calibration windows a re-quantization needs (`what` names the flag asking)."""
+    if calib is None:
+        raise UserError(
+            f"{what} needs calibration data: re-quantizing the merged model runs MagR/GPTQ",
+            hint="pass --calib FILE (a Math10K .json/.jsonl or a plain-text file)",
+        )
+    if tokenizer is None:
+        raise UserError(f"{what} needs a tokenizer to read --calib; {base} has none")
+    return build_calibration_data(tokenizer, calib, samples, seq_len, batch)
 
 
 def _bookkeeping(_folder: str, names: list[str]) -> list[str]:

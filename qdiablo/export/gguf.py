@@ -289,7 +289,7 @@ def _tensors(model: nn.Module) -> dict[str, QuantLinear | torch.Tensor]:
     return out
 
 
-def _float_tensor(name: str, value: torch.Tensor, qtype: str):
+def _float_tensor(value: torch.Tensor, qtype: str):
     """(data, raw GGML type or None) of a float tensor: 1-D in F32, 2-D in F16, or Q8_0 when the
     file is Q8_0 and its rows tile 32-weight blocks."""
     import gguf
@@ -346,7 +346,7 @@ def write_gguf(model: nn.Module, path: Path, tokenizer, plan: GGUFPlan, name: st
             stats.max_rel_m_rounding = max(stats.max_rel_m_rounding, m_rel)
         else:
             qtype = plan.qtype if plan.qtype in ("Q8_0",) else "F16"
-            data, raw = _float_tensor(key, value, qtype)
+            data, raw = _float_tensor(value, qtype)
         if ".attn_q." in f".{target}":
             data = _rope_permute(data, heads)
         elif ".attn_k." in f".{target}":

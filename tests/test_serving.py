@@ -362,3 +362,25 @@ def load_exported_merged(out):
     from qdiablo.export import load_exported
 
     return load_exported(out, merged=True, dtype=torch.float32)
+
+
+def test_an_8bit_marlin_folder_passes_and_decodes_as_uint8b128(tmp_path):
+    from qdiablo.export.marlin import marlin_config
+
+    config = marlin_config(QuantConfig(magr_iters=3), bits=8, group_size=-1)
+    model, tok = _quantized(config)
+    save_quantized(model, tmp_path / "m8", tok)
+    qc = json.loads((tmp_path / "m8/quantize_config.json").read_text())
+    assert vllm_converts_to_marlin(qc) and sglang_converts_to_marlin(qc)
+    assert not vllm_converts_to_marlin(qc, "cpu")  # vLLM's CPU Marlin is 4-bit only
+    with safe_open(tmp_path / "m8/model.safetensors", "pt") as f:
+        for name, layer in model.named_modules():
+            if not isinstance(layer, QuantLinear):
+                continue
+            want = engine_shapes(layer.in_features, layer.out_features, 8, -1)
+            for t, (shape, dtype) in want.items():
+                sl = f.get_slice(f"{name}.{t}")
+                assert (tuple(sl.get_shape()), sl.get_dtype()) == (shape, dtype), (name, t)
+            codes = _unpack_codes(f.get_tensor(f"{name}.qweight"), 8).float()
+            marlin_w = (codes - 128) * f.get_tensor(f"{name}.scales").float()
+            assert torch.equal(marlin_w.t(), layer.dequantize_weight(torch.float32)), name

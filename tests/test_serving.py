@@ -384,3 +384,22 @@ def test_an_8bit_marlin_folder_passes_and_decodes_as_uint8b128(tmp_path):
             codes = _unpack_codes(f.get_tensor(f"{name}.qweight"), 8).float()
             marlin_w = (codes - 128) * f.get_tensor(f"{name}.scales").float()
             assert torch.equal(marlin_w.t(), layer.dequantize_weight(torch.float32)), name
+
+
+def test_gguf_refuses_what_it_cannot_write_before_any_work():
+    from conftest import make_tokenizer
+    from transformers import LlamaConfig, OPTConfig
+
+    from qdiablo.export.gguf import check_gguf_inputs
+
+    llama = LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4)
+    assert check_gguf_inputs(llama, make_bpe_tokenizer())["pre"] == "gpt2"
+    with pytest.raises(UserError, match="no BPE merges"):
+        check_gguf_inputs(LlamaConfig(vocab_size=261), make_tokenizer())
+    with pytest.raises(UserError, match=r"LLaMA-architecture models .* this one is opt"):
+        check_gguf_inputs(OPTConfig(), make_bpe_tokenizer())
+    with pytest.raises(UserError, match="rope scaling 'linear'"):
+        rope = {"rope_type": "linear", "rope_theta": 5e5, "factor": 2.0}
+        check_gguf_inputs(LlamaConfig(rope_parameters=rope), make_bpe_tokenizer())
+    with pytest.raises(UserError, match="token id 267 but the model's vocabulary is 200"):
+        check_gguf_inputs(LlamaConfig(vocab_size=200), make_bpe_tokenizer())

@@ -36,7 +36,6 @@ from qdiablo.export.merge import merge_into_dense, requantize, save_merged
 from qdiablo.export.serving import (
     ServeOptions,
     ServePlan,
-    block_linear_shapes,
     plan_serving,
     serving_usage,
     write_serving,
@@ -167,8 +166,9 @@ def export_model(
         raise UserError(f"--merged-dtype {merged_dtype!r}: choose from {', '.join(MERGED_DTYPES)}")
     if merged and kind != "diablo":
         raise UserError(
-            f"--merged needs a DiaBlo adapter; {adapter} is a PEFT {kind} adapter",
-            hint="export it without --merged (base/ + adapter/)",
+            f"--merged needs a DiaBlo adapter; {adapter} is a PEFT {kind} adapter"
+            + (" (--gguf and --serve merge it too)" if serve.any else ""),
+            hint="export it without --merged, --gguf or --serve (base/ + adapter/)",
         )
     if requantize_merged and calib is None:
         raise UserError(
@@ -195,7 +195,7 @@ def export_model(
         plan = ServePlan()
         if requantize_merged or serve.any:
             config = requantize_config(base_entry, quant_overrides)
-            plan = plan_serving(serve, config, block_linear_shapes(base_model))
+            plan = plan_serving(serve, config, base_model, tokenizer)
         if requantize_merged or plan.needs_calibration:
             what = "--requantize" if requantize_merged else "--serve marlin / an exact --gguf"
             calib_data = _calibration(

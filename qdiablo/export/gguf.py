@@ -244,11 +244,7 @@ def _write_tokenizer(writer, meta: dict[str, Any]) -> None:
 
 def _write_hparams(writer, config, name: str, file_type: int) -> None:
     """The llama.* hyperparameters llama.cpp (and transformers' GGUF loader) read."""
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in (None, "default"):
-        raise UserError(f"--gguf: rope scaling {kind!r} is not written; export without --gguf")
-    theta = rope.get("rope_theta", getattr(config, "rope_theta", None)) or 10000.0
+    theta = _rope_theta(config)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     writer.add_name(name)
@@ -303,23 +299,42 @@ def _float_tensor(value: torch.Tensor, qtype: str):
     return data.astype(np.float16), None
 
 
-def write_gguf(model: nn.Module, path: Path, tokenizer, plan: GGUFPlan, name: str) -> GGUFStats:
-    """Write `model` (the merge, re-quantized in place for an exact plan) to the GGUF `path`."""
-    import gguf  # deferred: the demo extra
-
-    config = model.config
-    arch = ARCHITECTURES.get(getattr(config, "model_type", None))
-    if arch is None:
+def check_gguf_inputs(config, tokenizer) -> dict[str, Any]:
+    """What --gguf cannot write, refused before any work: another architecture than LLaMA's, rope
+    scaling, no tokenizer or one that is not byte-level BPE. Returns the tokenizer metadata."""
+    try:
+        import gguf  # noqa: F401  (the demo extra)
+    except ImportError as e:
+        raise UserError("--gguf needs the gguf package", hint='pip install "qdiablo[demo]"') from e
+    if ARCHITECTURES.get(getattr(config, "model_type", None)) is None:
         raise UserError(
             f"--gguf writes LLaMA-architecture models ({', '.join(ARCHITECTURES)}); this one is "
             f"{getattr(config, 'model_type', '?')}",
             hint="export without --gguf; merged/ can be converted with llama.cpp's own converter",
         )
+    _rope_theta(config)
     if tokenizer is None:
         raise UserError("--gguf needs the base's tokenizer (base/ has none): GGUF carries it")
+    return tokenizer_metadata(tokenizer, config.vocab_size)
+
+
+def _rope_theta(config) -> float:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in (None, "default"):
+        raise UserError(f"--gguf: rope scaling {kind!r} is not written; export without --gguf")
+    return float(rope.get("rope_theta", getattr(config, "rope_theta", None)) or 10000.0)
+
+
+def write_gguf(model: nn.Module, path: Path, tokenizer, plan: GGUFPlan, name: str) -> GGUFStats:
+    """Write `model` (the merge, re-quantized in place for an exact plan) to the GGUF `path`."""
+    import gguf  # deferred: the demo extra
+
+    config = model.config
+    tok = check_gguf_inputs(config, tokenizer)
+    arch = ARCHITECTURES[config.model_type]
     file_types = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "F16": 1}
     stats = GGUFStats()
-    tok = tokenizer_metadata(tokenizer, config.vocab_size)
     stats.pre_tokenizer = tok["pre"]
     if tok["pre"] is None:
         stats.notes.append(

@@ -17,7 +17,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from qdiablo.export.gguf import GGUF_DIR, GGUFPlan, GGUFStats, plan_gguf, write_gguf
+from qdiablo.export.gguf import (
+    GGUF_DIR,
+    GGUFPlan,
+    GGUFStats,
+    check_gguf_inputs,
+    plan_gguf,
+    write_gguf,
+)
 from qdiablo.export.marlin import MARLIN_DIR, check_shapes, marlin_config, marlin_lines
 from qdiablo.export.merge import requantize
 from quantizers import QuantConfig, QuantLinear, save_quantized
@@ -67,11 +74,15 @@ def block_linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def plan_serving(
-    options: ServeOptions, requant: QuantConfig, shapes: Mapping[str, tuple[int, int]]
+    options: ServeOptions, requant: QuantConfig, base: nn.Module, tokenizer=None
 ) -> ServePlan:
-    """Check the options against the model's layers; `requant` is the re-quantization the
-    export would use for merged-gptq/ (the base's settings with the overrides)."""
+    """Check the options against the base model (its layers, architecture and tokenizer) before
+    any work; `requant` is the re-quantization the export would use for merged-gptq/ (the base's
+    settings with the overrides)."""
+    shapes = block_linear_shapes(base)
     plan = ServePlan()
+    if options.gguf is not None:
+        check_gguf_inputs(base.config, tokenizer)
     if options.marlin:
         plan.marlin = marlin_config(requant, options.marlin_bits, options.marlin_group_size)
         plan.marlin_strict = check_shapes(shapes, options.marlin_group_size)

@@ -81,12 +81,11 @@ def plan_serving(
     settings with the overrides)."""
     shapes = block_linear_shapes(base)
     plan = ServePlan()
-    if options.gguf is not None:
-        check_gguf_inputs(base.config, tokenizer)
     if options.marlin:
         plan.marlin = marlin_config(requant, options.marlin_bits, options.marlin_group_size)
         plan.marlin_strict = check_shapes(shapes, options.marlin_group_size)
     if options.gguf is not None:
+        check_gguf_inputs(base.config, tokenizer)
         plan.gguf = plan_gguf(options.gguf, requant, shapes)
     return plan
 

@@ -393,7 +393,7 @@ def test_gguf_refuses_what_it_cannot_write_before_any_work():
     from qdiablo.export.gguf import check_gguf_inputs
 
     llama = LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4)
-    assert check_gguf_inputs(llama, make_bpe_tokenizer())["pre"] == "gpt2"
+    assert check_gguf_inputs(llama, make_bpe_tokenizer())["pre"] == "gpt-2"
     with pytest.raises(UserError, match="no BPE merges"):
         check_gguf_inputs(LlamaConfig(vocab_size=261), make_tokenizer())
     with pytest.raises(UserError, match=r"LLaMA-architecture models .* this one is opt"):

@@ -153,11 +153,11 @@ def _rope_permute(rows: np.ndarray, heads: int) -> np.ndarray:
 
 def _pre_tokenizer_name(pre: dict[str, Any] | None) -> str | None:
     """llama.cpp's name for the pre-tokenizer, when it is one whose splitting it reproduces:
-    GPT-2's byte-level regex ("gpt2"), or digits split one by one first ("smollm")."""
+    GPT-2's byte-level regex ("gpt-2"), or digits split one by one first ("smollm")."""
     if not pre:
         return None
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     parts = pre.get("pretokenizers") or []
     if (
         pre.get("type") == "Sequence"

@@ -85,8 +85,8 @@ def reference(export: Path) -> int:
             want = layer.dequantize_weight(torch.float32).numpy()
             worst = max(worst, float(np.abs(got - want).max()))
     tokenizer = AutoTokenizer.from_pretrained(export / "merged-gptq")
-    ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True)
-    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    text = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
     hf = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
     with torch.no_grad():
         a = requant(input_ids=torch.tensor([ids])).logits

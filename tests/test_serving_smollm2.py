@@ -16,7 +16,7 @@ from eval.perplexity import math10k_texts
 from qdiablo.export import export_model
 from qdiablo.export.serving import ServeOptions
 from qdiablo.models import load_model, load_tokenizer
-from quantizers import QuantConfig, load_quantized, quantize_model, save_quantized
+from quantizers import QuantConfig, QuantLinear, load_quantized, quantize_model, save_quantized
 from quantizers.calibration import tokenize_calibration
 
 pytestmark = pytest.mark.slow
@@ -62,7 +62,13 @@ def test_smollm2_w4g64_gguf_is_exact_and_transformers_runs_it(tmp_path):
     requant = load_quantized(out / "merged-gptq").float().eval()
     tensors, _ = _read_gguf(out / "gguf/model.Q4_1.gguf")
     worst = assert_blocks_match(tensors, requant, "Q4_1")
-    assert 0 < worst < 1e-3
+    # |m| <= 15·s, so fp16 rounds it by at most half an ulp: 2^-11·15·s
+    s_max = max(
+        m.packed_tensors().scales.float().max().item()
+        for m in requant.modules()
+        if isinstance(m, QuantLinear)
+    )
+    assert 0 < worst <= 2**-11 * 15 * s_max
     assert tensors["token_embd.weight"][1] == "F16" and "output.weight" not in tensors  # tied
 
     gguf_tok = AutoTokenizer.from_pretrained(out / "gguf", gguf_file="model.Q4_1.gguf")
@@ -77,5 +83,5 @@ def test_smollm2_w4g64_gguf_is_exact_and_transformers_runs_it(tmp_path):
         want, got = requant(input_ids=x).logits, loaded(input_ids=x).logits
     diff = (got - want).abs().max().item()
     print(f"\nSmolLM2 W4 g64 GGUF: max |Δlogit| {diff:.4g} of max |logit| {want.abs().max():.4g}")
-    assert diff < 2e-2 * want.abs().max().item()
+    assert diff < 5e-3 * want.abs().max().item()  # measured 1.7e-3 (BENCHMARKS.md)
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95

@@ -133,6 +133,25 @@ def assert_blocks_match(tensors, model, qtype: str) -> float:
     return worst
 
 
+def with_gguf_weights(model, tensors):
+    """A float copy of `model` holding the GGUF's own weights (gguf's dequantizer; q/k rows put
+    back in HF's order): what transformers must compute from the file, up to float32 rounding."""
+    import copy
+
+    out = copy.deepcopy(model).float()
+    for i, block in enumerate(out.model.layers):
+        for hf, name, heads in LAYERS:
+            w = tensors[f"blk.{i}.{name}.weight"][0]
+            if heads:
+                w = _unpermute(w, getattr(model.config, heads))
+            block.set_submodule(hf, torch.nn.Linear(w.shape[1], w.shape[0], bias=False))
+            block.get_submodule(hf).weight.data = torch.from_numpy(w.copy())
+    out.model.embed_tokens.weight.data = torch.from_numpy(tensors["token_embd.weight"][0].copy())
+    if "output.weight" in tensors:
+        out.lm_head.weight.data = torch.from_numpy(tensors["output.weight"][0].copy())
+    return out.eval()
+
+
 @pytest.mark.parametrize(
     ("group", "sym", "qtype"), [(32, False, "Q4_1"), (64, False, "Q4_1"), (-1, True, "Q4_0")]
 )
@@ -166,6 +185,8 @@ def test_transformers_loads_the_gguf_with_its_tokenizer_and_logits(tmp_path):
         tmp_path, gguf_file=plan.file_name, dtype=torch.float32
     )
     want, got = _logits(model), _logits(loaded)
+    exact = _logits(with_gguf_weights(model, _read_gguf(tmp_path / plan.file_name)[0]))
+    assert (got - exact).abs().max() < 1e-5 * want.abs().max()  # the file's own weights
     # fp16 noise: the F16 embeddings and head, and the fp16 m of the Q4_1 blocks (measured
     # 7e-4 of the largest logit; q/k rows left in HF's rotary order give 1.2e-2)
     assert (got - want).abs().max() < 2e-3 * want.abs().max()

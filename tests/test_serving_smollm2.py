@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_serving import _read_gguf, assert_blocks_match
+from test_serving import _read_gguf, assert_blocks_match, with_gguf_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eval.perplexity import math10k_texts
@@ -81,7 +81,12 @@ def test_smollm2_w4g64_gguf_is_exact_and_transformers_runs_it(tmp_path):
     x = torch.tensor([tokenizer(ids).input_ids])
     with torch.no_grad():
         want, got = requant(input_ids=x).logits, loaded(input_ids=x).logits
+        exact = with_gguf_weights(requant, tensors)(input_ids=x).logits
+    scale = want.abs().max().item()
+    # transformers computes with exactly the file's weights (float32 rounding only) ...
+    assert (got - exact).abs().max().item() < 1e-4 * scale
+    # ... which differ from qdiablo's by the fp16 rounding of m and of the tied embeddings
     diff = (got - want).abs().max().item()
-    print(f"\nSmolLM2 W4 g64 GGUF: max |Δlogit| {diff:.4g} of max |logit| {want.abs().max():.4g}")
-    assert diff < 5e-3 * want.abs().max().item()  # measured 1.7e-3 (BENCHMARKS.md)
+    print(f"\nSmolLM2 W4 g64 GGUF: max |Δlogit| {diff:.4g} of max |logit| {scale:.4g}")
+    assert diff < 2e-2 * scale  # measured 1.7e-3 and 5.5e-3 (two runs)
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95

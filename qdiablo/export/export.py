@@ -226,8 +226,12 @@ def export_model(
             shutil.copytree(adapter, tmp / "adapter", ignore=_bookkeeping)
             requantized = None
             if merged:
-                log.info("merging the adapter into the dequantized base (%s)", merged_dtype)
                 dtype = getattr(torch, merged_dtype)
+                log.info(
+                    "merging the adapter into the dequantized base (%s%s)",
+                    "float32, saved as " if requantize_merged else "",
+                    merged_dtype,
+                )
                 dense = merge_into_dense(model, torch.float32 if requantize_merged else dtype)
                 save_merged(dense, tmp / "merged", dtype, tokenizer)
                 if requantize_merged:

@@ -140,8 +140,7 @@ def render(report: dict) -> str:
         "state (GiB per process): "
         + ", ".join(f"{k} {v:.2f}" for k, v in report["state_gib"].items()),
         "",
-        f"| verb | host peak GiB | {'device' if s['device'] == 'cuda' else 'host'} peak GiB "
-        "| what it holds |",
+        "| verb | host peak GiB | GPU peak GiB | what it holds |",
         "|---|---|---|---|",
     ]
     for p in report["peaks_gib"]:

@@ -213,7 +213,8 @@ class MemoryPlan:
         shard; M: one block merged, bf16); on a GPU the device holds one block dequantized and
         merged, 2B."""
         s = self.settings
-        shard = int(s.shard_gib * GiB)
+        merged_model = 2 * (self.linear_weights() + self.state.other // DTYPE_BYTES[s.dtype])
+        shard = min(int(s.shard_gib * GiB), merged_model)  # no shard is larger than the model
         P, B = self.packed_model(), self.block_fp32()
         merged = B // 2
         host = P + shard + merged + B + QUANTIZE_SLACK

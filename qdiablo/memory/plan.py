@@ -135,8 +135,8 @@ class MemoryPlan:
             dequant = 0
         elif s.dequant_cache:
             dequant = self.cpu_copy_bytes() if s.device == "cpu" else weights * c
-        else:
-            dequant = self.largest * (8 + c)
+        else:  # int32 codes and the float32 weight; the cast to c comes after the codes go
+            dequant = 8 * self.largest
         return eval_activations(
             self.shape,
             self.dtypes,

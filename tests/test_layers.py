@@ -55,13 +55,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     (
         "core: the DiaBlo adapter; attaching DiaBlo or PEFT LoRA, budgets, loading a saved "
-        "adapter; NF4/NF2 bases; calibration texts; Math10K evaluation",
+        "adapter; NF4/NF2 bases; calibration texts; the memory planner; Math10K evaluation",
         (
             "qdiablo.diablo",
             "qdiablo.nf4",
             "qdiablo.nf",
             "qdiablo.calibration",
             "qdiablo.adapters",
+            "qdiablo.memory",
             "eval",
         ),
     ),
@@ -74,13 +75,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ("qdiablo.train", "qdiablo.export"),
     ),
     (
-        "verbs: one module per pipeline step, a thin layer over the library",
+        "verbs: one module per pipeline step (and the planner), a thin layer over the library",
         (
             "qdiablo.commands",
             "qdiablo.commands.quantize",
             "qdiablo.commands.train",
             "qdiablo.commands.eval",
             "qdiablo.commands.export",
+            "qdiablo.commands.plan",
         ),
     ),
     ("pipeline: resumable stage graphs of those verbs", ("qdiablo.pipeline",)),

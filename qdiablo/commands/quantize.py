@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from qdiablo.calibration import build_calibration_data, check_calibration_arguments
+    from qdiablo.devices import resolve_device
     from qdiablo.models import load_base, load_tokenizer
     from qdiablo.outputs import OutputFolder
     from quantizers import quantize_model, save_quantized
@@ -95,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         calib_dtype = {"auto": "auto", "float32": None, "bfloat16": torch.bfloat16}[
             args.calib_dtype
         ]
-        quantize_model(model, calib, config, device=args.device, calib_dtype=calib_dtype)
+        device = resolve_device(args.device) if args.device else None  # the one device rule
+        quantize_model(model, calib, config, device=device, calib_dtype=calib_dtype)
         save_quantized(model, output, tokenizer, claim=out.claim)
         out.finish()
     report = model.quantization_report

@@ -54,7 +54,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "eval",
         ),
     ),
-    ("loader: the one way to load a base", ("qdiablo.models",)),
+    ("loader: the one way to load a base", ("qdiablo.models", "qdiablo.streamed")),
     (
         "workflows: training and export",
         ("qdiablo.train", "qdiablo.export"),

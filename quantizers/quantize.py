@@ -33,6 +33,7 @@ from quantizers.calibration import (
     run_block_,
 )
 from quantizers.config import QuantConfig
+from quantizers.fileio import release_host_memory
 from quantizers.magr import fast_matmul_dtype
 from quantizers.packing import packable
 from quantizers.quant_linear import dequantize_cache
@@ -316,6 +317,7 @@ def quantize_model(
             if i < done:
                 args = (inputs, config, report, calib_dtype, device)
                 blocks[i] = _resume_block(blocks, i, prefix, store, fetch, *args).to(model_device)
+                release_host_memory()
                 continue
             block = fetch(i)
             first, recon = len(report.layers), len(report.reconstruction)
@@ -327,6 +329,7 @@ def quantize_model(
                     i, block, report.layers[first:], (report.reconstruction[recon:] or [None])[0]
                 )
             del block
+            release_host_memory()
 
     report.seconds = time.perf_counter() - start
     model.quantization_report = report

@@ -21,6 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from quantizers.fileio import apply_umask
+
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 # Transformers' own default was 5 GB per shard until v5; small enough to hold one in memory.
@@ -190,6 +192,8 @@ class ShardWriter:
         self.flush()
         if not self.written:
             raise ValueError(f"{self.folder}: no tensors to write")
+        for path, _ in self.written:
+            apply_umask(path)  # safetensors creates its files 0600
         if len(self.written) == 1:
             os.replace(self.written[0][0], self.folder / WEIGHTS_NAME)
             return [WEIGHTS_NAME]

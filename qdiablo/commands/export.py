@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from qdiablo.calibration import add_calibration_arguments, check_calibration_arguments
+from qdiablo.devices import add_device_argument
 from qdiablo.errors import UserError
 
 HELP = "export a quantized base + adapter (optionally merged) with a model card and manifest"
@@ -55,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "changes the outputs; needs --calib)",
     )
     p.add_argument("--base-model-name", help="the original model's name, for the card")
+    add_device_argument(p, "merging and re-quantizing run, one block at a time")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     p.add_argument(
         "--verify", metavar="EXPORT_DIR", help="check an export against its manifest.json and exit"
@@ -123,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         quant_overrides=overrides,
         base_name=args.base_model_name,
         overwrite=args.overwrite,
+        device=args.device,
     )
     parts = sorted(p.name for p in Path(out).iterdir() if p.is_dir())
     print(f"exported {', '.join(parts)} to {out} (see {Path(out) / 'README.md'})")

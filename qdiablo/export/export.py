@@ -28,9 +28,11 @@ import torch
 from eval.runner import SUMMARY_FILE
 from qdiablo.adapters.loading import adapter_kind, load_adapter
 from qdiablo.calibration import build_calibration_data
+from qdiablo.devices import default_compute_dtype, resolve_device
 from qdiablo.errors import UserError
 from qdiablo.export.card import CardFacts, model_card
-from qdiablo.export.merge import merge_into_dense, requantize, save_merged
+from qdiablo.export.merge import requantize_merged as requantize
+from qdiablo.export.merge import write_merged
 from qdiablo.hashing import adapter_digest
 from qdiablo.io import read_json
 from qdiablo.manifest import MANIFEST_NAME, build_manifest
@@ -121,13 +123,17 @@ def export_model(
     quant_overrides: Mapping[str, Any] | None = None,
     base_name: str | None = None,
     overwrite: bool = False,
+    device: str | torch.device = "auto",
 ) -> Path:
     """Write an export folder (see the module docstring) and return its path.
 
     `adapter` defaults to `train_run/adapter`. `requantize_merged` implies `merged` and needs a
     `calib` file; its settings are the base's quantize_config with `quant_overrides` applied.
+    `device`: where merging and re-quantizing run, one block at a time (auto: a GPU if there is
+    one); the packed model and the shards being written stay on the host.
     """
     base, output = Path(base), Path(output)
+    device = resolve_device(device)
     train_dir = Path(train_run) if train_run is not None else None
     if adapter is None:
         if train_dir is None:
@@ -203,11 +209,14 @@ def export_model(
             if merged:
                 log.info("merging the adapter into the dequantized base (%s)", merged_dtype)
                 dtype = getattr(torch, merged_dtype)
-                dense = merge_into_dense(model, torch.float32 if requantize_merged else dtype)
-                save_merged(dense, tmp / "merged", dtype, tokenizer)
+                write_merged(model, tmp / "merged", dtype, tokenizer, device=device)
                 if requantize_merged:
-                    change = requantize(dense, calib_data, config)
+                    calib_dtype = default_compute_dtype(device) if device.type == "cuda" else None
+                    dense, change = requantize(
+                        model, calib_data, config, device=device, calib_dtype=calib_dtype
+                    )
                     save_quantized(dense, tmp / "merged-gptq", tokenizer)
+                    del dense
                     facts.requantized = {
                         "quantize_config": config.quantization_config(),
                         "calibration": f"{sum(len(b) for b in calib_data)} windows of "

@@ -62,7 +62,8 @@ def assert_same_folder(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A 3-block float32 LLaMA (one file), a 2-block bfloat16 one with a tied head saved in
-    shards, and a calibration text."""
+    shards, benchmarks/synthetic_llama.py's tiny checkpoint (bfloat16 shards), and a
+    calibration text."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("resume")
@@ -85,8 +86,25 @@ def models(tmp_path_factory):
     tied.save_pretrained(root / "bf16-sharded", max_shard_size="20KB")
     make_tokenizer().save_pretrained(root / "bf16-sharded")
     assert (root / "bf16-sharded/model.safetensors.index.json").is_file()
+    synthetic = load_benchmark("synthetic_llama")
+    synthetic.write_synthetic("tiny", root / "synthetic", seed=1, max_shard_size=60_000)
+    assert len(list((root / "synthetic").glob("model-*.safetensors"))) > 1
     (root / "calib.txt").write_text(TEXT * 40)
     return root
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (they are scripts, not a package)."""
+    import importlib.util
+
+    key = f"benchmarks_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def _argv(models: Path, model: str, out: Path, *flags: str) -> list[str]:
@@ -113,6 +131,7 @@ def _argv(models: Path, model: str, out: Path, *flags: str) -> list[str]:
     [
         ("fp32", ["--bits", "4", "--group-size", "32", "--magr", "--magr-iters", "5"], "float32"),
         ("bf16-sharded", ["--method", "rtn", "--bits", "3", "--group-size", "32"], "bfloat16"),
+        ("synthetic", ["--bits", "2", "--group-size", "32", "--calib-dtype", "float32"], "float32"),
     ],
 )
 def test_streamed_quantize_writes_the_folder_of_the_whole_model_path(
@@ -120,7 +139,7 @@ def test_streamed_quantize_writes_the_folder_of_the_whole_model_path(
 ):
     from qdiablo.calibration import build_calibration_data
     from qdiablo.cli import build_parser
-    from qdiablo.commands.quantize import quant_config_from_args
+    from qdiablo.commands.quantize import _calib_dtype, quant_config_from_args
     from qdiablo.models import load_model, load_tokenizer
 
     argv = _argv(models, model, tmp_path / "streamed", *flags, "--dtype", dtype)
@@ -132,7 +151,8 @@ def test_streamed_quantize_writes_the_folder_of_the_whole_model_path(
     tokenizer = load_tokenizer(str(models / model))
     calib = build_calibration_data(tokenizer, args.calib, 6, 32, 2)
     whole = load_model(str(models / model), dtype=dtype)
-    quantize_model(whole, calib, quant_config_from_args(args), calib_dtype="auto")
+    calib_dtype = _calib_dtype(args.calib_dtype, torch.device("cpu"))
+    quantize_model(whole, calib, quant_config_from_args(args), calib_dtype=calib_dtype)
     save_quantized(whole, tmp_path / "whole", tokenizer)
     assert_same_folder(tmp_path / "streamed", tmp_path / "whole")
 

@@ -124,13 +124,15 @@ def export_model(
     base_name: str | None = None,
     overwrite: bool = False,
     device: str | torch.device = "auto",
+    max_shard_size: int | None = None,
 ) -> Path:
     """Write an export folder (see the module docstring) and return its path.
 
     `adapter` defaults to `train_run/adapter`. `requantize_merged` implies `merged` and needs a
     `calib` file; its settings are the base's quantize_config with `quant_overrides` applied.
     `device`: where merging and re-quantizing run, one block at a time (auto: a GPU if there is
-    one); the packed model and the shards being written stay on the host.
+    one); the packed model and the shards being written stay on the host. `max_shard_size`:
+    the largest file of merged/ in bytes (default 5 GB).
     """
     base, output = Path(base), Path(output)
     device = resolve_device(device)
@@ -209,7 +211,9 @@ def export_model(
             if merged:
                 log.info("merging the adapter into the dequantized base (%s)", merged_dtype)
                 dtype = getattr(torch, merged_dtype)
-                write_merged(model, tmp / "merged", dtype, tokenizer, device=device)
+                write_merged(
+                    model, tmp / "merged", dtype, tokenizer, device, max_shard_size=max_shard_size
+                )
                 if requantize_merged:
                     calib_dtype = default_compute_dtype(device) if device.type == "cuda" else None
                     dense, change = requantize(

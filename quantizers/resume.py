@@ -102,13 +102,14 @@ class BlockStore:
         if saved_file.is_file():
             saved = read_json(saved_file, what="partial quantize state")
             diff = differences(state, saved)
-            if diff and not self.discard:
+            finished = self._file(0).is_file()
+            if diff and finished and not self.discard:
                 raise ResumeMismatch(
                     f"{self.folder} holds the partial work of a different quantize "
                     f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''})"
                 )
-            if diff:
-                log.warning("discarding %s: different settings (%s)", self.folder, diff[0])
+            if diff:  # discarded on request, or nothing to lose (no block was finished)
+                log.warning("discarding %s: other settings (%s)", self.folder, diff[0])
                 self.remove()
         self.folder.mkdir(parents=True, exist_ok=True)
         if not saved_file.is_file():

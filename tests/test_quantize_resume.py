@@ -250,6 +250,18 @@ def test_partial_work_of_other_settings_is_refused_naming_the_difference(
     assert not (out / PARTIAL_DIR).exists()
     assert {m.bits for m in load_quantized(out).modules() if hasattr(m, "qweight")} == {3}
 
+    # A run that died before finishing any block leaves nothing to protect: other settings run.
+    def dead(*_a, **_kw):
+        raise RuntimeError("died in block 0")
+
+    fresh = tmp_path / "fresh"
+    with monkeypatch.context() as m:
+        m.setattr("quantizers.quantize.quantize_block", dead)
+        with pytest.raises(RuntimeError, match="died in block 0"):
+            cli.main(_argv(models, "fp32", fresh, "--bits", "4", "--group-size", "32"))
+    assert (fresh / PARTIAL_DIR / "state.json").is_file()
+    assert cli.main(_argv(models, "fp32", fresh, "--bits", "3", "--group-size", "32")) == 0
+
 
 def test_a_quantize_killed_by_sigkill_resumes(models, tmp_path):
     """A real kill: the child is SIGKILLed as soon as its log says a block was saved."""
@@ -302,3 +314,25 @@ def test_qdiablo_run_resumes_an_interrupted_quantize_stage(models, tmp_path, mon
         == 0
     )
     assert_same_folder(out / "quantized", tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_smollm2_with_reconstruction_resumes_to_the_same_folder(tmp_path, monkeypatch, caplog):
+    """The real SmolLM2-135M (loaded whole from its GGUF file), RTN + reconstruction, killed
+    after block 13 of 30. benchmarks/resume_smollm2.py does the demo's MagR+GPTQ+reconstruction
+    with a real SIGKILL (benchmarks/results/resume-smollm2.md)."""
+    flags = ["--model", "smollm2", "--method", "rtn", "--bits", "2", "--group-size", "64"]
+    flags += ["--reconstruct", "--recon-steps", "4", "--calib-samples", "8"]
+    flags += ["--calib-seq-len", "64", "--calib-batch-size", "4"]
+    assert cli.main(["quantize", *flags, "--output", str(tmp_path / "whole")]) == 0
+    argv = ["quantize", *flags, "--output", str(tmp_path / "resumed")]
+    with monkeypatch.context() as m:
+        _kill_after(m, 13)
+        with pytest.raises(RuntimeError, match="killed after block 13"):
+            cli.main(argv)
+    with caplog.at_level(logging.INFO):
+        assert cli.main(argv) == 0
+    assert any("resuming: 14 of 30 blocks" in r.getMessage() for r in caplog.records)
+    assert_same_folder(tmp_path / "resumed", tmp_path / "whole")
+    report = json.loads((tmp_path / "resumed/quantization_report.json").read_text())
+    assert len(report["reconstruction"]) == 30 and len(report["layers"]) == 30 * 7

@@ -3,10 +3,11 @@
     python benchmarks/resume_smollm2.py --work /work/runs/resume-smollm2 [--kill-after 9]
 
 Three runs of the same command (W2 g64, MagR + GPTQ + block-wise reconstruction, the demo's
-quantizer with 16 windows and 20 reconstruction steps): one uninterrupted; one SIGKILLed as soon as its log says block K was saved; the
-same command again, which resumes. It checks that the resumed run quantized only the blocks
-after the last one saved and that its folder equals the uninterrupted one, every file byte for
-byte except the wall-clock fields of the quantization report; the result goes to
+quantizer with 16 windows and 20 reconstruction steps): one uninterrupted; one SIGKILLed as soon
+as its log says block K was saved; the same command again, which resumes. It checks that the
+resumed run quantized only the blocks after the last one saved and that its folder equals the
+uninterrupted one, every file byte for byte except the wall-clock fields of the quantization
+report; the result goes to
 benchmarks/results/resume-smollm2.json and .md.
 """
 

@@ -87,6 +87,8 @@ def open_streamed(
         log.info("%s is a GGUF file: loading it whole (it is dequantized on load)", gguf)
         return None
     folder = Path(path) if Path(path).is_dir() else _snapshot(path)
+    if (folder / "quantize_config.json").is_file() or not (folder / "config.json").is_file():
+        return None  # a quantized or export folder: load_base says what is wrong with it
     if not ShardedCheckpoint.present(folder):
         log.warning("%s holds no safetensors checkpoint: loading the model whole", folder)
         return None
@@ -98,7 +100,10 @@ def open_streamed(
     model = meta_model(config, torch_dtype)
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
-    checkpoint = ShardedCheckpoint(folder)
+    try:
+        checkpoint = ShardedCheckpoint(folder)
+    except (OSError, ValueError) as e:
+        raise UserError(str(e), hint="download the model again") from e
     prefix, blocks = find_decoder_blocks(model)
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     keys = [k for k in model.state_dict() if not (k in tied and k not in checkpoint.files)]

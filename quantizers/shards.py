@@ -47,6 +47,9 @@ class ShardedCheckpoint:
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index}: no weight_map")
             self.files = {k: self.folder / v for k, v in weight_map.items()}
+            for file in sorted(set(self.files.values())):
+                if not file.is_file():
+                    raise FileNotFoundError(f"{file} (listed in {INDEX_NAME}) is missing")
         else:
             raise FileNotFoundError(f"{self.folder}: no {WEIGHTS_NAME} or {INDEX_NAME}")
 

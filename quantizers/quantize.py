@@ -179,36 +179,100 @@ def _capture(
         inputs.hidden_fp = list(inputs.hidden)  # the full-precision model's
 
 
-def _resume_block(
-    blocks: nn.ModuleList,
-    i: int,
-    prefix: str,
-    store: BlockStore,
-    fetch: Callable[[int], nn.Module],
-    inputs: BlockInputs,
-    config: QuantConfig,
-    report: QuantReport,
-    calib_dtype: torch.dtype | None,
-    device: torch.device,
-) -> nn.Module:
-    """Block i as a finished run left it, and the next block's inputs recomputed from it: the
-    same operations on the same values as in the run that quantized it."""
-    if inputs.hidden_fp is not None:  # the original block's outputs, before it is replaced
-        original = fetch(i)
-        with _autocast(device, calib_dtype):
-            run_block_(original, inputs.hidden_fp, inputs.kwargs, device, inputs.dtype)
-        del original
-    block = blocks[i]
-    layers, recon = store.load(i, block, config.bits, config.group_size, f"{prefix}.{i}")
-    report.layers.extend(layers)
-    if recon is not None:
-        report.reconstruction.append(recon)
-        report.reconstruction_seconds += recon.seconds
-    if inputs.hidden is not None:
-        block.to(device)
-        with dequantize_cache(block), _autocast(device, calib_dtype):
-            run_block_(block, inputs.hidden, inputs.kwargs, device, inputs.dtype)
-    return block
+@dataclass
+class _Loop:
+    """One quantize run's block loop: where each block comes from (`load_block` or the model's
+    own), where it is quantized (`device`) and where it goes when finished (`host`)."""
+
+    blocks: nn.ModuleList
+    prefix: str
+    inputs: BlockInputs
+    config: QuantConfig
+    report: QuantReport
+    calib_dtype: torch.dtype | None
+    product_dtype: torch.dtype | None
+    device: torch.device
+    host: torch.device
+    load_block: Callable[[int, torch.device], nn.Module] | None
+    store: BlockStore | None
+
+    def run(self, calib_data: Sequence[Tensor] | None, act_dtype: torch.dtype | None) -> None:
+        """Every block in turn: those the store holds resumed, the others quantized."""
+        done = 0
+        if self.store is not None:
+            self.store.identity.update(self.identity(calib_data, act_dtype))
+            done = self.store.start(len(self.blocks))
+        with logging_redirect_tqdm(), torch.no_grad():
+            desc = f"quantizing W{self.config.bits}"
+            bar = tqdm(range(len(self.blocks)), desc=desc, unit="block")
+            for i in bar:
+                if i < done:
+                    self.resume(i)
+                else:
+                    self.quantize(i, bar)
+                release_host_memory()  # the block's float weights, freed between packed layers
+
+    def identity(self, calib_data, act_dtype) -> dict:
+        """What the result depends on, besides the model (whose fingerprint the caller gives):
+        a store holding another run's blocks is refused when any of it differs."""
+        config = {k: v for k, v in self.config.to_dict().items() if k != "checkpoint_format"}
+        return {
+            "config": config,  # the checkpoint format only converts on saving: not compared
+            "calibration": tensor_digest(calib_data),
+            "calib_dtype": str(self.calib_dtype),
+            "product_dtype": str(self.product_dtype),
+            "act_dtype": str(act_dtype),
+            "device": self.device.type,
+            "torch": torch.__version__,
+        }
+
+    def fetch(self, i: int) -> nn.Module:
+        """Block i with its full-precision weights, on the device."""
+        block = self.load_block(i, self.device) if self.load_block else self.blocks[i]
+        return block.to(self.device)
+
+    def quantize(self, i: int, bar) -> None:
+        """Quantize block i, move it to the host, save it (with a store)."""
+        name, report = f"{self.prefix}.{i}", self.report
+        block = self.fetch(i)
+        first, recon = len(report.layers), len(report.reconstruction)
+        quantize_block(
+            block,
+            name,
+            self.inputs,
+            self.config,
+            report,
+            self.calib_dtype,
+            self.product_dtype,
+            self.device,
+        )
+        log_block(name, report.layers[first:], bar)
+        self.blocks[i] = block = block.to(self.host)
+        if self.store is not None:
+            done = (report.reconstruction[recon:] or [None])[0]
+            self.store.save(i, block, report.layers[first:], done)
+
+    def resume(self, i: int) -> None:
+        """Block i as a finished run left it, and the next block's inputs recomputed from it:
+        the same operations on the same values as in the run that quantized it."""
+        inputs, device, report = self.inputs, self.device, self.report
+        if inputs.hidden_fp is not None:  # the original block's outputs, before it is replaced
+            original = self.fetch(i)
+            with _autocast(device, self.calib_dtype):
+                run_block_(original, inputs.hidden_fp, inputs.kwargs, device, inputs.dtype)
+            del original
+        block = self.blocks[i]
+        name = f"{self.prefix}.{i}"
+        layers, recon = self.store.load(i, block, self.config.bits, self.config.group_size, name)
+        report.layers.extend(layers)
+        if recon is not None:
+            report.reconstruction.append(recon)
+            report.reconstruction_seconds += recon.seconds
+        if inputs.hidden is not None:
+            block.to(device)
+            with dequantize_cache(block), _autocast(device, self.calib_dtype):
+                run_block_(block, inputs.hidden, inputs.kwargs, device, inputs.dtype)
+        self.blocks[i] = block.to(self.host)
 
 
 def _host_device(model: nn.Module) -> torch.device:
@@ -217,20 +281,6 @@ def _host_device(model: nn.Module) -> torch.device:
         if not p.is_meta:
             return p.device
     return torch.device("cpu")
-
-
-def _identity(config, calib_data, calib_dtype, product_dtype, act_dtype, device) -> dict:
-    """What a quantize result depends on, besides the model (the caller adds the model's)."""
-    settings = {k: v for k, v in config.to_dict().items() if k != "checkpoint_format"}
-    return {
-        "config": settings,  # the checkpoint format only converts on saving: not compared
-        "calibration": tensor_digest(calib_data),
-        "calib_dtype": str(calib_dtype),
-        "product_dtype": str(product_dtype),
-        "act_dtype": str(act_dtype),
-        "device": device.type,
-        "torch": torch.__version__,
-    }
 
 
 def quantize_model(
@@ -300,36 +350,8 @@ def quantize_model(
         keep = torch.device("cpu") if offload else device
         args = (report, config.reconstruct, device, keep, calib_dtype)
         _capture(model, blocks, calib_data, inputs, *args)
-    done = 0
-    if store is not None:
-        ident = _identity(config, calib_data, calib_dtype, product_dtype, act_dtype, device)
-        store.identity.update(ident)
-        done = store.start(len(blocks))
-
-    def fetch(i: int) -> nn.Module:
-        block = load_block(i, device) if load_block is not None else blocks[i]
-        return block.to(device)
-
-    with logging_redirect_tqdm(), torch.no_grad():
-        bar = tqdm(range(len(blocks)), desc=f"quantizing W{config.bits}", unit="block")
-        for i in bar:
-            name = f"{prefix}.{i}"
-            if i < done:
-                args = (inputs, config, report, calib_dtype, device)
-                blocks[i] = _resume_block(blocks, i, prefix, store, fetch, *args).to(model_device)
-                release_host_memory()
-                continue
-            block = fetch(i)
-            first, recon = len(report.layers), len(report.reconstruction)
-            quantize_block(block, name, inputs, config, report, calib_dtype, product_dtype, device)
-            log_block(name, report.layers[first:], bar)
-            blocks[i] = block = block.to(model_device)
-            if store is not None:
-                store.save(
-                    i, block, report.layers[first:], (report.reconstruction[recon:] or [None])[0]
-                )
-            del block
-            release_host_memory()
+    parts = (blocks, prefix, inputs, config, report, calib_dtype, product_dtype, device)
+    _Loop(*parts, model_device, load_block, store).run(calib_data, act_dtype)
 
     report.seconds = time.perf_counter() - start
     model.quantization_report = report

@@ -131,7 +131,11 @@ def _argv(models: Path, model: str, out: Path, *flags: str) -> list[str]:
     [
         ("fp32", ["--bits", "4", "--group-size", "32", "--magr", "--magr-iters", "5"], "float32"),
         ("bf16-sharded", ["--method", "rtn", "--bits", "3", "--group-size", "32"], "bfloat16"),
-        ("synthetic", ["--bits", "2", "--group-size", "32", "--calib-dtype", "float32"], "float32"),
+        (
+            "synthetic",
+            ["--bits", "2", "--group-size", "32", "--calib-dtype", "float32", "--calib-offload"],
+            "float32",
+        ),
     ],
 )
 def test_streamed_quantize_writes_the_folder_of_the_whole_model_path(
@@ -336,3 +340,29 @@ def test_smollm2_with_reconstruction_resumes_to_the_same_folder(tmp_path, monkey
     assert_same_folder(tmp_path / "resumed", tmp_path / "whole")
     report = json.loads((tmp_path / "resumed/quantization_report.json").read_text())
     assert len(report["reconstruction"]) == 30 and len(report["layers"]) == 30 * 7
+
+
+def test_activations_kept_in_bfloat16_feed_every_block_in_bfloat16(models):
+    """What a GPU run does (act_dtype "calib"): the activations between blocks are bfloat16,
+    and the result stays close to the float32-activation one."""
+    from quantizers import QuantConfig
+    from quantizers.calibration import tokenize_calibration
+
+    calib = tokenize_calibration(make_tokenizer(), [TEXT * 40], 6, 32, 2)
+    config = QuantConfig(bits=4, group_size=32)
+    errors = {}
+    for act in (None, torch.bfloat16):
+        model = make_tiny_llama(seed=3, layers=3)
+        seen: list[torch.dtype] = []
+
+        def record(_m, args, _kw, seen=seen):
+            seen.append(args[0].dtype)
+
+        for block in model.model.layers:
+            block.register_forward_pre_hook(record, with_kwargs=True)
+        quantize_model(model, calib, config, calib_dtype=torch.bfloat16, act_dtype=act)
+        # the first calls are the capture's (the embeddings' float32 output, then stored as act)
+        assert set(seen[len(calib) :]) == {torch.float32 if act is None else torch.bfloat16}
+        errors[act] = [r.rel_error for r in model.quantization_report.layers]
+    for a, b in zip(errors[None], errors[torch.bfloat16]):
+        assert abs(a - b) <= 0.05 * a

@@ -270,6 +270,7 @@ def verb_quantize_whole(ctx: Context, size: str) -> Row:
         bound["cpu"] / GiB,
         wall,
         "load_base + quantize_model + save_quantized",
+        {k: v / GiB for k, v in bound.items()},
         note="the path before streaming, for comparison",
     )
 
@@ -348,14 +349,19 @@ VERBS = {
 
 
 def markdown(rows: list[Row]) -> str:
+    """The table: each verb's peak against its bound, with P (packed) and 4·params (the whole
+    model in float32) beside it to show which one the peak follows."""
     lines = [
-        "| size | params | verb | peak RSS GiB | bound GiB | within | wall s |",
-        "|---|---|---|---|---|---|---|",
+        "| size | verb | peak RSS GiB | bound GiB | within | P GiB | 4·params GiB | wall s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        packed = r.terms.get("P")
         lines.append(
-            f"| {r.size} | {r.params / 1e9:.3f} B | {r.verb} | {r.peak_gib:.2f} | "
-            f"{r.bound_gib:.2f} | {'yes' if r.within else '**no**'} | {r.wall_s:.0f} |"
+            f"| {r.size} ({r.params / 1e9:.2f} B) | {r.verb} | {r.peak_gib:.2f} | "
+            f"{r.bound_gib:.2f} | {'yes' if r.within else '**no**'} | "
+            f"{'' if packed is None else f'{packed:.2f}'} | {4 * r.params / GiB:.2f} | "
+            f"{r.wall_s:.0f} |"
         )
     return "\n".join(lines)
 
@@ -391,6 +397,7 @@ def main() -> None:
     p.add_argument("--verbs", nargs="+", choices=list(VERBS), default=list(VERBS))
     p.add_argument("--force", nargs="*", default=[], help="verbs to measure again")
     p.add_argument("--bounds-only", action="store_true")
+    p.add_argument("--table", action="store_true", help="print the table of WORK/results.json")
     args = p.parse_args()
     if args.bounds_only:
         print(bounds_at_scale())
@@ -401,7 +408,7 @@ def main() -> None:
     rows = (
         [Row(**r) for r in json.loads(results_file.read_text())] if results_file.is_file() else []
     )
-    for size in args.sizes:
+    for size in [] if args.table else args.sizes:
         for verb in args.verbs:
             key = (size, VERBS[verb].__name__)
             done = [r for r in rows if (r.size, r.terms.get("_fn")) == key]

@@ -1,4 +1,6 @@
 """Peak host memory of each verb at three sizes on the CPU, against the bounds of docs/scale.md.
+(Over 400 lines: the bounds and one measuring function per verb in one script, as the planner's
+train/eval rows will join it.)
 
     python benchmarks/scale.py --work /work/runs/scale            # every size and verb
     python benchmarks/scale.py --work /work/runs/scale --sizes 0.3b --verbs quantize-rtn

@@ -18,7 +18,8 @@ row already measured is not measured again unless --force names its verb.
 
 Bounds (bytes; docs/scale.md writes them out and evaluates them at 70B):
     P  packed model as saved (codes, zeros, fp16 scales, g_idx; embeddings, norms, head)
-    B  one decoder block in float32;  H  its Hessians (float32, one per input group)
+    B  one decoder block in float32;  H  its Hessians (float32, one per input group) and
+       GPTQ's three working copies of the largest
     A  calibration activations: windows × tokens × hidden × bytes of the activation dtype
     quantize, on the CPU (host and device are one):  P + 2B + H + 3A + 1.5 GiB
     export --merged:       P + S + M + B + 1.5 GiB   (S: one shard; M: one block merged)
@@ -104,10 +105,12 @@ def block_fp32(shape: Shape) -> int:
 
 
 def hessian_bytes(shape: Shape) -> int:
-    """H: one float32 in×in matrix per group of layers reading the same input (same parent
-    module, same in_features: q/k/v, gate/up)."""
+    """H: the block's Hessians, one float32 in×in matrix per group of layers reading the same
+    input (same parent module, same in_features: q/k/v, gate/up), plus GPTQ's three working
+    copies of the largest (its own copy, the damped inverse, that inverse's Cholesky factor)."""
     groups = {(n.rpartition(".")[0], i) for n, i, _ in shape.linears}
-    return 4 * sum(i * i for _, i in groups)
+    largest = max(i for _, i in groups)
+    return 4 * (sum(i * i for _, i in groups) + 3 * largest * largest)
 
 
 def activation_bytes(shape: Shape, windows: int, seq: int, act_bytes: int) -> int:
@@ -120,17 +123,15 @@ def quantize_bound(shape, bits, group, windows, seq, float_bytes=4, act_bytes=4)
     P = packed_bytes(shape, bits, group, float_bytes)
     B, H = block_fp32(shape), hessian_bytes(shape)
     A = activation_bytes(shape, windows, seq, act_bytes)
-    host = P + 2 * B + A + OVERHEAD
-    device = B + H + 3 * A
     return {
         "P": P,
         "B": B,
         "H": H,
         "A": A,
-        "host": host,
-        "device": device,
-        "device_reconstruct": 6 * B + 3 * A,
-        "cpu": P + 2 * B + H + 3 * A + OVERHEAD,
+        "host": P + 2 * B + A + OVERHEAD,
+        "device": 2 * B + H + 3 * A,
+        "device_reconstruct": max(2 * B + H, 6 * B) + 3 * A,
+        "cpu": P + 2 * B + H + 3 * A + OVERHEAD,  # one memory: the host's 2B are the device's
     }
 
 

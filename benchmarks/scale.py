@@ -337,6 +337,21 @@ def verb_export_requantize(ctx: Context, size: str) -> Row:
     return _export_row(ctx, size, requantize=True)
 
 
+def bound_of(verb: str, shape: Shape) -> dict:
+    """The bound (and its terms) of a row measured by VERBS[verb]: what each verb function
+    computes, again, so that a table of old measurements shows today's formulas."""
+    shard = int(EXPORT_SHARD.removesuffix("GB")) * 10**9
+    return {
+        "quantize-rtn": lambda: quantize_bound(shape, 4, 128, 0, GPTQ_SEQ),
+        "quantize-gptq": lambda: quantize_bound(shape, 4, 128, GPTQ_WINDOWS, GPTQ_SEQ),
+        "quantize-whole": lambda: quantize_bound(shape, 4, 128, 0, 0),
+        "export-merged": lambda: export_bound(shape, 4, 128, shard),
+        "export-requantize": lambda: export_bound(
+            shape, 4, 128, shard, requant=(GPTQ_WINDOWS, GPTQ_SEQ)
+        ),
+    }[verb]()
+
+
 VERBS = {
     "quantize-rtn": verb_quantize_rtn,
     "quantize-gptq": verb_quantize_gptq,
@@ -411,6 +426,11 @@ def main() -> None:
     rows = (
         [Row(**r) for r in json.loads(results_file.read_text())] if results_file.is_file() else []
     )
+    names = {f.__name__: verb for verb, f in VERBS.items()}
+    for r in rows:  # today's formulas for every row, whenever it was measured
+        bound = bound_of(names[r.terms["_fn"]], ctx.shape(r.size))
+        r.bound_gib = bound["cpu"] / GiB
+        r.terms.update({k: v / GiB for k, v in bound.items()})
     for size in [] if args.table else args.sizes:
         for verb in args.verbs:
             key = (size, VERBS[verb].__name__)

@@ -7,10 +7,12 @@ are, so the merged model is a plain Hugging Face model that any tool loads. Merg
 integers means re-quantizing (MagR + GPTQ on calibration data), which changes the outputs: the
 change is measured and reported, never hidden.
 
-Nothing here holds the merged model whole: `write_merged` dequantizes and merges one block (on
-the device), hands its tensors to a `ShardWriter` and moves on, so the host holds the packed
-model, one block and one shard (docs/scale.md); `requantize_merged` quantizes a model on the meta
-device whose blocks are merged again from the packed ones when `quantize_model` asks for them.
+merged/ and merged-gptq/ never hold the merged model whole: `write_merged` dequantizes and merges
+one block (on the device), hands its tensors to a `ShardWriter` and moves on, so the host holds
+the packed model, one block and one shard (docs/scale.md); `requantize_merged` quantizes a model
+on the meta device whose blocks are merged again from the packed ones when `quantize_model` asks
+for them. The serving folders (marlin/, gguf/) are still written from the whole merged model
+(`merge_into_dense`, `requantize`).
 """
 
 from __future__ import annotations
@@ -82,6 +84,59 @@ def dense_state(
             seen.add(id(t))
             out[key + leaf] = t.detach().to(dtype)
     return out
+
+
+def merge_into_dense(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Fold a DiaBlo adapter into its base and return the whole plain model in `dtype` (no
+    packed layers): what the serving folders (marlin/, gguf/) are written from. merged/ and
+    merged-gptq/ never need it whole (`write_merged`, `requantize_merged`).
+
+    `model` is a DiaBloModel on a quantized base (as load_exported returns it); it is consumed.
+    W + Dᵀ is computed in float32 and cast once, layer by layer."""
+    _check_diablo(model)
+    dense = model.merge_and_unload(dtype=dtype)
+    for name, module in list(dense.named_modules()):
+        if isinstance(module, QuantLinear):
+            lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            lin.weight.data = module.dequantize_weight(torch.float32).to(dtype).contiguous()
+            if module.bias is not None:
+                lin.bias.data = module.bias.detach().to(dtype).clone()
+            dense.set_submodule(name, lin)
+    dense.to(dtype)
+    # It is no longer a GPTQ model: a config that says so would send transformers to GPTQModel.
+    if hasattr(dense.config, "quantization_config"):
+        del dense.config.quantization_config
+    if "quant_config" in dense.__dict__:
+        del dense.__dict__["quant_config"]
+    for p in dense.parameters():
+        p.requires_grad_(False)
+    return dense.eval()
+
+
+def requantize(
+    model: nn.Module, calib: list[Tensor], config: Any, probe_windows: int = 4
+) -> dict[str, Any]:
+    """Quantize a whole merged float model in place with `config` (a QuantConfig) and return
+    the measured change of the logits on the first `probe_windows` calibration windows."""
+    windows = [w.unsqueeze(0) for batch in calib for w in batch][:probe_windows]
+    with torch.no_grad():
+        before = torch.cat([model(input_ids=w).logits.float() for w in windows])
+    _warn_requantizing(config)
+    quantize_model(model, calib, config)
+    with torch.no_grad():
+        after = torch.cat([model(input_ids=w).logits.float() for w in windows])
+    return _change(before, after)
+
+
+def _warn_requantizing(config: Any) -> None:
+    log.warning(
+        "re-quantizing the merged model (%s, %d-bit, group size %d%s%s): this changes its outputs",
+        config.method,
+        config.bits,
+        config.group_size,
+        ", MagR" if config.magr else "",
+        ", block-wise reconstruction" if config.reconstruct else "",
+    )
 
 
 def _merged_config(base: nn.Module, dtype: torch.dtype):
@@ -174,14 +229,7 @@ def requantize_merged(
     dense, load_dense = merged_skeleton(model)
     windows = torch.cat([w.unsqueeze(0) for batch in calib for w in batch][:probe_windows])
     before = streamed_logits(dense, load_dense, windows, device).float()
-    log.warning(
-        "re-quantizing the merged model (%s, %d-bit, group size %d%s%s): this changes its outputs",
-        config.method,
-        config.bits,
-        config.group_size,
-        ", MagR" if config.magr else "",
-        ", block-wise reconstruction" if config.reconstruct else "",
-    )
+    _warn_requantizing(config)
     quantize_model(
         dense,
         calib,

@@ -18,6 +18,7 @@ import contextlib
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from types import ModuleType
@@ -41,6 +42,10 @@ def no_hub_kernels() -> Iterator[None]:
     if "bitsandbytes" in sys.modules:
         yield
         return
+    # transformers decides once, when first imported here, that `kernels` is missing (a cached
+    # probe, stub functions): its hub kernels must then stay off, or every later
+    # from_pretrained fails with "Kernels are not available" (unless the user chose otherwise).
+    os.environ.setdefault("USE_HUB_KERNELS", "NO")
     saved = {k: v for k, v in sys.modules.items() if k == "kernels" or k.startswith("kernels.")}
     for name in saved:
         del sys.modules[name]

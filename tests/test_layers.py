@@ -28,8 +28,9 @@ PACKAGES = ("quantizers", "qdiablo", "eval")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         "quantizers: calibration capture, MagR, RTN, GPTQ, coordinate descent, reconstruction, "
-        "packing, `QuantLinear`, the GPTQ checkpoint layout, kernels, its own file I/O; it imports "
-        "nothing from qdiablo or eval",
+        "packing, `QuantLinear`, the GPTQ checkpoint layout, kernels, safetensors read and written "
+        "a module at a time, resumable quantization, its own file I/O; it imports nothing from "
+        "qdiablo or eval",
         ("quantizers",),
     ),
     (
@@ -67,8 +68,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     (
-        "loader: the one way to load a base (`load_base(source, kind)`) or an export",
-        ("qdiablo.models",),
+        "loader: the one way to load a base (`load_base(source, kind)`) or an export; a "
+        "full-precision model whose blocks are read from the shards one at a time",
+        ("qdiablo.models", "qdiablo.streamed"),
     ),
     (
         "workflows: training settings and runs (sharded FSDP loading included), the export folder",

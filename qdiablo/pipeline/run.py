@@ -57,6 +57,13 @@ def check_wiring(settings: dict[str, Any], wired: set[str], source: str) -> None
 # --------------------------------------------------------------------------------------------
 
 
+def _quantize_resume(output: Path) -> dict[str, Any] | None:
+    """An interrupted quantize resumes from the blocks it saved (quantizers/resume.py)."""
+    from quantizers.resume import PARTIAL_DIR
+
+    return {} if (output / PARTIAL_DIR).is_dir() else None
+
+
 def quantize_stage(key: str, model: str, settings: dict, output: Path, source: str) -> Stage:
     return Stage(
         key=key,
@@ -65,6 +72,7 @@ def quantize_stage(key: str, model: str, settings: dict, output: Path, source: s
         output=output,
         done_file="quantize_config.json",
         source=source,
+        resume=_quantize_resume,
     )
 
 

@@ -150,7 +150,8 @@ def load_base(
     if local and is_quantized_folder(path):
         raise UserError(
             f"{source} is already quantized ({QUANTIZE_CONFIG}); it cannot be loaded as '{kind}'",
-            hint="use --base gptq/rtn (train) or --quant none (eval), or a full-precision model",
+            hint=f"use --base {'/'.join(PACKED_KINDS)} (train) or --quant none (eval), "
+            "or a full-precision model",
         )
     if kind == "nf4":
         return load_nf4(source, gguf_file, torch_dtype, device)

@@ -37,7 +37,8 @@ from quantizers.fileio import release_host_memory
 from quantizers.magr import fast_matmul_dtype
 from quantizers.packing import packable
 from quantizers.quant_linear import dequantize_cache
-from quantizers.reconstruct import reconstruct_block, split_holdout
+from quantizers.reconstruct import split_holdout
+from quantizers.registry import needs_calibration, steps
 from quantizers.report import QuantReport, log_block
 from quantizers.resume import BlockStore, tensor_digest
 from quantizers.weights import quantize_group, quantize_weights
@@ -68,11 +69,6 @@ def _check_packable(blocks: nn.ModuleList, prefix: str, bits: int) -> None:
                         f"{prefix}.{i}.{name}: {what}={n} cannot be packed at {bits} bits "
                         "(the GPTQ layout needs a multiple of 32 values per 32·bits-bit span)"
                     )
-
-
-def needs_calibration(config: QuantConfig) -> bool:
-    """Whether `config` cannot run without calibration data (RTN alone can)."""
-    return config.method == "gptq" or config.magr or config.cd_sweeps > 0 or config.reconstruct
 
 
 def _resolve_dtypes(
@@ -141,10 +137,8 @@ def quantize_block(
         for group in stage:
             quantize_group(block, linears, group, hessians[group[0]], config, name, report)
         del hessians
-    if inputs.hidden_fp is not None:
-        rec = reconstruct_block(
-            block, hidden, kwargs, inputs.hidden_fp, inputs.heldout, config, calib_dtype, name
-        )
+    for step in steps(config, "block"):  # reconstruction (quantizers/methods/reconstruct.py)
+        rec = step.run(block, hidden, kwargs, inputs, config, calib_dtype, name)
         report.reconstruction.append(rec)
         report.reconstruction_seconds += rec.seconds
     with dequantize_cache(block), _autocast(device, calib_dtype):

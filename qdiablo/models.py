@@ -192,11 +192,12 @@ def load_packed(
 ) -> nn.Module:
     """A `qdiablo quantize` folder with its linear layers packed (int32 codes, fp16 scales).
 
-    `method` ('gptq' / 'rtn'), when given, must be the one the folder was written with. `dtype`
-    casts only the float parameters (embeddings, norms, head), as `from_pretrained(dtype=...)`
-    leaves the buffers: `model.to(dtype)` would also round rotary tables and packed biases.
-    The packed bytes are never cast: they are held as `storage_dtype` (see QuantLinear). On the
-    meta device nothing is read but the headers (FSDP's sharded loading fills it later).
+    `method` (a registered quantizer: 'gptq', 'rtn', ...), when given, must be the one the
+    folder was written with. `dtype` casts only the float parameters (embeddings, norms, head),
+    as `from_pretrained(dtype=...)` leaves the buffers: `model.to(dtype)` would also round
+    rotary tables and packed biases. The packed bytes are never cast: they are held as
+    `storage_dtype` (see QuantLinear). On the meta device nothing is read but the headers
+    (FSDP's sharded loading fills it later).
     """
     what = f"--base {method}" if method else "a quantized base"
     if not Path(folder).is_dir() or not is_quantized_folder(folder):

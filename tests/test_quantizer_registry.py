@@ -169,6 +169,43 @@ def test_a_toy_quantizer_from_quantize_to_a_reloaded_export(
     assert cli.main(["export", "--verify", str(out)]) == 0
 
 
+def test_the_prepare_hook_sees_each_input_group_and_its_hessian_is_the_one_used(tiny_llama):
+    """A method's `prepare` hook (where AWQ would fold scales into the previous layer) runs once
+    per group of layers sharing an input, before they are quantized; the method quantizes the
+    layers as the hook left them, with the Hessian the hook returned."""
+    seen, given, received = [], [], []
+
+    def prepare(block, layers, H, config):
+        seen.append(sorted(layers))
+        given.append(H.clone())
+        for lin in layers.values():
+            lin.weight.data.mul_(2)
+        return H + torch.eye(H.shape[0])
+
+    def quantize(W, H, config, name):
+        received.append(H)
+        return floor_quantize(W, None, config, name)
+
+    method = QuantMethod("prep", "", quantize, needs_calibration=True, prepare=prepare)
+    register_method(method)
+    try:
+        from quantizers import quantize_model
+
+        config = QuantConfig(method="prep", bits=4, group_size=32)
+        doubled = {n: 2 * w for n, w in _float_weights(tiny_llama).items()}
+        quantize_model(tiny_llama, [torch.randint(5, 200, (2, 16))], config)
+    finally:
+        unregister_method("prep")
+    attn, mlp = ("self_attn.", "mlp.")
+    groups = [[attn + "k_proj", attn + "q_proj", attn + "v_proj"], [attn + "o_proj"]]
+    groups += [[mlp + "gate_proj", mlp + "up_proj"], [mlp + "down_proj"]]
+    assert seen == groups * 2  # two blocks, in true_sequential order
+    assert len(received) == len(given) == 8
+    for H, H_prepared in zip(given, received):
+        assert torch.equal(H_prepared, H + torch.eye(H.shape[0]))
+    _assert_packs(tiny_llama, _expected(doubled, config))
+
+
 def _calib(tmp_path):
     path = tmp_path / "calib.txt"
     path.write_text(TEXT * 30)

@@ -35,7 +35,7 @@ from quantizers.kernels import selfcheck
 from quantizers.kernels.backends import (
     TORCH,
     KernelBackend,
-    backends,
+    all_backends,
     get_backend,
     modes,
     on_change,
@@ -78,7 +78,7 @@ _import_error: str | None = None
 
 def _backends_changed() -> None:
     global _thresholds
-    _thresholds = tuple(sorted({b.max_rows for b in backends() if b.max_rows is not None}))
+    _thresholds = tuple(sorted({b.max_rows for b in all_backends() if b.max_rows is not None}))
     _selected.clear()
 
 
@@ -206,7 +206,7 @@ def _auto(x: Tensor, bits: int, rows: int) -> tuple[str, str]:
     """The `auto` rule: the first registered backend that can run on x and takes `rows` rows;
     else the torch path, with the first backend's reason."""
     reasons = []
-    for backend in backends():
+    for backend in all_backends():
         reason = backend.why_not(x, bits)
         if reason is None and backend.max_rows is not None and rows > backend.max_rows:
             reason = (

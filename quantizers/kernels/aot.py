@@ -40,8 +40,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from quantizers.kernels import backends as kernel_backends
 from quantizers.kernels import triton_qmm as qmm
+from quantizers.kernels.backends import all_backends
 
 # Opt-in dynamic shared memory per block (CUDA programming guide, compute capabilities table).
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 120: 99 * 1024}
@@ -147,7 +147,7 @@ def variants() -> dict[Variant, object]:
     """Every distinct (kernel, constexprs, warps, stages) the launchers of every registered
     backend with `aot_launches` can start, each with one Launch that starts it."""
     found: dict[Variant, object] = {}
-    for backend in kernel_backends.backends():
+    for backend in all_backends():
         if backend.aot_launches is None:
             continue
         for bits, dname, dtype, aligned, bias, m in _settings():

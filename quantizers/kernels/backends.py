@@ -115,7 +115,7 @@ def _changed() -> None:
         listener()
 
 
-def backends() -> list[KernelBackend]:
+def all_backends() -> list[KernelBackend]:
     """The registered backends, in the order `auto` tries them."""
     return list(_backends.values())
 

@@ -36,7 +36,7 @@ from quantizers.gptq import gptq_quantize
 from quantizers.magr import fast_matmul_dtype, magr
 from quantizers.packing import packable
 from quantizers.quant_linear import QuantLinear, dequantize_cache
-from quantizers.reconstruct import reconstruct_block, split_holdout
+from quantizers.reconstruct import recon_batches, reconstruct_block
 from quantizers.report import (
     LayerReport,
     QuantReport,
@@ -191,8 +191,8 @@ def _resolve_dtypes(
 class BlockInputs:
     """What the block-by-block loop carries from one decoder block to the next: the quantized
     model's inputs to the block, the keyword arguments each batch is called with, and (for
-    reconstruction) the full-precision model's inputs; `heldout`: the last windows reconstruction
-    holds out."""
+    reconstruction) the full-precision model's inputs; `heldout`: the last batches, held out by
+    reconstruction to measure its error (neither GPTQ nor reconstruction fits them)."""
 
     hidden: list[Tensor] | None
     kwargs: list[dict] | None
@@ -225,11 +225,12 @@ def quantize_block(
     with _autocast(device, calib_dtype):
         groups = input_groups(block, linears, hidden[0], kwargs[0])
     stages = [[g] for g in groups] if config.true_sequential else [groups]
+    fit = len(hidden) - inputs.heldout
     for stage in stages:
         # layers quantized so far dequantize once for all batches
         with dequantize_cache(block), _autocast(device, calib_dtype):
             hessians = collect_hessians(
-                block, linears, stage, hidden, kwargs, product_dtype=product_dtype
+                block, linears, stage, hidden[:fit], kwargs[:fit], product_dtype=product_dtype
             )
         for group in stage:
             _quantize_group(block, linears, group, hessians[group[0]], config, name, report)
@@ -251,6 +252,7 @@ def quantize_model(
     device: torch.device | str | None = None,
     calib_dtype: torch.dtype | str | None = None,
     product_dtype: torch.dtype | str | None = None,
+    heldout_data: Sequence[Tensor] | None = None,
 ) -> nn.Module:
     """Quantize the linear layers of `model`'s decoder blocks in place and return the model.
 
@@ -268,8 +270,10 @@ def quantize_model(
         1.4-6.2% of SmolLM2's layers, float32 on none (BENCHMARKS.md, the defaults table).
     With `config.reconstruct`, each block is then trained against the full-precision block
     (quantizers/reconstruct.py): the full-precision model's block inputs are carried alongside
-    the quantized model's, and the last `recon_holdout` of the windows are held out from that
-    training (GPTQ still sees every window).
+    the quantized model's. heldout_data: windows (another source, or another slice of the same
+    one) on which reconstruction measures its error and stops early; without them the last
+    `recon_holdout` share of calib_data is held out. Neither GPTQ nor reconstruction fits
+    held-out windows.
     Embeddings and lm_head are left alone. The per-layer report is `model.quantization_report`.
     """
     if not isinstance(config, QuantConfig):
@@ -279,9 +283,8 @@ def quantize_model(
     if needs_calibration(config) or calib_data:
         check_calibration_data(calib_data)
     heldout = 0
-    if config.reconstruct:  # same windows for GPTQ; the last ones are held out for reconstruction
-        train, held = split_holdout(calib_data, config.recon_holdout)
-        calib_data, heldout = train + held, len(held)
+    if config.reconstruct:  # mini-batches of training windows, then the held-out ones
+        calib_data, heldout = recon_batches(calib_data, heldout_data, config)
     _check_packable(blocks, prefix, config.bits)
     model_device = next(model.parameters()).device
     device = torch.device(device) if device is not None else model_device

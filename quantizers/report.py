@@ -43,7 +43,7 @@ class QuantReport:
     calibration_tokens: int = 0
     seconds: float = 0.0
     reconstruction: list[BlockRecon] = field(default_factory=list)
-    heldout_windows: int = 0  # calibration windows reconstruction held out (GPTQ saw them)
+    heldout_windows: int = 0  # windows reconstruction held out (not fitted by GPTQ either)
     reconstruction_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:

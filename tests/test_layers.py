@@ -50,6 +50,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qdiablo.nf4",
             "qdiablo.nf",
             "qdiablo.calibration",
+            "qdiablo.generated",
             "qdiablo.adapters",
             "eval",
         ),

@@ -39,8 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(p, QuantConfig, group="quantizer (QuantConfig)")
     add_calibration_arguments(
         p,
-        "calibration text: a .json/.jsonl Math10K file or a plain-text file "
-        "(default: the Math10K subset shipped with qdiablo)",
+        "calibration source(s): math10k (the Math10K subset shipped with qdiablo, "
+        "decontaminated; the default), generated (text sampled from the model itself, seeded "
+        "and cached), a .json/.jsonl Math10K file or a plain-text file; several share the "
+        "windows",
+        heldout=True,
     )
     p.add_argument(
         "--calib-dtype",
@@ -67,35 +70,67 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
         raise UserError(message, hint="run `qdiablo quantize --help` for the options") from e
 
 
+def calibration_for(args: argparse.Namespace, config: QuantConfig, tokenizer, model):
+    """The calibration batches and (with reconstruction) the held-out batches the flags ask
+    for; (None, None) when the method needs no data and none was given."""
+    from qdiablo.calibration import build_calibration_data, default_cache_dir, heldout_windows
+    from quantizers.quantize import needs_calibration
+
+    if not (needs_calibration(config) or args.calib):
+        return None, None
+    common = {
+        "model": model,
+        "seed": args.calib_seed,
+        "cache_dir": Path(args.calib_cache) if args.calib_cache else default_cache_dir(args.output),
+    }
+    calib = build_calibration_data(
+        tokenizer,
+        args.calib,
+        num_samples=args.calib_samples,
+        seq_len=args.calib_seq_len,
+        batch_size=args.calib_batch_size,
+        **common,
+    )
+    heldout = None
+    if config.reconstruct and config.recon_holdout > 0:
+        count = args.recon_heldout_samples or max(
+            1, round(config.recon_holdout * args.calib_samples)
+        )
+        heldout = heldout_windows(
+            tokenizer,
+            args.calib,
+            args.recon_heldout,
+            count,
+            args.calib_samples,
+            args.calib_seq_len,
+            args.calib_batch_size,
+            **common,
+        )
+    return calib, heldout
+
+
 def run(args: argparse.Namespace) -> int:
     # Deferred to keep `qdiablo --help` fast: these import torch, transformers and the quantizers.
     import torch
 
-    from qdiablo.calibration import build_calibration_data, check_calibration_arguments
+    from qdiablo.calibration import check_calibration_arguments
     from qdiablo.models import load_base, load_tokenizer
     from qdiablo.outputs import OutputFolder
     from quantizers import quantize_model, save_quantized
-    from quantizers.quantize import needs_calibration
 
     config = quant_config_from_args(args)
     check_calibration_arguments(args)
     output = Path(args.output)
     with OutputFolder(output, "quantize", overwrite=args.overwrite) as out:
         tokenizer = load_tokenizer(args.model, args.gguf_file)
-        calib = None
-        if needs_calibration(config) or args.calib:
-            calib = build_calibration_data(
-                tokenizer,
-                args.calib,
-                num_samples=args.calib_samples,
-                seq_len=args.calib_seq_len,
-                batch_size=args.calib_batch_size,
-            )
         model = load_base(args.model, "fp", gguf_file=args.gguf_file, dtype=args.dtype)
+        calib, heldout = calibration_for(args, config, tokenizer, model)
         calib_dtype = {"auto": "auto", "float32": None, "bfloat16": torch.bfloat16}[
             args.calib_dtype
         ]
-        quantize_model(model, calib, config, device=args.device, calib_dtype=calib_dtype)
+        quantize_model(
+            model, calib, config, device=args.device, calib_dtype=calib_dtype, heldout_data=heldout
+        )
         save_quantized(model, output, tokenizer, claim=out.claim)
         out.finish()
     report = model.quantization_report

@@ -8,9 +8,12 @@ DiaBlo run at N=64 is the same under both budgets), and a re-run skips what is d
 Methods (a name, quantize settings or null, train settings; `bits` limits where one applies):
 QLoRA (NF4 base, 4 bits), NF2-LoRA (NF2 base, 2 bits), GPTQ-LoRA (GPTQ without MagR + LoRA) and
 the reference MagR-DiaBlo (MagR + GPTQ + DiaBlo), which every other method is tested against.
-MagR-DiaBlo+recon (its base with block-wise reconstruction) and GPTQ-LoRA+recon (LoRA on that
+MagR-DiaBlo+recon (its base with block-wise reconstruction), MagR-DiaBlo+recon+scales (the same,
+with the base's scales trained alongside: `--train-scales`) and GPTQ-LoRA+recon (LoRA on that
 same base) are built in but off by default: list `- name: MagR-DiaBlo+recon` under `methods` to
 add one.
+Seeds: `seeds: [42, 43]` trains every cell once per seed (on the same bases); the report gives
+each method's mean and spread over them.
 Budgets: `matched` (LoRA's rank matched to DiaBlo's N: train's --match-params) and `paper`
 (N against r, 64 and 64 by default, as the paper did; not matched).
 """
@@ -42,7 +45,7 @@ BUDGETS = ("matched", "paper")
 DEFAULT_N = 64
 DEFAULT_RANK = 64
 REPORT_NAMES = ("compare.md", "compare.json", "compare.png")
-TOP_KEYS = ("output", "model", "bits", "budgets", "methods", "quantize", "train", "eval")
+TOP_KEYS = ("output", "model", "bits", "budgets", "seeds", "methods", "quantize", "train", "eval")
 BUDGET_KEYS = {"num_blocks", "rank", "match_params"}
 DEFAULT_METHODS: list[dict[str, Any]] = [
     {"name": "QLoRA", "bits": [4], "quantize": None, "train": {"base": "nf4", "adapter": "lora"}},
@@ -71,6 +74,11 @@ OPTIONAL_METHODS: list[dict[str, Any]] = [
         "quantize": {"method": "gptq", "magr": True, "reconstruct": True},
         "train": {"adapter": "diablo"},
     },
+    {  # the base's per-group scales trained with the blocks (EfficientQAT's E2E-QP)
+        "name": "MagR-DiaBlo+recon+scales",
+        "quantize": {"method": "gptq", "magr": True, "reconstruct": True},
+        "train": {"adapter": "diablo", "train_scales": True},
+    },
     {  # LoRA on the same reconstructed base: what reconstruction alone is worth to LoRA
         "name": "GPTQ-LoRA+recon",
         "quantize": {"method": "gptq", "magr": True, "reconstruct": True},
@@ -96,6 +104,7 @@ class Cell:
     base: Stage | None
     train: Stage
     eval: Stage
+    seed: int | None = None  # the training seed, when the grid has `seeds`
 
 
 @dataclass
@@ -194,6 +203,11 @@ def build_grid(data: dict[str, Any], source: str, output: str | None = None) -> 
     n_blocks = int(common_t.pop("num_blocks", DEFAULT_N))
     rank = int(common_t.pop("rank", DEFAULT_RANK))
     methods = parse_methods(data.get("methods"), source)
+    seeds = data.get("seeds")
+    if seeds is not None and (
+        not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) for x in seeds)
+    ):
+        raise UserError(f"{source}: 'seeds' must be a list of whole numbers, e.g. [42, 43]")
 
     shared: dict[str, Stage] = {}
     cells: list[Cell] = []
@@ -212,25 +226,19 @@ def build_grid(data: dict[str, Any], source: str, output: str | None = None) -> 
                 base = _content_address(base, root / "bases", f"base-w{bits}-{kind}", shared)
             check_wiring(method.train, WIRED["train"] | BUDGET_KEYS, where)
             for budget in budgets:
-                t = {**common_t, **method.train}
-                adapter = t.get("adapter", "diablo")
-                if adapter == "lora" and budget == "matched":
-                    t.update(num_blocks=n_blocks, match_params=True)
-                elif adapter == "lora":
-                    t.update(rank=rank)
-                else:
-                    t.update(num_blocks=n_blocks)
-                label = f"{_slug(method.name)}-w{bits}"
-                train = train_stage("train", base, model, t, root / "tmp", where)
-                train = _content_address(train, root / "train", f"train-{label}", shared)
-                ev = eval_stage("eval", base, train, model, dict(common_e), root / "tmp", where)
-                ev = _content_address(ev, root / "eval", f"eval-{label}", shared)
-                cells.append(Cell(bits, budget, method, base, train, ev))
+                for seed in seeds or [None]:
+                    cells.append(
+                        _cell(
+                            bits, budget, method, base, seed, common_t, common_e, n_blocks, rank,
+                            root, model, where, shared, first=seed == (seeds or [None])[0],
+                        )
+                    )  # fmt: skip
     if not cells:
         raise UserError(f"{source}: the grid is empty", hint="check bits and the methods' bits")
     settings = {
         "bits": bits_list,
         "budgets": budgets,
+        "seeds": seeds,
         "num_blocks": n_blocks,
         "paper_rank": rank,
         "quantize": common_q,
@@ -239,6 +247,43 @@ def build_grid(data: dict[str, Any], source: str, output: str | None = None) -> 
         "methods": [m.__dict__ for m in methods],
     }
     return Grid(root, model, cells, settings)
+
+
+def _cell(
+    bits: int,
+    budget: str,
+    method: Method,
+    base: Stage | None,
+    seed: int | None,
+    common_t: dict,
+    common_e: dict,
+    n_blocks: int,
+    rank: int,
+    root: Path,
+    model: str,
+    where: str,
+    shared: dict[str, Stage],
+    first: bool,
+) -> Cell:
+    """One cell's train and eval stages (content-addressed: identical ones are shared)."""
+    t = {**common_t, **method.train}
+    if seed is not None:
+        t["seed"] = seed
+    adapter = t.get("adapter", "diablo")
+    if adapter == "lora" and budget == "matched":
+        t.update(num_blocks=n_blocks, match_params=True)
+    elif adapter == "lora":
+        t.update(rank=rank)
+    else:
+        t.update(num_blocks=n_blocks)
+    label = f"{_slug(method.name)}-w{bits}" + ("" if seed is None else f"-s{seed}")
+    train = train_stage("train", base, model, t, root / "tmp", where)
+    train = _content_address(train, root / "train", f"train-{label}", shared)
+    ev = eval_stage("eval", base, train, model, dict(common_e), root / "tmp", where)
+    ev = _content_address(ev, root / "eval", f"eval-{label}", shared)
+    if seed is not None and not first:  # another seed of the method: its own row, not the reference
+        method = Method(f"{method.name} (seed {seed})", method.quantize, method.train, method.bits)
+    return Cell(bits, budget, method, base, train, ev, seed)
 
 
 def run_compare(

@@ -189,6 +189,23 @@ class QuantConfig:
             "block stops (its best parameters are kept); 1 stops at the first rise"
         },
     )
+    recon_e2e_epochs: float = field(
+        default=0.0,
+        metadata={
+            "help": "reconstruction's end-to-end stage after the blocks: epochs over the "
+            "calibration windows training every layer's scales so that the model's next-token "
+            "distributions match the full-precision model's (KL on its top-k, computed before "
+            "quantizing); 0 = off"
+        },
+    )
+    recon_e2e_lr: float = field(
+        default=1e-4,
+        metadata={"help": "reconstruction's end-to-end stage: learning rate of the scales"},
+    )
+    recon_e2e_topk: int = field(
+        default=64,
+        metadata={"help": "reconstruction's end-to-end stage: teacher tokens kept per position"},
+    )
     recon_seed: int = field(
         default=0, metadata={"help": "reconstruction: seed of the mini-batch order"}
     )
@@ -252,9 +269,13 @@ class QuantConfig:
             raise bad("recon_batch_size", "an integer >= 1")
         if self.recon_schedule not in RECON_SCHEDULES:
             raise bad("recon_schedule", " or ".join(repr(p) for p in RECON_SCHEDULES))
+        if not is_num(self.recon_e2e_epochs) or self.recon_e2e_epochs < 0:
+            raise bad("recon_e2e_epochs", "a number >= 0")
+        if not is_int(self.recon_e2e_topk) or self.recon_e2e_topk < 1:
+            raise bad("recon_e2e_topk", "an integer >= 1")
         if not is_int(self.recon_seed) or self.recon_seed < 0:
             raise bad("recon_seed", "an integer >= 0")
-        for name in ("recon_lr_code", "recon_lr_scale", "recon_lr_norm"):
+        for name in ("recon_lr_code", "recon_lr_scale", "recon_lr_norm", "recon_e2e_lr"):
             if not is_num(getattr(self, name)) or not getattr(self, name) > 0:
                 raise bad(name, "a positive number")
         if self.recon_params not in RECON_PARAMS:

@@ -32,6 +32,7 @@ from quantizers.calibration import (
 )
 from quantizers.cd import cd_refine
 from quantizers.config import QuantConfig
+from quantizers.e2e import teacher_topk, train_scales_end_to_end
 from quantizers.gptq import gptq_quantize
 from quantizers.magr import fast_matmul_dtype, magr
 from quantizers.packing import packable
@@ -294,6 +295,9 @@ def quantize_model(
     model.eval()
 
     inputs = BlockInputs(None, None, heldout=heldout)
+    teacher = None  # the end-to-end stage's targets: the full-precision model's, before any change
+    if config.reconstruct and config.recon_e2e_epochs > 0:
+        teacher = teacher_topk(model, calib_data, config.recon_e2e_topk, calib_dtype)
     if calib_data:
         report.calibration_tokens = sum(b.numel() for b in calib_data)
         log.info(
@@ -318,6 +322,11 @@ def quantize_model(
             )
             log_block(f"{prefix}.{i}", report.layers[first:], bar)
             blocks[i] = block.to(model_device)
+    if teacher is not None:
+        report.e2e = train_scales_end_to_end(
+            model, calib_data, teacher, heldout, config.recon_e2e_epochs, config.recon_e2e_lr,
+            config.recon_eval_every, config.recon_patience, config.recon_seed, calib_dtype,
+        )  # fmt: skip
 
     report.seconds = time.perf_counter() - start
     model.quantization_report = report

@@ -168,6 +168,8 @@ def main() -> None:
             if report.reconstruction:
                 row["reconstruction_s"] = report.reconstruction_seconds
                 row["reconstruction"] = [dataclasses.asdict(r) for r in report.reconstruction]
+            if report.e2e is not None:
+                row["e2e"] = dataclasses.asdict(report.e2e)
             results["rows"].append(row)
             print(
                 f"W{bits} {name}: ppl {ppl:.3f}, quantized in {quant_s:.0f} s"

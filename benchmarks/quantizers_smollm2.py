@@ -91,6 +91,12 @@ def main() -> None:
         help="like --set, for the MagR methods only (e.g. beta, which plain GPTQ would also read)",
     )
     p.add_argument("--out", type=Path, default=Path("runs/bench-quantizers-smollm2.json"))
+    p.add_argument(
+        "--save-dir",
+        type=Path,
+        default=None,
+        help="also save each quantized model here (W<b>-<method>)",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -149,6 +155,10 @@ def main() -> None:
                 heldout_data=heldout if config.reconstruct else None,
             )
             quant_s = time.perf_counter() - t
+            if args.save_dir is not None:
+                from quantizers import save_quantized
+
+                save_quantized(model, args.save_dir / f"w{bits}-{name}", tokenizer)
             t = time.perf_counter()
             ppl = perplexity(model, windows).perplexity
             row = {

@@ -47,13 +47,17 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def run_one(name: str, args: list[str], out_dir: Path, threads: int, cache: Path) -> None:
+def run_one(
+    name: str, args: list[str], out_dir: Path, threads: int, cache: Path, save: bool = False
+) -> None:
     out = out_dir / f"{name}.json"
     if out.exists():
         return
     cmd = [sys.executable, str(HERE / "quantizers_smollm2.py"), "--bits", "2", "--group-size"]
     cmd += ["64", "--methods", "MagR+GPTQ+recon", "--threads", str(threads)]
     cmd += ["--calib-cache", str(cache), *args, "--out", str(out_dir / f"{name}.partial.json")]
+    if save:
+        cmd += ["--save-dir", str(out_dir / f"{name}-model")]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(out_dir / f"{name}.log", "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -92,6 +96,7 @@ def main() -> None:
     p.add_argument("--out-dir", type=Path, default=Path("runs/recon-frontier"))
     p.add_argument("--calib-cache", type=Path, default=Path("runs/calib-cache"))
     p.add_argument("--table-only", action="store_true", help="print the table of finished runs")
+    p.add_argument("--save", action="store_true", help="keep each quantized model (NAME-model/)")
     args = p.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
@@ -102,7 +107,13 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             futures = [
                 pool.submit(
-                    run_one, n, VARIANTS[n][1], args.out_dir, args.threads, args.calib_cache
+                    run_one,
+                    n,
+                    VARIANTS[n][1],
+                    args.out_dir,
+                    args.threads,
+                    args.calib_cache,
+                    args.save,
                 )
                 for n in names
             ]

@@ -203,3 +203,36 @@ def test_trained_scales_with_lora_and_refusals(base_dir, math_file, tmp_path, mo
         _train(base_dir, math_file, tmp_path / "fsdp")
     meta = json.loads((run.output / "train_results.json").read_text())
     assert meta["trained_scales"] == run.results["trained_scales"]
+
+
+def test_resume_with_trained_scales_is_bit_identical(base_dir, math_file, tmp_path):
+    """Checkpoints hold the multipliers (and the optimizer their own group): a run stopped and
+    resumed ends with the same adapter and the same scales as an uninterrupted one."""
+    from transformers import TrainerCallback
+
+    from qdiablo.train import TrainConfig, train
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= 2:
+                control.should_training_stop = True
+
+    def config(name, **extra):
+        return TrainConfig(
+            model=str(base_dir), base="gptq", num_blocks=8, data=[str(math_file)],
+            max_length=256, batch_size=4, micro_batch_size=2, max_steps=4, save_steps=2,
+            lr=1e-2, scale_lr=1e-2, warmup=1, progress=False, train_scales=True,
+            output=str(tmp_path / name), **extra,
+        )  # fmt: skip
+
+    full = train(config("full"))
+    train(config("cut"), callbacks=[StopAt()])
+    checkpoint = tmp_path / "cut" / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / SCALES_FILE).is_file()
+    resumed = train(config("cut", resume="auto"))
+    assert resumed.results["resumed_from"].endswith("checkpoint-2")
+    for name in ("adapter_model.safetensors", SCALES_FILE):
+        a, b = load_file(full.adapter_dir / name), load_file(resumed.adapter_dir / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key

@@ -12,6 +12,7 @@ CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 MAGR_SOLVERS = ("fista", "plain")
 RECON_PARAMS = ("scales+codes", "scales", "codes")
 RECON_SCHEDULES = ("cosine", "constant")
+E2E_LOSSES = ("kl", "lm")
 
 # MagR's β scale shrink by bit width, per channel and per group alike, as the official MagR code
 # sets it. Chosen by measurement (BENCHMARKS.md, the quantizer defaults table): at W2 g64 on
@@ -202,6 +203,14 @@ class QuantConfig:
         default=1e-4,
         metadata={"help": "reconstruction's end-to-end stage: learning rate of the scales"},
     )
+    recon_e2e_loss: str = field(
+        default="kl",
+        metadata={
+            "help": "reconstruction's end-to-end stage: 'kl' to the full-precision model's "
+            "next-token distributions, or 'lm', the calibration text's own next-token loss",
+            "choices": E2E_LOSSES,
+        },
+    )
     recon_e2e_topk: int = field(
         default=64,
         metadata={"help": "reconstruction's end-to-end stage: teacher tokens kept per position"},
@@ -271,6 +280,8 @@ class QuantConfig:
             raise bad("recon_schedule", " or ".join(repr(p) for p in RECON_SCHEDULES))
         if not is_num(self.recon_e2e_epochs) or self.recon_e2e_epochs < 0:
             raise bad("recon_e2e_epochs", "a number >= 0")
+        if self.recon_e2e_loss not in E2E_LOSSES:
+            raise bad("recon_e2e_loss", " or ".join(repr(p) for p in E2E_LOSSES))
         if not is_int(self.recon_e2e_topk) or self.recon_e2e_topk < 1:
             raise bad("recon_e2e_topk", "an integer >= 1")
         if not is_int(self.recon_seed) or self.recon_seed < 0:

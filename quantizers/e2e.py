@@ -9,6 +9,9 @@ so the full-precision model need not stay in memory, and the KL is exact on thos
 (a lower bound of the full KL that is tight when the tail is small; k = 64 keeps all but a
 small share of the mass on this kind of text).
 
+`loss="lm"` trains on the plain language-model loss of the calibration text instead (the next
+token's cross-entropy; no teacher), for comparison.
+
 Scales train as multipliers (quantizers.trained_scales), with Adam and a cosine learning rate
 over shuffled mini-batches of the training windows; the held-out windows' KL is measured every
 `eval_every` steps, the best multipliers are kept, and they are folded into the fp16 scales at
@@ -75,6 +78,16 @@ def teacher_topk(
     return out
 
 
+def lm_loss(student_logits: Tensor, batch: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of the batch's own tokens."""
+    logits = student_logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+def _loss(logits: Tensor, batch: Tensor, target: TopK | None) -> Tensor:
+    return lm_loss(logits, batch.to(logits.device)) if target is None else topk_kl(logits, target)
+
+
 def topk_kl(student_logits: Tensor, target: TopK) -> Tensor:
     """Mean over tokens of KL(teacher ‖ student) on the teacher's top-k bins plus one bin for
     the rest of the vocabulary."""
@@ -93,18 +106,18 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 @torch.no_grad()
-def _heldout_kl(model, batches, targets, device, dtype) -> float:
+def _heldout_loss(model, batches, targets, device, dtype) -> float:
     total = 0.0
     for batch, target in zip(batches, targets):
         with _autocast(device, dtype):
-            total += float(topk_kl(model(batch.to(device), use_cache=False).logits, target))
+            total += float(_loss(model(batch.to(device), use_cache=False).logits, batch, target))
     return total / max(1, len(batches))
 
 
 def train_scales_end_to_end(
     model: nn.Module,
     batches: Sequence[Tensor],
-    targets: Sequence[TopK],
+    targets: Sequence[TopK] | None,
     heldout: int,
     epochs: float,
     lr: float,
@@ -114,18 +127,20 @@ def train_scales_end_to_end(
     autocast_dtype: torch.dtype | None = None,
 ) -> E2EReport:
     """Train every packed layer's scale multiplier of `model` against the teacher's `targets`
-    (the last `heldout` batches held out), then fold them into the stored scales."""
+    (None: the batches' own next tokens), the last `heldout` batches held out, then fold them
+    into the stored scales."""
     start = time.perf_counter()
     device = next(model.parameters()).device
     n_train = len(batches) - heldout
     train_b, hold_b = batches[:n_train], batches[n_train:]
+    targets = list(targets) if targets is not None else [None] * len(batches)
     train_t, hold_t = targets[:n_train], targets[n_train:]
     frozen = {p: p.requires_grad for p in model.parameters()}
     for p in frozen:
         p.requires_grad_(False)
     add_multipliers(model, requires_grad=True)
     params = [m.scale_multiplier for m in packed_layers(model).values()]
-    before = _heldout_kl(model, hold_b, hold_t, device, autocast_dtype) if heldout else None
+    before = _heldout_loss(model, hold_b, hold_t, device, autocast_dtype) if heldout else None
     best, best_state = before, [p.detach().clone() for p in params]
     optimizer = torch.optim.Adam(params, lr=lr)
     total = max(1, math.ceil(epochs * n_train))
@@ -142,13 +157,13 @@ def train_scales_end_to_end(
                     g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / total))
                 with _autocast(device, autocast_dtype):
                     logits = model(train_b[k].to(device), use_cache=False).logits
-                loss = topk_kl(logits, train_t[k])
+                loss = _loss(logits, train_b[k], train_t[k])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 bar.set_postfix(kl=f"{loss.item():.4f}")
                 if heldout and (step % eval_every == 0 or step == total):
-                    err = _heldout_kl(model, hold_b, hold_t, device, autocast_dtype)
+                    err = _heldout_loss(model, hold_b, hold_t, device, autocast_dtype)
                     log.debug("end-to-end: step %d, held-out KL %.5f", step, err)
                     if err < best:
                         best, best_state, stale = err, [p.detach().clone() for p in params], 0
@@ -163,13 +178,13 @@ def train_scales_end_to_end(
         for p, saved in zip(params, best_state):
             p.copy_(saved)
     fold_multipliers(model)
-    after = _heldout_kl(model, hold_b, hold_t, device, autocast_dtype) if heldout else None
+    after = _heldout_loss(model, hold_b, hold_t, device, autocast_dtype) if heldout else None
     kept = heldout == 0 or (after is not None and before is not None and after < before)
     report = E2EReport(step, before, after, kept, time.perf_counter() - start)
     log.info(
         "end-to-end scales: %d steps in %.0f s%s",
         step,
         report.seconds,
-        "" if before is None else f", held-out KL {before:.4f} -> {after:.4f}",
+        "" if before is None else f", held-out loss {before:.4f} -> {after:.4f}",
     )
     return report

@@ -296,7 +296,8 @@ def quantize_model(
 
     inputs = BlockInputs(None, None, heldout=heldout)
     teacher = None  # the end-to-end stage's targets: the full-precision model's, before any change
-    if config.reconstruct and config.recon_e2e_epochs > 0:
+    e2e = config.reconstruct and config.recon_e2e_epochs > 0
+    if e2e and config.recon_e2e_loss == "kl":
         teacher = teacher_topk(model, calib_data, config.recon_e2e_topk, calib_dtype)
     if calib_data:
         report.calibration_tokens = sum(b.numel() for b in calib_data)
@@ -322,7 +323,7 @@ def quantize_model(
             )
             log_block(f"{prefix}.{i}", report.layers[first:], bar)
             blocks[i] = block.to(model_device)
-    if teacher is not None:
+    if e2e:
         report.e2e = train_scales_end_to_end(
             model, calib_data, teacher, heldout, config.recon_e2e_epochs, config.recon_e2e_lr,
             config.recon_eval_every, config.recon_patience, config.recon_seed, calib_dtype,

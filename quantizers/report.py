@@ -84,7 +84,7 @@ class QuantReport:
                 ""
                 if e.heldout_before is None
                 else (
-                    f": held-out KL to the full-precision model {e.heldout_before:.5f} → "
+                    f": held-out loss {e.heldout_before:.5f} → "
                     f"{e.heldout_after:.5f}{'' if e.kept else ' (not improved: scales unchanged)'}"
                 )
             )

@@ -262,3 +262,41 @@ def test_training_stops_after_patience_checks_without_a_new_best(caplog, patienc
         assert block.steps == expected == len(series)
         stops.append(expected)
     assert min(stops) < 40  # the rule did stop something early
+
+
+def test_topk_kl_is_the_full_kl_with_every_token_and_a_lower_bound_with_fewer():
+    from quantizers.e2e import TopK, topk_kl
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 6, 40), 2 * torch.randn(2, 6, 40)
+    p = torch.softmax(teacher.double(), -1)
+    full = (p * (p.log() - torch.log_softmax(student.double(), -1))).sum(-1).mean()
+
+    def targets(k):
+        logp = torch.log_softmax(teacher, -1)
+        top, ids = logp.topk(k, -1)
+        rest = torch.log((1 - top.exp().sum(-1)).clamp(min=1e-30))
+        return TopK(ids.int(), top, rest)
+
+    torch.testing.assert_close(topk_kl(student, targets(40)).double(), full, rtol=1e-4, atol=1e-5)
+    assert topk_kl(student, targets(8)) <= full + 1e-5
+    assert topk_kl(teacher, targets(8)) == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["kl", "lm"])
+def test_end_to_end_stage_lowers_its_heldout_loss_and_keeps_the_layout(tmp_path, loss):
+    fp = make_tiny_llama(init_range=0.2)
+    calib = calibration()
+    config = QuantConfig(
+        bits=2, group_size=32, magr=True, reconstruct=True, recon_steps=4,
+        recon_e2e_epochs=4, recon_e2e_lr=1e-2, recon_e2e_loss=loss,
+    )  # fmt: skip
+    model = quantize_model(copy.deepcopy(fp), calib[:3], config, heldout_data=calib[3:])
+    e2e = model.quantization_report.e2e
+    assert e2e.kept and e2e.heldout_after < e2e.heldout_before and e2e.steps > 0
+    assert not any(m.scale_multiplier is not None for m in model.modules() if hasattr(m, "bits"))
+    save_quantized(model, tmp_path / "q")
+    ids = calib[3][:1]
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "q")(ids).logits, model(ids).logits)
+    assert "End-to-end scales" in (tmp_path / "q" / "quantization_report.md").read_text()

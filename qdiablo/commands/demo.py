@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -58,9 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch CPU threads for every stage (default 1; the figures depend on it: float "
-        "sums are reduced in a thread-dependent order)",
+        default=None,
+        help="torch CPU threads for every stage (default: the cores this process may use; the "
+        "same count gives the same figures run to run, another may change the last digits: "
+        "float sums are reduced in a thread-dependent order)",
     )
     p.add_argument(
         "--force",
@@ -112,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     from qdiablo.pipeline.run import eval_stage, export_stage, quantize_stage, train_stage
     from qdiablo.pipeline.stages import Runner, summary_table
 
+    if args.threads is None:
+        args.threads = available_cores()
     for flag in ("threads", "recon_steps", "steps", "limit", "calib_samples"):
         value = getattr(args, flag)
         if value is not None and value < 1:  # before any stage writes into the output folder
@@ -137,6 +141,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nexported to {root / 'export'} (load it with qdiablo.export.load_exported)")
     print(f"demo finished in {time.time() - start:.0f} s")
     return 0
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask; the machine's count where the
+    platform has no affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def comparison_table(base_dir: Path, tuned_dir: Path) -> str:

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,10 +22,11 @@ from torch import nn
 
 from qdiablo import __version__
 from qdiablo.diablo.config import DiaBloConfig
+from qdiablo.diablo.fingerprint import base_fingerprint
 from qdiablo.diablo.layer import DiaBloLinear
-from qdiablo.diablo.targets import resolve_target_modules
+from qdiablo.diablo.targets import find_targets, resolve_target_modules
 from qdiablo.errors import UserError
-from qdiablo.io import atomic_path, read_adapter_weights, read_json
+from qdiablo.io import atomic_path, check_adapter_tensors, read_adapter_weights, read_json
 
 log = logging.getLogger(__name__)
 
@@ -44,134 +43,6 @@ METADATA_KEYS = {
     "trainable_parameters",
     "qdiablo_version",
 }
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(?:\.|$)")
-
-# --------------------------------------------------------------------------------------------
-# Which layers to wrap
-# --------------------------------------------------------------------------------------------
-
-
-def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "in_features", None), int) and isinstance(
-        getattr(module, "out_features", None), int
-    )
-
-
-def _matches(name: str, spec: list[str] | str) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == t or name.endswith("." + t) for t in spec)
-
-
-def find_targets(model: nn.Module, config: DiaBloConfig) -> list[str]:
-    """Module paths to wrap, in model order (None targets: the architecture's default).
-    Errors name the offending module."""
-    spec = resolve_target_modules(model, config.target_modules)
-    output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    targets = []
-    for name, module in model.named_modules():
-        if not name or ".base_layer" in name:
-            continue
-        if spec == "all-linear":
-            hit = _is_linear_like(module) and module is not output_head
-        else:
-            hit = _matches(name, spec)
-        if not hit or (config.exclude_modules and _matches(name, config.exclude_modules)):
-            continue
-        if config.layers_to_transform is not None:
-            m = _LAYER_INDEX.search(name)
-            if m is None or int(m.group(1)) not in config.layers_to_transform:
-                continue
-        if isinstance(module, DiaBloLinear):
-            raise UserError(f"layer '{name}' already has a DiaBlo adapter")
-        if not _is_linear_like(module):
-            raise UserError(
-                f"target '{name}' is a {type(module).__name__}, not a linear layer: DiaBlo wraps "
-                "layers with in_features/out_features (nn.Linear, QuantLinear, Linear4bit)",
-                hint="GPT-2-style Conv1D layers are not supported; target other layers",
-            )
-        targets.append(name)
-    if not targets:
-        examples = [n for n, m in model.named_modules() if _is_linear_like(m)][:6]
-        raise UserError(
-            f"no layer matches target_modules={spec!r}",
-            hint=f"linear layers in this model look like: {', '.join(examples)}",
-        )
-    return targets
-
-
-# --------------------------------------------------------------------------------------------
-# Base fingerprint: catches an adapter loaded onto a different base (e.g. 2-bit vs 4-bit)
-# --------------------------------------------------------------------------------------------
-
-_VOLATILE_CONFIG_KEYS = {
-    "transformers_version",
-    "dtype",
-    "torch_dtype",
-    "use_cache",
-    "architectures",  # absent after a GGUF load, set after save_pretrained + from_pretrained
-}
-
-
-def _config_identity(model: nn.Module) -> dict[str, Any]:
-    config = getattr(model, "config", None)
-    if config is None:
-        return {}
-    data = config.to_dict()
-    return {
-        k: v for k, v in data.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS
-    }
-
-
-def _weight_sample(t: Any, count: int = 256) -> bytes:
-    """Evenly spaced elements of a tensor; floats rounded to bf16, so fp32/bf16 copies agree.
-
-    `t` may also be a tensor still in a file (anything with shape, numel() and take(indices)),
-    so that only the sampled elements are read."""
-    idx = torch.linspace(0, t.numel() - 1, min(count, t.numel())).long()
-    if isinstance(t, torch.Tensor):
-        flat = t.detach().reshape(-1)
-        sample = flat[idx.to(flat.device)].cpu()
-    else:
-        sample = t.take(idx)
-    if sample.is_floating_point():
-        sample = sample.to(torch.bfloat16).view(torch.int16)
-    return sample.numpy().tobytes()
-
-
-def base_fingerprint(model: nn.Module, targets: list[str], state_of: Any = None) -> dict[str, str]:
-    """A hash of the base's config, its quantization settings, and a sample of the weights of
-    the layers the adapter wraps; plus a short readable description for error messages.
-
-    `state_of(name, layer)`: the layer's state dict (default `layer.state_dict()`), e.g. read
-    from the checkpoint files for a model whose weights are still on the meta device."""
-    identity = _config_identity(model)
-    h = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
-    modules = dict(model.named_modules())
-    for name in targets:
-        base = modules[name]
-        base = base.base_layer if isinstance(base, DiaBloLinear) else base
-        h.update(name.encode())
-        state = base.state_dict() if state_of is None else state_of(name, base)
-        for key, tensor in sorted(state.items()):
-            if hasattr(tensor, "shape") and tensor.numel():
-                h.update(f"{key}{tuple(tensor.shape)}".encode())
-                if not getattr(
-                    tensor, "is_meta", False
-                ):  # a model built on `meta` (memory plans) has no data
-                    h.update(_weight_sample(tensor))
-    quant = identity.get("quantization_config") or {}
-    desc = f"{identity.get('model_type', type(model).__name__)}"
-    if "num_hidden_layers" in identity:
-        desc += f", {identity['num_hidden_layers']} layers, hidden {identity.get('hidden_size')}"
-    if quant:
-        method = quant.get("quant_method", "?")
-        bits = quant.get("bits") or ("4" if quant.get("load_in_4bit") else "?")
-        desc += f", {method} {bits}-bit"
-        if quant.get("group_size") is not None:
-            desc += f" g{quant['group_size']}"
-    return {"sha256": h.hexdigest(), "description": desc}
-
 
 # --------------------------------------------------------------------------------------------
 # The wrapper
@@ -300,6 +171,10 @@ class DiaBloModel(nn.Module):
 
     # ---- saving and loading --------------------------------------------------------------
 
+    def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each tensor `adapter_state_dict` holds, by key."""
+        return {f"{name}.blocks": tuple(layer.blocks.shape) for name, layer in self.diablo_layers()}
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"{name}.blocks": layer.blocks.detach() for name, layer in self.diablo_layers()}
 
@@ -362,32 +237,17 @@ class DiaBloModel(nn.Module):
                     "(force=True in Python) loads it anyway, export and train have no override",
                 )
             log.warning("%s (loading anyway: force=True)", msg)
-        tensors = read_adapter_weights(adapter_dir / ADAPTER_WEIGHTS_NAME)
+        path = adapter_dir / ADAPTER_WEIGHTS_NAME
+        tensors = read_adapter_weights(path)
         model = cls(base_model, config)
         layers = dict(model.diablo_layers())
-        expected_keys = {f"{n}.blocks" for n in layers}
-        missing = sorted(expected_keys - tensors.keys())
-        extra = sorted(tensors.keys() - expected_keys)
-        if missing or extra:
-            _unwrap(model)
-            parts = []
-            if missing:
-                parts.append(f"missing for {len(missing)} layer(s), e.g. {missing[0]}")
-            if extra:
-                parts.append(f"{len(extra)} unexpected tensor(s), e.g. {extra[0]}")
-            raise UserError(
-                f"adapter {adapter_dir / ADAPTER_WEIGHTS_NAME} does not match this base: "
-                + "; ".join(parts),
-                hint="was it trained with other target_modules or on another architecture?",
-            )
+        try:
+            check_adapter_tensors(path, model.adapter_shapes(), tensors)
+        except UserError:
+            _unwrap(model)  # the base is left as it was given
+            raise
         for name, layer in layers.items():
             t = tensors[f"{name}.blocks"]
-            if t.shape != layer.blocks.shape:
-                _unwrap(model)
-                raise UserError(
-                    f"adapter {adapter_dir / ADAPTER_WEIGHTS_NAME}: layer '{name}' has blocks of "
-                    f"shape {tuple(t.shape)}, but this base needs {tuple(layer.blocks.shape)}"
-                )
             with torch.no_grad():
                 layer.blocks.copy_(t)
             layer.blocks.requires_grad_(is_trainable)

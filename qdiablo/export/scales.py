@@ -20,7 +20,8 @@ from torch import nn
 
 from qdiablo.adapters.scales import SCALES_FILE, bare_model
 from qdiablo.diablo import DiaBloModel
-from qdiablo.diablo.model import ADAPTER_CONFIG_NAME, base_fingerprint
+from qdiablo.diablo.fingerprint import base_fingerprint
+from qdiablo.diablo.model import ADAPTER_CONFIG_NAME
 from qdiablo.outputs import is_bookkeeping
 from quantizers.trained_scales import packed_layers
 

@@ -317,8 +317,9 @@ class Runner:
         )
         args = {**stage.args, **(extra or {})}  # extra: e.g. train's resume=auto
         start = time.time()
+        cpu = None  # the stage process's user + system CPU seconds (isolated stages only)
         if self.isolate:
-            rc, peak_kib = self._subprocess(stage, args)
+            rc, peak_kib, cpu = self._subprocess(stage, args)
         else:
             namespace = parse_verb_args(stage.verb, args, stage.key) if extra else stage.namespace()
             if self.threads:
@@ -345,6 +346,7 @@ class Runner:
                 "output": str(stage.output),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "wall_seconds": round(seconds, 3),
+                "cpu_seconds": None if cpu is None else round(cpu, 3),
                 "peak_rss_mib": peak_mib,
                 "peak_rss_of": "stage process" if self.isolate else "whole process so far",
                 "threads": self.threads,
@@ -356,9 +358,10 @@ class Runner:
         log.info("%s: done in %.1f s, peak RSS %.0f MiB", stage.key, seconds, peak_mib)
         return Outcome(stage, status, seconds, run_id, peak_mib)
 
-    def _subprocess(self, stage: Stage, args: dict[str, Any]) -> tuple[int, int]:
+    def _subprocess(self, stage: Stage, args: dict[str, Any]) -> tuple[int, int, float]:
         """`python -m qdiablo <verb> --config <args file>`: the verb's own YAML config path.
-        Returns the exit status and the process's peak RSS in KiB (from wait4's rusage)."""
+        Returns the exit status, the process's peak RSS in KiB and its user + system CPU
+        seconds (from wait4's rusage: on a busy machine, the work done, apart from waiting)."""
         file = self.markers / f"{stage.key}.args.yaml"
         write_text(file, yaml.safe_dump({k: _plain(v) for k, v in args.items()}))
         repo = str(Path(__file__).resolve().parents[2])  # works without a pip install
@@ -377,7 +380,7 @@ class Runner:
             child.wait()
             raise
         child.returncode = os.waitstatus_to_exitcode(status)
-        return child.returncode, usage.ru_maxrss
+        return child.returncode, usage.ru_maxrss, usage.ru_utime + usage.ru_stime
 
     def _clear(self, stage: Stage, owned: bool) -> None:
         """Remove a stage's stale output; refuse a non-empty folder this machinery did not make."""

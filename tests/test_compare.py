@@ -226,6 +226,9 @@ def test_grid_with_seeds_shares_the_bases_and_reports_the_spread(
     assert scales.train.namespace().train_scales and scales.base.namespace().reconstruct
     with pytest.raises(UserError, match="'seeds' must be a list"):
         build_grid({**data, "seeds": 42}, "c.yaml")
+    data["methods"].append({"name": "GPTQ-LoRA", "seeds": [9]})  # a method's own seeds
+    lora = [c for c in build_grid(data, "c.yaml").cells if c.method.name.startswith("GPTQ-LoRA")]
+    assert [(c.method.name, c.seed) for c in lora] == [("GPTQ-LoRA", 9)]
 
     def row(seed, nlls):
         tasks = {t: {"nll": v} for t, v in zip(("SVAMP", "AQuA"), nlls)}

@@ -13,7 +13,7 @@ with the base's scales trained alongside: `--train-scales`) and GPTQ-LoRA+recon 
 same base) are built in but off by default: list `- name: MagR-DiaBlo+recon` under `methods` to
 add one.
 Seeds: `seeds: [42, 43]` trains every cell once per seed (on the same bases); the report gives
-each method's mean and spread over them.
+each method's mean and spread over them. A method's own `seeds` overrides the grid's.
 Budgets: `matched` (LoRA's rank matched to DiaBlo's N: train's --match-params) and `paper`
 (N against r, 64 and 64 by default, as the paper did; not matched).
 """
@@ -94,6 +94,7 @@ class Method:
     train: dict[str, Any]
     bits: list[int] | None = None  # None: every bits of the grid
     reference: bool = False
+    seeds: list[int] | None = None  # None: the grid's seeds
 
 
 @dataclass
@@ -115,6 +116,17 @@ class Grid:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+def _seeds(value: Any, source: str) -> list[int] | None:
+    """A `seeds` entry: None, or a non-empty list of whole numbers."""
+    if value is not None and (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+    ):
+        raise UserError(f"{source}: 'seeds' must be a list of whole numbers, e.g. [42, 43]")
+    return value
+
+
 def _norm(d: dict | None) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in (d or {}).items()}
 
@@ -133,11 +145,11 @@ def parse_methods(entries: Any, source: str) -> list[Method]:
     for entry in entries or []:
         if not isinstance(entry, dict) or not entry.get("name"):
             raise UserError(f"{source}: every method needs a 'name'")
-        unknown = set(entry) - {"name", "bits", "quantize", "train", "reference", "skip"}
+        unknown = set(entry) - {"name", "bits", "quantize", "train", "reference", "skip", "seeds"}
         if unknown:
             raise UserError(
                 f"{source}: method '{entry['name']}': unknown key '{sorted(unknown)[0]}'",
-                hint="a method has name, bits, quantize, train, reference, skip",
+                hint="a method has name, bits, quantize, train, reference, skip, seeds",
             )
         if entry.get("skip"):
             methods.pop(entry["name"], None)
@@ -151,6 +163,7 @@ def parse_methods(entries: Any, source: str) -> list[Method]:
             train=_norm(m.get("train")),
             bits=None if m.get("bits") is None else [int(b) for b in m["bits"]],
             reference=bool(m.get("reference", False)),
+            seeds=_seeds(m.get("seeds"), f"{source}: method '{m['name']}'"),
         )
         for m in methods.values()
     ]
@@ -203,11 +216,7 @@ def build_grid(data: dict[str, Any], source: str, output: str | None = None) -> 
     n_blocks = int(common_t.pop("num_blocks", DEFAULT_N))
     rank = int(common_t.pop("rank", DEFAULT_RANK))
     methods = parse_methods(data.get("methods"), source)
-    seeds = data.get("seeds")
-    if seeds is not None and (
-        not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) for x in seeds)
-    ):
-        raise UserError(f"{source}: 'seeds' must be a list of whole numbers, e.g. [42, 43]")
+    seeds = _seeds(data.get("seeds"), source)
 
     shared: dict[str, Stage] = {}
     cells: list[Cell] = []
@@ -225,12 +234,13 @@ def build_grid(data: dict[str, Any], source: str, output: str | None = None) -> 
                 kind += "-recon" if q.get("reconstruct") else ""
                 base = _content_address(base, root / "bases", f"base-w{bits}-{kind}", shared)
             check_wiring(method.train, WIRED["train"] | BUDGET_KEYS, where)
+            own = method.seeds or seeds or [None]
             for budget in budgets:
-                for seed in seeds or [None]:
+                for seed in own:
                     cells.append(
                         _cell(
                             bits, budget, method, base, seed, common_t, common_e, n_blocks, rank,
-                            root, model, where, shared, first=seed == (seeds or [None])[0],
+                            root, model, where, shared, first=seed == own[0],
                         )
                     )  # fmt: skip
     if not cells:

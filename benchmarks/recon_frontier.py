@@ -44,6 +44,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     ),
     "m10k128-norms": ("Math10K 128×256, 2 epochs, norms", _v("math10k", 128, "recon_norms=true")),
     "m10k128-e4": ("Math10K 128×256, 4 epochs", _v("math10k", 128, "recon_epochs=4")),
+    "m10k128-lrc3": (
+        "Math10K 128×256, 2 epochs, code lr 3e-2",
+        _v("math10k", 128, "recon_lr_code=0.03"),
+    ),
     "m10k128-norms-e2e": (
         "Math10K 128×256, 2 epochs, norms + end-to-end 1 epoch",
         _v("math10k", 128, "recon_norms=true", "recon_e2e_epochs=1", "recon_e2e_lr=0.001"),

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from quantizers.calibration import find_decoder_blocks
+from quantizers.lazy import streamed_logits
 from quantizers.trained_scales import add_multipliers, fold_multipliers, packed_layers
 
 log = logging.getLogger(__name__)
@@ -63,14 +65,32 @@ def _log1mexp(x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def teacher_topk(
-    model: nn.Module, batches: Sequence[Tensor], k: int, autocast_dtype: torch.dtype | None
+    model: nn.Module,
+    batches: Sequence[Tensor],
+    k: int,
+    autocast_dtype: torch.dtype | None,
+    device: torch.device | str | None = None,
+    load_block: Callable[[int, torch.device], nn.Module] | None = None,
 ) -> list[TopK]:
-    """The model's top-k next-token log-probabilities on every batch (run before quantizing)."""
-    device = next(model.parameters()).device
+    """The model's top-k next-token log-probabilities on every batch (run before quantizing),
+    kept where the head runs. With `load_block`, the model's blocks are read one at a time and
+    run on `device` (a model that is never whole in memory, quantizers.lazy)."""
+    host = next(p.device for p in model.parameters() if not p.is_meta)
+    device = torch.device(device) if device is not None else host
+    unload = None
+    if load_block is None:  # a whole model: its own blocks, each moved to the device and back
+        originals = list(find_decoder_blocks(model)[1])
+
+        def load_block(i: int, where: torch.device) -> nn.Module:
+            return originals[i].to(where)
+
+        def unload(i: int, block: nn.Module) -> None:
+            block.to(host)
+
     out = []
     for batch in tqdm(batches, desc="teacher distributions", unit="batch", leave=False):
         with _autocast(device, autocast_dtype):
-            logits = model(batch.to(device), use_cache=False).logits
+            logits = streamed_logits(model, load_block, batch.to(host), device, unload)
         logp = F.log_softmax(logits.float(), dim=-1)
         top, ids = logp.topk(k, dim=-1)
         rest = _log1mexp(torch.logsumexp(top, dim=-1))

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from quantizers.calibration import block_output
+from quantizers.calibration import block_output, to_device
 from quantizers.config import RECON_PARAMS, QuantConfig
 from quantizers.quant_linear import QuantLinear, dequantize_cache
 from quantizers.rtn import MIN_SCALE, QuantResult
@@ -195,14 +195,23 @@ def token_relative_error(out: Tensor, target: Tensor) -> Tensor:
     return ((out.float() - y) ** 2).sum(-1) / (y**2).sum(-1).clamp(min=1e-12)
 
 
+def _device_of(block: nn.Module, fallback: Tensor) -> torch.device:
+    return next((t.device for t in block.parameters()), fallback.device)
+
+
 @torch.no_grad()
 def block_error(
     block: nn.Module, inputs: Sequence[Tensor], kwargs: Sequence[dict], targets: Sequence[Tensor]
 ) -> float:
-    """The mean over all tokens of the batches of each token's relative squared error."""
+    """The mean over all tokens of the batches of each token's relative squared error (each
+    batch moved to the block's device in turn: they may live on the host)."""
     total, count = 0.0, 0
+    if not inputs:
+        return 0.0
+    device = _device_of(block, inputs[0])
     for x, kw, y in zip(inputs, kwargs, targets):
-        err = token_relative_error(block_output(block(x, **kw)), y)
+        out = block_output(block(x.to(device), **to_device(kw, device)))
+        err = token_relative_error(out, y.to(device))
         total += float(err.sum())
         count += err.numel()
     return total / count if count else 0.0
@@ -284,6 +293,7 @@ def train_block(
 
     inputs/kwargs: the quantized model's block inputs X_q per batch; targets: the
     full-precision block's outputs F(X_fp) per batch; the last `heldout` batches are held out.
+    The batches may live on the host (offloaded): each is moved to the block's device when used.
     Runs with gradients enabled whatever the caller's mode.
     """
     sched = schedule or ReconSchedule()
@@ -295,7 +305,7 @@ def train_block(
         raise ValueError(f"{name}: reconstruction needs at least one training batch")
     train = (inputs[:n_train], kwargs[:n_train], targets[:n_train])
     hold = (inputs[n_train:], kwargs[n_train:], targets[n_train:])
-    autocast = _autocast_factory(inputs[0].device, autocast_dtype)
+    autocast = _autocast_factory(_device_of(block, inputs[0]), autocast_dtype)
 
     # the report's training error: on the first TRAIN_PROBE batches (it decides nothing)
     probe = tuple(part[:TRAIN_PROBE] for part in train)
@@ -388,9 +398,11 @@ def _optimise(block, layers, groups, train, hold, best, sched, autocast, name) -
         for step, k in enumerate(_batch_order(n_train, total, sched.seed), start=1):
             for g, lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = lr * sched.lr_factor(step - 1, total)
+            device = _device_of(block, train[0][k])
+            x, kw = train[0][k].to(device), to_device(train[1][k], device)
             with autocast():
-                out = block_output(block(train[0][k], **train[1][k]))
-            loss = token_relative_error(out, train[2][k]).mean()
+                out = block_output(block(x, **kw))
+            loss = token_relative_error(out, train[2][k].to(device)).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -5,6 +5,8 @@
       adapter/        the adapter (DiaBlo: its fingerprint matches base/)
       merged/         with merged=True: a plain HF model, W + Dᵀ on the dequantized base
       merged-gptq/    with requantize=True: merged/ re-quantized (outputs change: see README.md)
+      marlin/         with serve.marlin: merged/ re-quantized for vLLM/SGLang's GPTQ-Marlin
+      gguf/           with serve.gguf: one GGUF file for llama.cpp/ollama (qdiablo.export.serving)
       README.md       the model card
       manifest.json   sha256 and size of every other file
 
@@ -29,10 +31,19 @@ from eval.runner import SUMMARY_FILE
 from qdiablo.adapters.loading import adapter_kind, load_adapter
 from qdiablo.adapters.scales import has_trained_scales
 from qdiablo.calibration import build_calibration_data
+from qdiablo.devices import default_compute_dtype, resolve_device
 from qdiablo.errors import UserError
 from qdiablo.export.card import CardFacts, model_card
-from qdiablo.export.merge import merge_into_dense, requantize, save_merged
+from qdiablo.export.merge import merge_into_dense, write_merged
+from qdiablo.export.merge import requantize_merged as requantize_streamed
 from qdiablo.export.scales import write_adapter_without_scales, write_folded_base
+from qdiablo.export.serving import (
+    ServeOptions,
+    ServePlan,
+    plan_serving,
+    serving_usage,
+    write_serving,
+)
 from qdiablo.hashing import adapter_digest
 from qdiablo.io import read_json
 from qdiablo.manifest import MANIFEST_NAME, build_manifest
@@ -48,7 +59,16 @@ MERGED_DTYPES = ("float16", "bfloat16", "float32")
 
 
 # Everything export writes at the top of its folder: all `--overwrite` may remove.
-EXPORT_NAMES = ("base", "adapter", "merged", "merged-gptq", "README.md", MANIFEST_NAME)
+EXPORT_NAMES = (
+    "base",
+    "adapter",
+    "merged",
+    "merged-gptq",
+    "marlin",
+    "gguf",
+    "README.md",
+    MANIFEST_NAME,
+)
 
 
 def _check_output(output: Path, sources: Sequence[Path]) -> None:
@@ -123,13 +143,23 @@ def export_model(
     quant_overrides: Mapping[str, Any] | None = None,
     base_name: str | None = None,
     overwrite: bool = False,
+    device: str | torch.device = "auto",
+    max_shard_size: int | None = None,
+    serve: ServeOptions | None = None,
 ) -> Path:
     """Write an export folder (see the module docstring) and return its path.
 
     `adapter` defaults to `train_run/adapter`. `requantize_merged` implies `merged` and needs a
     `calib` file; its settings are the base's quantize_config with `quant_overrides` applied.
+    `serve` (marlin/, gguf/) implies `merged`; the re-quantizations it runs take the same
+    settings (Marlin then fixes its grid) and need `calib` too.
+    `device`: where merging and re-quantizing run, one block at a time (auto: a GPU if there is
+    one); the packed model and the shards being written stay on the host. `max_shard_size`:
+    the largest file of merged/ in bytes (default 5 GB).
     """
+    serve = serve or ServeOptions()
     base, output = Path(base), Path(output)
+    device = resolve_device(device)
     train_dir = Path(train_run) if train_run is not None else None
     if adapter is None:
         if train_dir is None:
@@ -141,13 +171,14 @@ def export_model(
             f"--base {base} is not a folder written by `qdiablo quantize` (no quantize_config.json)"
         )
     kind = adapter_kind(adapter)
-    merged = merged or requantize_merged
+    merged = merged or requantize_merged or serve.any
     if merged_dtype not in MERGED_DTYPES:
         raise UserError(f"--merged-dtype {merged_dtype!r}: choose from {', '.join(MERGED_DTYPES)}")
     if merged and kind != "diablo":
         raise UserError(
-            f"--merged needs a DiaBlo adapter; {adapter} is a PEFT {kind} adapter",
-            hint="export it without --merged (base/ + adapter/)",
+            f"--merged needs a DiaBlo adapter; {adapter} is a PEFT {kind} adapter"
+            + (" (--gguf and --serve merge it too)" if serve.any else ""),
+            hint="export it without --merged, --gguf or --serve (base/ + adapter/)",
         )
     if requantize_merged and calib is None:
         raise UserError(
@@ -169,16 +200,17 @@ def export_model(
         notes = _consistency_notes(adapter, train_dir, summaries)
         tokenizer = _load_tokenizer(base)
 
-        config = calib_data = None
-        if requantize_merged:
-            config = requantize_config(base_entry, quant_overrides)
-            if tokenizer is None:
-                raise UserError(f"--requantize needs a tokenizer to read --calib; {base} has none")
-            calib_data = build_calibration_data(
-                tokenizer, calib, calib_samples, calib_seq_len, calib_batch_size
-            )
-
         base_model = load_packed(base)
+        config = calib_data = None
+        plan = ServePlan()
+        if requantize_merged or serve.any:
+            config = requantize_config(base_entry, quant_overrides)
+            plan = plan_serving(serve, config, base_model, tokenizer)
+        if requantize_merged or plan.needs_calibration:
+            what = "--requantize" if requantize_merged else "--serve marlin / an exact --gguf"
+            calib_data = _calibration(
+                what, tokenizer, base, calib, calib_samples, calib_seq_len, calib_batch_size
+            )
         # the fingerprint check, before any write; trained scales are folded into base_model
         model = load_adapter(base_model, adapter)
         trained_scales = has_trained_scales(adapter)
@@ -212,20 +244,41 @@ def export_model(
             else:
                 shutil.copytree(base, tmp / "base", ignore=_bookkeeping)
                 shutil.copytree(adapter, tmp / "adapter", ignore=_bookkeeping)
+            requantized = None
             if merged:
-                log.info("merging the adapter into the dequantized base (%s)", merged_dtype)
                 dtype = getattr(torch, merged_dtype)
-                dense = merge_into_dense(model, torch.float32 if requantize_merged else dtype)
-                save_merged(dense, tmp / "merged", dtype, tokenizer)
+                log.info(
+                    "merging the adapter into the dequantized base (%s), one block at a time",
+                    merged_dtype,
+                )
+                write_merged(
+                    model, tmp / "merged", dtype, tokenizer, device, max_shard_size=max_shard_size
+                )
                 if requantize_merged:
-                    change = requantize(dense, calib_data, config)
-                    save_quantized(dense, tmp / "merged-gptq", tokenizer)
+                    calib_dtype = default_compute_dtype(device) if device.type == "cuda" else None
+                    requantized, change = requantize_streamed(
+                        model, calib_data, config, device=device, calib_dtype=calib_dtype
+                    )
+                    save_quantized(requantized, tmp / "merged-gptq", tokenizer)
                     facts.requantized = {
                         "quantize_config": config.quantization_config(),
                         "calibration": f"{sum(len(b) for b in calib_data)} windows of "
                         f"{calib_seq_len} tokens from {_calib_name(calib)}",
                         "change": change,
                     }
+            if serve.any:  # marlin/ and gguf/ are written from the whole merged model
+                facts.serving = write_serving(
+                    plan,
+                    tmp,
+                    lambda: merge_into_dense(load_adapter(load_packed(base), adapter)),
+                    tokenizer,
+                    calib_data,
+                    output.resolve().name,
+                    requantized=requantized,
+                )
+                facts.serving_usage = serving_usage(
+                    [p.name for p in tmp.iterdir()], plan.gguf.file_name if plan.gguf else None
+                )
             (tmp / "README.md").write_text(model_card(facts), encoding="utf-8")
             manifest = build_manifest(tmp)
             (tmp / MANIFEST_NAME).write_text(
@@ -242,6 +295,18 @@ def export_model(
 def _calib_name(calib: Any) -> str:
     sources = [calib] if isinstance(calib, str | Path) else list(calib)
     return " + ".join(Path(s).name for s in sources)
+
+
+def _calibration(what: str, tokenizer, base: Path, calib, samples: int, seq_len: int, batch: int):
+    """The calibration windows a re-quantization needs (`what` names the flag asking)."""
+    if calib is None:
+        raise UserError(
+            f"{what} needs calibration data: re-quantizing the merged model runs MagR/GPTQ",
+            hint="pass --calib FILE (a Math10K .json/.jsonl or a plain-text file)",
+        )
+    if tokenizer is None:
+        raise UserError(f"{what} needs a tokenizer to read --calib; {base} has none")
+    return build_calibration_data(tokenizer, calib, samples, seq_len, batch)
 
 
 def _bookkeeping(_folder: str, names: list[str]) -> list[str]:

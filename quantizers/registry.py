@@ -131,6 +131,11 @@ def steps(config: Any, stage: str) -> list[QuantStep]:
     return [s for s in _steps.values() if s.stage == stage and s.enabled(config)]
 
 
+def registered_steps(stage: str) -> list[QuantStep]:
+    """Every step of `stage`, on or off, in registration order."""
+    return [s for s in _steps.values() if s.stage == stage]
+
+
 def calibration_users(config: Any, stages: Sequence[str] = STAGES) -> list[str]:
     """What in `config` cannot run without calibration data: the method and/or its steps."""
     users = [config.method] if get_method(config.method).needs_calibration else []

@@ -30,7 +30,9 @@ log = logging.getLogger("quantizers.checkpoint")
 
 def unique_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The state dict without tied duplicates (a tied lm_head is stored once, as the
-    embedding), every tensor contiguous."""
+    embedding), every tensor contiguous. Not `safetensors.torch.save_model`, which drops shared
+    tensors too but saves the model's own state dict: this file holds converted tensors (v1
+    zero points, every tensor on the host)."""
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
     out: dict[str, Tensor] = {}
     for key, t in model.state_dict().items():

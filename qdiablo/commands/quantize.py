@@ -67,11 +67,46 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
         raise UserError(message, hint="run `qdiablo quantize --help` for the options") from e
 
 
+# What `qdiablo quantize` writes at the top of its folder (save_quantized: weights, configs,
+# report, tokenizer files): a file of the user's under one of these names is never written over.
+QUANTIZE_NAMES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "quantize_config.json",
+    "quantization_report.json",
+    "quantization_report.md",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def check_reconstruction_windows(config: QuantConfig, windows: int, why: str = "") -> None:
+    """Reconstruction holds out a share of the calibration windows to measure itself, so it
+    needs at least 2; checked from the flags before anything loads, and again once the text is
+    cut into windows (a short text gives fewer)."""
+    if config.reconstruct and config.recon_holdout > 0 and windows < 2:
+        raise UserError(
+            f"--reconstruct needs at least 2 calibration windows (it holds some out to measure "
+            f"itself); there would be {windows}{why}",
+            hint="raise --calib-samples (and give a longer --calib text), or --recon-holdout 0",
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     # Deferred to keep `qdiablo --help` fast: these import torch, transformers and the quantizers.
     import torch
 
     from qdiablo.calibration import build_calibration_data, check_calibration_arguments
+    from qdiablo.faults import guard
+    from qdiablo.inputs import check_apart
     from qdiablo.models import load_base, load_tokenizer
     from qdiablo.outputs import OutputFolder
     from quantizers import quantize_model, save_quantized
@@ -79,8 +114,10 @@ def run(args: argparse.Namespace) -> int:
 
     config = quant_config_from_args(args)
     check_calibration_arguments(args)
+    check_reconstruction_windows(config, args.calib_samples)
     output = Path(args.output)
-    with OutputFolder(output, "quantize", overwrite=args.overwrite) as out:
+    check_apart(output, {"--model": args.model, "--calib": args.calib})
+    with OutputFolder(output, "quantize", overwrite=args.overwrite, known=QUANTIZE_NAMES) as out:
         tokenizer = load_tokenizer(args.model, args.gguf_file)
         calib = None
         if needs_calibration(config) or args.calib:
@@ -91,13 +128,16 @@ def run(args: argparse.Namespace) -> int:
                 seq_len=args.calib_seq_len,
                 batch_size=args.calib_batch_size,
             )
+            windows = sum(b.shape[0] for b in calib)
+            check_reconstruction_windows(config, windows, " (the calibration text ran out)")
         model = load_base(args.model, "fp", gguf_file=args.gguf_file, dtype=args.dtype)
         calib_dtype = {"auto": "auto", "float32": None, "bfloat16": torch.bfloat16}[
             args.calib_dtype
         ]
         quantize_model(model, calib, config, device=args.device, calib_dtype=calib_dtype)
-        save_quantized(model, output, tokenizer, claim=out.claim)
-        out.finish()
+        with guard(output):
+            save_quantized(model, output, tokenizer, claim=out.claim)
+            out.finish()
     report = model.quantization_report
     mean = report.mean_rel_error()
     print(

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,11 @@ from torch import nn
 
 from qdiablo import __version__
 from qdiablo.diablo.config import DiaBloConfig
+from qdiablo.diablo.fingerprint import base_fingerprint, mismatch_message
 from qdiablo.diablo.layer import DiaBloLinear
 from qdiablo.diablo.targets import resolve_target_modules
 from qdiablo.errors import UserError
+from qdiablo.health import NONFINITE_HINT, require_finite
 from qdiablo.io import atomic_path, read_adapter_weights, read_json
 
 log = logging.getLogger(__name__)
@@ -98,79 +100,6 @@ def find_targets(model: nn.Module, config: DiaBloConfig) -> list[str]:
             hint=f"linear layers in this model look like: {', '.join(examples)}",
         )
     return targets
-
-
-# --------------------------------------------------------------------------------------------
-# Base fingerprint: catches an adapter loaded onto a different base (e.g. 2-bit vs 4-bit)
-# --------------------------------------------------------------------------------------------
-
-_VOLATILE_CONFIG_KEYS = {
-    "transformers_version",
-    "dtype",
-    "torch_dtype",
-    "use_cache",
-    "architectures",  # absent after a GGUF load, set after save_pretrained + from_pretrained
-}
-
-
-def _config_identity(model: nn.Module) -> dict[str, Any]:
-    config = getattr(model, "config", None)
-    if config is None:
-        return {}
-    data = config.to_dict()
-    return {
-        k: v for k, v in data.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS
-    }
-
-
-def _weight_sample(t: Any, count: int = 256) -> bytes:
-    """Evenly spaced elements of a tensor; floats rounded to bf16, so fp32/bf16 copies agree.
-
-    `t` may also be a tensor still in a file (anything with shape, numel() and take(indices)),
-    so that only the sampled elements are read."""
-    idx = torch.linspace(0, t.numel() - 1, min(count, t.numel())).long()
-    if isinstance(t, torch.Tensor):
-        flat = t.detach().reshape(-1)
-        sample = flat[idx.to(flat.device)].cpu()
-    else:
-        sample = t.take(idx)
-    if sample.is_floating_point():
-        sample = sample.to(torch.bfloat16).view(torch.int16)
-    return sample.numpy().tobytes()
-
-
-def base_fingerprint(model: nn.Module, targets: list[str], state_of: Any = None) -> dict[str, str]:
-    """A hash of the base's config, its quantization settings, and a sample of the weights of
-    the layers the adapter wraps; plus a short readable description for error messages.
-
-    `state_of(name, layer)`: the layer's state dict (default `layer.state_dict()`), e.g. read
-    from the checkpoint files for a model whose weights are still on the meta device."""
-    identity = _config_identity(model)
-    h = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
-    modules = dict(model.named_modules())
-    for name in targets:
-        base = modules[name]
-        base = base.base_layer if isinstance(base, DiaBloLinear) else base
-        h.update(name.encode())
-        state = base.state_dict() if state_of is None else state_of(name, base)
-        for key, tensor in sorted(state.items()):
-            if hasattr(tensor, "shape") and tensor.numel():
-                h.update(f"{key}{tuple(tensor.shape)}".encode())
-                if not getattr(
-                    tensor, "is_meta", False
-                ):  # a model built on `meta` (memory plans) has no data
-                    h.update(_weight_sample(tensor))
-    quant = identity.get("quantization_config") or {}
-    desc = f"{identity.get('model_type', type(model).__name__)}"
-    if "num_hidden_layers" in identity:
-        desc += f", {identity['num_hidden_layers']} layers, hidden {identity.get('hidden_size')}"
-    if quant:
-        method = quant.get("quant_method", "?")
-        bits = quant.get("bits") or ("4" if quant.get("load_in_4bit") else "?")
-        desc += f", {method} {bits}-bit"
-        if quant.get("group_size") is not None:
-            desc += f" g{quant['group_size']}"
-    return {"sha256": h.hexdigest(), "description": desc}
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,7 +235,8 @@ class DiaBloModel(nn.Module):
     def save_pretrained(
         self, save_directory: str | Path, tensors: dict[str, torch.Tensor] | None = None
     ) -> None:
-        """Write adapter_config.json and adapter_model.safetensors, atomically as one folder.
+        """Write adapter_config.json and adapter_model.safetensors, atomically as one folder;
+        any other file already in the folder is kept (copied into the new one first).
 
         `tensors`: the blocks to write (default `adapter_state_dict()`), e.g. gathered from FSDP
         shards."""
@@ -322,7 +252,12 @@ class DiaBloModel(nn.Module):
         tensors = self.adapter_state_dict() if tensors is None else tensors
         tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
         with atomic_path(save_directory) as tmp:
-            tmp.mkdir()
+            old = Path(save_directory)
+            if old.is_dir() and not old.is_symlink():  # the user's files there stay
+                ours = shutil.ignore_patterns(ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME)
+                shutil.copytree(old, tmp, ignore=ours, symlinks=True)
+            else:
+                tmp.mkdir()
             save_file(tensors, tmp / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
             (tmp / ADAPTER_CONFIG_NAME).write_text(
                 json.dumps(config, indent=2, sort_keys=True) + "\n"
@@ -349,20 +284,21 @@ class DiaBloModel(nn.Module):
         expected = saved.get("base_fingerprint") or {}
         actual = base_fingerprint(base_model, find_targets(base_model, config))
         if expected.get("sha256") != actual["sha256"]:
-            msg = (
-                f"adapter {adapter_dir} was trained on a different base: it expects "
-                f"'{saved.get('base_model_name_or_path') or '?'}' ({expected.get('description')}), "
-                f"this base is ({actual['description']}); fingerprints "
-                f"{str(expected.get('sha256'))[:12]} ≠ {actual['sha256'][:12]}"
-            )
+            msg = mismatch_message(adapter_dir, expected, actual)
             if not force:
                 raise UserError(
                     msg,
-                    hint="use the base it was trained on; only `qdiablo eval --force` "
-                    "(force=True in Python) loads it anyway, export and train have no override",
+                    hint="use the base it was trained on (and its own adapter_config.json); "
+                    "only `qdiablo eval --force` (force=True in Python) loads it anyway, export "
+                    "and train have no override",
                 )
             log.warning("%s (loading anyway: force=True)", msg)
         tensors = read_adapter_weights(adapter_dir / ADAPTER_WEIGHTS_NAME)
+        require_finite(
+            tensors.items(),
+            f"adapter {adapter_dir / ADAPTER_WEIGHTS_NAME}",
+            hint=NONFINITE_HINT,
+        )
         model = cls(base_model, config)
         layers = dict(model.diablo_layers())
         expected_keys = {f"{n}.blocks" for n in layers}

@@ -10,6 +10,7 @@ unsharded optimizer state (see `qdiablo.train.fsdp`).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,21 +18,32 @@ from transformers import Trainer, TrainingArguments
 
 from qdiablo.diablo import DiaBloModel
 from qdiablo.errors import UserError
+from qdiablo.faults import guard
 from qdiablo.optional import prepare_trainer_imports
 from qdiablo.train import fsdp
-from qdiablo.train.checkpoint import load_adapter_weights, save_adapter, unwrap
+from qdiablo.train.checkpoint import (
+    load_adapter_weights,
+    rotate_checkpoints,
+    save_adapter,
+    unwrap,
+)
 from qdiablo.train.config import OPTIMIZERS, TrainConfig
+from qdiablo.train.health import HealthMonitor
 
 TRAINING_ARGS_NAME = "training_args.bin"
 SCHEDULER_NAME = "scheduler.pt"
 
 
 class AdapterTrainer(Trainer):
-    """A Trainer whose checkpoints hold the adapter only, and which reloads it strictly."""
+    """A Trainer whose checkpoints hold the adapter only, and which reloads it strictly; it
+    stops a diverged run (`qdiablo.train.health`), names OS faults while saving in one line, and
+    rotates checkpoints by step, removing only the files it wrote."""
 
-    def __init__(self, model: nn.Module, *args, load_shards=None, **kwargs):
+    def __init__(self, model: nn.Module, *args, load_shards=None, keep_checkpoints=None, **kwargs):
         """`load_shards(accelerator, model)`: shards a model built on the meta device and fills
-        this process's shards (FSDP's sharded loading, `qdiablo.train.fsdp_loading`)."""
+        this process's shards (FSDP's sharded loading, `qdiablo.train.fsdp_loading`).
+        `keep_checkpoints`: how many of the newest checkpoints to keep (None: all)."""
+        self.keep_checkpoints = keep_checkpoints
         if isinstance(model, DiaBloModel):
             # Trainer refuses a quantized model "without trainable adapters" unless PEFT's flag
             # says adapters are attached; DiaBlo blocks are such adapters.
@@ -40,6 +52,33 @@ class AdapterTrainer(Trainer):
         super().__init__(model, *args, **kwargs)
         if load_shards is not None:
             self.model = self.model_wrapped = load_shards(self.accelerator, self.model)
+        self.health = HealthMonitor(Path(self.args.output_dir))
+
+    # ---- numerical health: flags on the device, read at logging/saving steps ----------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.health.observe(loss=loss)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self.health.observe(grad_norm=grad_norm)
+        return grad_norm
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, *args, **kwargs):
+        if self.control.should_log or self.control.should_save:
+            self.health.check(unwrap(model), self.state.global_step)
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, *args, **kwargs)
+
+    # ---- saving: one line for an OS fault, rotation by step ---------------------------------
+
+    def _save_checkpoint(self, model, trial) -> None:
+        folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        with guard(folder):
+            super()._save_checkpoint(model, trial)
+        if self.args.should_save and self.keep_checkpoints:
+            rotate_checkpoints(Path(self.args.output_dir), self.keep_checkpoints)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
@@ -152,7 +191,8 @@ def training_arguments(config: TrainConfig, checkpoint_dir: str) -> TrainingArgu
         logging_first_step=True,
         save_strategy="steps" if save else "no",
         save_steps=config.save_steps if save else 500,
-        save_total_limit=config.save_total_limit,
+        save_total_limit=None,  # AdapterTrainer rotates: by step, keeping the user's files
+        logging_nan_inf_filter=False,  # a NaN loss is an error, never averaged away
         seed=config.seed,
         use_cpu=use_cpu,
         report_to="none",

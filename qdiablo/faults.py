@@ -46,7 +46,9 @@ FAULTS: dict[int, tuple[str, str]] = {
     ),
 }
 # Writers that report a failed write without an errno.
-_NO_ERRNO_WRITE = re.compile(r"unexpected pos|PytorchStreamWriter failed|file write failed")
+_NO_ERRNO_WRITE = re.compile(
+    r"unexpected pos|PytorchStreamWriter failed|file write failed|iostream error"
+)
 _ERRNO_IN_TEXT = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")
 
 

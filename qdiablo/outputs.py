@@ -5,8 +5,9 @@
         ...                                     # write
         out.finish()                            # the completion marker, written last
 
-- A folder holding anything the verb did not write is refused unless `overwrite`; then only
-  the verb's own files go (`qdiablo.ownership`: the names its marker lists, the files it wrote
+- A folder holding anything the verb did not write is refused unless `overwrite` (or unless it
+  already holds this verb's output: a rerun, a resume); only the verb's own files are ever
+  removed or replaced (`qdiablo.ownership`: the names its marker lists, the files it wrote
   inside its own folders), never others. A name of the user's that the verb would write over is
   refused even with `overwrite`.
 - The verb's marker `.qdiablo-<verb>.json` lists the names it wrote and, once `finish()` ran,
@@ -202,19 +203,24 @@ class OutputFolder:
                 hint="pass --overwrite to replace it (only its own files go), or choose another "
                 "folder",
             )
-        if self.resumable:
-            if self.overwrite:  # train/eval write as they go: start from a clean slate
-                self.remove_own(owned, (self.previous or {}).get("inside") or ())
-                self.previous, owned = None, set()
-            self.files = set(owned)
-            self.inside = set((self.previous or {}).get("inside") or ())
-        else:  # the earlier output stays whole until this one is installed (finish)
+        self.inside = set((self.previous or {}).get("inside") or ())
+        if not self.resumable:  # the earlier output stays whole until this one is installed
             self.pending = owned
-            self.inside = set((self.previous or {}).get("inside") or ())
-        self._write_marker(complete=False)
+            self._write_marker(complete=False)
+            return
+        self.files = set(owned)
+        self._write_marker(complete=False)  # unfinished before anything of it goes
+        if self.overwrite:  # train/eval write as they go: start from a clean slate
+            self.remove_own(owned, self.inside)
+            # its folders that stay (they hold the user's files) are still its own
+            self.previous, self.inside = None, set()
+            self.files = {n for n in owned if (self.path / n).exists()}
+            self._write_marker(complete=False)
 
     def _check_foreign(self) -> None:
-        if self.foreign and not self.overwrite:
+        """Refuse to start writing among the user's files without `overwrite`; once the folder
+        holds this verb's output (its marker), its files there were accepted then and stay."""
+        if self.foreign and not self.overwrite and self.previous is None:
             shown = ", ".join(sorted(self.foreign)[:5]) + (", ..." if len(self.foreign) > 5 else "")
             raise UserError(
                 f"{self.flag} {self.path} holds files `qdiablo {self.verb}` did not write "

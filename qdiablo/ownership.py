@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from qdiablo.io import write_json
+
 log = logging.getLogger("qdiablo.outputs")
 
 LOCK_NAME = ".qdiablo.lock"
@@ -132,14 +134,34 @@ def remove_owned(
 
 
 def remove_output(folder: Path, verb: str) -> list[Path]:
-    """Remove everything `verb`'s marker in `folder` says it wrote, then the marker; the rest
-    stays (returned, and named in one log line)."""
+    """Remove everything `verb`'s marker in `folder` says it wrote; the rest stays (returned,
+    and named in one log line). See `_forget` for the marker."""
     data = read_marker(folder, verb)
     if data is None:
         return []
+    _unfinish(folder, verb, data)
     kept = remove_owned(folder, verb, data["files"], data.get("inside") or ())
-    (folder / marker_name(verb)).unlink(missing_ok=True)
+    _forget(folder, verb, data)
     return kept
+
+
+def _unfinish(folder: Path, verb: str, data: dict[str, Any]) -> None:
+    """Mark an output unfinished before removing any of it (a kill midway must not leave a
+    finished-looking marker over a half-removed output)."""
+    if data.get("complete") is not False:
+        write_json(folder / marker_name(verb), {**data, "complete": False})
+
+
+def _forget(folder: Path, verb: str, data: dict[str, Any]) -> None:
+    """After its output was removed: the marker goes, unless some of the verb's own folders
+    stay because they hold the user's files; it then lists those folders alone, unfinished, so
+    that the next run of the verb still knows them as its own (and writes among those files)."""
+    left = sorted(n for n in data["files"] if (folder / n).exists())
+    path = folder / marker_name(verb)
+    if not left:
+        path.unlink(missing_ok=True)
+        return
+    write_json(path, {**data, "complete": False, "files": left, "inside": []})
 
 
 def unowned_files(
@@ -192,9 +214,10 @@ def _remove(
     handled: set[str] = set()
     nested = markers_in(path)
     for verb, data in nested.items():  # another verb's output (a stage folder): its own rules
+        _unfinish(path, verb, data)
         kept += _remove_owned(path, verb, data["files"], data.get("inside") or ())
         handled |= set(data["files"])
-        (path / marker_name(verb)).unlink(missing_ok=True)
+        _forget(path, verb, data)
     if not nested:
         for child in sorted(path.iterdir()):
             verdict = _match((*rel, child.name), patterns, listed)

@@ -88,23 +88,15 @@ QUANTIZE_NAMES = (
 )
 
 
-def check_reconstruction_windows(config: QuantConfig, windows: int, why: str = "") -> None:
-    """Reconstruction holds out a share of the calibration windows to measure itself, so it
-    needs at least 2; checked from the flags before anything loads, and again once the text is
-    cut into windows (a short text gives fewer)."""
-    if config.reconstruct and config.recon_holdout > 0 and windows < 2:
-        raise UserError(
-            f"--reconstruct needs at least 2 calibration windows (it holds some out to measure "
-            f"itself); there would be {windows}{why}",
-            hint="raise --calib-samples (and give a longer --calib text), or --recon-holdout 0",
-        )
-
-
 def run(args: argparse.Namespace) -> int:
     # Deferred to keep `qdiablo --help` fast: these import torch, transformers and the quantizers.
     import torch
 
-    from qdiablo.calibration import build_calibration_data, check_calibration_arguments
+    from qdiablo.calibration import (
+        build_calibration_data,
+        check_calibration_arguments,
+        check_reconstruction_windows,
+    )
     from qdiablo.faults import guard
     from qdiablo.inputs import check_apart
     from qdiablo.models import load_base, load_tokenizer

@@ -28,7 +28,7 @@ import torch
 
 from eval.runner import SUMMARY_FILE
 from qdiablo.adapters.loading import adapter_kind, load_adapter
-from qdiablo.calibration import build_calibration_data
+from qdiablo.calibration import build_calibration_data, check_reconstruction_windows
 from qdiablo.errors import UserError
 from qdiablo.export.card import CardFacts, model_card
 from qdiablo.export.merge import merge_into_dense, requantize, save_merged
@@ -219,6 +219,7 @@ def export_model(
         config = calib_data = None
         if requantize_merged:
             config = requantize_config(base_entry, quant_overrides)
+            check_reconstruction_windows(config, calib_samples)
             if tokenizer is None:
                 raise UserError(f"--requantize needs a tokenizer to read --calib; {base} has none")
             calib_data = build_calibration_data(

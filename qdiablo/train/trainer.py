@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerState, TrainingArguments
+from transformers.trainer_utils import TrainOutput
 
 from qdiablo.diablo import DiaBloModel
 from qdiablo.errors import UserError
@@ -22,6 +23,7 @@ from qdiablo.faults import guard
 from qdiablo.optional import prepare_trainer_imports
 from qdiablo.train import fsdp
 from qdiablo.train.checkpoint import (
+    TRAINER_STATE,
     load_adapter_weights,
     rotate_checkpoints,
     save_adapter,
@@ -53,6 +55,17 @@ class AdapterTrainer(Trainer):
         if load_shards is not None:
             self.model = self.model_wrapped = load_shards(self.accelerator, self.model)
         self.health = HealthMonitor(Path(self.args.output_dir))
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs) -> TrainOutput:
+        """Trainer.train, except that resuming from the run's last checkpoint (killed after it,
+        before the adapter was written) trains no further step: Trainer would take one more."""
+        if resume_from_checkpoint:
+            state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE))
+            if 0 < state.max_steps <= state.global_step:
+                self._load_from_checkpoint(resume_from_checkpoint)
+                self.state = state
+                return TrainOutput(state.global_step, logged_train_loss(state), {})
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     # ---- numerical health: flags on the device, read at logging/saving steps ----------------
 
@@ -130,6 +143,17 @@ class AdapterTrainer(Trainer):
         fsdp.load_full_optimizer(self.model, self._raw_optimizer(), checkpoint)
         state = torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True)
         self.lr_scheduler.load_state_dict(state)
+
+
+def logged_train_loss(state: TrainerState) -> float:
+    """The mean training loss over the steps the log covers (each logged loss is the mean of
+    its interval), as Trainer reports it at the end of a run."""
+    total, previous = 0.0, 0
+    for record in state.log_history:
+        if "loss" in record and "step" in record:
+            total += record["loss"] * (record["step"] - previous)
+            previous = record["step"]
+    return total / previous if previous else float("nan")
 
 
 def world_size() -> int:

@@ -1,0 +1,447 @@
+"""Fault injection: every verb killed at points taken from its own progress, writing under a
+file-size limit, into a read-only folder, and among the user's files; then run again.
+
+Each verb runs as `python -m qdiablo` in a child process whose `sitecustomize`
+(tests/faultkit/) records its progress events (file commits, torch/safetensors saves, log records)
+or sends it SIGKILL at the N-th. For every case:
+
+- the user's files, planted in every folder the verb writes, survive byte for byte;
+- an output that is not finished never looks finished: its marker says complete: false and the
+  loaders refuse it, or it is complete and equal to the uninterrupted result;
+- running the same command again (train: with --resume auto) converges to the uninterrupted
+  result, bit for bit (every verb here is deterministic on one thread).
+
+The quick case is quantize with one kill; every verb's full set of cases is marked `slow`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qdiablo.errors import UserError
+from qdiablo.ownership import marker_name
+
+REPO = Path(__file__).resolve().parents[1]
+KIT = REPO / "tests" / "faultkit"
+MODEL_PARTS = ("base", "adapter", "merged", "merged-gptq")  # export's parts: refused, not kept
+
+
+# --------------------------------------------------------------------------------------------
+# Running a verb in a child process
+# --------------------------------------------------------------------------------------------
+
+
+def _drop_dac_capabilities() -> None:
+    """As root, permission bits do not apply (CAP_DAC_OVERRIDE): drop it from the bounding set,
+    so that the exec'd child, though uid 0, meets a read-only folder as a user would."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def qdiablo(
+    argv: list[str],
+    cwd: Path,
+    *,
+    kill: int = 0,
+    events: Path | None = None,
+    fsize: int | None = None,
+    unprivileged: bool = False,
+) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(KIT), str(REPO)]),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "QDIABLO_FAULT_KILL": str(kill),
+        "QDIABLO_FAULT_EVENTS": str(events or ""),
+    }
+    env.pop("QDIABLO_DEBUG", None)
+
+    def limits() -> None:
+        if fsize is not None:  # Python ignores SIGXFSZ: a write past the limit fails with EFBIG
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.RLIM_INFINITY))
+        if unprivileged and os.geteuid() == 0:
+            _drop_dac_capabilities()
+
+    return subprocess.run(
+        [sys.executable, "-m", "qdiablo", *map(str, argv)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        preexec_fn=limits,
+        timeout=600,
+    )
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
+    """The run failed with exit 2 and exactly one error line plus a hint, holding `words`."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(("qdiablo: error:", "hint:"))]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert [ln.split(":")[0] for ln in lines] == ["qdiablo", "hint"], proc.stderr[-3000:]
+    for word in words:
+        assert word in lines[0], lines
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The user's files, and what a verb's output holds
+# --------------------------------------------------------------------------------------------
+
+
+def plant(out: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """A file of the user's in every folder under `out` but those under a `skip` prefix (and a
+    folder of theirs at the top); returns them by path relative to `out`."""
+    planted = {"my-folder/keep.txt": b"a folder of mine\n"}
+    for folder in [out, *sorted(p for p in out.rglob("*") if p.is_dir())]:
+        rel = folder.relative_to(out)
+        skipped = any(rel.as_posix() == x or rel.as_posix().startswith(x + "/") for x in skip)
+        if skipped or any(x.startswith(".") for x in rel.parts):
+            continue
+        planted[(rel / f"user-notes-{len(planted)}.txt").as_posix()] = f"mine {rel}\n".encode()
+    for rel, data in planted.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+    return planted
+
+
+def assert_kept(out: Path, planted: dict[str, bytes]) -> None:
+    for rel, data in planted.items():
+        assert (out / rel).is_file(), f"the user's {rel} is gone"
+        assert (out / rel).read_bytes() == data, f"the user's {rel} changed"
+
+
+def marker(out: Path, verb: str) -> dict | None:
+    path = out / marker_name(verb)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def finished(out: Path, verb: str) -> bool:
+    return bool((marker(out, verb) or {}).get("complete"))
+
+
+def jsonl_rows(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sorted(rows, key=lambda r: r["index"])
+
+
+@dataclass
+class Verb:
+    """How one verb is run, what its result is, and how its unfinished output is refused."""
+
+    name: str  # the verb whose marker the output folder carries
+    argv: Callable[[Path], list[str]]
+    result: Callable[[Path], dict]  # the deterministic part of a finished output
+    refuse: Callable[[Path], None]  # loads an unfinished output (must raise UserError)
+    rerun: list[str] = field(default_factory=list)  # train: --resume auto
+    skip: tuple[str, ...] = ()  # folders not planted into (export's parts: refused instead)
+
+
+def _quantize_result(out: Path) -> dict:
+    names = ("model.safetensors", "config.json", "quantize_config.json", "tokenizer.json")
+    return {n: (out / n).read_bytes() for n in names}
+
+
+def _refuse_model(out: Path) -> None:
+    from qdiablo.models import load_tokenizer
+
+    load_tokenizer(str(out))
+
+
+def _train_result(out: Path) -> dict:
+    results = json.loads((out / "train_results.json").read_text())
+    return {
+        "weights": (out / "adapter" / "adapter_model.safetensors").read_bytes(),
+        "config": (out / "adapter" / "adapter_config.json").read_bytes(),
+        "steps": results["global_step"],
+    }
+
+
+def _refuse_adapter(out: Path) -> None:
+    from qdiablo.adapters.loading import adapter_kind
+
+    adapter_kind(out / "adapter")
+
+
+def _eval_result(out: Path) -> dict:
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {p.name: jsonl_rows(p) for p in sorted(out.glob("*.jsonl"))}
+    return {"tasks": summary["tasks"], "rows": rows}
+
+
+def _refuse_eval(out: Path) -> None:
+    from qdiablo.inputs import require_finished
+
+    require_finished(out, ("eval",))
+
+
+def _export_result(out: Path) -> dict:
+    files = json.loads((out / "manifest.json").read_text())["files"]
+    return {k: v["sha256"] for k, v in files.items() if k != "README.md"}
+
+
+def _refuse_export(out: Path) -> None:
+    from qdiablo.models import load_exported
+
+    load_exported(out)
+
+
+def _run_result(out: Path) -> dict:
+    return {
+        "quantized": _quantize_result(out / "quantized"),
+        "train": _train_result(out / "train"),
+        "eval": _eval_result(out / "eval"),
+        "export": _export_result(out / "export"),
+    }
+
+
+def _refuse_run(out: Path) -> None:
+    """Some stage output is unfinished: each one's loader refuses it or it is finished."""
+    checks = [
+        ("quantized", "quantize", _refuse_model),
+        ("train", "train", _refuse_adapter),
+        ("eval", "eval", _refuse_eval),
+        ("export", "export", _refuse_export),
+    ]
+    refused = 0
+    for folder, verb, refuse in checks:
+        if (out / folder / marker_name(verb)).exists() and not finished(out / folder, verb):
+            with pytest.raises(UserError, match="unfinished"):
+                refuse(out / folder)
+            refused += 1
+    if not refused:  # the root's marker alone said unfinished: its stage records must agree
+        done = (
+            {p.stem for p in (out / "stages").glob("*.json")}
+            if (out / "stages").is_dir()
+            else set()
+        )
+        assert done != {"quantize", "train", "eval", "export"}
+
+
+# --------------------------------------------------------------------------------------------
+# The inputs: a tiny model, data, a quantized base and a trained adapter
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_model_dir, math_file) -> dict[str, Path]:
+    from qdiablo import cli
+
+    root = tmp_path_factory.mktemp("fault-inputs")
+    tasks = root / "tasks.json"
+    rows = [{"instruction": f"What is {i} plus 1?", "answer": str(i + 1)} for i in range(3)]
+    tasks.write_text(json.dumps(rows))
+    base, run = root / "base", root / "run"
+    assert cli.main(["quantize", "--model", str(tiny_model_dir), "--method", "rtn", "--bits",
+                     "4", "--group-size", "32", "--output", str(base)]) == 0  # fmt: skip
+    assert cli.main([*TRAIN(base, math_file, run), "--base", "rtn", "--save-steps", "0"]) == 0
+    return {"model": tiny_model_dir, "data": math_file, "tasks": tasks, "base": base, "run": run}
+
+
+def TRAIN(model: Path, data: Path, out: Path) -> list[str]:
+    return [
+        "train", "--model", str(model), "--data", str(data), "--decontaminate", "none",
+        "--num-blocks", "4", "--batch-size", "4", "--max-length", "256", "--max-steps", "3",
+        "--save-steps", "1", "--save-total-limit", "2", "--logging-steps", "1", "--seed", "1",
+        "--no-progress", "--output", str(out),
+    ]  # fmt: skip
+
+
+def verbs(inputs: dict[str, Path], tmp: Path) -> dict[str, Verb]:
+    model, data, tasks = inputs["model"], inputs["data"], inputs["tasks"]
+    quantize = ["quantize", "--model", model, "--method", "gptq", "--bits", "4", "--group-size",
+                "32", "--calib", data, "--calib-samples", "4", "--calib-seq-len", "32",
+                "--calib-dtype", "float32"]  # fmt: skip
+    evaluate = ["eval", "--model", model, "--task-file", tasks, "--max-new-tokens", "6",
+                "--batch-size", "1", "--no-progress"]  # fmt: skip
+    config = tmp / "pipeline.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(model),
+                "quantize": {"method": "rtn", "bits": 4, "group_size": 32},
+                "train": {
+                    "data": [str(data)],
+                    "decontaminate": "none",
+                    "num_blocks": 4,
+                    "batch_size": 4,
+                    "max_length": 256,
+                    "max_steps": 2,
+                    "save_steps": 1,
+                    "progress": False,
+                    "seed": 1,
+                },
+                "eval": {
+                    "task_file": str(tasks),
+                    "max_new_tokens": 4,
+                    "batch_size": 1,
+                    "no_progress": True,
+                },
+                "export": {"merged": True},
+            }
+        )
+    )
+    return {
+        "quantize": Verb(
+            "quantize", lambda o: [*quantize, "--output", o], _quantize_result, _refuse_model
+        ),
+        "quantize-recon": Verb(
+            "quantize",
+            lambda o: [*quantize, "--reconstruct", "--recon-steps", "2", "--output", o],
+            _quantize_result,
+            _refuse_model,
+        ),
+        "train": Verb(
+            "train",
+            lambda o: TRAIN(model, data, o),
+            _train_result,
+            _refuse_adapter,
+            rerun=["--resume", "auto"],
+        ),
+        "eval": Verb("eval", lambda o: [*evaluate, "--output", o], _eval_result, _refuse_eval),
+        "export": Verb(
+            "export",
+            lambda o: [
+                "export",
+                "--base",
+                inputs["base"],
+                "--train-run",
+                inputs["run"],
+                "--merged",
+                "--output",
+                o,
+            ],
+            _export_result,
+            _refuse_export,
+            skip=MODEL_PARTS,
+        ),
+        "run": Verb(
+            "run",
+            lambda o: ["run", config, "--output", o],
+            _run_result,
+            _refuse_run,
+            skip=tuple(f"export/{p}" for p in MODEL_PARTS),
+        ),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The cases
+# --------------------------------------------------------------------------------------------
+
+
+def reference(verb: Verb, tmp: Path) -> tuple[Path, dict, dict[str, bytes], list[str]]:
+    """The uninterrupted run among the user's files, then the user's files planted in every
+    folder it wrote, then an uninterrupted --overwrite run over it, whose progress events are
+    recorded: (that folder, its result, the planted files, the events)."""
+    out = tmp / "ref" / "out"
+    out.mkdir(parents=True)
+    (out / "user-first.txt").write_text("there before the verb ran\n")
+    proc = qdiablo([*verb.argv(out), "--overwrite"], tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = verb.result(out)
+    planted = {"user-first.txt": b"there before the verb ran\n", **plant(out, verb.skip)}
+    template = tmp / "template"
+    shutil.copytree(out, template, symlinks=True)
+    events = tmp / "events.txt"
+    proc = qdiablo([*verb.argv(out), "--overwrite"], tmp, events=events)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert verb.result(out) == result  # deterministic: the same again, among the user's files
+    assert_kept(out, planted)
+    return template, result, planted, events.read_text().splitlines()
+
+
+def check_after_fault(verb: Verb, out: Path, result: dict, planted: dict[str, bytes]) -> None:
+    """The user's files are there; the output is finished and right, or refused."""
+    assert_kept(out, planted)
+    if finished(out, verb.name):
+        assert verb.result(out) == result
+    else:
+        with pytest.raises(UserError, match="unfinished"):
+            verb.refuse(out)
+
+
+def converge(verb: Verb, out: Path, result: dict, planted: dict[str, bytes], cwd: Path) -> None:
+    """The same command again (no --overwrite: it finishes or resumes) gives the result."""
+    proc = qdiablo([*verb.argv(out), *verb.rerun], cwd)
+    if proc.returncode == 2 and "already holds a finished" in proc.stderr:
+        assert finished(out, verb.name)  # done before the fault: nothing to redo
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert finished(out, verb.name)
+    assert verb.result(out) == result
+    assert_kept(out, planted)
+
+
+def kill_points(events: list[str], count: int) -> list[int]:
+    """`count` event numbers spread over the run: the first commit, the last, and between."""
+    n = len(events)
+    picks = {1, n} | {round(1 + i * (n - 1) / (count - 1)) for i in range(1, count - 1)}
+    return sorted(picks)[:count] if count > 1 else [max(1, n // 2)]
+
+
+def fault_cases(verb_name: str, kills: int, limits: int, inputs, tmp_path) -> None:
+    verb = verbs(inputs, tmp_path)[verb_name]
+    template, result, planted, events = reference(verb, tmp_path)
+    # 1. SIGKILL at points of the verb's own progress, then the same command again.
+    for k in kill_points(events, kills):
+        out = tmp_path / f"kill-{k}"
+        shutil.copytree(template, out, symlinks=True)
+        proc = qdiablo([*verb.argv(out), "--overwrite"], tmp_path, kill=k)
+        assert proc.returncode == -9, f"not killed at event {k}: {events[k - 1]}\n{proc.stderr}"
+        check_after_fault(verb, out, result, planted)
+        converge(verb, out, result, planted, tmp_path)
+    # 2. A file-size limit below the sizes the verb writes: one line naming the file, nothing
+    #    lost; a second, larger limit on top of that state; then the same command without one.
+    written = [p for p in template.rglob("*") if p.is_file()]
+    written = [p for p in written if p.relative_to(template).as_posix() not in planted]
+    sizes = sorted({p.stat().st_size for p in written})
+    out = tmp_path / "fsize"
+    shutil.copytree(template, out, symlinks=True)
+    for limit in [sizes[-1] - 1, sizes[len(sizes) // 2] - 1][:limits]:
+        proc = qdiablo([*verb.argv(out), "--overwrite"], tmp_path, fsize=max(limit, 1))
+        if proc.returncode != 0:
+            one_line_error(proc, "file too large")
+            check_after_fault(verb, out, result, planted)
+    converge(verb, out, result, planted, tmp_path)
+    # 3. A read-only output: one line, and the folder exactly as it was.
+    out = tmp_path / "read-only"
+    shutil.copytree(template, out, symlinks=True)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    folders = [out, *(p for p in out.rglob("*") if p.is_dir())]
+    for folder in folders:
+        folder.chmod(0o555)
+    try:
+        proc = qdiablo([*verb.argv(out), "--overwrite"], tmp_path, unprivileged=True)
+        one_line_error(proc, "permission denied", str(out))
+    finally:
+        for folder in folders:
+            folder.chmod(0o755)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_quantize_killed_limited_read_only_among_user_files(inputs, tmp_path):
+    """The quick case: one kill, one file-size limit, a read-only folder."""
+    fault_cases("quantize", kills=1, limits=1, inputs=inputs, tmp_path=tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verb", ["quantize-recon", "train", "eval", "export", "run"])
+def test_every_verb_killed_limited_read_only_among_user_files(verb, inputs, tmp_path):
+    fault_cases(verb, kills=3, limits=2, inputs=inputs, tmp_path=tmp_path)

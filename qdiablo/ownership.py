@@ -140,8 +140,13 @@ def remove_output(folder: Path, verb: str) -> list[Path]:
     if data is None:
         return []
     _unfinish(folder, verb, data)
-    kept = remove_owned(folder, verb, data["files"], data.get("inside") or ())
+    _remove_owned(folder, verb, data["files"], data.get("inside") or ())
     _forget(folder, verb, data)
+    kept = [f for item in sorted(folder.iterdir()) if not is_bookkeeping(item.name)
+            for f in _files_of(item)]  # fmt: skip
+    if kept:
+        shown = ", ".join(str(p) for p in kept[:5]) + (", ..." if len(kept) > 5 else "")
+        log.warning("kept %d file(s) `qdiablo %s` did not write: %s", len(kept), verb, shown)
     return kept
 
 

@@ -92,7 +92,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--batch-size", type=int, default=16, help="examples per batch")
     g.add_argument("--output", default="outputs/eval", help="results folder (resumable)")
-    g.add_argument("--overwrite", action="store_true", help="discard results already there")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard eval's results already there (your files are kept)",
+    )
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -55,7 +55,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "changes the outputs; needs --calib)",
     )
     p.add_argument("--base-model-name", help="the original model's name, for the card")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished export (only export's own files; yours are kept)",
+    )
     p.add_argument(
         "--verify", metavar="EXPORT_DIR", help="check an export against its manifest.json and exit"
     )

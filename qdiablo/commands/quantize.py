@@ -33,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="write into a folder holding other files (they are kept; an earlier quantize "
-        "output there is replaced)",
+        help="replace a finished quantize output, or write into a folder holding other files "
+        "(only quantize's own files are replaced; yours are kept)",
     )
     add_dataclass_arguments(p, QuantConfig, group="quantizer (QuantConfig)")
     add_calibration_arguments(

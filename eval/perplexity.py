@@ -1,6 +1,7 @@
 """Perplexity of a causal LM on a token stream: the standard GPTQ-paper measurement.
 
-Texts are tokenized, joined with EOS and cut into non-overlapping windows of `seq_len` tokens;
+Texts are tokenized, joined with EOS and cut into non-overlapping windows of `seq_len` tokens
+(`quantizers.calibration.token_windows`, the same rule as the calibration windows);
 perplexity is exp(mean next-token NLL) over every predicted token. Quantized models run inside
 `dequantize_cache`, so each packed layer is dequantized once, not per batch.
 """
@@ -8,7 +9,6 @@ perplexity is exp(mean next-token NLL) over every predicted token. Quantized mod
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +17,9 @@ from torch import nn
 
 from qdiablo.data import load_test_set
 from quantizers import dequantize_cache
+from quantizers.calibration import token_windows
+
+__all__ = ["PerplexityResult", "math10k_texts", "perplexity", "token_windows"]
 
 
 @dataclass
@@ -24,25 +27,6 @@ class PerplexityResult:
     perplexity: float
     nll: float  # mean negative log-likelihood per predicted token (nats)
     tokens: int  # predicted tokens
-
-
-def token_windows(
-    tokenizer, texts: Iterable[str], seq_len: int = 256, max_tokens: int | None = None
-) -> torch.Tensor:
-    """Tokenize texts (EOS between them) into a LongTensor [windows, seq_len]."""
-    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text)["input_ids"])
-        ids.extend(sep)
-        if max_tokens is not None and len(ids) >= max_tokens:
-            break
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    n = len(ids) // seq_len
-    if n == 0:
-        raise ValueError(f"the texts hold {len(ids)} tokens, fewer than one window of {seq_len}")
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
 @torch.no_grad()

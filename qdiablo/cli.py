@@ -1,38 +1,44 @@
 """The `qdiablo` command: one verb per module in `qdiablo/commands/`.
 
 Adding a verb: write `qdiablo/commands/<verb>.py` with `HELP`, `add_arguments(parser)` and
-`run(args)`, then add its name to `COMMANDS` below. Every verb gets `--config FILE.yaml` for free:
-the file's keys are the verb's long flag names (`num-blocks` or `num_blocks`), and flags given on
-the command line override it.
+`run(args)`, then import it here and add it to `COMMANDS` below. Every verb gets
+`--config FILE.yaml` for free: the file's keys are the verb's long flag names (`num-blocks` or
+`num_blocks`), and flags given on the command line override it.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import re
 import sys
 from typing import Any
 
+from qdiablo.commands import compare, demo, export, quantize, run, train
+from qdiablo.commands import eval as evaluate
 from qdiablo.errors import UserError
 from qdiablo.faults import as_user_error
-from qdiablo.flags import config_defaults, load_yaml
+from qdiablo.flags import add_verb_parser, config_defaults, load_yaml
 
-# The pipeline order: model -> quantize -> train -> eval -> export.
-COMMANDS = ["demo", "quantize", "train", "eval", "export", "run", "compare"]
+# The pipeline order: model -> quantize -> train -> eval -> export. Each module keeps its heavy
+# imports (torch, transformers) inside `run`, so `qdiablo --help` stays fast.
+COMMANDS: dict[str, Any] = {
+    "demo": demo,
+    "quantize": quantize,
+    "train": train,
+    "eval": evaluate,
+    "export": export,
+    "run": run,
+    "compare": compare,
+}
 
 log = logging.getLogger("qdiablo")
 
 
-def _command_module(name: str):
-    return importlib.import_module(f"qdiablo.commands.{name.replace('-', '_')}")
-
-
 def available_commands() -> dict[str, Any]:
-    """The verb modules of COMMANDS, by name (imported, but their heavy imports stay in `run`)."""
-    return {name: _command_module(name) for name in COMMANDS}
+    """The verb modules, by name."""
+    return dict(COMMANDS)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -45,15 +51,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     verbs = {}
     for name, module in available_commands().items():
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        p.add_argument(
-            "--config",
-            metavar="FILE.yaml",
-            help="YAML file whose keys are this command's long flag names; flags override it",
-        )
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
-        verbs[name] = p
+        verbs[name] = add_verb_parser(sub, name, module)
     return parser, verbs
 
 

@@ -157,3 +157,22 @@ def config_defaults(
         action.required = False
         defaults[dest] = value
     return defaults
+
+
+def add_verb_parser(
+    sub: argparse._SubParsersAction | None, name: str, verb: Any
+) -> argparse.ArgumentParser:
+    """The parser of one verb module (HELP, add_arguments, run) with the `--config` flag every
+    verb shares: a subparser of `sub`, or (sub=None) a standalone parser, for the pipeline."""
+    if sub is None:
+        p = argparse.ArgumentParser(prog=f"qdiablo {name}", description=verb.HELP)
+    else:
+        p = sub.add_parser(name, help=verb.HELP, description=verb.HELP)
+    p.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="YAML file whose keys are this command's long flag names; flags override it",
+    )
+    verb.add_arguments(p)
+    p.set_defaults(_run=verb.run)
+    return p

@@ -41,7 +41,11 @@ _held: dict[str, int] = {}
 
 
 def acquire_lock(folder: Path, verb: str) -> bool:
-    """Take `folder/.qdiablo.lock`; re-entrant within a process. Refuses a live other owner."""
+    """Take `folder/.qdiablo.lock`; re-entrant within a process. Refuses a live other owner.
+
+    Why not `filelock`: the lock file must say who holds it (pid, host, verb) for the refusal
+    message, and a lock left by a dead process is how an interrupted writer is recognised (its
+    staging folders are then removed); an flock is released silently when its holder dies."""
     path = folder / LOCK_NAME
     key = str(path.resolve())
     if _held.get(key):

@@ -29,6 +29,27 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------
 
 
+def token_windows(
+    tokenizer, texts: Iterable[str], seq_len: int = 256, max_tokens: int | None = None
+) -> Tensor:
+    """The one windowing rule: texts tokenized one by one, joined with the EOS token and cut into
+    consecutive windows of `seq_len` (no padding, no attention mask), as LongTensor [windows,
+    seq_len]; at most `max_tokens` tokens are read. No whole window is a ValueError."""
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text)["input_ids"])
+        ids.extend(sep)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"the texts hold {len(ids)} tokens, fewer than one window of {seq_len}")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
 def tokenize_calibration(
     tokenizer,
     texts: Iterable[str],
@@ -36,40 +57,26 @@ def tokenize_calibration(
     seq_len: int = 256,
     batch_size: int = 8,
 ) -> list[Tensor]:
-    """Pack texts into `num_samples` token windows of `seq_len`, batched as LongTensor (B, T).
-
-    Texts are tokenized one by one, joined with the EOS token and cut into consecutive windows,
-    so no padding (and no attention mask) is needed. Fewer windows are returned, with a
-    warning, when the texts are too short for `num_samples`; none at all is an error.
+    """Pack texts into `num_samples` token windows of `seq_len` (`token_windows`), batched as
+    LongTensor (B, T). Fewer windows are returned, with a warning, when the texts are too short
+    for `num_samples`; none at all is an error.
     """
     if num_samples < 1 or seq_len < 2 or batch_size < 1:
         raise ValueError(
             f"num_samples ({num_samples}), seq_len ({seq_len}) and batch_size ({batch_size}) "
             "must be positive (seq_len at least 2)"
         )
-    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    need = num_samples * seq_len
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text)["input_ids"])
-        ids.extend(sep)
-        if len(ids) >= need:
-            break
-    windows = len(ids) // seq_len
-    if windows == 0:
-        raise ValueError(
-            f"calibration texts hold {len(ids)} tokens, fewer than one window of {seq_len}"
-        )
-    if windows < num_samples:
+    try:
+        data = token_windows(tokenizer, texts, seq_len, max_tokens=num_samples * seq_len)
+    except ValueError as e:
+        raise ValueError(f"calibration {e}") from None
+    if len(data) < num_samples:
         log.warning(
-            "calibration texts hold %d tokens: %d windows of %d instead of %d",
-            len(ids),
-            windows,
+            "calibration texts hold %d windows of %d tokens instead of %d",
+            len(data),
             seq_len,
             num_samples,
         )
-    n = min(windows, num_samples)
-    data = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
     return list(data.split(batch_size))
 
 

@@ -31,8 +31,7 @@ class EchoCommand:
 
 @pytest.fixture
 def echo(monkeypatch):
-    monkeypatch.setattr(cli, "COMMANDS", ["echo"])
-    monkeypatch.setattr(cli, "_command_module", lambda name: EchoCommand)
+    monkeypatch.setattr(cli, "COMMANDS", {"echo": EchoCommand})
     return EchoCommand
 
 

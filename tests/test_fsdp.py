@@ -260,7 +260,7 @@ def test_fingerprint_read_from_the_files_equals_a_loaded_bases(tmp_path, checkpo
     """Sharded loading fingerprints the base from a few sampled rows of the files (v1 zero
     points converted as load_quantized does): the same sha256 as on a loaded base."""
     from qdiablo import DiaBloConfig, get_diablo_model
-    from qdiablo.diablo.model import base_fingerprint
+    from qdiablo.diablo.fingerprint import base_fingerprint
     from qdiablo.models import packed_base_on_meta
     from qdiablo.train.fsdp_loading import file_state_of
     from quantizers import load_quantized

@@ -1,8 +1,10 @@
 """The import structure: layers only point down, no module cycles, `qdiablo --help` stays fast.
 
 Imports are read with `ast` from the source (module level and inside functions alike), so a new
-cycle or upward import fails here whether or not it is ever executed. Two kinds of import are
-not dependencies and are skipped: `if TYPE_CHECKING:` blocks and a package's lazy `__getattr__`.
+cycle or upward import fails here whether or not it is ever executed. `importlib.import_module`
+calls count as imports of their (literal) target; one whose target is computed must be listed in
+DYNAMIC_IMPORTS with the reason it never reaches first-party code. Two kinds of import are not
+dependencies and are skipped: `if TYPE_CHECKING:` blocks and a package's lazy `__getattr__`.
 """
 
 from __future__ import annotations
@@ -24,9 +26,19 @@ PACKAGES = ("quantizers", "qdiablo", "eval")
 # own top-level package (so eval/ never reaches into qdiablo's adapters, nor they into eval/).
 # A module belongs to the layer of its longest matching prefix.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("quantizers: imports nothing from qdiablo or eval", ("quantizers",)),
     (
-        "base: errors, file I/O, output folders, hashing, records/templates, flags, vocabularies",
+        "quantizers: calibration capture, MagR, RTN, GPTQ, coordinate descent, reconstruction, "
+        "packing, `QuantLinear`, the GPTQ checkpoint layout, kernels, its own file I/O; it imports "
+        "nothing from qdiablo or eval",
+        ("quantizers",),
+    ),
+    (
+        "base: user errors, atomic writes and JSON, output folders (markers, what a verb owns, "
+        "one writer per folder), what a verb reads (never written into, never loaded unfinished), "
+        "operating-system faults as one line, non-finite weights refused by name, sha256, "
+        "Math10K records and prompt templates, the flag generator, the base-kind vocabulary, "
+        "the export manifest, the library versions a run records, the optional libraries (PEFT, "
+        "bitsandbytes) imported without the hub, where a model comes from, the device rule",
         (
             "qdiablo",
             "qdiablo.errors",
@@ -49,7 +61,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     (
-        "core: adapters, NormalFloat, calibration data, training settings, evaluation",
+        "core: the DiaBlo adapter; attaching DiaBlo or PEFT LoRA, budgets, loading a saved "
+        "adapter; NF4/NF2 bases; calibration texts; Math10K evaluation",
         (
             "qdiablo.diablo",
             "qdiablo.nf4",
@@ -59,16 +72,52 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "eval",
         ),
     ),
-    ("loader: the one way to load a base", ("qdiablo.models",)),
     (
-        "workflows: training and export",
+        "loader: the one way to load a base (`load_base(source, kind)`) or an export",
+        ("qdiablo.models",),
+    ),
+    (
+        "workflows: training settings and runs (sharded FSDP loading included; a diverged run "
+        "stopped: `qdiablo.train.health`), the export folder",
         ("qdiablo.train", "qdiablo.export"),
     ),
     (
-        "top: pipeline, verbs, CLI",
-        ("qdiablo.pipeline", "qdiablo.commands", "qdiablo.cli", "qdiablo.__main__"),
+        "verbs: one module per pipeline step, a thin layer over the library",
+        (
+            "qdiablo.commands",
+            "qdiablo.commands.quantize",
+            "qdiablo.commands.train",
+            "qdiablo.commands.eval",
+            "qdiablo.commands.export",
+        ),
+    ),
+    ("pipeline: resumable stage graphs of those verbs", ("qdiablo.pipeline",)),
+    (
+        "top: the pipeline verbs (run, compare, demo) and the command",
+        (
+            "qdiablo.commands.run",
+            "qdiablo.commands.compare",
+            "qdiablo.commands.demo",
+            "qdiablo.cli",
+            "qdiablo.__main__",
+        ),
     ),
 ]
+
+
+def layer_table() -> str:
+    """The layer map as docs/architecture.md shows it (tests/test_docs.py keeps them equal)."""
+    rows = ["| layer | modules | role |", "|---|---|---|"]
+    for i, (description, prefixes) in enumerate(LAYERS):
+        name, _, role = description.partition(": ")
+        rows.append(f"| {i}. {name} | {', '.join(f'`{p}`' for p in prefixes)} | {role} |")
+    return "\n".join(rows)
+
+
+# Modules that call importlib.import_module with a computed name, and why that is no dependency.
+DYNAMIC_IMPORTS = {
+    "qdiablo.optional": "imports the optional third-party libraries (peft, bitsandbytes) by name",
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -100,6 +149,12 @@ def _imports(name: str, path: Path) -> list[tuple[str, str, int]]:
                 continue
             if isinstance(child, ast.FunctionDef) and child.name == "__getattr__":
                 continue  # a package's lazy re-exports
+            if _is_import_module_call(child):
+                target = child.args[0] if child.args else None
+                if isinstance(target, ast.Constant) and isinstance(target.value, str):
+                    out.append((target.value, "", child.lineno))
+                else:
+                    out.append((DYNAMIC, ast.unparse(child), child.lineno))
             if isinstance(child, ast.Import):
                 out.extend((a.name, "", child.lineno) for a in child.names)
             elif isinstance(child, ast.ImportFrom):
@@ -116,7 +171,44 @@ def _imports(name: str, path: Path) -> list[tuple[str, str, int]]:
             visit(child)
 
     visit(ast.parse(path.read_text(encoding="utf-8")))
-    return [(m, n, line) for m, n, line in out if m.split(".")[0] in PACKAGES]
+    return [(m, n, line) for m, n, line in out if m.split(".")[0] in PACKAGES or m == DYNAMIC]
+
+
+DYNAMIC = "<computed>"
+
+
+def _is_import_module_call(node: ast.AST) -> bool:
+    if not isinstance(node, ast.Call):
+        return False
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+    return name == "import_module"
+
+
+def test_every_computed_import_is_explained():
+    unexplained = [
+        f"{path.relative_to(REPO)}:{line} {call}"
+        for module, path in MODULES.items()
+        for target, call, line in _imports(module, path)
+        if target == DYNAMIC and module not in DYNAMIC_IMPORTS
+    ]
+    assert not unexplained, (
+        "import_module with a computed name (give it a literal, or explain it in "
+        "DYNAMIC_IMPORTS):\n" + "\n".join(unexplained)
+    )
+
+
+def test_import_module_calls_are_followed(tmp_path):
+    """The layer map sees `import_module("qdiablo.x")` as an import of qdiablo.x, and a computed
+    name as DYNAMIC."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import importlib\ndef f(name):\n    importlib.import_module('qdiablo.cli')\n"
+        "    return importlib.import_module(f'qdiablo.commands.{name}')\n"
+    )
+    found = _imports("qdiablo.probe", probe)
+    assert ("qdiablo.cli", "", 3) in found
+    assert any(target == DYNAMIC and line == 4 for target, _, line in found)
 
 
 def _layer(module: str) -> int:

@@ -115,7 +115,7 @@ def test_set_storage_dtype_round_trips_and_bad_dtype_is_refused():
 def test_adapter_fingerprint_is_the_one_main_computed_before_the_storage_change():
     """sha256 printed by the code before packed storage became parameters (commit a3101b4) for
     this deterministic layer: adapters trained then keep loading."""
-    from qdiablo.diablo.model import base_fingerprint
+    from qdiablo.diablo.fingerprint import base_fingerprint
 
     W = torch.sin(torch.arange(64 * 128, dtype=torch.float32) * 0.37).view(64, 128)
     bias = torch.cos(torch.arange(64, dtype=torch.float32))

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 from qdiablo import DiaBloConfig, get_diablo_model
 from qdiablo.adapters.diablo import attach_diablo
 from qdiablo.adapters.lora import attach_lora
-from qdiablo.diablo.model import base_fingerprint, find_targets
+from qdiablo.diablo.fingerprint import base_fingerprint
+from qdiablo.diablo.targets import find_targets
 from qdiablo.errors import UserError
 from qdiablo.nf4 import bnb_nf4_config, quantize_bnb_4bit_
 from qdiablo.train.bases import load_training_base

@@ -10,25 +10,23 @@ count (one that divides every layer, unless padding) whose count is nearest to L
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from qdiablo.diablo.layer import block_shape
+from qdiablo.diablo.layer import valid_num_blocks as divisors_of_all
 from qdiablo.errors import UserError
 
 Shape = tuple[int, int]  # (in_features, out_features)
 
 
 def diablo_parameters(shapes: Sequence[Shape], num_blocks: int, indivisible: str = "error") -> int:
-    """Trainable parameters of DiaBlo with N blocks on these layers."""
+    """Trainable parameters of DiaBlo with N blocks on these layers (N blocks of the shape
+    DiaBloLinear allocates)."""
     total = 0
     for fin, fout in shapes:
-        if fin % num_blocks == 0 and fout % num_blocks == 0:
-            total += fin * fout // num_blocks
-        elif indivisible == "pad":
-            total += num_blocks * math.ceil(fin / num_blocks) * math.ceil(fout / num_blocks)
-        else:
-            raise UserError(f"N={num_blocks} does not divide layer shape {fin}×{fout}")
+        block_in, block_out = block_shape(fin, fout, num_blocks, indivisible, name=f"{fin}×{fout}")
+        total += num_blocks * block_in * block_out
     return total
 
 
@@ -47,10 +45,7 @@ def matched_rank(shapes: Sequence[Shape], num_blocks: int, indivisible: str = "e
 def valid_num_blocks(shapes: Sequence[Shape]) -> list[int]:
     """Every N that divides the in and out features of all layers."""
     _check(shapes)
-    g = 0
-    for fin, fout in shapes:
-        g = math.gcd(g, math.gcd(fin, fout))
-    return [d for d in range(1, g + 1) if g % d == 0]
+    return divisors_of_all(shapes)
 
 
 def matched_num_blocks(shapes: Sequence[Shape], rank: int) -> int:

@@ -9,7 +9,7 @@ from torch import nn
 
 from qdiablo.adapters.budget import Shape
 from qdiablo.diablo import DiaBloConfig
-from qdiablo.diablo.model import find_targets
+from qdiablo.diablo.targets import find_targets
 
 
 @dataclass(frozen=True)

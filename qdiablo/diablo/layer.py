@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -20,31 +21,47 @@ from qdiablo.errors import UserError
 from qdiablo.optional import import_bitsandbytes
 
 
+def valid_num_blocks(shapes: Iterable[tuple[int, int]]) -> list[int]:
+    """Every N that divides the in and out features of all these (in, out) layer shapes."""
+    g = 0
+    for fin, fout in shapes:
+        g = math.gcd(g, math.gcd(fin, fout))
+    small = [d for d in range(1, math.isqrt(g) + 1) if g % d == 0]
+    return sorted(set(small + [g // d for d in small]))
+
+
+def check_num_blocks(
+    layers: Mapping[str, tuple[int, int]], num_blocks: int, label: str | None = None
+) -> None:
+    """The one rule for N without padding: it divides every layer's in and out features. The
+    error names the first layer it does not divide and the N nearby that divide all of them.
+    `label`: how the message names N (default "N=<n>"; the CLI says "--num-blocks <n>")."""
+    for name, (fin, fout) in layers.items():
+        if fin % num_blocks or fout % num_blocks:
+            valid = valid_num_blocks(layers.values())
+            nearby = [d for d in valid if d < num_blocks][-2:] + [
+                d for d in valid if d > num_blocks
+            ][:2]
+            raise UserError(
+                f"{label or f'N={num_blocks}'} does not divide layer '{name}' ({fin}→{fout}); "
+                f"valid N nearby: {', '.join(map(str, nearby))}",
+                hint="pick a valid N, target other modules, or (DiaBloConfig) indivisible='pad' "
+                "to zero-pad as the reference does",
+            )
+
+
 def block_shape(
     in_features: int, out_features: int, num_blocks: int, indivisible: str = "error", name: str = ""
 ) -> tuple[int, int]:
     """(in/N, out/N), or the padded (ceil(in/N), ceil(out/N)); a clear error if N doesn't divide."""
-    if in_features % num_blocks == 0 and out_features % num_blocks == 0:
-        return in_features // num_blocks, out_features // num_blocks
-    if indivisible == "pad":
+    if indivisible == "pad" and (in_features % num_blocks or out_features % num_blocks):
         if num_blocks > max(in_features, out_features):
             raise UserError(
                 f"layer '{name}': N={num_blocks} exceeds its size {in_features}×{out_features}"
             )
         return math.ceil(in_features / num_blocks), math.ceil(out_features / num_blocks)
-    valid = _divisors(math.gcd(in_features, out_features))
-    below = [d for d in valid if d < num_blocks][-2:]
-    above = [d for d in valid if d > num_blocks][:2]
-    raise UserError(
-        f"layer '{name}' ({in_features}→{out_features}): N={num_blocks} does not divide both "
-        f"in_features and out_features; valid N nearby: {', '.join(map(str, below + above))}",
-        hint="pick one of those, or set indivisible='pad' to zero-pad as the reference does",
-    )
-
-
-def _divisors(n: int) -> list[int]:
-    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-    return sorted(set(small + [n // d for d in small]))
+    check_num_blocks({name: (in_features, out_features)}, num_blocks)
+    return in_features // num_blocks, out_features // num_blocks
 
 
 class _BlockDiagonalMatmul(torch.autograd.Function):

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,10 +25,10 @@ from qdiablo import __version__
 from qdiablo.diablo.config import DiaBloConfig
 from qdiablo.diablo.fingerprint import base_fingerprint, mismatch_message
 from qdiablo.diablo.layer import DiaBloLinear
-from qdiablo.diablo.targets import resolve_target_modules
+from qdiablo.diablo.targets import find_targets, resolve_target_modules
 from qdiablo.errors import UserError
 from qdiablo.health import NONFINITE_HINT, require_finite
-from qdiablo.io import atomic_path, read_adapter_weights, read_json
+from qdiablo.io import atomic_path, check_adapter_tensors, read_adapter_weights, read_json
 
 log = logging.getLogger(__name__)
 
@@ -46,61 +45,6 @@ METADATA_KEYS = {
     "trainable_parameters",
     "qdiablo_version",
 }
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(?:\.|$)")
-
-# --------------------------------------------------------------------------------------------
-# Which layers to wrap
-# --------------------------------------------------------------------------------------------
-
-
-def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "in_features", None), int) and isinstance(
-        getattr(module, "out_features", None), int
-    )
-
-
-def _matches(name: str, spec: list[str] | str) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == t or name.endswith("." + t) for t in spec)
-
-
-def find_targets(model: nn.Module, config: DiaBloConfig) -> list[str]:
-    """Module paths to wrap, in model order (None targets: the architecture's default).
-    Errors name the offending module."""
-    spec = resolve_target_modules(model, config.target_modules)
-    output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    targets = []
-    for name, module in model.named_modules():
-        if not name or ".base_layer" in name:
-            continue
-        if spec == "all-linear":
-            hit = _is_linear_like(module) and module is not output_head
-        else:
-            hit = _matches(name, spec)
-        if not hit or (config.exclude_modules and _matches(name, config.exclude_modules)):
-            continue
-        if config.layers_to_transform is not None:
-            m = _LAYER_INDEX.search(name)
-            if m is None or int(m.group(1)) not in config.layers_to_transform:
-                continue
-        if isinstance(module, DiaBloLinear):
-            raise UserError(f"layer '{name}' already has a DiaBlo adapter")
-        if not _is_linear_like(module):
-            raise UserError(
-                f"target '{name}' is a {type(module).__name__}, not a linear layer: DiaBlo wraps "
-                "layers with in_features/out_features (nn.Linear, QuantLinear, Linear4bit)",
-                hint="GPT-2-style Conv1D layers are not supported; target other layers",
-            )
-        targets.append(name)
-    if not targets:
-        examples = [n for n, m in model.named_modules() if _is_linear_like(m)][:6]
-        raise UserError(
-            f"no layer matches target_modules={spec!r}",
-            hint=f"linear layers in this model look like: {', '.join(examples)}",
-        )
-    return targets
-
 
 # --------------------------------------------------------------------------------------------
 # The wrapper
@@ -229,6 +173,10 @@ class DiaBloModel(nn.Module):
 
     # ---- saving and loading --------------------------------------------------------------
 
+    def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each tensor `adapter_state_dict` holds, by key."""
+        return {f"{name}.blocks": tuple(layer.blocks.shape) for name, layer in self.diablo_layers()}
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"{name}.blocks": layer.blocks.detach() for name, layer in self.diablo_layers()}
 
@@ -293,37 +241,18 @@ class DiaBloModel(nn.Module):
                     "and train have no override",
                 )
             log.warning("%s (loading anyway: force=True)", msg)
-        tensors = read_adapter_weights(adapter_dir / ADAPTER_WEIGHTS_NAME)
-        require_finite(
-            tensors.items(),
-            f"adapter {adapter_dir / ADAPTER_WEIGHTS_NAME}",
-            hint=NONFINITE_HINT,
-        )
+        path = adapter_dir / ADAPTER_WEIGHTS_NAME
+        tensors = read_adapter_weights(path)
+        require_finite(tensors.items(), f"adapter {path}", hint=NONFINITE_HINT)
         model = cls(base_model, config)
         layers = dict(model.diablo_layers())
-        expected_keys = {f"{n}.blocks" for n in layers}
-        missing = sorted(expected_keys - tensors.keys())
-        extra = sorted(tensors.keys() - expected_keys)
-        if missing or extra:
-            _unwrap(model)
-            parts = []
-            if missing:
-                parts.append(f"missing for {len(missing)} layer(s), e.g. {missing[0]}")
-            if extra:
-                parts.append(f"{len(extra)} unexpected tensor(s), e.g. {extra[0]}")
-            raise UserError(
-                f"adapter {adapter_dir / ADAPTER_WEIGHTS_NAME} does not match this base: "
-                + "; ".join(parts),
-                hint="was it trained with other target_modules or on another architecture?",
-            )
+        try:
+            check_adapter_tensors(path, model.adapter_shapes(), tensors)
+        except UserError:
+            _unwrap(model)  # the base is left as it was given
+            raise
         for name, layer in layers.items():
             t = tensors[f"{name}.blocks"]
-            if t.shape != layer.blocks.shape:
-                _unwrap(model)
-                raise UserError(
-                    f"adapter {adapter_dir / ADAPTER_WEIGHTS_NAME}: layer '{name}' has blocks of "
-                    f"shape {tuple(t.shape)}, but this base needs {tuple(layer.blocks.shape)}"
-                )
             with torch.no_grad():
                 layer.blocks.copy_(t)
             layer.blocks.requires_grad_(is_trainable)

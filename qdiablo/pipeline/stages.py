@@ -33,9 +33,11 @@ from typing import Any
 
 import yaml
 
-from qdiablo import __version__, cli
+from qdiablo import __version__
+from qdiablo.commands import eval as evaluate
+from qdiablo.commands import export, quantize, train
 from qdiablo.errors import UserError
-from qdiablo.flags import config_defaults
+from qdiablo.flags import add_verb_parser, config_defaults
 from qdiablo.hashing import sha256_file
 from qdiablo.inputs import check_apart, unfinished
 from qdiablo.io import read_json, write_json, write_text
@@ -78,27 +80,32 @@ def _file_digest(value: Any) -> Any:
     return value
 
 
+# The verbs a stage may run (the pipeline verbs run, compare and demo build stages of these).
+STAGE_VERBS = {"quantize": quantize, "train": train, "eval": evaluate, "export": export}
+
+
 def parse_verb_args(verb: str, values: dict[str, Any], source: str) -> argparse.Namespace:
     """The Namespace `qdiablo <verb>` would get from a YAML config holding `values`.
 
     Unknown keys, wrong types and bad choices are a UserError naming `source` (e.g.
     "config.yaml [train]"), raised before anything runs.
     """
-    parser, verbs = cli.build_parser()
-    if verb not in verbs:
+    if verb not in STAGE_VERBS:
         raise UserError(
-            f"{source}: the `qdiablo {verb}` command is not available in this installation",
-            hint=f"available: {', '.join(verbs)}",
+            f"{source}: `qdiablo {verb}` cannot be a pipeline stage",
+            hint=f"stages run: {', '.join(STAGE_VERBS)}",
         )
+    parser = add_verb_parser(None, verb, STAGE_VERBS[verb])
+    parser.set_defaults(command=verb, verbose=False)  # as `qdiablo <verb>` would have them
     plain = {k: _plain(v) for k, v in values.items()}
-    defaults = config_defaults(verbs[verb], plain, source)
-    verbs[verb].set_defaults(**defaults)
+    defaults = config_defaults(parser, plain, source)
+    parser.set_defaults(**defaults)
     missing = [
-        a.option_strings[-1] for a in verbs[verb]._actions if a.required and a.dest not in defaults
+        a.option_strings[-1] for a in parser._actions if a.required and a.dest not in defaults
     ]
     if missing:
         raise UserError(f"{source}: missing {', '.join(missing)}")
-    return parser.parse_args([verb])
+    return parser.parse_args([])
 
 
 def _plain(value: Any) -> Any:

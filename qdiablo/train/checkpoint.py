@@ -32,7 +32,7 @@ from qdiablo.diablo.model import (
 )
 from qdiablo.errors import UserError
 from qdiablo.health import NONFINITE_HINT, require_finite
-from qdiablo.io import read_adapter_weights
+from qdiablo.io import check_adapter_tensors, read_adapter_weights
 from qdiablo.optional import import_peft, loaded
 from qdiablo.ownership import remove_owned
 from qdiablo.train.fsdp import copy_full_, is_dtensor, trainable_named
@@ -117,17 +117,10 @@ def _load_diablo(model: DiaBloModel, folder: Path) -> None:
         raise UserError(mismatch_message(folder, expected, model.base_fingerprint))
     tensors = read_adapter_weights(folder / ADAPTER_WEIGHTS_NAME)
     require_finite(tensors.items(), str(folder / ADAPTER_WEIGHTS_NAME), hint=NONFINITE_HINT)
-    layers = dict(model.diablo_layers())
-    _check_keys(folder / ADAPTER_WEIGHTS_NAME, {f"{n}.blocks" for n in layers}, set(tensors))
+    check_adapter_tensors(folder / ADAPTER_WEIGHTS_NAME, model.adapter_shapes(), tensors)
     with torch.no_grad():
-        for name, layer in layers.items():
-            t = tensors[f"{name}.blocks"]
-            if t.shape != layer.blocks.shape:
-                raise UserError(
-                    f"{folder / ADAPTER_WEIGHTS_NAME}: layer '{name}' has blocks {tuple(t.shape)}, "
-                    f"the model needs {tuple(layer.blocks.shape)}"
-                )
-            copy_full_(layer.blocks, t)
+        for name, layer in model.diablo_layers():
+            copy_full_(layer.blocks, tensors[f"{name}.blocks"])
 
 
 def _load_lora(model, folder: Path) -> None:
@@ -139,13 +132,7 @@ def _load_lora(model, folder: Path) -> None:
     tensors = read_adapter_weights(path)
     require_finite(tensors.items(), str(path), hint=NONFINITE_HINT)
     expected = get_peft_model_state_dict(model)
-    _check_keys(path, set(expected), set(tensors))
-    for key, t in tensors.items():
-        if t.shape != expected[key].shape:
-            raise UserError(
-                f"{path}: '{key}' has shape {tuple(t.shape)}, the model needs "
-                f"{tuple(expected[key].shape)}"
-            )
+    check_adapter_tensors(path, {k: tuple(v.shape) for k, v in expected.items()}, tensors)
     trainable = dict(trainable_named(model))
     if any(is_dtensor(p) for p in trainable.values()):  # sharded by FSDP: copy each shard
         adapter = getattr(model, "active_adapter", "default")
@@ -153,20 +140,6 @@ def _load_lora(model, folder: Path) -> None:
             copy_full_(param, tensors[name.replace(f".{adapter}.", ".")])
         return
     set_peft_model_state_dict(model, tensors)
-
-
-def _check_keys(path: Path, expected: set[str], found: set[str]) -> None:
-    missing, extra = sorted(expected - found), sorted(found - expected)
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
-        if extra:
-            parts.append(f"{len(extra)} unexpected, e.g. {extra[0]}")
-        raise UserError(
-            f"{path} does not match this adapter: " + "; ".join(parts),
-            hint="was it trained with other target modules, another adapter or another model?",
-        )
 
 
 def checkpoint_problem(folder: str | Path) -> str | None:

@@ -22,12 +22,13 @@ from typing import Any
 
 from transformers import set_seed
 
-from qdiablo.adapters.budget import Budget, resolve_budget, valid_num_blocks
+from qdiablo.adapters.budget import Budget, resolve_budget
 from qdiablo.adapters.common import adapted_layers, layer_shapes, trainable_parameters
 from qdiablo.adapters.diablo import attach_diablo
 from qdiablo.adapters.lora import attach_lora
 from qdiablo.diablo import DiaBloModel
-from qdiablo.diablo.model import base_fingerprint
+from qdiablo.diablo.fingerprint import base_fingerprint
+from qdiablo.diablo.layer import check_num_blocks
 from qdiablo.diablo.targets import resolve_target_modules
 from qdiablo.errors import UserError
 from qdiablo.faults import guard
@@ -161,7 +162,8 @@ def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget
     layers = adapted_layers(loaded.model, targets)
     shapes = layer_shapes(layers)
     if config.adapter == "diablo" and config.num_blocks is not None and layers:
-        _check_num_blocks(layers, config.num_blocks)
+        shapes_by_name = {layer.name: (layer.in_features, layer.out_features) for layer in layers}
+        check_num_blocks(shapes_by_name, config.num_blocks, f"--num-blocks {config.num_blocks}")
     budget = resolve_budget(
         shapes, config.adapter, config.num_blocks, config.rank, config.match_params
     )
@@ -176,21 +178,6 @@ def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget
     if actual != expected:
         raise RuntimeError(f"trainable parameters {actual:,} differ from the budget {expected:,}")
     return model, budget, budget.other_method(config.adapter, shapes)
-
-
-def _check_num_blocks(layers: list, num_blocks: int) -> None:
-    """An N that does not divide a layer: name the layer and the valid N nearby (README)."""
-    for layer in layers:
-        if layer.in_features % num_blocks or layer.out_features % num_blocks:
-            valid = valid_num_blocks(layer_shapes(layers))
-            below = [n for n in valid if n < num_blocks][-2:]
-            above = [n for n in valid if n > num_blocks][:2]
-            raise UserError(
-                f"--num-blocks {num_blocks} does not divide layer '{layer.name}' "
-                f"({layer.in_features}→{layer.out_features}); valid N nearby: "
-                f"{', '.join(map(str, below + above))}",
-                hint="pick a valid N, or target other modules",
-            )
 
 
 def train(

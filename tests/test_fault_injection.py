@@ -1,9 +1,10 @@
-"""Fault injection: every verb killed at points taken from its own progress, writing under a
-file-size limit, into a read-only folder, and among the user's files; then run again.
+"""Fault injection: every verb killed at points taken from its own progress, the disk filling up
+at one of its writes, a read-only output, and the user's files in every folder; then run again.
 
 Each verb runs as `python -m qdiablo` in a child process whose `sitecustomize`
-(tests/faultkit/) records its progress events (file commits, torch/safetensors saves, log records)
-or sends it SIGKILL at the N-th. For every case:
+(tests/faultkit/) records its progress events (file commits, torch/safetensors saves, log records),
+sends it SIGKILL at the N-th, or from the N-th on makes every write to a file fail (RLIMIT_FSIZE
+0: EFBIG, as a full disk). For every case:
 
 - the user's files, planted in every folder the verb writes, survive byte for byte;
 - an output that is not finished never looks finished: its marker says complete: false and the
@@ -11,7 +12,7 @@ or sends it SIGKILL at the N-th. For every case:
 - running the same command again (train: with --resume auto) converges to the uninterrupted
   result, bit for bit (every verb here is deterministic on one thread).
 
-The quick case is quantize with one kill; every verb's full set of cases is marked `slow`.
+The quick case is quantize with one kill and one full disk; every verb's cases are `slow`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -57,8 +57,8 @@ def qdiablo(
     cwd: Path,
     *,
     kill: int = 0,
+    full: int = 0,
     events: Path | None = None,
-    fsize: int | None = None,
     unprivileged: bool = False,
 ) -> subprocess.CompletedProcess:
     env = {
@@ -68,13 +68,12 @@ def qdiablo(
         "MKL_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "QDIABLO_FAULT_KILL": str(kill),
+        "QDIABLO_FAULT_FULL": str(full),
         "QDIABLO_FAULT_EVENTS": str(events or ""),
     }
     env.pop("QDIABLO_DEBUG", None)
 
     def limits() -> None:
-        if fsize is not None:  # Python ignores SIGXFSZ: a write past the limit fails with EFBIG
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.RLIM_INFINITY))
         if unprivileged and os.geteuid() == 0:
             _drop_dac_capabilities()
 
@@ -394,37 +393,40 @@ def converge(verb: Verb, out: Path, result: dict, planted: dict[str, bytes], cwd
     assert_kept(out, planted)
 
 
-def kill_points(events: list[str], count: int) -> list[int]:
-    """`count` event numbers spread over the run: the first commit, the last, and between."""
-    n = len(events)
-    picks = {1, n} | {round(1 + i * (n - 1) / (count - 1)) for i in range(1, count - 1)}
-    return sorted(picks)[:count] if count > 1 else [max(1, n // 2)]
+WRITES = ("replace", "save_file", "torch.save")  # events that write a file
 
 
-def fault_cases(verb_name: str, kills: int, limits: int, inputs, tmp_path) -> None:
+def spread(points: list[int], count: int) -> list[int]:
+    """`count` of the event numbers `points`, spread over the run: the first, the last, and
+    evenly between."""
+    if count == 1:
+        return [points[len(points) // 2]]
+    picks = {points[round(i * (len(points) - 1) / (count - 1))] for i in range(count)}
+    return sorted(picks)
+
+
+def fault_cases(verb_name: str, kills: int, fulls: int, inputs, tmp_path) -> None:
     verb = verbs(inputs, tmp_path)[verb_name]
     template, result, planted, events = reference(verb, tmp_path)
+    numbers = list(range(1, len(events) + 1))
+    writes = [i for i, e in enumerate(events, 1) if e.split("\t", 1)[1].startswith(WRITES)]
     # 1. SIGKILL at points of the verb's own progress, then the same command again.
-    for k in kill_points(events, kills):
+    for k in spread(numbers, kills):
         out = tmp_path / f"kill-{k}"
         shutil.copytree(template, out, symlinks=True)
         proc = qdiablo([*verb.argv(out), "--overwrite"], tmp_path, kill=k)
         assert proc.returncode == -9, f"not killed at event {k}: {events[k - 1]}\n{proc.stderr}"
         check_after_fault(verb, out, result, planted)
         converge(verb, out, result, planted, tmp_path)
-    # 2. A file-size limit below the sizes the verb writes: one line naming the file, nothing
-    #    lost; a second, larger limit on top of that state; then the same command without one.
-    written = [p for p in template.rglob("*") if p.is_file()]
-    written = [p for p in written if p.relative_to(template).as_posix() not in planted]
-    sizes = sorted({p.stat().st_size for p in written})
-    out = tmp_path / "fsize"
-    shutil.copytree(template, out, symlinks=True)
-    for limit in [sizes[-1] - 1, sizes[len(sizes) // 2] - 1][:limits]:
-        proc = qdiablo([*verb.argv(out), "--overwrite"], tmp_path, fsize=max(limit, 1))
-        if proc.returncode != 0:
-            one_line_error(proc, "file too large")
-            check_after_fault(verb, out, result, planted)
-    converge(verb, out, result, planted, tmp_path)
+    # 2. The disk fills up at one of its writes (every write to a file fails from there): one
+    #    line naming the file, nothing lost; then the same command again.
+    for k in spread(writes[:-1], fulls):  # the last write is the marker: nothing after it
+        out = tmp_path / f"full-{k}"
+        shutil.copytree(template, out, symlinks=True)
+        proc = qdiablo([*verb.argv(out), "--overwrite"], tmp_path, full=k)
+        one_line_error(proc, "file too large")
+        check_after_fault(verb, out, result, planted)
+        converge(verb, out, result, planted, tmp_path)
     # 3. A read-only output: one line, and the folder exactly as it was.
     out = tmp_path / "read-only"
     shutil.copytree(template, out, symlinks=True)
@@ -441,12 +443,12 @@ def fault_cases(verb_name: str, kills: int, limits: int, inputs, tmp_path) -> No
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
-def test_quantize_killed_limited_read_only_among_user_files(inputs, tmp_path):
-    """The quick case: one kill, one file-size limit, a read-only folder."""
-    fault_cases("quantize", kills=1, limits=1, inputs=inputs, tmp_path=tmp_path)
+def test_quantize_killed_disk_full_read_only_among_user_files(inputs, tmp_path):
+    """The quick case: one kill, one full disk, a read-only folder."""
+    fault_cases("quantize", kills=1, fulls=1, inputs=inputs, tmp_path=tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("verb", ["quantize-recon", "train", "eval", "export", "run"])
-def test_every_verb_killed_limited_read_only_among_user_files(verb, inputs, tmp_path):
-    fault_cases(verb, kills=3, limits=2, inputs=inputs, tmp_path=tmp_path)
+def test_every_verb_killed_disk_full_read_only_among_user_files(verb, inputs, tmp_path):
+    fault_cases(verb, kills=3, fulls=2, inputs=inputs, tmp_path=tmp_path)

@@ -6,6 +6,9 @@ every commit of a file (os.replace: atomic writes, staged installs), every torch
 safetensors save_file (checkpoints, weights), and every log record qdiablo emits.
 QDIABLO_FAULT_KILL=N sends the child SIGKILL at its N-th event (1-based), before that event
 happens: the points a kill lands on are chosen from the verb's own progress, not from a clock.
+QDIABLO_FAULT_FULL=N fills the disk at the N-th event: from there on every write to a file fails
+(RLIMIT_FSIZE 0; Python ignores SIGXFSZ, so the write returns EFBIG), as on a disk that filled up
+while the verb was writing.
 """
 
 import logging
@@ -14,6 +17,7 @@ import signal
 
 _events = os.environ.get("QDIABLO_FAULT_EVENTS")
 _kill = int(os.environ.get("QDIABLO_FAULT_KILL", "0") or 0)
+_full = int(os.environ.get("QDIABLO_FAULT_FULL", "0") or 0)
 _count = 0
 
 
@@ -25,6 +29,10 @@ def _event(text: str) -> None:
             f.write(f"{_count}\t{' '.join(text.split())}\n")
     if _count == _kill:
         os.kill(os.getpid(), signal.SIGKILL)
+    if _count == _full:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
 
 
 def _name(f) -> str:
@@ -65,5 +73,5 @@ def _install() -> None:
     safetensors.torch.save_file = saving_file
 
 
-if _events or _kill:
+if _events or _kill or _full:
     _install()

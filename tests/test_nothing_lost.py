@@ -434,6 +434,9 @@ def test_reconstruction_with_too_few_windows_is_refused_before_loading(tmp_path,
     assert cli.main(argv) == 2  # before loading: the missing model is never reached
     one_line(capsys, "--reconstruct needs at least 2 calibration windows")
     assert not out.exists()
+    assert cli.main(["demo", "--calib-samples", "1", "--output", str(out)]) == 2  # demo too
+    one_line(capsys, "reconstruction needs at least 2 calibration windows")
+    assert not out.exists()
 
 
 def test_a_read_only_output_and_a_full_disk_during_a_checkpoint_are_one_line(

@@ -13,6 +13,7 @@ import ctypes
 import json
 import os
 import resource
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -457,6 +458,24 @@ def test_a_read_only_output_and_a_full_disk_during_a_checkpoint_are_one_line(
     line = _child(argv, tmp_path, fsize=80_000)
     assert "file too large" in line and str(out / "checkpoints" / "checkpoint-1") in line
     assert json.loads((out / ".qdiablo-train.json").read_text())["complete"] is False
+
+
+@pytest.mark.skipif(
+    not (Path("/dev/full").exists() and stat.S_ISCHR(os.stat("/dev/full").st_mode)),
+    reason="needs Linux's /dev/full device",
+)
+def test_no_space_left_is_one_line_also_inside_torch_save():
+    """/dev/full fails every write with ENOSPC: a real full disk, for open() and torch.save
+    (which says only "unexpected pos"). Both write in place (never a temporary renamed onto
+    the device)."""
+    from qdiablo.faults import guard
+
+    full = "/dev/full: no space left on the device"
+    with pytest.raises(UserError, match=full) as e, guard("/dev/full"), open("/dev/full", "w") as f:
+        f.write("x" * 100_000)
+    assert "free some space" in e.value.hint
+    with pytest.raises(UserError, match=full), guard("/dev/full"):
+        torch.save({"t": torch.zeros(100_000)}, "/dev/full")
 
 
 def test_a_path_too_long_is_one_line(tmp_path, tiny_model_dir, capsys):

@@ -17,7 +17,9 @@ The quick case is quantize killed once; every verb's full set of cases is marked
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
+import functools
 import json
 import os
 import shutil
@@ -408,43 +410,55 @@ def spread(points: list[int], count: int) -> list[int]:
 def fault_cases(
     verb_name: str, kills: int, fulls: int, inputs, tmp_path, read_only: bool = True
 ) -> None:
+    """The verb's reference run, then every case on its own copy of the reference folder (the
+    cases are independent child processes: two run at a time, one per core of a 2-core CI)."""
     verb = verbs(inputs, tmp_path)[verb_name]
     template, result, planted, events = reference(verb, tmp_path)
     numbers = list(range(1, len(events) + 1))
     writes = [i for i, e in enumerate(events, 1) if e.split("\t", 1)[1].startswith(WRITES)]
-    # 1. SIGKILL at points of the verb's own progress, then the same command again.
-    for k in spread(numbers, kills):
+
+    def killed(k: int) -> None:
+        """SIGKILL at event k of the verb's own progress, then the same command again."""
         out = tmp_path / f"kill-{k}"
         shutil.copytree(template, out, symlinks=True)
         proc = qdiablo([*verb.argv(out), "--overwrite"], tmp_path, kill=k)
         assert proc.returncode == -9, f"not killed at event {k}: {events[k - 1]}\n{proc.stderr}"
         check_after_fault(verb, out, result, planted)
         converge(verb, out, result, planted, tmp_path)
-    # 2. The disk fills up at one of its writes (every write to a file fails from there): one
-    #    line naming the file, nothing lost; then the same command again.
-    for k in spread(writes[:-1], fulls):  # the last write is the marker: nothing after it
+
+    def disk_full(k: int) -> None:
+        """The disk fills up at write event k (every write to a file fails from there): one
+        line naming the file, nothing lost; then the same command again."""
         out = tmp_path / f"full-{k}"
         shutil.copytree(template, out, symlinks=True)
         proc = qdiablo([*verb.argv(out), "--overwrite"], tmp_path, full=k)
         one_line_error(proc, "file too large")
         check_after_fault(verb, out, result, planted)
         converge(verb, out, result, planted, tmp_path)
-    # 3. A read-only output: one line, and the folder exactly as it was.
-    if not read_only:
-        return
-    out = tmp_path / "read-only"
-    shutil.copytree(template, out, symlinks=True)
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    folders = [out, *(p for p in out.rglob("*") if p.is_dir())]
-    for folder in folders:
-        folder.chmod(0o555)
-    try:
-        proc = qdiablo([*verb.argv(out), "--overwrite"], tmp_path, unprivileged=True)
-        one_line_error(proc, "permission denied", str(out))
-    finally:
+
+    def unwritable() -> None:
+        """A read-only output: one line, and the folder exactly as it was."""
+        out = tmp_path / "read-only"
+        shutil.copytree(template, out, symlinks=True)
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        folders = [out, *(p for p in out.rglob("*") if p.is_dir())]
         for folder in folders:
-            folder.chmod(0o755)
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+            folder.chmod(0o555)
+        try:
+            proc = qdiablo([*verb.argv(out), "--overwrite"], tmp_path, unprivileged=True)
+            one_line_error(proc, "permission denied", str(out))
+        finally:
+            for folder in folders:
+                folder.chmod(0o755)
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    cases = [functools.partial(killed, k) for k in spread(numbers, kills)]
+    # the last write is the marker's: nothing is written after it
+    cases += [functools.partial(disk_full, k) for k in spread(writes[:-1], fulls)]
+    cases += [unwritable] if read_only else []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        for done in [pool.submit(case) for case in cases]:
+            done.result()  # re-raises a case's failure here
 
 
 def test_quantize_killed_among_user_files(inputs, tmp_path):

@@ -40,7 +40,10 @@ class OneLayer(nn.Module):
 
 
 def make_pair(fin: int, fout: int, n: int, dropout: float, device, dtype):
-    from peft import LoraConfig, get_peft_model
+    from qdiablo.optional import import_peft
+
+    peft = import_peft()
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
     base = nn.Linear(fin, fout, bias=False, device=device, dtype=dtype)
     base.weight.requires_grad_(False)

@@ -2,7 +2,8 @@
 
 An export is copied between machines and disks; a truncated download or a hand-edited file must be
 caught before the weights are used, with an error that names the file. The loadable parts
-(`base/`, `adapter/`, `merged/`, `merged-gptq/`) must hold exactly the files listed; anywhere
+(`base/`, `adapter/`, `merged/`, `merged-gptq/`,
+`marlin/`, `gguf/`) must hold exactly the files listed; anywhere
 else, an unlisted weights file is an error too (a stray `*.safetensors` could be picked up by a
 loader), and other unlisted files only get a warning.
 """
@@ -26,7 +27,7 @@ MANIFEST_NAME = "manifest.json"
 FORMAT = "qdiablo-export"
 FORMAT_VERSION = 1
 # Folders a loader reads: they must hold exactly the files listed.
-LOADABLE_PARTS = ("base", "adapter", "merged", "merged-gptq")
+LOADABLE_PARTS = ("base", "adapter", "merged", "merged-gptq", "marlin", "gguf")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
 
 

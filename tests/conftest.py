@@ -3,15 +3,25 @@ tokenizer, saved as a Hugging Face folder so the real `from_pretrained` code pat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import pytest
 import torch
 
+from qdiablo.errors import UserError
+from qdiablo.optional import import_bitsandbytes, prepare_trainer_imports
+
 # QDIABLO_TEST_THREADS=1 avoids OpenMP oversubscription on a machine shared with other jobs.
 _THREADS = os.environ.get("QDIABLO_TEST_THREADS") or max(1, min(2, os.cpu_count() or 1))
 torch.set_num_threads(int(_THREADS))
+
+# Tests import PEFT and bitsandbytes directly (importorskip): import them first the way qdiablo
+# does (qdiablo.optional), so that bitsandbytes never looks for a hub kernel during the suite.
+with contextlib.suppress(UserError):
+    prepare_trainer_imports()
+    import_bitsandbytes()
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -37,7 +37,7 @@ from qdiablo.ownership import marker_name
 
 REPO = Path(__file__).resolve().parents[1]
 KIT = REPO / "tests" / "faultkit"
-MODEL_PARTS = ("base", "adapter", "merged", "merged-gptq")  # export's parts: refused, not kept
+MODEL_PARTS = ("base", "adapter", "merged", "merged-gptq", "marlin", "gguf")  # refused, not kept
 
 
 # --------------------------------------------------------------------------------------------

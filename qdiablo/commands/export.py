@@ -3,6 +3,8 @@ and a manifest, in one folder; `--verify` checks an export against its manifest.
 
 qdiablo export --base runs/w2 --train-run runs/diablo-w2 --eval runs/eval/w2 --output out/w2
 qdiablo export --base runs/w2 --adapter runs/diablo-w2/adapter --merged --output out/w2
+qdiablo export --base runs/w4 --train-run runs/diablo-w4 --gguf --calib math.json --output out/w4
+qdiablo export --base runs/w4 --train-run runs/diablo-w4 --serve marlin --calib math.json ...
 qdiablo export --verify out/w2
 """
 
@@ -54,6 +56,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also write merged-gptq/: merged/ re-quantized with MagR+GPTQ (implies --merged; "
         "changes the outputs; needs --calib)",
     )
+    p.add_argument(
+        "--serve",
+        choices=["marlin"],
+        help="also write marlin/: merged/ re-quantized (MagR+GPTQ, symmetric) for vLLM and "
+        "SGLang's GPTQ-Marlin kernels (implies --merged; changes the outputs; needs --calib)",
+    )
+    p.add_argument(
+        "--serve-bits", type=int, choices=[4, 8], default=4, help="marlin/: bits (default 4)"
+    )
+    p.add_argument(
+        "--serve-group-size",
+        type=int,
+        choices=[128, 64, 32, -1],
+        default=128,
+        help="marlin/: group size (default 128; it must divide every layer's input size)",
+    )
+    p.add_argument(
+        "--gguf",
+        nargs="?",
+        const="auto",
+        choices=["auto", "q8_0", "f16"],
+        help="also write gguf/ for llama.cpp and ollama (implies --merged). auto (the default): "
+        "a 4-bit base whose groups tile 32 weights is re-quantized as it was (needs --calib) "
+        "and written as exact Q4_1 / Q4_0 blocks; otherwise Q8_0 from the merged weights",
+    )
     p.add_argument("--base-model-name", help="the original model's name, for the card")
     p.add_argument(
         "--overwrite",
@@ -63,7 +90,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--verify", metavar="EXPORT_DIR", help="check an export against its manifest.json and exit"
     )
-    g = p.add_argument_group("re-quantization (--requantize; default: the base's quantize_config)")
+    g = p.add_argument_group(
+        "re-quantization (--requantize, --gguf, --serve; default: the base's quantize_config; "
+        "--serve marlin then sets its own bits, group size and symmetric grid)"
+    )
     add_calibration_arguments(g, "calibration text: Math10K .json/.jsonl or text")
     g.add_argument("--method", choices=["gptq", "rtn"], help="quantizer")
     g.add_argument("--bits", type=int, choices=[2, 3, 4, 8], help="bits per weight")
@@ -99,6 +129,7 @@ QUANT_FLAGS = (
 
 def run(args: argparse.Namespace) -> int:
     from qdiablo.export import export_model, verify_export  # deferred: torch, transformers
+    from qdiablo.export.serving import ServeOptions
 
     if args.verify:
         manifest = verify_export(args.verify)
@@ -108,9 +139,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--base and --output are required (or --verify EXPORT_DIR)")
     check_calibration_arguments(args)
     overrides = {k: getattr(args, k) for k in QUANT_FLAGS if getattr(args, k) is not None}
-    if overrides and not args.requantize:
+    if overrides and not (args.requantize or args.gguf or args.serve):
         flags = ", ".join("--" + k.replace("_", "-") for k in overrides)
-        raise UserError(f"{flags} only apply with --requantize")
+        raise UserError(f"{flags} only apply with --requantize, --gguf or --serve")
     out = export_model(
         args.base,
         args.adapter,
@@ -127,6 +158,12 @@ def run(args: argparse.Namespace) -> int:
         quant_overrides=overrides,
         base_name=args.base_model_name,
         overwrite=args.overwrite,
+        serve=ServeOptions(
+            marlin=args.serve == "marlin",
+            marlin_bits=args.serve_bits,
+            marlin_group_size=args.serve_group_size,
+            gguf=args.gguf,
+        ),
     )
     parts = sorted(p.name for p in Path(out).iterdir() if p.is_dir())
     print(f"exported {', '.join(parts)} to {out} (see {Path(out) / 'README.md'})")

@@ -38,6 +38,8 @@ class CardFacts:
     evals: Sequence[tuple[str, Mapping[str, Any]]] = ()
     merged_dtype: str | None = None
     requantized: Mapping[str, Any] | None = None
+    serving: Sequence[str] = ()  # the card's lines on marlin/ and gguf/ (export.serving)
+    serving_usage: Sequence[str] = ()  # how to serve them
     versions: Mapping[str, str] = field(default_factory=dict)
     notes: Sequence[str] = ()
 
@@ -287,6 +289,8 @@ def _body(facts: CardFacts) -> str:
         parts.append(f"merged/ ({facts.merged_dtype})")
     if facts.requantized:
         parts.append("merged-gptq/")
+    if facts.serving:
+        parts.append("serving folders (below)")
     lines = [
         f"# {facts.base_name}: {facts.quantize_config.get('bits')}-bit base + "
         f"{'DiaBlo' if facts.adapter_kind == 'diablo' else facts.adapter_kind.upper()} adapter",
@@ -325,6 +329,8 @@ def _body(facts: CardFacts) -> str:
         ]
         if facts.requantized:
             lines += ["", *_requant_lines(facts.requantized)]
+    if facts.serving:
+        lines += ["", "## Serving", "", *facts.serving]
     if facts.notes:
         lines += ["", "## Notes", "", *(f"- {n}" for n in facts.notes)]
     lines += [
@@ -332,6 +338,8 @@ def _body(facts: CardFacts) -> str:
         "## How to load",
         "",
         *_usage(facts),
+        "",
+        *facts.serving_usage,
         "",
         "## Versions",
         "",

@@ -5,6 +5,8 @@
       adapter/        the adapter (DiaBlo: its fingerprint matches base/)
       merged/         with merged=True: a plain HF model, W + Dᵀ on the dequantized base
       merged-gptq/    with requantize=True: merged/ re-quantized (outputs change: see README.md)
+      marlin/         with serve.marlin: merged/ re-quantized for vLLM/SGLang's GPTQ-Marlin
+      gguf/           with serve.gguf: one GGUF file for llama.cpp/ollama (qdiablo.export.serving)
       README.md       the model card
       manifest.json   sha256 and size of every other file
 
@@ -32,6 +34,13 @@ from qdiablo.calibration import build_calibration_data, check_reconstruction_win
 from qdiablo.errors import UserError
 from qdiablo.export.card import CardFacts, model_card
 from qdiablo.export.merge import merge_into_dense, requantize, save_merged
+from qdiablo.export.serving import (
+    ServeOptions,
+    ServePlan,
+    plan_serving,
+    serving_usage,
+    write_serving,
+)
 from qdiablo.faults import guard
 from qdiablo.hashing import adapter_digest
 from qdiablo.health import require_finite
@@ -51,7 +60,16 @@ MERGED_DTYPES = ("float16", "bfloat16", "float32")
 
 
 # Everything export writes at the top of its folder: all `--overwrite` may remove.
-EXPORT_NAMES = ("base", "adapter", "merged", "merged-gptq", "README.md", MANIFEST_NAME)
+EXPORT_NAMES = (
+    "base",
+    "adapter",
+    "merged",
+    "merged-gptq",
+    "marlin",
+    "gguf",
+    "README.md",
+    MANIFEST_NAME,
+)
 # A base folder without a `qdiablo quantize` marker (another tool's GPTQ folder): the files of
 # a Hugging Face GPTQ checkpoint, the only ones copied.
 BASE_FILES = (
@@ -165,12 +183,16 @@ def export_model(
     quant_overrides: Mapping[str, Any] | None = None,
     base_name: str | None = None,
     overwrite: bool = False,
+    serve: ServeOptions | None = None,
 ) -> Path:
     """Write an export folder (see the module docstring) and return its path.
 
     `adapter` defaults to `train_run/adapter`. `requantize_merged` implies `merged` and needs a
     `calib` file; its settings are the base's quantize_config with `quant_overrides` applied.
+    `serve` (marlin/, gguf/) implies `merged`; the re-quantizations it runs take the same
+    settings (Marlin then fixes its grid) and need `calib` too.
     """
+    serve = serve or ServeOptions()
     base, output = Path(base), Path(output)
     train_dir = Path(train_run) if train_run is not None else None
     if adapter is None:
@@ -189,13 +211,14 @@ def export_model(
             f"--base {base} is not a folder written by `qdiablo quantize` (no quantize_config.json)"
         )
     kind = adapter_kind(adapter)
-    merged = merged or requantize_merged
+    merged = merged or requantize_merged or serve.any
     if merged_dtype not in MERGED_DTYPES:
         raise UserError(f"--merged-dtype {merged_dtype!r}: choose from {', '.join(MERGED_DTYPES)}")
     if merged and kind != "diablo":
         raise UserError(
-            f"--merged needs a DiaBlo adapter; {adapter} is a PEFT {kind} adapter",
-            hint="export it without --merged (base/ + adapter/)",
+            f"--merged needs a DiaBlo adapter; {adapter} is a PEFT {kind} adapter"
+            + (" (--gguf and --serve merge it too)" if serve.any else ""),
+            hint="export it without --merged, --gguf or --serve (base/ + adapter/)",
         )
     if requantize_merged and calib is None:
         raise UserError(
@@ -205,6 +228,7 @@ def export_model(
     folder = OutputFolder(output, "export", overwrite=overwrite, known=EXPORT_NAMES)
     with folder:
         parts = ["base", "adapter"] + ["merged"] * merged + ["merged-gptq"] * requantize_merged
+        parts += ["marlin"] * serve.marlin + ["gguf"] * (serve.gguf is not None)
         _check_parts_hold_only_ours(folder, parts)
         train_config, train_results = _read_train_run(train_dir) if train_dir else (None, None)
         summaries = [(str(e), _read_eval(Path(e))) for e in evals]
@@ -216,17 +240,18 @@ def export_model(
         notes = _consistency_notes(adapter, train_dir, summaries)
         tokenizer = _load_tokenizer(base)
 
-        config = calib_data = None
-        if requantize_merged:
-            config = requantize_config(base_entry, quant_overrides)
-            check_reconstruction_windows(config, calib_samples)
-            if tokenizer is None:
-                raise UserError(f"--requantize needs a tokenizer to read --calib; {base} has none")
-            calib_data = build_calibration_data(
-                tokenizer, calib, calib_samples, calib_seq_len, calib_batch_size
-            )
-
         base_model = load_packed(base)
+        config = calib_data = None
+        plan = ServePlan()
+        if requantize_merged or serve.any:
+            config = requantize_config(base_entry, quant_overrides)
+            plan = plan_serving(serve, config, base_model, tokenizer)
+        if requantize_merged or plan.needs_calibration:
+            check_reconstruction_windows(config, calib_samples)
+            what = "--requantize" if requantize_merged else "--serve marlin / an exact --gguf"
+            calib_data = _calibration(
+                what, tokenizer, base, calib, calib_samples, calib_seq_len, calib_batch_size
+            )
         model = load_adapter(base_model, adapter)  # the fingerprint check: before any write
         log.info("exporting %s + %s to %s", base, adapter, output)
 
@@ -252,9 +277,14 @@ def export_model(
                 _copy_files(base, base_files(base), tmp / "base")
                 adapter_files = [n for n in ADAPTER_COPY if (adapter / n).is_file()]
                 _copy_files(adapter, adapter_files, tmp / "adapter")
+            requantized = None
             if merged:
-                log.info("merging the adapter into the dequantized base (%s)", merged_dtype)
                 dtype = getattr(torch, merged_dtype)
+                log.info(
+                    "merging the adapter into the dequantized base (%s%s)",
+                    "float32, saved as " if requantize_merged else "",
+                    merged_dtype,
+                )
                 dense = merge_into_dense(model, torch.float32 if requantize_merged else dtype)
                 require_finite(
                     dense.state_dict().items(),
@@ -271,6 +301,21 @@ def export_model(
                         f"{calib_seq_len} tokens from {Path(calib).name}",
                         "change": change,
                     }
+                requantized = dense if requantize_merged else None
+                del dense
+            if serve.any:
+                facts.serving = write_serving(
+                    plan,
+                    tmp,
+                    lambda: merge_into_dense(load_adapter(load_packed(base), adapter)),
+                    tokenizer,
+                    calib_data,
+                    output.resolve().name,
+                    requantized=requantized,
+                )
+                facts.serving_usage = serving_usage(
+                    [p.name for p in tmp.iterdir()], plan.gguf.file_name if plan.gguf else None
+                )
             (tmp / "README.md").write_text(model_card(facts), encoding="utf-8")
             manifest = build_manifest(tmp)
             (tmp / MANIFEST_NAME).write_text(
@@ -284,6 +329,18 @@ def export_model(
         return output
 
 
+def _calibration(what: str, tokenizer, base: Path, calib, samples: int, seq_len: int, batch: int):
+    """The calibration windows a re-quantization needs (`what` names the flag asking)."""
+    if calib is None:
+        raise UserError(
+            f"{what} needs calibration data: re-quantizing the merged model runs MagR/GPTQ",
+            hint="pass --calib FILE (a Math10K .json/.jsonl or a plain-text file)",
+        )
+    if tokenizer is None:
+        raise UserError(f"{what} needs a tokenizer to read --calib; {base} has none")
+    return build_calibration_data(tokenizer, calib, samples, seq_len, batch)
+
+
 def _check_parts_hold_only_ours(folder: OutputFolder, parts: Sequence[str]) -> None:
     """The parts an export writes are replaced whole and must hold exactly what its manifest
     lists: a file of the user's inside one is kept, and the export refused, before any work."""
@@ -293,7 +350,7 @@ def _check_parts_hold_only_ours(folder: OutputFolder, parts: Sequence[str]) -> N
         raise UserError(
             f"{folder.path} holds file(s) `qdiablo export` did not write inside the folders it "
             f"replaces: {shown}",
-            hint="move them out (an export's base/, adapter/ and merged/ hold exactly the files "
+            hint="move them out (an export's base/, adapter/, merged/ ... hold exactly the files "
             "its manifest lists), then run the same command again",
         )
 

@@ -18,6 +18,7 @@ import contextlib
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from types import ModuleType
@@ -25,6 +26,10 @@ from types import ModuleType
 from qdiablo.errors import UserError
 
 INSTALL_HINT = 'pip install -e ".[qlora]"'
+# transformers >= 5 kernelizes every from_pretrained with hub kernels when `kernels` is installed
+# (and raises if its availability was first checked while bitsandbytes imported, below): qdiablo
+# never asks for them. Set USE_HUB_KERNELS=1 to let transformers use them anyway.
+os.environ.setdefault("USE_HUB_KERNELS", "0")
 _BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 _HUB_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward"
 

@@ -22,17 +22,18 @@ not included (they depend on batch and sequence, and gradient checkpointing keep
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
-from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig
 
-from qdiablo import DiaBloConfig, get_diablo_model
 from qdiablo.adapters.budget import lora_parameters, matched_rank
 from qdiablo.diablo.config import DEFAULT_TARGETS
+from qdiablo.memory.shapes import build_on_meta
+from qdiablo.memory.state import lora_state_bytes, nf4_base_bytes, state_bytes
 from quantizers import QuantLinear
 
+# The arithmetic (tensor sums, FSDP2 shards, NF4 and LoRA sizes) lives in qdiablo.memory, which
+# `qdiablo plan` uses too: one source for both.
 CONFIGS = {
     "LLaMA-2-7B": dict(hidden=4096, inter=11008, layers=32, heads=32, kv=32, vocab=32000),
     "LLaMA-2-70B": dict(hidden=8192, inter=28672, layers=80, heads=64, kv=8, vocab=32000),
@@ -53,33 +54,12 @@ def build(spec: dict, bits: int, group: int, num_blocks: int, float_dtype: torch
         num_key_value_heads=spec["kv"],
         tie_word_embeddings=False,
     )
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config).to(float_dtype)
-    for name, module in list(model.model.layers.named_modules()):
-        if type(module) is nn.Linear:
-            packed = QuantLinear(
-                module.in_features, module.out_features, bits, group, device="meta"
-            )
-            model.model.layers.set_submodule(name, packed)
-    config = DiaBloConfig(num_blocks=num_blocks, target_modules=DEFAULT_TARGETS, dropout=0.0)
-    return get_diablo_model(model, config)
-
-
-def shard_bytes(t: torch.Tensor, ranks: int) -> int:
-    """Bytes one rank holds of `t` under FSDP2 (dim-0 sharding, the largest shard)."""
-    if t.dim() == 0:
-        return t.element_size()
-    rows = math.ceil(t.shape[0] / ranks)
-    return rows * (t.numel() // t.shape[0]) * t.element_size()
+    return build_on_meta(config, bits, group, float_dtype, "diablo", num_blocks, DEFAULT_TARGETS)
 
 
 def plan(spec: dict, bits: int, ranks: list[int], tiny: bool) -> list[dict]:
     group, n = (32, 8) if tiny else (128, 64)
     model = build(spec, bits, group, n, torch.float32 if tiny else torch.bfloat16)
-    packed = {id(p) for m in model.modules() if isinstance(m, QuantLinear) for p in m.parameters()}
-    params = list(model.parameters())
-    adapter = [p for p in params if p.requires_grad]
-    other = [p for p in params if not p.requires_grad and id(p) not in packed]
     shapes = [(m.in_features, m.out_features) for _, m in model.diablo_layers()]
     rank = matched_rank(shapes, n)
     weights = sum(i * o for i, o in shapes)
@@ -88,25 +68,23 @@ def plan(spec: dict, bits: int, ranks: list[int], tiny: bool) -> list[dict]:
     )
     rows = []
     for w in ranks:
-        base = sum(shard_bytes(p, w) for p in params if id(p) in packed)
-        adapt = sum(shard_bytes(p, w) for p in adapter)
-        rest = sum(shard_bytes(p, w) for p in other)
-        nf4 = (all_linear / 2 + all_linear / 64 + 4 * all_linear / (64 * 256)) / w
-        lora = 4 * lora_parameters(shapes, rank) / w
+        state = state_bytes(model, w)
+        nf4 = nf4_base_bytes(all_linear, w)
+        lora = lora_state_bytes(shapes, rank, w)
         rows.append(
             {
                 "ranks": w,
-                "packed": base,
-                "other": rest,
-                "adapter": adapt,
-                "grads": adapt,
-                "adamw": 2 * adapt,
-                "total": base + rest + 4 * adapt,
+                "packed": state.packed,
+                "other": state.other,
+                "adapter": state.adapter,
+                "grads": state.grads,
+                "adamw": state.adamw,
+                "total": state.packed + state.other + 4 * state.adapter,
                 "qlora_rank": rank,
                 "qlora_base": nf4,
-                "qlora_adapter_total": 4 * lora,
-                "qlora_total": nf4 + rest + 4 * lora,
-                "diablo_params": sum(p.numel() for p in adapter),
+                "qlora_adapter_total": lora,
+                "qlora_total": nf4 + state.other + lora,
+                "diablo_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "lora_params": lora_parameters(shapes, rank),
                 "target_weights": weights,
             }

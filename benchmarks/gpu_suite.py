@@ -33,6 +33,9 @@ Sections (speed and memory need no trained weights, so every weight is random):
            The fastest should be kept; layer.py is only changed on this evidence.
 - quant:   benchmarks/quantizers_llama7b_block.py --device cuda: MagR+GPTQ stages for one
            7B-shaped block, extrapolated ×32, against the 3.5-minute target.
+- scale:   benchmarks/gpu_scale.py (issue 19): a 1.1B (TinyLlama's shape) through quantize,
+           train (1 × 2048, and the planner's micro-batch) and eval on the GPU, each phase's
+           torch.cuda.max_memory_allocated beside the memory planner's prediction.
 
 Writes --out (JSON) and prints a markdown report with the device name and the date.
 """
@@ -59,7 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-SECTIONS = ("correctness", "kernels", "train", "memory", "decode", "quant", "diablo")
+SECTIONS = ("correctness", "kernels", "train", "memory", "decode", "quant", "diablo", "scale")
 MEMORY_METHODS = ("diablo-packed-2bit", "qlora-matched")  # the `memory` section's methods
 # name: (base, adapter, rank setting)
 METHODS = {
@@ -513,6 +516,12 @@ def run_quant(args, device: torch.device) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def run_scale(args, device: torch.device) -> dict:
+    from benchmarks.gpu_scale import run_scale as scale
+
+    return scale(args.smoke, device)
+
+
 def _row(*cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -636,6 +645,20 @@ def markdown(results: dict) -> str:
                 lines.append(f"- {k}: {v:.2f}")
             total = q["magr_gptq_7b_min (calibration + qdiablo MagR + GPTQ, x32)"]
             lines.append(f"- MagR+GPTQ total: {total:.2f} (target ≤ 3.5)")
+    if "scale" in results:
+        lines += ["", f"Scale ({results['scale']['model']}): device peak against the planner", ""]
+        lines += _head("phase", "measured GiB", "planned GiB", "measured / planned", "s", "note")
+        for r in results["scale"]["rows"]:
+            lines.append(
+                _row(
+                    r["phase"],
+                    _f(r["measured_gib"], ".2f"),
+                    _f(r["planned_gib"], ".2f"),
+                    _f(r.get("measured_over_planned"), ".2f"),
+                    f"{r['seconds']:.0f}",
+                    r["note"],
+                )
+            )
     return "\n".join(lines)
 
 
@@ -674,6 +697,7 @@ def run_section(section: str, args, device: torch.device) -> dict:
         "decode": run_decode,
         "diablo": run_diablo,
         "quant": run_quant,
+        "scale": run_scale,
     }[section]
     return runner(args, device)
 

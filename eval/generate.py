@@ -10,8 +10,10 @@ Here:
   stops, and its row is dropped from the batch and the cache at once, so the remaining rows no
   longer pay for it (`generate` keeps computing finished rows until the whole batch is done);
 - beam search (the `llm-adapters` preset) goes through `model.generate` on the same batches;
-- a quantized base (qdiablo's `QuantLinear`) dequantizes its weights once for the whole run
-  instead of at every step (`quantizers.dequantize_cache`).
+- a quantized base (qdiablo's `QuantLinear`) either dequantizes its weights once for the whole
+  run (`quantizers.dequantize_cache`: fast, but a float copy of every layer) or each layer at
+  each call (one layer's float weight at a time, or none where the fused kernels run):
+  `dequant_cache_fits` decides for `qdiablo eval --dequant-cache auto`.
 
 Greedy here is pure argmax decoding: the model's `generation_config` (sampling settings,
 repetition penalties) is not applied, as the protocol asks. Batched greedy output equals
@@ -76,24 +78,52 @@ def has_quantized_layers(model) -> bool:
 
 
 @contextlib.contextmanager
-def inference_context(model) -> Iterator[None]:
-    """No autograd, eval mode, and quantized weights dequantized once for the whole block."""
+def inference_context(model, dequant_cache: bool = True) -> Iterator[None]:
+    """No autograd, eval mode, and (with `dequant_cache`) quantized weights dequantized once for
+    the whole block; without it each packed layer dequantizes per call."""
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), _dequantized_once(model):
+        with torch.inference_mode(), _dequantized_once(model, dequant_cache):
             yield
     finally:
         model.train(was_training)
 
 
 @contextlib.contextmanager
-def _dequantized_once(model) -> Iterator[None]:
-    if not has_quantized_layers(model):
+def _dequantized_once(model, enabled: bool) -> Iterator[None]:
+    if not enabled or not has_quantized_layers(model):
         yield
         return
     with dequantize_cache(model):
         yield
+
+
+def dequantized_bytes(model, dtype: torch.dtype) -> int:
+    """Bytes of a float copy of every packed layer in `dtype` (what the cache holds)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(
+        m.in_features * m.out_features * size
+        for m in model.modules()
+        if type(m).__name__ == "QuantLinear" and type(m).__module__.startswith("quantizers")
+    )
+
+
+DEQUANT_CACHE_SHARE = 0.5
+"""`--dequant-cache auto` keeps the whole-model dequantized copy only when it takes at most this
+share of the memory free on the evaluation device once the model is loaded (the GPU's free
+memory, or the host's available memory), leaving the rest to the KV cache and the activations."""
+
+
+def dequant_cache_fits(model, dtype: torch.dtype, free: int) -> tuple[bool, str]:
+    """Whether `auto` keeps the dequantized copy, and why (a line for the log)."""
+    need = dequantized_bytes(model, dtype)
+    fits = need <= DEQUANT_CACHE_SHARE * free
+    verdict = "kept" if fits else "not kept: each layer dequantizes per call"
+    return fits, (
+        f"dequantized copy of the packed layers: {need / 2**30:.2f} GiB against "
+        f"{free / 2**30:.1f} GiB free ({DEQUANT_CACHE_SHARE:.0%} allowed): {verdict}"
+    )
 
 
 def left_pad(
@@ -252,6 +282,7 @@ def iter_generate(
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "generating",
+    dequant_cache: bool = True,
 ) -> Iterator[list[Generation]]:
     """Generate for every prompt in length-sorted batches, yielding each batch's results.
 
@@ -259,7 +290,7 @@ def iter_generate(
     """
     bar = tqdm(total=len(prompts), desc=desc, unit="ex", disable=not progress, leave=False)
     try:
-        with inference_context(model):
+        with inference_context(model, dequant_cache):
             for batch in batch_order(prompts, batch_size):
                 chunk = [prompts[i] for i in batch]
                 kwargs = dict(

@@ -119,13 +119,14 @@ def iter_reference_nll(
     max_length: int = DEFAULT_MAX_LENGTH,
     progress: bool = True,
     desc: str = "reference NLL",
+    dequant_cache: bool = True,
 ) -> Iterator[list[TokenNLL]]:
     """Teacher-forced NLL of each record's reference response, yielded batch by batch."""
     examples = encode_references(tokenizer, records, template, reference, max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     bar = tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress, leave=False)
     try:
-        with inference_context(model):
+        with inference_context(model, dequant_cache):
             for batch in batch_order([e["input_ids"] for e in examples], batch_size):
                 sums = batch_nll(model, [examples[i] for i in batch], pad)
                 yield [TokenNLL(i, s, c) for i, (s, c) in zip(batch, sums)]

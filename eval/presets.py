@@ -43,6 +43,7 @@ class EvalSettings:
     generate: bool = True
     nll: bool = True
     reference: str = "output"
+    dequant_cache: bool = True  # packed layers dequantized once for the run (else per call)
 
     def resolved(self) -> dict[str, Any]:
         if self.preset not in PRESETS:

@@ -224,6 +224,7 @@ def _run_generation(model, tokenizer, task, records, path, cfg, eos, pad, progre
             batch_size=cfg["batch_size"],
             progress=progress,
             desc=f"{task.name}: generating",
+            dequant_cache=cfg["dequant_cache"],
         ):
             rows = []
             for g in batch:
@@ -279,6 +280,7 @@ def _run_nll(model, tokenizer, task, records, path, cfg, progress):
             batch_size=cfg["batch_size"],
             progress=progress,
             desc=f"{task.name}: reference NLL",
+            dequant_cache=cfg["dequant_cache"],
         ):
             rows = []
             for item in batch:

@@ -15,14 +15,14 @@ import re
 import sys
 from typing import Any
 
-from qdiablo.commands import compare, demo, export, quantize, run, train
+from qdiablo.commands import compare, demo, export, plan, quantize, run, train
 from qdiablo.commands import eval as evaluate
 from qdiablo.errors import UserError
 from qdiablo.faults import as_user_error
 from qdiablo.flags import add_verb_parser, config_defaults, load_yaml
 
-# The pipeline order: model -> quantize -> train -> eval -> export. Each module keeps its heavy
-# imports (torch, transformers) inside `run`, so `qdiablo --help` stays fast.
+# The pipeline order: model -> quantize -> train -> eval -> export; then the planner. Each module
+# keeps its heavy imports (torch, transformers) inside `run`, so `qdiablo --help` stays fast.
 COMMANDS: dict[str, Any] = {
     "demo": demo,
     "quantize": quantize,
@@ -31,6 +31,7 @@ COMMANDS: dict[str, Any] = {
     "export": export,
     "run": run,
     "compare": compare,
+    "plan": plan,
 }
 
 log = logging.getLogger("qdiablo")

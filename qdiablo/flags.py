@@ -3,7 +3,8 @@ values exactly as the command line converts them.
 
 A dataclass field becomes `--field-name` with the field's `metadata["help"]`, its default and,
 where given, `metadata["choices"]` and `metadata["group"]` (the `--help` section). `bool` fields
-become `--name/--no-name`; `list[str]` fields take one or more values. Both `TrainConfig` (for
+become `--name/--no-name` (a `bool | None` field defaults to None: decided at run time);
+`list[str]` fields take one or more values. Both `TrainConfig` (for
 `qdiablo train`) and `quantizers.QuantConfig` (for `qdiablo quantize`) are turned into flags here.
 
 YAML (a `--config` file, or a stage's mapping in `qdiablo run` / `qdiablo compare`) goes through
@@ -57,7 +58,8 @@ def add_dataclass_arguments(
         default = f.default if f.default is not MISSING else f.default_factory()
         kwargs: dict[str, Any] = {"help": meta.get("help", ""), "default": default, "dest": f.name}
         annotation = str(f.type)
-        if annotation == "bool" or f.type is bool:
+        if annotation in ("bool", "bool | None") or f.type is bool:
+            # `bool | None`: None (neither flag given) means "decided at run time"
             target.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         if "list[" in annotation:
@@ -138,6 +140,9 @@ def config_defaults(
         if isinstance(value, list) and not many:
             raise UserError(f"{source}: key '{key}' takes one value, got a list {value!r}")
         if isinstance(action, _BOOL_ACTIONS):
+            if value is None and action.default is None:  # `bool | None`: null means auto
+                defaults[dest] = None
+                continue
             if not isinstance(value, bool):
                 raise UserError(f"{source}: key '{key}' must be true or false, got {value!r}")
             if isinstance(action, argparse._StoreFalseAction):

@@ -18,7 +18,6 @@ import contextlib
 import importlib
 import importlib.util
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from types import ModuleType
@@ -26,10 +25,6 @@ from types import ModuleType
 from qdiablo.errors import UserError
 
 INSTALL_HINT = 'pip install -e ".[qlora]"'
-# transformers >= 5 kernelizes every from_pretrained with hub kernels when `kernels` is installed
-# (and raises if its availability was first checked while bitsandbytes imported, below): qdiablo
-# never asks for them. Set USE_HUB_KERNELS=1 to let transformers use them anyway.
-os.environ.setdefault("USE_HUB_KERNELS", "0")
 _BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 _HUB_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward"
 
@@ -46,6 +41,9 @@ def no_hub_kernels() -> Iterator[None]:
     if "bitsandbytes" in sys.modules:
         yield
         return
+    # transformers decides at import whether its hub-kernel layer works: let it see `kernels`
+    with contextlib.suppress(ImportError):
+        importlib.import_module("transformers.integrations.hub_kernels")
     saved = {k: v for k, v in sys.modules.items() if k == "kernels" or k.startswith("kernels.")}
     for name in saved:
         del sys.modules[name]
@@ -58,6 +56,17 @@ def no_hub_kernels() -> Iterator[None]:
         del sys.modules["kernels"]
         sys.modules.update(saved)
         logger.removeFilter(quiet)
+        _forget_kernel_checks()
+
+
+def _forget_kernel_checks() -> None:
+    """transformers caches whether `kernels` is importable (an lru_cache); a check made while it
+    was hidden here must not outlive the hiding, or from_pretrained, which wants hub kernels by
+    default in transformers 5, finds them "not available" and refuses to load a model."""
+    utils = sys.modules.get("transformers.utils.import_utils")
+    check = getattr(utils, "is_kernels_available", None)
+    if callable(getattr(check, "cache_clear", None)):
+        check.cache_clear()
 
 
 def _import(name: str, what: str) -> ModuleType:

@@ -281,6 +281,14 @@ class OutputFolder:
             self.inside |= new_inside
             self._write_marker(complete=False)
 
+    def unclaim(self, names: Iterable[str]) -> None:
+        """Forget names this run claimed and has removed again (e.g. quantize's resume area)."""
+        gone = {str(n) for n in names}
+        if gone & (self.files | self.pending):
+            self.files -= gone
+            self.pending -= gone
+            self._write_marker(complete=False)
+
     def staging(self) -> Path:
         """A new temporary folder inside the output (removed on the next run if left behind)."""
         import tempfile

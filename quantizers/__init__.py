@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     from quantizers.checkpoint import CheckpointError, load_quantized, save_quantized
     from quantizers.config import QuantConfig, default_beta
     from quantizers.quant_linear import QuantLinear, dequantize_cache, dequantize_packed
-    from quantizers.quantize import quantize_model, quantize_weights
+    from quantizers.quantize import quantize_model
     from quantizers.report import LayerReport, QuantReport
+    from quantizers.weights import quantize_weights
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -38,7 +39,7 @@ _EXPORTS = {
     "LayerReport": "quantizers.report",
     "QuantReport": "quantizers.report",
     "quantize_model": "quantizers.quantize",
-    "quantize_weights": "quantizers.quantize",
+    "quantize_weights": "quantizers.weights",
 }
 
 __all__ = [

@@ -129,15 +129,21 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, blocks: nn.ModuleList, calib_data: Sequence[Tensor], device: torch.device
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    calib_data: Sequence[Tensor],
+    device: torch.device,
+    dtype: torch.dtype | None = None,
 ) -> tuple[list[Tensor], list[dict[str, Any]]]:
     """Run the model up to its first block on each batch; return the block's hidden-state inputs
-    and keyword arguments (moved to `device`)."""
+    (in `dtype`; None: as the model made them) and keyword arguments, moved to `device`. Only
+    what runs before the first block needs real weights: the blocks may be on the meta device."""
     hidden: list[Tensor] = []
     kwargs: list[dict[str, Any]] = []
 
     def grab(_module, args, kw):
-        hidden.append(to_device(args[0] if args else kw.pop("hidden_states"), device))
+        h = args[0] if args else kw.pop("hidden_states")
+        hidden.append(h.to(device, dtype or h.dtype))
         kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")}
         kwargs.append(to_device(kw, device))
         raise _Stop
@@ -163,6 +169,23 @@ def run_block(block: nn.Module, hidden: Sequence[Tensor], kwargs: Sequence[dict]
     return [block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
 
 
+@torch.no_grad()
+def run_block_(
+    block: nn.Module,
+    hidden: list[Tensor],
+    kwargs: Sequence[dict],
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Replace each batch of `hidden` by the block's output on it, in place: computed on
+    `device`, kept where the batch was (the device, or the host when offloaded), in `dtype`
+    (None: as the block made it). Only one batch is ever held twice."""
+    for j, kw in enumerate(kwargs):
+        h = hidden[j]
+        out = block_output(block(h.to(device), **to_device(kw, device)))
+        hidden[j] = out.to(h.device, dtype or out.dtype)
+
+
 def block_linears(block: nn.Module, block_name: str) -> dict[str, nn.Linear]:
     """The nn.Linear layers of a block; other layer types holding a 2-D weight are an error."""
     linears = {}
@@ -179,15 +202,22 @@ def block_linears(block: nn.Module, block_name: str) -> dict[str, nn.Linear]:
 
 @torch.no_grad()
 def input_groups(
-    block: nn.Module, linears: dict[str, nn.Linear], hidden: Tensor, kwargs: dict
+    block: nn.Module,
+    linears: dict[str, nn.Linear],
+    hidden: Tensor,
+    kwargs: dict,
+    device: torch.device | None = None,
 ) -> list[list[str]]:
     """Linear layers grouped by shared input, in execution order: [[q,k,v], [o], [gate,up],
-    [down]] for LLaMA. This is also the `true_sequential` order."""
+    [down]] for LLaMA. This is also the `true_sequential` order. `device`: where to run (the
+    batch is moved there; None: where it is)."""
     seen: list[tuple[str, Tensor]] = []
     handles = [
         m.register_forward_pre_hook(lambda _m, args, n=name: seen.append((n, args[0])))
         for name, m in linears.items()
     ]
+    if device is not None:
+        hidden, kwargs = hidden.to(device), to_device(kwargs, device)
     try:
         block(hidden, **kwargs)
     finally:
@@ -219,9 +249,11 @@ def collect_hessians(
     hidden: Sequence[Tensor],
     kwargs: Sequence[dict],
     product_dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, Tensor]:
     """H = XᵀX / n (float32) of the first layer of each group; the forward pass stops right after
-    the last group's input has been seen.
+    the last group's input has been seen. `device`: where to run, each batch moved there in turn
+    (None: where the batches are).
 
     product_dtype: compute each batch's XᵀX in this dtype (e.g. bfloat16, ~4x faster on CPU),
     still summing the batches in float32. Rounding the product perturbs every entry by up to 2⁻⁹
@@ -260,6 +292,8 @@ def collect_hessians(
     handles = [linears[n].register_forward_pre_hook(hook(n)) for n in names]
     try:
         for h, kw in zip(hidden, kwargs):
+            if device is not None:
+                h, kw = h.to(device), to_device(kw, device)
             with contextlib.suppress(_Stop):
                 block(h, **kw)
     finally:

@@ -279,7 +279,7 @@ def load_quantized(
     """
 
     directory = Path(directory)
-    model, files = quantized_skeleton(directory, storage_dtype, packed_device="cpu")
+    model, files = quantized_skeleton(directory, storage_dtype, packed_device="meta")
     config = model.quant_config
     quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     state: dict[str, Tensor] = {}

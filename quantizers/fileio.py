@@ -117,3 +117,27 @@ def read_json(
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise error(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+
+
+def release_host_memory() -> None:
+    """Give the memory freed since the last call back to the OS (glibc's `malloc_trim`).
+
+    Block-by-block work frees a block's float weights while the small packed layers it made stay
+    allocated between them; glibc keeps such freed heap holes (tensors of a few MB fall below
+    its adaptive mmap threshold) in the process: 1.47 instead of 1.08 GiB of peak RSS
+    quantizing a 0.34 B model with RTN (docs/scale.md). A no-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _libc = ctypes.CDLL(name) if name else False
+        except OSError:
+            _libc = False
+    if _libc and hasattr(_libc, "malloc_trim"):
+        _libc.malloc_trim(0)
+
+
+_libc = None

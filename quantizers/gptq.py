@@ -41,11 +41,17 @@ def damped_inverse_cholesky(
     mean_diag = float(H.diagonal().mean())
     damp = damp_percent
     for attempt in range(DAMP_RETRIES + 1):
+        # Each in×in temporary is dropped as soon as the next exists: with H and its owner's copy
+        # that is four at most (docs/scale.md counts them), the largest memory GPTQ takes.
         Hd = H.clone()
         Hd.diagonal().add_(damp * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inverse = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and bool(torch.isfinite(U).all()):
                 return U, damp
         if attempt < DAMP_RETRIES:
@@ -104,6 +110,7 @@ def gptq_quantize(
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     U, damp = damped_inverse_cholesky(H, damp_percent, name)
+    del H  # only its inverse's factor is used from here on
 
     # Blocks hold whole groups, so a group's grid is taken from fully updated weights.
     block = g * max(1, BLOCK_SIZE // g) if dynamic else BLOCK_SIZE

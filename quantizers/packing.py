@@ -30,11 +30,23 @@ def packable(n: int, bits: int) -> bool:
 
 def _chunk(bits: int) -> tuple[int, int, Tensor, Tensor]:
     """The repeating unit of the stream: (values, words, word of each value, bit shift of each
-    value) — 8 values in 1 word at 4 bits, 32 values in 3 words at 3 bits."""
+    value) — 8 values in 1 word at 4 bits, 32 values in 3 words at 3 bits. CPU tensors."""
     words = bits // math.gcd(bits, 32)
     values = words * 32 // bits
     pos = torch.arange(values, dtype=torch.long) * bits
     return values, words, pos // 32, pos % 32
+
+
+def _unpack_indices(bits: int, device: torch.device) -> tuple[int, int, Tensor, Tensor, Tensor]:
+    """`_chunk`'s unit built directly on `device` (tiny `arange`s: no host→device copy, no sync):
+    (values, words, word of each value [values] long, its shift [values] int32, the shift of the
+    next word's bits that spill into it [values] int32, clamped to 31 where nothing spills)."""
+    words = bits // math.gcd(bits, 32)
+    values = words * 32 // bits
+    pos = torch.arange(values, dtype=torch.int32, device=device) * bits
+    shift = pos % 32
+    spill_shift = (32 - shift).clamp(max=31)  # ≥ bits where nothing spills: masked off below
+    return values, words, (pos // 32).long(), shift, spill_shift
 
 
 def pack_rows(values: Tensor, bits: int) -> Tensor:
@@ -45,38 +57,46 @@ def pack_rows(values: Tensor, bits: int) -> Tensor:
     lo, hi = torch.aminmax(values)
     if int(lo) < 0 or int(hi) >= 2**bits:
         raise ValueError(f"values to pack must lie in [0, {2**bits - 1}], got {int(lo)}..{int(hi)}")
-    per, words, word, shift = _chunk(bits)
-    shift = shift.to(values.device)
+    per, words, _, shift_cpu = _chunk(bits)
+    shift = shift_cpu.to(values.device)
     v = values.to(torch.long).reshape(n // per, per, cols)
     out = torch.zeros(n // per, words, cols, dtype=torch.long, device=values.device)
-    spills = shift + bits > 32  # the value's high bits start the next word
+    # which values go to which word, decided on the host in plain integers (no device read)
+    where = [(i * bits // 32, i * bits % 32) for i in range(per)]
     for w in range(words):
-        mine = (word == w).to(values.device)
+        mine = torch.tensor([i for i, (word, _) in enumerate(where) if word == w])
+        mine = mine.to(values.device)
         out[:, w] = ((v[:, mine] << shift[mine][:, None]) & MASK32).sum(dim=1)
-        carry = (word == w - 1).to(values.device) & spills
-        if bool(carry.any()):
-            out[:, w] += (v[:, carry] >> (32 - shift[carry])[:, None]).sum(dim=1)
+        carry = [i for i, (word, s) in enumerate(where) if word == w - 1 and s + bits > 32]
+        if carry:  # the high bits of values that started in the word before
+            c = torch.tensor(carry).to(values.device)
+            out[:, w] += (v[:, c] >> (32 - shift[c])[:, None]).sum(dim=1)
     out = out.view(n * bits // 32, cols)
     return (out - ((out >> 31) << 32)).to(torch.int32)  # reinterpret uint32 as int32
 
 
 def unpack_rows(packed: Tensor, bits: int, n: int | None = None) -> Tensor:
-    """Inverse of `pack_rows`: int32 [W, C] -> integers [n, C] (int32), n = W·32/bits."""
+    """Inverse of `pack_rows`: int32 [W, C] -> integers [n, C] (int32), n = W·32/bits.
+
+    Never syncs with the device and copies nothing from the host: the shifts are built on the
+    packed tensor's device, and the 3-bit values that straddle two words are read with the same
+    gather as the others (every value ORs in the next word's bits, which the mask drops where
+    nothing spills), not with boolean indexing, whose output size the host would have to read.
+    """
     total, cols = packed.shape
-    per, words, word, shift = _chunk(bits)
-    word, shift = word.to(packed.device), shift.to(packed.device)
+    per, words, word, shift, spill_shift = _unpack_indices(bits, packed.device)
     x = packed.reshape(total // words, words, cols)
     mask = (1 << bits) - 1
-    # A broadcast view when every value sits in one word (2/4/8 bits): no gathered copy.
-    src = x.expand(-1, per, -1) if words == 1 else x[:, word]
-    v = src >> shift.to(torch.int32)[None, :, None]  # arithmetic shift: mask below
-    spills = shift + bits > 32
-    if bool(spills.any()):
-        s = shift[spills]
-        low = v[:, spills] & ((1 << (32 - s)) - 1).to(torch.int32)[None, :, None]
-        high = x[:, word[spills] + 1] << (32 - s).to(torch.int32)[None, :, None]
-        v[:, spills] = low | high
-    v = (v & mask).reshape(total // words * per, cols)
+    if words == 1:  # 2/4/8 bits: a broadcast view, every value in one word, no gathered copy
+        v = x.expand(-1, per, -1) >> shift[None, :, None]  # arithmetic shift: masked below
+    else:  # 3 bits: value i reads word[i] and, where it spills, word[i] + 1
+        low_bits = (((1 << (32 - shift.long())) - 1) & MASK32).to(torch.int32)  # -1 at shift 0
+        v = x[:, word] >> shift[None, :, None]
+        v &= low_bits[None, :, None]
+        nxt = (word + 1).clamp(max=words - 1)
+        v |= x[:, nxt] << spill_shift[None, :, None]
+    v &= mask
+    v = v.reshape(total // words * per, cols)
     return v if n is None else v[:n]
 
 
@@ -143,20 +163,29 @@ def dequantize_packed(
     then cast once.
 
     `group`: the group size when g_idx is plain `row // group` (no act-order). Rows then come in
-    contiguous groups, and q·s − z·s is one fused broadcast pass instead of two gathers of
-    [in, out]; every product is exact in float32, so the result is bit-identical.
+    contiguous groups, and q·s − z·s is a broadcast pass instead of two gathers of [in, out];
+    every product is exact in float32, so the result is bit-identical.
+
+    No device sync and no host→device copy (training dequantizes every packed layer two or three
+    times a step): see `unpack_rows`.
     """
     in_features = g_idx.shape[0]
     out_features = scales.shape[1]
     q = unpack_qweight(qweight, bits, in_features)
     z = unpack_qzeros(qzeros, bits, out_features)
     groups = scales.shape[0]
+    # In place after the one int32 → float32 conversion, so the transient peak is the codes plus
+    # the float weight (8 bytes a weight), then the cast; every value is exact either way.
     if group is not None and group * groups == in_features:
         s = scales.float().unsqueeze(1)  # [G, 1, out]
         zs = z.float().unsqueeze(1) * s
-        w = torch.addcmul(-zs, q.view(groups, group, out_features).float(), s)
-        w = w.view(in_features, out_features)
+        w = q.view(groups, group, out_features).float()
+        del q
+        w = w.mul_(s).sub_(zs).view(in_features, out_features)
     else:
         g = g_idx.long()
-        w = (q - z.index_select(0, g)).float() * scales.float().index_select(0, g)
+        q = q.sub_(z.index_select(0, g)) if q.is_contiguous() else q - z.index_select(0, g)
+        w = q.float()
+        del q
+        w.mul_(scales.float().index_select(0, g))
     return w if dtype == torch.float32 else w.to(dtype)

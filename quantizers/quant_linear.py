@@ -1,4 +1,5 @@
 """QuantLinear: a frozen linear layer stored packed in the GPTQ layout, trainable through.
+(One file over 400 lines: the layer, its custom matmul op and its storage hooks share invariants.)
 
 Memory really shrinks: the layer holds `qweight`, `qzeros`, `scales`, `g_idx` (and an optional
 bias), about bits/8 bytes per weight plus the per-group scales and zeros. Its forward dequantizes
@@ -219,9 +220,14 @@ class QuantLinear(nn.Module):
             self.bias = None
         self._cache: Tensor | None = None
         self._caching = False
-        self._group: tuple[Tensor, int, int | None] | None = None
+        # g_idx as built is plain `row // group`: its group size is known without reading it
+        stored = self._parameters["g_idx"]
+        known = in_features if group_size == -1 else min(group_size, in_features)
+        self._group: tuple[Tensor, int, int | None] | None = (stored, stored._version, known)
+        self._loaded_group: int | bool | None = False  # set by the load pre-hook, False: none
         self.register_state_dict_post_hook(_state_dict_in_packed_dtypes)
         self.register_load_state_dict_pre_hook(_load_into_storage_dtype)
+        self.register_load_state_dict_post_hook(_remember_loaded_group)
 
     @classmethod
     def from_result(
@@ -250,6 +256,7 @@ class QuantLinear(nn.Module):
         packed.g_idx.copy_(result.g_idx)
         if bias is not None:
             layer.bias.copy_(bias.detach())
+        layer._keep_group(kernels.group_size_of(result.g_idx))  # at quantize time, not per step
         return layer
 
     def packed_tensors(self) -> PackedTensors:
@@ -260,11 +267,24 @@ class QuantLinear(nn.Module):
     def set_storage_dtype(self, dtype: torch.dtype) -> QuantLinear:
         """Hold the packed bytes as `dtype` from now on (the bytes themselves do not change)."""
         _check_storage_dtype(dtype)
+        group = self._known_group()
         for name, view in zip(PACKED_NAMES, self.packed_tensors()):
             self._parameters[name] = _frozen(view.view(dtype))
         self.storage_dtype = dtype
-        self._group = None
+        self._keep_group(group)
         return self
+
+    def _known_group(self) -> int | bool | None:
+        """The cached group size if it is still valid for the stored g_idx, else False."""
+        stored, cached = self._parameters["g_idx"], self._group
+        if cached is not None and cached[0] is stored and cached[1] == stored._version:
+            return cached[2]
+        return False
+
+    def _keep_group(self, group: int | bool | None) -> None:
+        """Carry a known group size over to a g_idx holding the same values (moved, re-viewed)."""
+        stored = self._parameters["g_idx"]
+        self._group = None if group is False else (stored, stored._version, group)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dequantized weight [out, in] (a transposed view of the [in, out] result)."""
@@ -296,8 +316,10 @@ class QuantLinear(nn.Module):
     def contiguous_group_size(self) -> int | None:
         """The group size if g_idx has no act-order (else None), for the fast paths of the
         Triton kernels and of `dequantize_packed`. Cached while g_idx is the same tensor at the
-        same version (a state-dict load bumps it), so the check (a device sync on GPU) happens
-        once per layer, not per forward. torch.compile bakes the eager value into its graph."""
+        same version, and known without reading g_idx where it can be: as built, as loaded (read
+        from the incoming, usually host, tensor), across device moves and storage re-views. So
+        the check (a device sync on GPU) never runs in a training step unless g_idx was edited
+        in place. torch.compile bakes the eager value into its graph."""
         stored = self._parameters["g_idx"]
         cached = self._group
         if torch.compiler.is_compiling():  # a traced graph cannot check g_idx's values
@@ -313,6 +335,7 @@ class QuantLinear(nn.Module):
         # to their raw uint8 view (which dtype casts skip) and keep only its device move. The
         # bias follows the model's dtype like any buffer.
         # (parameters sharded by FSDP, DTensors, take the ordinary path: FSDP manages them)
+        group = self._known_group()
         packed = {
             n: self._parameters.pop(n) for n in PACKED_NAMES if not _is_dtensor(self._parameters[n])
         }
@@ -321,6 +344,7 @@ class QuantLinear(nn.Module):
         finally:
             for name, stored in packed.items():
                 self._parameters[name] = _move_bytes(stored, fn)
+        self._keep_group(group)  # a move keeps g_idx's values
         return self
 
     def packed_bytes(self) -> int:
@@ -377,6 +401,16 @@ def _state_dict_in_packed_dtypes(module, state_dict, prefix, local_metadata) -> 
 def _load_into_storage_dtype(module, state_dict, prefix, *args) -> None:
     """Tensors given in their GPTQ dtypes are viewed as the storage dtype before loading, so
     `load_state_dict` copies (or assigns) bytes and never casts values."""
+    g_idx = state_dict.get(prefix + "g_idx")
+    readable = (torch.int32, module.storage_dtype)
+    if (
+        g_idx is not None
+        and not _is_dtensor(g_idx)
+        and not g_idx.is_meta
+        and g_idx.dtype in readable
+    ):
+        # read here, from the incoming tensor (a host tensor when loading from a file)
+        module._loaded_group = kernels.group_size_of(as_packed_dtype("g_idx", g_idx))
     for name in PACKED_NAMES:
         key = prefix + name
         t = state_dict.get(key)
@@ -389,6 +423,13 @@ def _load_into_storage_dtype(module, state_dict, prefix, *args) -> None:
                 f"{str(PACKED_DTYPES[name]).removeprefix('torch.')} (the GPTQ layout)"
             )
         state_dict[key] = t.contiguous().view(stored.dtype)
+
+
+def _remember_loaded_group(module, incompatible_keys) -> None:
+    """After a load: the group size the pre-hook read from the incoming g_idx, for the new one."""
+    if module._loaded_group is not False:
+        module._keep_group(module._loaded_group)
+        module._loaded_group = False
 
 
 def _gcd(a: int, b: int) -> int:

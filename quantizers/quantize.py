@@ -1,18 +1,20 @@
 """quantize_model: MagR, then GPTQ or RTN (then optional coordinate descent), block by block,
 replacing each decoder block's nn.Linear layers with packed QuantLinear layers in place.
 
-Layers that read the same input (q/k/v, gate/up) share one Hessian, so they are stacked row-wise
-and solved together: MagR and GPTQ treat the rows of W independently given H, so this gives the
-same result as one call per layer, with fewer, larger matrix operations.
+One decoder block is on the quantize device at a time; its weights may be read only when its
+turn comes (`load_block`: the model's blocks stay on the meta device until then), each finished
+block goes back to the host, and the calibration activations are updated in place, batch by
+batch, on the device or on the host (`offload`). With a `BlockStore`, every finished block is
+saved at once and a killed run resumes where it stopped (quantizers/resume.py). The memory this
+takes is written out in docs/scale.md. The tensor-level steps are in quantizers/weights.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,123 +30,27 @@ from quantizers.calibration import (
     collect_hessians,
     find_decoder_blocks,
     input_groups,
-    run_block,
+    run_block_,
 )
-from quantizers.cd import cd_refine
 from quantizers.config import QuantConfig
-from quantizers.gptq import gptq_quantize
-from quantizers.magr import fast_matmul_dtype, magr
+from quantizers.fileio import release_host_memory
+from quantizers.magr import fast_matmul_dtype
 from quantizers.packing import packable
-from quantizers.quant_linear import QuantLinear, dequantize_cache
+from quantizers.quant_linear import dequantize_cache
 from quantizers.reconstruct import reconstruct_block, split_holdout
-from quantizers.report import (
-    LayerReport,
-    QuantReport,
-    log_block,
-    median_max_abs,
-    relative_output_error,
-)
-from quantizers.rtn import QuantResult, rtn_quantize
+from quantizers.report import QuantReport, log_block
+from quantizers.resume import BlockStore, tensor_digest
+from quantizers.weights import quantize_group, quantize_weights
+
+__all__ = [
+    "BlockInputs",
+    "needs_calibration",
+    "quantize_block",
+    "quantize_model",
+    "quantize_weights",
+]
 
 log = logging.getLogger(__name__)
-
-
-def quantize_weights(
-    W: Tensor, H: Tensor | None, config: QuantConfig, name: str = "layer"
-) -> tuple[QuantResult, Tensor | None]:
-    """The tensor-level pipeline for one weight matrix [out, in]: MagR (optional) → GPTQ or RTN
-    → coordinate descent (optional). Returns the result and the MagR'd weights (or None)."""
-    W = W.float()
-    if H is None and (config.method == "gptq" or config.magr or config.cd_sweeps):
-        raise ValueError(f"{name}: method {config.method!r} with MagR/CD needs calibration data")
-    W_magr = None
-    target = W
-    if config.magr:
-        W_magr = magr(
-            W,
-            H,
-            alpha=config.resolved_magr_alpha,
-            iters=config.magr_iters,
-            group_size=config.group_size,
-            accelerate=config.magr_solver == "fista",
-            matmul_dtype=fast_matmul_dtype(W.device),
-        )
-        target = W_magr
-    beta = config.resolved_beta
-    if config.method == "gptq":
-        result = gptq_quantize(
-            target,
-            H,
-            config.bits,
-            group_size=config.group_size,
-            sym=config.sym,
-            beta=beta,
-            damp_percent=config.damp_percent,
-            desc_act=config.desc_act,
-            static_groups=config.static_groups,
-            min_zero=config.min_zero,
-            name=name,
-        )
-    else:
-        result = rtn_quantize(
-            target, config.bits, config.group_size, config.sym, beta, config.min_zero
-        )
-    if config.cd_sweeps:
-        result = cd_refine(W, result, H, config.cd_sweeps, config.cd_damp)
-    return result, W_magr
-
-
-def _rows(result: QuantResult, a: int, b: int) -> QuantResult:
-    return QuantResult(
-        result.codes[a:b],
-        result.scales[:, a:b],
-        result.zeros[:, a:b],
-        result.g_idx,
-        result.bits,
-        result.damp_percent,
-    )
-
-
-def _quantize_group(
-    block: nn.Module,
-    linears: dict[str, nn.Linear],
-    names: Sequence[str],
-    H: Tensor | None,
-    config: QuantConfig,
-    prefix: str,
-    report: QuantReport,
-) -> None:
-    """Quantize layers that share one input (and Hessian) together, then swap them in."""
-    layers = [linears[n] for n in names]
-    W = torch.cat([lin.weight.detach().float() for lin in layers])
-    result, W_magr = quantize_weights(W, H, config, name=f"{prefix}.{'+'.join(names)}")
-    Q = result.dequantize() if H is not None else None
-    fast = fast_matmul_dtype(W.device)
-    start = 0
-    for name, lin in zip(names, layers):
-        end = start + lin.out_features
-        entry = LayerReport(f"{prefix}.{name}", (lin.out_features, lin.in_features))
-        entry.damp_percent = result.damp_percent
-        if H is not None:
-            entry.rel_error = relative_output_error(W[start:end], Q[start:end], H, fast)
-        if W_magr is not None:
-            entry.max_abs_before = median_max_abs(W[start:end], config.group_size)
-            entry.max_abs_after = median_max_abs(W_magr[start:end], config.group_size)
-            entry.magr_change = relative_output_error(W[start:end], W_magr[start:end], H, fast)
-        report.layers.append(entry)
-        log.debug(
-            "%s: rel. output error %s%s",
-            entry.name,
-            "n/a" if entry.rel_error is None else f"{entry.rel_error:.4f}",
-            ""
-            if W_magr is None
-            else f"; MagR median max|w| {entry.max_abs_before:.4f} -> {entry.max_abs_after:.4f}"
-            f" (output change {entry.magr_change:.4f})",
-        )
-        bias = lin.bias.detach() if lin.bias is not None else None
-        packed = QuantLinear.from_result(_rows(result, start, end), config.group_size, bias)
-        block.set_submodule(name, packed)
-        start = end
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -192,12 +98,14 @@ class BlockInputs:
     """What the block-by-block loop carries from one decoder block to the next: the quantized
     model's inputs to the block, the keyword arguments each batch is called with, and (for
     reconstruction) the full-precision model's inputs; `heldout`: the last windows reconstruction
-    holds out."""
+    holds out. The batches live on the quantize device, or on the host when offloaded, in
+    `dtype` (None: as the blocks make them)."""
 
     hidden: list[Tensor] | None
     kwargs: list[dict] | None
     hidden_fp: list[Tensor] | None = None
     heldout: int = 0
+    dtype: torch.dtype | None = None
 
 
 def quantize_block(
@@ -210,38 +118,169 @@ def quantize_block(
     product_dtype: torch.dtype | None,
     device: torch.device,
 ) -> None:
-    """Quantize one decoder block in place (MagR → GPTQ/RTN → pack, then reconstruction), and
-    advance `inputs` to the next block's."""
+    """Quantize one decoder block (on `device`) in place (MagR → GPTQ/RTN → pack, then
+    reconstruction), and advance `inputs` to the next block's, batch by batch in place."""
     linears = block_linears(block, name)
     if inputs.hidden is None:  # RTN without data: every layer on its own, no report error
         for layer in linears:
-            _quantize_group(block, linears, [layer], None, config, name, report)
+            quantize_group(block, linears, [layer], None, config, name, report)
         return
     hidden, kwargs = inputs.hidden, inputs.kwargs
-    targets = None
-    if inputs.hidden_fp is not None:  # the original block (before MagR) on X_fp
+    if inputs.hidden_fp is not None:  # X_fp becomes F(X_fp): the original block (before MagR)
         with _autocast(device, calib_dtype):
-            targets = run_block(copy.deepcopy(block), inputs.hidden_fp, kwargs)
+            run_block_(block, inputs.hidden_fp, kwargs, device, inputs.dtype)
     with _autocast(device, calib_dtype):
-        groups = input_groups(block, linears, hidden[0], kwargs[0])
+        groups = input_groups(block, linears, hidden[0], kwargs[0], device)
     stages = [[g] for g in groups] if config.true_sequential else [groups]
     for stage in stages:
         # layers quantized so far dequantize once for all batches
         with dequantize_cache(block), _autocast(device, calib_dtype):
             hessians = collect_hessians(
-                block, linears, stage, hidden, kwargs, product_dtype=product_dtype
+                block, linears, stage, hidden, kwargs, product_dtype=product_dtype, device=device
             )
         for group in stage:
-            _quantize_group(block, linears, group, hessians[group[0]], config, name, report)
-    if targets is not None:
+            quantize_group(block, linears, group, hessians[group[0]], config, name, report)
+        del hessians
+    if inputs.hidden_fp is not None:
         rec = reconstruct_block(
-            block, hidden, kwargs, targets, inputs.heldout, config, calib_dtype, name
+            block, hidden, kwargs, inputs.hidden_fp, inputs.heldout, config, calib_dtype, name
         )
         report.reconstruction.append(rec)
         report.reconstruction_seconds += rec.seconds
-        inputs.hidden_fp = targets
     with dequantize_cache(block), _autocast(device, calib_dtype):
-        inputs.hidden = run_block(block, hidden, kwargs)
+        run_block_(block, hidden, kwargs, device, inputs.dtype)
+
+
+def _capture(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    calib_data: Sequence[Tensor],
+    inputs: BlockInputs,
+    report: QuantReport,
+    reconstruct: bool,
+    device: torch.device,
+    keep: torch.device,
+    calib_dtype: torch.dtype | None,
+) -> None:
+    """The first block's inputs for every calibration batch, kept on `keep`."""
+    report.calibration_tokens = sum(b.numel() for b in calib_data)
+    log.info(
+        "calibrating on %d sequences, %d tokens",
+        sum(b.shape[0] for b in calib_data),
+        report.calibration_tokens,
+    )
+    with _autocast(device, calib_dtype):
+        inputs.hidden, inputs.kwargs = capture_block_inputs(
+            model, blocks, calib_data, keep, inputs.dtype
+        )
+    held = inputs.hidden[len(inputs.hidden) - inputs.heldout :]
+    report.heldout_windows = sum(h.shape[0] for h in held)
+    if reconstruct:
+        inputs.hidden_fp = list(inputs.hidden)  # the full-precision model's
+
+
+@dataclass
+class _Loop:
+    """One quantize run's block loop: where each block comes from (`load_block` or the model's
+    own), where it is quantized (`device`) and where it goes when finished (`host`)."""
+
+    blocks: nn.ModuleList
+    prefix: str
+    inputs: BlockInputs
+    config: QuantConfig
+    report: QuantReport
+    calib_dtype: torch.dtype | None
+    product_dtype: torch.dtype | None
+    device: torch.device
+    host: torch.device
+    load_block: Callable[[int, torch.device], nn.Module] | None
+    store: BlockStore | None
+
+    def run(self, calib_data: Sequence[Tensor] | None, act_dtype: torch.dtype | None) -> None:
+        """Every block in turn: those the store holds resumed, the others quantized."""
+        done = 0
+        if self.store is not None:
+            self.store.identity.update(self.identity(calib_data, act_dtype))
+            done = self.store.start(len(self.blocks))
+        with logging_redirect_tqdm(), torch.no_grad():
+            desc = f"quantizing W{self.config.bits}"
+            bar = tqdm(range(len(self.blocks)), desc=desc, unit="block")
+            for i in bar:
+                if i < done:
+                    self.resume(i)
+                else:
+                    self.quantize(i, bar)
+                release_host_memory()  # the block's float weights, freed between packed layers
+
+    def identity(self, calib_data, act_dtype) -> dict:
+        """What the result depends on, besides the model (whose fingerprint the caller gives):
+        a store holding another run's blocks is refused when any of it differs."""
+        config = {k: v for k, v in self.config.to_dict().items() if k != "checkpoint_format"}
+        return {
+            "config": config,  # the checkpoint format only converts on saving: not compared
+            "calibration": tensor_digest(calib_data),
+            "calib_dtype": str(self.calib_dtype),
+            "product_dtype": str(self.product_dtype),
+            "act_dtype": str(act_dtype),
+            "device": self.device.type,
+            "torch": torch.__version__,
+        }
+
+    def fetch(self, i: int) -> nn.Module:
+        """Block i with its full-precision weights, on the device."""
+        block = self.load_block(i, self.device) if self.load_block else self.blocks[i]
+        return block.to(self.device)
+
+    def quantize(self, i: int, bar) -> None:
+        """Quantize block i, move it to the host, save it (with a store)."""
+        name, report = f"{self.prefix}.{i}", self.report
+        block = self.fetch(i)
+        first, recon = len(report.layers), len(report.reconstruction)
+        quantize_block(
+            block,
+            name,
+            self.inputs,
+            self.config,
+            report,
+            self.calib_dtype,
+            self.product_dtype,
+            self.device,
+        )
+        log_block(name, report.layers[first:], bar)
+        self.blocks[i] = block = block.to(self.host)
+        if self.store is not None:
+            done = (report.reconstruction[recon:] or [None])[0]
+            self.store.save(i, block, report.layers[first:], done)
+
+    def resume(self, i: int) -> None:
+        """Block i as a finished run left it, and the next block's inputs recomputed from it:
+        the same operations on the same values as in the run that quantized it."""
+        inputs, device, report = self.inputs, self.device, self.report
+        if inputs.hidden_fp is not None:  # the original block's outputs, before it is replaced
+            original = self.fetch(i)
+            with _autocast(device, self.calib_dtype):
+                run_block_(original, inputs.hidden_fp, inputs.kwargs, device, inputs.dtype)
+            del original
+        block = self.blocks[i]
+        name = f"{self.prefix}.{i}"
+        layers, recon = self.store.load(i, block, self.config.bits, self.config.group_size, name)
+        report.layers.extend(layers)
+        if recon is not None:
+            report.reconstruction.append(recon)
+            report.reconstruction_seconds += recon.seconds
+        if inputs.hidden is not None:
+            block.to(device)
+            with dequantize_cache(block), _autocast(device, self.calib_dtype):
+                run_block_(block, inputs.hidden, inputs.kwargs, device, inputs.dtype)
+        self.blocks[i] = block.to(self.host)
+
+
+def _host_device(model: nn.Module) -> torch.device:
+    """Where the model's real (non-meta) weights are: finished blocks go back there."""
+    for p in model.parameters():
+        if not p.is_meta:
+            return p.device
+    return torch.device("cpu")
 
 
 def quantize_model(
@@ -251,6 +290,11 @@ def quantize_model(
     device: torch.device | str | None = None,
     calib_dtype: torch.dtype | str | None = None,
     product_dtype: torch.dtype | str | None = None,
+    *,
+    load_block: Callable[[int, torch.device], nn.Module] | None = None,
+    offload: bool = False,
+    act_dtype: torch.dtype | str | None = None,
+    store: BlockStore | None = None,
 ) -> nn.Module:
     """Quantize the linear layers of `model`'s decoder blocks in place and return the model.
 
@@ -266,6 +310,16 @@ def quantize_model(
         float32, the default. "calib": calib_dtype's, which was the default until 2026-12: products
         rounded to bfloat16 made H indefinite and GPTQ's Cholesky retry with more damping on
         1.4-6.2% of SmolLM2's layers, float32 on none (BENCHMARKS.md, the defaults table).
+    load_block: (i, device) → decoder block i with its full-precision weights, for a model whose
+        blocks are on the meta device (qdiablo reads them from the checkpoint's shards); only
+        what runs before the first block (embeddings) needs real weights. Each finished block
+        goes to where those are (the host), so one block at a time is full precision.
+    offload: keep the calibration activations on the host, each batch moved to `device` when
+        used (device memory: one block and its Hessians, not the activations).
+    act_dtype: the dtype the activations are kept in ("calib": calib_dtype); None: as the
+        blocks make them (the float32 residual stream of a float32 model).
+    store: save each finished block there and resume from the blocks it already holds
+        (quantizers/resume.py); a store of different settings is a ResumeMismatch.
     With `config.reconstruct`, each block is then trained against the full-precision block
     (quantizers/reconstruct.py): the full-precision model's block inputs are carried alongside
     the quantized model's, and the last `recon_holdout` of the windows are held out from that
@@ -283,38 +337,21 @@ def quantize_model(
         train, held = split_holdout(calib_data, config.recon_holdout)
         calib_data, heldout = train + held, len(held)
     _check_packable(blocks, prefix, config.bits)
-    model_device = next(model.parameters()).device
+    model_device = _host_device(model)
     device = torch.device(device) if device is not None else model_device
     calib_dtype, product_dtype = _resolve_dtypes(device, calib_dtype, product_dtype)
+    act_dtype = calib_dtype if act_dtype == "calib" else act_dtype
     report = QuantReport(config=config.to_dict())
     was_training = model.training
     model.eval()
 
-    inputs = BlockInputs(None, None, heldout=heldout)
+    inputs = BlockInputs(None, None, heldout=heldout, dtype=act_dtype)
     if calib_data:
-        report.calibration_tokens = sum(b.numel() for b in calib_data)
-        log.info(
-            "calibrating on %d sequences, %d tokens",
-            sum(b.shape[0] for b in calib_data),
-            report.calibration_tokens,
-        )
-        with _autocast(device, calib_dtype):
-            inputs.hidden, inputs.kwargs = capture_block_inputs(model, blocks, calib_data, device)
-        held = inputs.hidden[len(inputs.hidden) - heldout :]
-        report.heldout_windows = sum(h.shape[0] for h in held)
-        if config.reconstruct:
-            inputs.hidden_fp = list(inputs.hidden)  # the full-precision model's
-
-    with logging_redirect_tqdm(), torch.no_grad():
-        bar = tqdm(range(len(blocks)), desc=f"quantizing W{config.bits}", unit="block")
-        for i in bar:
-            block = blocks[i].to(device)
-            first = len(report.layers)
-            quantize_block(
-                block, f"{prefix}.{i}", inputs, config, report, calib_dtype, product_dtype, device
-            )
-            log_block(f"{prefix}.{i}", report.layers[first:], bar)
-            blocks[i] = block.to(model_device)
+        keep = torch.device("cpu") if offload else device
+        args = (report, config.reconstruct, device, keep, calib_dtype)
+        _capture(model, blocks, calib_data, inputs, *args)
+    parts = (blocks, prefix, inputs, config, report, calib_dtype, product_dtype, device)
+    _Loop(*parts, model_device, load_block, store).run(calib_data, act_dtype)
 
     report.seconds = time.perf_counter() - start
     model.quantization_report = report

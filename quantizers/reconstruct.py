@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from quantizers.calibration import block_output
+from quantizers.calibration import block_output, to_device
 from quantizers.config import RECON_PARAMS, QuantConfig
 from quantizers.quant_linear import QuantLinear, dequantize_cache
 from quantizers.rtn import MIN_SCALE, QuantResult
@@ -149,16 +149,24 @@ def _swap(block: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _device_of(block: nn.Module, fallback: Tensor) -> torch.device:
+    return next((t.device for t in block.parameters()), fallback.device)
+
+
 @torch.no_grad()
 def block_error(
     block: nn.Module, inputs: Sequence[Tensor], kwargs: Sequence[dict], targets: Sequence[Tensor]
 ) -> float:
-    """Σ‖block(x) − y‖² / Σ‖y‖² over batches."""
+    """Σ‖block(x) − y‖² / Σ‖y‖² over batches (each moved to the block's device in turn)."""
     num = den = 0.0
+    if not inputs:
+        return 0.0
+    device = _device_of(block, inputs[0])
     for x, kw, y in zip(inputs, kwargs, targets):
-        out = block_output(block(x, **kw)).float()
-        num += float(((out - y.float()) ** 2).sum())
-        den += float((y.float() ** 2).sum())
+        out = block_output(block(x.to(device), **to_device(kw, device))).float()
+        y = y.to(device).float()
+        num += float(((out - y) ** 2).sum())
+        den += float((y**2).sum())
     return num / den if den > 0 else 0.0
 
 
@@ -188,6 +196,7 @@ def train_block(
 
     inputs/kwargs: the quantized model's block inputs X_q per batch; targets: the
     full-precision block's outputs F(X_fp) per batch; the last `heldout` batches are held out.
+    The batches may live on the host (offloaded): each is moved to the block's device when used.
     Runs with gradients enabled whatever the caller's mode; the block's other parameters
     (norms) are not trained.
     """
@@ -199,7 +208,7 @@ def train_block(
         raise ValueError(f"{name}: reconstruction needs at least one training batch")
     train = (inputs[:n_train], kwargs[:n_train], targets[:n_train])
     hold = (inputs[n_train:], kwargs[n_train:], targets[n_train:])
-    device = inputs[0].device
+    device = _device_of(block, inputs[0])
 
     def autocast():
         if autocast_dtype is None:
@@ -236,9 +245,10 @@ def train_block(
         with torch.enable_grad():
             for step in range(1, steps + 1):
                 k = (step - 1) % n_train
+                x, kw = train[0][k].to(device), to_device(train[1][k], device)
                 with autocast():
-                    out = block_output(block(train[0][k], **train[1][k])).float()
-                y = train[2][k].float()
+                    out = block_output(block(x, **kw)).float()
+                y = train[2][k].to(device).float()
                 loss = ((out - y) ** 2).sum() / (y**2).sum()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -417,3 +417,54 @@ def test_disable_adapter_runs_the_base_alone():
 
 def test_module_is_importable_by_its_documented_names():
     assert diablo_model.get_diablo_model is get_diablo_model
+
+
+def test_dropout_keeps_the_shared_input_once_and_matches_the_dense_reference():
+    """q, k and v read one hidden state: with dropout their backward holds that tensor once (in
+    its own dtype) plus a 1-byte mask each, never a dropped copy in the blocks' float32 nor a
+    scaled copy of the blocks; output
+    and gradients equal the dense reference, W x + (mask ⊙ x) D / (1 - p), under the same mask."""
+    from qdiablo.diablo.layer import dense_delta, dropout_mask
+
+    torch.manual_seed(0)
+    p, width = 0.2, 64
+    layers = [
+        DiaBloLinear(nn.Linear(width, width, bias=False).to(torch.bfloat16), 4, dropout=p)
+        for _ in range(3)
+    ]
+    for layer in layers:
+        nn.init.normal_(layer.blocks, std=0.1)
+        layer.train()
+    x = torch.randn(2, 9, width, dtype=torch.bfloat16, requires_grad=True)
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ys = [layer(x) for layer in layers]
+    params = {p.untyped_storage().data_ptr() for layer in layers for p in layer.parameters()}
+    activations = sum(n for ptr, n in saved.items() if ptr not in params)
+    assert activations == x.numel() * 2 + 3 * x.numel()  # bf16 x once, three bool masks
+    assert 3 * 4 * x.numel() > 2 * activations  # three float32 dropped copies took that
+
+    torch.manual_seed(1)
+    xr = x.detach().clone().requires_grad_(True)
+    refs = []
+    for layer in layers:
+        keep, scale = dropout_mask(xr, p, True)
+        d = dense_delta(layer.blocks, width, width).T  # (in, out)
+        h = torch.where(keep, xr.float(), 0.0)
+        refs.append(layer.base_layer(xr) + (h @ d * scale).to(torch.bfloat16))
+    for y, ref in zip(ys, refs):
+        torch.testing.assert_close(y, ref, rtol=0.016, atol=0.02)  # one bf16 step
+    sum(y.float().sum() for y in ys).backward()
+    grads = [layer.blocks.grad.clone() for layer in layers]
+    for layer in layers:
+        layer.blocks.grad = None
+    sum(r.float().sum() for r in refs).backward()
+    for g, layer in zip(grads, layers):
+        torch.testing.assert_close(g, layer.blocks.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=0.016, atol=0.02)

@@ -122,6 +122,15 @@ def test_quantized_folder_loads_packed_and_evaluates(tiny_model_dir, tmp_path, t
     assert direct_nll(loaded, tokenizer) == pytest.approx(expected, rel=1e-6)
     rc, summary = run_eval(tmp_path, "--model", str(folder), "--tasks", "SVAMP")
     assert rc == 0 and summary["tasks"]["SVAMP"]["nll"] == pytest.approx(expected, rel=1e-6)
+    assert summary["settings"]["dequant_cache"] is True  # auto: a tiny copy fits
+    # without the whole-model copy (dequantized per call): the very same responses and NLL
+    rc, off = run_eval(
+        tmp_path, "--model", str(folder), "--tasks", "SVAMP", "--dequant-cache", "off", name="off"
+    )
+    assert rc == 0 and off["settings"]["dequant_cache"] is False
+    assert off["tasks"]["SVAMP"]["nll"] == summary["tasks"]["SVAMP"]["nll"]
+    rows = [(tmp_path / n / "SVAMP.jsonl").read_text() for n in ("out", "off")]
+    assert rows[0] == rows[1]
     with pytest.raises(ValueError, match="already quantized"):
         load_base(str(folder), "nf4")
 

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,3 +58,24 @@ def test_gpu_suite_budget_stops_in_time_and_keeps_finished_sections(tmp_path):
     assert "timeout" in sections["train"] and "budget" in sections["train"]["timeout"]
     assert "skipped" in sections["diablo"] and "budget" in sections["diablo"]["skipped"]
     assert "## GPU suite" in proc.stdout
+
+
+@pytest.mark.slow  # a quantize, two trainings and an eval: half a minute
+def test_gpu_suite_scale_section_runs_on_cpu(tmp_path):
+    """The `scale` section (issue 19) end to end at tiny shapes: quantize, train at 1 × seq and
+    at the planner's micro-batch, eval without the dequantized cache. On a GPU the same code
+    puts each phase's measured peak beside the planner's."""
+    out = tmp_path / "suite.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--out", str(out)]
+    cmd += ["--only", "scale"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["scale"]["rows"]
+    assert [r["phase"] for r in rows] == [
+        "quantize",
+        "train 1×seq",
+        "train, planner's micro-batch",
+        "eval (dequant cache off)",
+    ]
+    assert "| quantize |" in proc.stdout

@@ -28,8 +28,9 @@ PACKAGES = ("quantizers", "qdiablo", "eval")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         "quantizers: calibration capture, MagR, RTN, GPTQ, coordinate descent, reconstruction, "
-        "packing, `QuantLinear`, the GPTQ checkpoint layout, kernels, its own file I/O; it imports "
-        "nothing from qdiablo or eval",
+        "packing, `QuantLinear`, the GPTQ checkpoint layout, kernels, safetensors read and written "
+        "a module at a time, resumable quantization, its own file I/O; it imports nothing from "
+        "qdiablo or eval",
         ("quantizers",),
     ),
     (
@@ -62,19 +63,21 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     (
         "core: the DiaBlo adapter; attaching DiaBlo or PEFT LoRA, budgets, loading a saved "
-        "adapter; NF4/NF2 bases; calibration texts; Math10K evaluation",
+        "adapter; NF4/NF2 bases; calibration texts; the memory planner; Math10K evaluation",
         (
             "qdiablo.diablo",
             "qdiablo.nf4",
             "qdiablo.nf",
             "qdiablo.calibration",
             "qdiablo.adapters",
+            "qdiablo.memory",
             "eval",
         ),
     ),
     (
-        "loader: the one way to load a base (`load_base(source, kind)`) or an export",
-        ("qdiablo.models",),
+        "loader: the one way to load a base (`load_base(source, kind)`) or an export; a "
+        "full-precision model whose blocks are read from the shards one at a time",
+        ("qdiablo.models", "qdiablo.streamed"),
     ),
     (
         "workflows: training settings and runs (sharded FSDP loading included; a diverged run "
@@ -82,13 +85,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ("qdiablo.train", "qdiablo.export"),
     ),
     (
-        "verbs: one module per pipeline step, a thin layer over the library",
+        "verbs: one module per pipeline step (and the planner), a thin layer over the library",
         (
             "qdiablo.commands",
             "qdiablo.commands.quantize",
             "qdiablo.commands.train",
             "qdiablo.commands.eval",
             "qdiablo.commands.export",
+            "qdiablo.commands.plan",
         ),
     ),
     ("pipeline: resumable stage graphs of those verbs", ("qdiablo.pipeline",)),

@@ -45,3 +45,15 @@ def test_a_diablo_run_never_imports_peft_for_an_isinstance_check():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "False"
+
+
+def test_from_pretrained_still_works_after_bitsandbytes_was_imported_quietly(tiny_model_dir):
+    """Hiding `kernels` while bitsandbytes imports must not leave transformers believing it is
+    missing (its probe is cached): from_pretrained uses hub kernels by default."""
+    from transformers import AutoModelForCausalLM
+
+    from qdiablo.optional import import_bitsandbytes, prepare_trainer_imports
+
+    prepare_trainer_imports()
+    import_bitsandbytes()
+    assert AutoModelForCausalLM.from_pretrained(tiny_model_dir) is not None

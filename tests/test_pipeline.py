@@ -291,7 +291,10 @@ def test_isolated_stages_record_their_own_peak_rss_and_repeat_bit_for_bit(
             export=None,
         )
         root, stages = build_pipeline(yaml.safe_load(config.read_text()), str(config))
-        outcomes = Runner(root, isolate=True, threads=1).run(stages)
+        device = "cpu" if name == "b" else None  # the flag reaches the stage's own command
+        outcomes = Runner(root, isolate=True, threads=1, device=device).run(stages)
+        given = yaml.safe_load((root / "stages" / "quantize.args.yaml").read_text())
+        assert given.get("device") == device
         marker = markers(root)["quantize"]
         assert marker["peak_rss_of"] == "stage process" and marker["threads"] == 1
         # A Python process that imported torch and transformers holds well over 50 MiB; the
@@ -303,3 +306,25 @@ def test_isolated_stages_record_their_own_peak_rss_and_repeat_bit_for_bit(
             b"".join(p.read_bytes() for p in sorted(root.glob("quantized/*.safetensors")))
         )
     assert weights[0] and weights[0] == weights[1]
+
+
+def test_device_reaches_every_stage_that_takes_one(tmp_path, tiny_model_dir, math_file, task_file):
+    """`qdiablo run --device` (or the config's `device`) goes to quantize, train and eval; a
+    stage's own `device` key wins; where a stage runs is not part of its identity."""
+    from qdiablo.pipeline.stages import Runner
+
+    config = pipeline_config(
+        tmp_path, tiny_model_dir, math_file, task_file, train={"device": "cpu"}
+    )
+    data = yaml.safe_load(config.read_text())
+    root, stages = build_pipeline(data, str(config))
+    runner = Runner(root, device="cuda")
+    by_verb = {s.verb: s for s in stages}
+    assert runner._device_args(by_verb["quantize"]) == {"device": "cuda"}
+    assert runner._device_args(by_verb["eval"]) == {"device": "cuda"}
+    merged = {**runner._device_args(by_verb["train"]), **by_verb["train"].args}
+    assert merged["device"] == "cpu"
+    _, again = build_pipeline({**data, "device": "cuda"}, str(config))
+    assert [s.identity for s in stages] == [s.identity for s in again]
+    with pytest.raises(UserError, match="unknown key 'devices'"):
+        build_pipeline({**data, "devices": "cpu"}, str(config))

@@ -29,6 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "own; other files there are kept)",
     )
     p.add_argument(
+        "--device",
+        default=None,
+        help="where every stage runs (quantize, train, eval, and export where it computes): "
+        "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N; default: the "
+        "config's `device` key, else auto. A stage's own `device` key wins",
+    )
+    p.add_argument(
         "--in-process",
         action="store_true",
         help="run the stages in this process (faster to start; by default each stage gets its "
@@ -45,5 +52,6 @@ def run(args: argparse.Namespace) -> int:
         output=args.output,
         isolate=not args.in_process,
         overwrite=args.overwrite,
+        device=args.device,
     )
     return 0

@@ -19,6 +19,7 @@ import logging
 import time
 from pathlib import Path
 
+from qdiablo.devices import add_device_argument
 from qdiablo.errors import UserError
 from qdiablo.io import read_json
 
@@ -62,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="torch CPU threads for every stage (default 1; the figures depend on it: float "
         "sums are reduced in a thread-dependent order)",
     )
+    add_device_argument(p, "every stage runs")
     p.add_argument(
         "--force",
         nargs="+",
@@ -135,9 +137,13 @@ def run(args: argparse.Namespace) -> int:
         f"qdiablo demo: {args.model}, MagR+GPTQ {args.bits}-bit"
         f"{' + reconstruction' if args.reconstruct else ''} -> DiaBlo N={args.num_blocks} "
         f"-> Math10K eval ({'full sets' if args.full else f'first {args.limit} items per set'}) "
-        f"-> export, under {root}/ ({args.threads} thread{'s' if args.threads > 1 else ''})"
+        f"-> export, under {root}/ ({args.threads} thread{'s' if args.threads > 1 else ''}, "
+        f"device {args.device})"
     )
-    outcomes = Runner(root, args.force, isolate=True, verb="demo", threads=args.threads).run(stages)
+    runner = Runner(
+        root, args.force, isolate=True, verb="demo", threads=args.threads, device=args.device
+    )
+    outcomes = runner.run(stages)
     print(summary_table(outcomes))
     print(comparison_table(root / "eval-base", root / "eval"))
     print(f"\nexported to {root / 'export'} (load it with qdiablo.export.load_exported)")

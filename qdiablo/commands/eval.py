@@ -9,12 +9,14 @@ per-example JSON Lines, summary.json and results.md; a rerun resumes where it st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from pathlib import Path
 
 from eval.presets import DEFAULT_PRESET, PRESETS
 from qdiablo.data import REFERENCE_MODES, TEMPLATES
+from qdiablo.devices import add_device_argument
 from qdiablo.errors import UserError
 from qdiablo.hashing import adapter_digest
 from qdiablo.kinds import BASE_QUANT_CHOICES, QUANT_FLAG_KINDS
@@ -49,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--force", action="store_true", help="load a DiaBlo adapter onto a different base"
     )
-    g.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
+    _add_device_arguments(g)
 
     g = p.add_argument_group("tasks and protocol")
     g.add_argument(
@@ -101,6 +103,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_device_arguments(g) -> None:
+    """Where the model runs, in what dtype, and whether packed layers keep a dequantized copy."""
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        help="dtype of the float weights and the compute: auto (bfloat16 on a GPU that has it, "
+        "float16 on older GPUs, float32 on the CPU), float32, bfloat16, float16",
+    )
+    add_device_argument(g, "the model runs")
+    g.add_argument(
+        "--dequant-cache",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="packed (gptq/rtn) layers: on = dequantize every layer once and keep the float "
+        "copies for the run (fast, the model's size again in --dtype); off = dequantize each "
+        "layer at each call (or run the fused kernels), one layer's float weight at a time; "
+        "auto = on when the copy takes at most half the memory free on the device",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     # Deferred to keep `qdiablo --help` fast: these import torch and transformers.
     import torch
@@ -118,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--threads {args.threads}: must be ≥ 1 (omit it for torch's default)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    device, dtype = _device_and_dtype(args)
+    dtype_name = str(dtype).removeprefix("torch.")
     settings = EvalSettings(
         preset=args.preset,
         template=args.template,
@@ -155,21 +179,16 @@ def run(args: argparse.Namespace) -> int:
     )
     with folder:
         start = time.time()
-        try:
-            tokenizer = load_tokenizer(
-                args.tokenizer or args.model, None if args.tokenizer else args.gguf_file
-            )
-        except UserError as e:
-            raise UserError(
-                str(e), hint="pass --tokenizer FOLDER (e.g. the original model's)"
-            ) from e
+        tokenizer = _tokenizer(args, load_tokenizer)
         kind = QUANT_FLAG_KINDS[args.quant or "none"]  # `quant: null` in YAML means none
-        model = load_base(args.model, kind, gguf_file=args.gguf_file, dtype=args.dtype)
+        model = load_base(
+            args.model, kind, gguf_file=args.gguf_file, dtype=dtype_name, device=device
+        )
         info = {
             "base": args.model,
             "gguf_file": args.gguf_file,
             "quant": args.quant,
-            "dtype": args.dtype,
+            "dtype": dtype_name,
             "adapter": args.adapter,
             "adapter_kind": adapter,
             # A retrained adapter in the same folder must not resume the old one's results.
@@ -178,7 +197,9 @@ def run(args: argparse.Namespace) -> int:
         }
         if args.adapter:
             model = load_adapter(model, args.adapter, force=args.force, merge=args.merge_adapter)
-        log.info("model ready in %.0f s", time.time() - start)
+        cache = _dequant_cache(args.dequant_cache, model, dtype, device)
+        settings = dataclasses.replace(settings, dequant_cache=cache)
+        log.info("model ready on %s (%s) in %.0f s", device, dtype_name, time.time() - start)
 
         summary = evaluate(
             model,
@@ -193,3 +214,35 @@ def run(args: argparse.Namespace) -> int:
     print(Path(args.output, MARKDOWN_FILE).read_text(encoding="utf-8"))
     print(f"results in {args.output} ({time.time() - start:.0f} s)")
     return 0 if summary else 1
+
+
+def _device_and_dtype(args: argparse.Namespace):
+    """--device by the one rule (TF32 allowed on a GPU); --dtype auto: the device's default."""
+    from qdiablo.devices import allow_tf32, default_compute_dtype, resolve_device
+    from qdiablo.sources import parse_dtype
+
+    device = resolve_device(args.device)
+    allow_tf32(device)
+    dtype = default_compute_dtype(device) if args.dtype == "auto" else parse_dtype(args.dtype)
+    return device, dtype
+
+
+def _tokenizer(args: argparse.Namespace, load_tokenizer):
+    try:
+        return load_tokenizer(
+            args.tokenizer or args.model, None if args.tokenizer else args.gguf_file
+        )
+    except UserError as e:
+        raise UserError(str(e), hint="pass --tokenizer FOLDER (e.g. the original model's)") from e
+
+
+def _dequant_cache(mode: str, model, dtype, device) -> bool:
+    """--dequant-cache: on, off, or auto (the copy must fit in half the free memory)."""
+    from eval.generate import dequant_cache_fits, has_quantized_layers
+    from qdiablo.devices import available_memory
+
+    if mode != "auto" or not has_quantized_layers(model):
+        return mode != "off"
+    fits, why = dequant_cache_fits(model, dtype, available_memory(device))
+    log.info("%s", why)
+    return fits

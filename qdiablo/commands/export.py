@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from qdiablo.calibration import add_calibration_arguments, check_calibration_arguments
+from qdiablo.devices import add_device_argument
 from qdiablo.errors import UserError
 
 HELP = "export a quantized base + adapter (optionally merged) with a model card and manifest"
@@ -82,6 +83,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "and written as exact Q4_1 / Q4_0 blocks; otherwise Q8_0 from the merged weights",
     )
     p.add_argument("--base-model-name", help="the original model's name, for the card")
+    add_device_argument(p, "merging and re-quantizing run, one block at a time")
+    p.add_argument(
+        "--max-shard-size",
+        type=shard_size,
+        default="5GB",
+        help="largest safetensors file of merged/ (e.g. 5GB, 500MB): the host holds one shard "
+        "while writing it (default 5GB)",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -110,6 +119,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="block-wise reconstruction (default: as the base was quantized)",
     )
     g.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], help="zero-point convention")
+
+
+def shard_size(text: str) -> int:
+    """'5GB', '500MB', '2e9' → bytes (decimal units, as transformers' max_shard_size)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    value = str(text).strip().upper()
+    scale = next((units[u] for u in units if value.endswith(u)), 1)
+    try:
+        size = int(float(value.removesuffix("B")[:-1] if scale > 1 else value) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)")
+    return size
 
 
 QUANT_FLAGS = (
@@ -158,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
         quant_overrides=overrides,
         base_name=args.base_model_name,
         overwrite=args.overwrite,
+        device=args.device,
+        max_shard_size=args.max_shard_size,
         serve=ServeOptions(
             marlin=args.serve == "marlin",
             marlin_bits=args.serve_bits,

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from qdiablo.calibration import add_calibration_arguments
+from qdiablo.devices import add_device_argument
 from qdiablo.errors import UserError
 from qdiablo.flags import add_dataclass_arguments
 from quantizers.config import QuantConfig
@@ -46,12 +47,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--calib-dtype",
         choices=["auto", "float32", "bfloat16"],
         default="auto",
-        help="dtype of the calibration forward passes: auto = bfloat16 where the hardware has "
-        "it (about 3x faster on CPU), else the model's dtype; weights are always quantized in "
-        "full precision",
+        help="dtype of the calibration forward passes: auto = the GPU's compute dtype "
+        "(bfloat16), or on the CPU bfloat16 where the hardware has it (about 3x faster), else "
+        "the model's dtype; weights are always quantized in full precision",
     )
-    p.add_argument("--device", help="where each block is quantized (default: cpu)")
-    p.add_argument("--dtype", default="float32", help="dtype to load the model in")
+    p.add_argument(
+        "--calib-offload",
+        action="store_true",
+        help="keep the calibration activations in host memory, each batch moved to the device "
+        "when used: the device then holds one block and its Hessians (slower on a GPU)",
+    )
+    add_device_argument(p, "each decoder block is quantized")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="dtype of the model's weights while quantizing, and of the embeddings, norms and "
+        "head saved: auto = float32 on the CPU, the checkpoint's own dtype on a GPU "
+        "(the quantized layers are always computed from the weights in float32)",
+    )
 
 
 def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
@@ -90,23 +103,24 @@ QUANTIZE_NAMES = (
 
 def run(args: argparse.Namespace) -> int:
     # Deferred to keep `qdiablo --help` fast: these import torch, transformers and the quantizers.
-    import torch
-
     from qdiablo.calibration import (
         build_calibration_data,
         check_calibration_arguments,
         check_reconstruction_windows,
     )
+    from qdiablo.devices import resolve_device
     from qdiablo.faults import guard
     from qdiablo.inputs import check_apart
-    from qdiablo.models import load_base, load_tokenizer
+    from qdiablo.models import load_tokenizer
     from qdiablo.outputs import OutputFolder
     from quantizers import quantize_model, save_quantized
     from quantizers.quantize import needs_calibration
+    from quantizers.resume import PARTIAL_DIR, BlockStore, ResumeMismatch
 
     config = quant_config_from_args(args)
     check_calibration_arguments(args)
     check_reconstruction_windows(config, args.calib_samples)
+    device = resolve_device(args.device)
     output = Path(args.output)
     check_apart(output, {"--model": args.model, "--calib": args.calib})
     with OutputFolder(output, "quantize", overwrite=args.overwrite, known=QUANTIZE_NAMES) as out:
@@ -122,13 +136,31 @@ def run(args: argparse.Namespace) -> int:
             )
             windows = sum(b.shape[0] for b in calib)
             check_reconstruction_windows(config, windows, " (the calibration text ran out)")
-        model = load_base(args.model, "fp", gguf_file=args.gguf_file, dtype=args.dtype)
-        calib_dtype = {"auto": "auto", "float32": None, "bfloat16": torch.bfloat16}[
-            args.calib_dtype
-        ]
-        quantize_model(model, calib, config, device=args.device, calib_dtype=calib_dtype)
+        model, load_block, source = _open_model(args, device)
+        out.claim([PARTIAL_DIR])  # finished blocks, kept until the folder is whole
+        store = BlockStore(output / PARTIAL_DIR, {"model": source}, discard=args.overwrite)
+        try:
+            quantize_model(
+                model,
+                calib,
+                config,
+                device=device,
+                calib_dtype=_calib_dtype(args.calib_dtype, device),
+                load_block=load_block,
+                offload=args.calib_offload,
+                act_dtype="calib" if device.type == "cuda" else None,
+                store=store,
+            )
+        except ResumeMismatch as e:
+            raise UserError(
+                str(e),
+                hint="run it with the same settings to resume, choose another --output, or "
+                "pass --overwrite to discard that work",
+            ) from e
         with guard(output):
             save_quantized(model, output, tokenizer, claim=out.claim)
+            store.remove()
+            out.unclaim([PARTIAL_DIR])
             out.finish()
     report = model.quantization_report
     mean = report.mean_rel_error()
@@ -152,3 +184,34 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"saved to {output}")
     return 0
+
+
+def _calib_dtype(name: str, device):
+    """--calib-dtype as quantize_model takes it: on a GPU, auto is the device's compute dtype."""
+    import torch
+
+    from qdiablo.devices import default_compute_dtype
+
+    if name == "auto" and device.type == "cuda":
+        return default_compute_dtype(device)
+    return {"auto": "auto", "float32": None, "bfloat16": torch.bfloat16}[name]
+
+
+def _open_model(args: argparse.Namespace, device):
+    """(model, load_block, source fingerprint): the model with its blocks read one at a time
+    from the shards when it can be (qdiablo.streamed), else loaded whole."""
+    from qdiablo.models import load_base
+    from qdiablo.sources import parse_dtype
+    from qdiablo.streamed import checkpoint_dtype, open_streamed, source_fingerprint
+
+    if args.dtype != "auto":
+        dtype = parse_dtype(args.dtype)
+    elif device.type == "cpu":
+        dtype = parse_dtype("float32")
+    else:
+        dtype = checkpoint_dtype(args.model, args.gguf_file, device)
+    streamed = open_streamed(args.model, args.gguf_file, dtype)
+    if streamed is not None:
+        return streamed.model, streamed.load_block, streamed.fingerprint()
+    model = load_base(args.model, "fp", gguf_file=args.gguf_file, dtype=dtype)
+    return model, None, {**source_fingerprint(args.model, args.gguf_file), "dtype": str(dtype)}

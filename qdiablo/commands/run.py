@@ -29,6 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "own; other files there are kept)",
     )
     p.add_argument(
+        "--device",
+        default=None,
+        help="where every stage runs (quantize, train, eval, and export where it computes): "
+        "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N; default: the "
+        "config's `device` key, else auto. A stage's own `device` key wins",
+    )
+    p.add_argument(
         "--isolate",
         action="store_true",
         help="run each stage in its own process (its own peak memory; default: this process)",
@@ -44,5 +51,6 @@ def run(args: argparse.Namespace) -> int:
         output=args.output,
         isolate=args.isolate,
         overwrite=args.overwrite,
+        device=args.device,
     )
     return 0

@@ -64,46 +64,77 @@ def block_shape(
     return in_features // num_blocks, out_features // num_blocks
 
 
+def _dropped(x: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The adapter's input in `dtype`, zeroed where the dropout mask drops it. Masked in x's own
+    dtype, then cast: the same values as casting first (masking only selects), one transient
+    copy of x's size less."""
+    return (x if keep is None else torch.where(keep, x, 0.0)).to(dtype)
+
+
 class _BlockDiagonalMatmul(torch.autograd.Function):
-    """y = x · blockdiag(B) for x of shape (T, N·bi) and B of shape (N, bi, bo).
+    """y = drop(x) · blockdiag(s·B) for x of shape (T, N·bi), B of shape (N, bi, bo), an optional
+    keep-mask (T, N·bi) of the adapter dropout and its 1/(1-p) scale s, applied to the (small)
+    blocks rather than the (large) input.
 
     All three GEMMs are batched over the N blocks. Measured on CPU (BENCHMARKS.md), the GEMMs run
     several times faster when the token dimension T is the wide, contiguous dimension of their
     output than when a small block dimension is, so forward and dX compute the transposed
     products (N, bo, T) and (N, bi, T), reading x and dY as strided views, and transpose back
-    once. dB reads both operands as views. Nothing is saved but x and B.
+    once. dB reads both operands as views.
+
+    Saved for backward: x itself, in its own dtype, the 1-byte mask and B, never the dropped
+    input in the blocks' dtype nor the scaled blocks; backward recomputes both (elementwise
+    passes, with the same roundings as the forward). The layers that read the same input (q, k
+    and v read one normalised hidden state) so hold it once between them, plus a mask each,
+    where a saved fp32 dropped copy per layer cost 3 × 4 bytes a value.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor | None, blocks: torch.Tensor, scale):
         t = x.shape[0]
         n, bi, bo = blocks.shape
-        x_t = x.view(t, n, bi).permute(1, 2, 0)  # (N, bi, T), a view
-        y_t = torch.bmm(blocks.transpose(1, 2), x_t)  # (N, bo, T)
-        ctx.save_for_backward(x, blocks)
+        h_t = _dropped(x, keep, blocks.dtype).view(t, n, bi).permute(1, 2, 0)  # (N, bi, T)
+        scaled = blocks if scale == 1.0 else blocks * scale
+        y_t = torch.bmm(scaled.transpose(1, 2), h_t)  # (N, bo, T)
+        ctx.save_for_backward(x, keep, blocks)
+        ctx.scale = scale
         ctx.compute_dtype = y_t.dtype  # bf16 under autocast
         return y_t.permute(2, 0, 1).reshape(t, n * bo)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, blocks = ctx.saved_tensors
+        x, keep, blocks = ctx.saved_tensors
+        scale = ctx.scale
         t = x.shape[0]
         n, bi, bo = blocks.shape
         dtype = ctx.compute_dtype
         dy = dy.to(dtype)
         dy_t = dy.view(t, n, bo).permute(1, 2, 0)  # (N, bo, T), a view
         dx = dblocks = None
-        if ctx.needs_input_grad[0]:
-            dx_t = torch.bmm(blocks.to(dtype), dy_t)  # (N, bi, T)
-            dx = dx_t.permute(2, 0, 1).reshape(t, n * bi).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            x_t = x.to(dtype).view(t, n, bi).permute(1, 2, 0)
+        # one transient at a time: the dropped input for dB is freed before dX is computed
+        if ctx.needs_input_grad[2]:
+            x_t = _dropped(x, keep, dtype).view(t, n, bi).permute(1, 2, 0)
             dblocks = torch.bmm(x_t, dy.view(t, n, bo).transpose(0, 1)).to(blocks.dtype)
-        return dx, dblocks
+            dblocks = dblocks if scale == 1.0 else dblocks * scale
+            del x_t
+        if ctx.needs_input_grad[0]:
+            scaled = blocks if scale == 1.0 else blocks * scale
+            dh = torch.bmm(scaled.to(dtype), dy_t).permute(2, 0, 1).reshape(t, n * bi)
+            # masked in the compute dtype, then cast: the values the float32 detour gave
+            dx = (dh if keep is None else torch.where(keep, dh, 0.0)).to(x.dtype)
+        return dx, None, dblocks, None
 
 
-def block_diagonal_matmul(x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x · blockdiag(blocks) for x of any leading shape (..., in) → (..., out).
+def block_diagonal_matmul(
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    out_features: int,
+    keep: torch.Tensor | None = None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """x · blockdiag(scale · blocks) for x of any leading shape (..., in) → (..., out), in the
+    blocks' dtype; with `keep` (a bool mask shaped like x), the dropped-out input where it is
+    False (dropout's 1/(1-p) goes in `scale`).
 
     Zero-pads the input and slices the output when the blocks are padded (indivisible='pad').
     """
@@ -111,27 +142,37 @@ def block_diagonal_matmul(x: torch.Tensor, blocks: torch.Tensor, out_features: i
     lead = x.shape[:-1]
     if x.shape[-1] != n * block_in:
         x = F.pad(x, (0, n * block_in - x.shape[-1]))
-    y = _BlockDiagonalMatmul.apply(x.reshape(-1, n * block_in).contiguous(), blocks)
+        if keep is not None:
+            keep = F.pad(keep, (0, n * block_in - keep.shape[-1]))
+    flat = x.reshape(-1, n * block_in).contiguous()
+    mask = None if keep is None else keep.reshape(-1, n * block_in).contiguous()
+    y = _BlockDiagonalMatmul.apply(flat, mask, blocks, float(scale))
     y = y.view(*lead, n * block_out)
     return y if n * block_out == out_features else y[..., :out_features]
 
 
-def adapter_dropout(x: torch.Tensor, p: float, training: bool) -> tuple[torch.Tensor, float]:
-    """Dropout on the adapter input, returning (masked x, the 1/(1-p) scale still to apply).
+def dropout_mask(x: torch.Tensor, p: float, training: bool) -> tuple[torch.Tensor | None, float]:
+    """The adapter dropout's keep-mask for x (None when nothing is dropped) and the 1/(1-p) scale
+    still to apply; the caller folds the scale into the (small) blocks, not the (large) input.
 
-    The scale is left to the caller to fold into the (small) blocks instead of the (large) input.
-    On CPU, the keep-mask comes from 16-bit slices of 64-bit random words, which is several times
-    faster than `torch.bernoulli`; p is then exact to 1/65536.
+    On CPU the mask comes from 16-bit slices of 64-bit random words, which is several times
+    faster than `torch.bernoulli`; p is then exact to 1/65536. On a GPU it is `rand >= p`.
     """
     if not training or p == 0.0:
-        return x, 1.0
+        return None, 1.0
     if x.device.type != "cpu":
-        return F.dropout(x, p, training=True), 1.0
+        return torch.rand(x.shape, device=x.device) >= p, 1.0 / (1.0 - p)
     count = x.numel()
     words = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
     uniform16 = words.view(torch.int16)[:count].view(x.shape)
-    keep = uniform16 >= round(p * 65536) - 32768
-    return torch.where(keep, x, 0.0), 1.0 / (1.0 - p)
+    return uniform16 >= round(p * 65536) - 32768, 1.0 / (1.0 - p)
+
+
+def adapter_dropout(x: torch.Tensor, p: float, training: bool) -> tuple[torch.Tensor, float]:
+    """Dropout on the adapter input, returning (masked x, the 1/(1-p) scale still to apply):
+    `dropout_mask` applied (the layer itself passes the mask to `block_diagonal_matmul`)."""
+    keep, scale = dropout_mask(x, p, training)
+    return (x if keep is None else torch.where(keep, x, 0.0)), scale
 
 
 def dense_delta(blocks: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
@@ -204,9 +245,8 @@ class DiaBloLinear(nn.Module):
         y = self.base_layer(x)
         if self.merged or not self.adapter_enabled:
             return y
-        h, scale = adapter_dropout(x.to(self.blocks.dtype), self.dropout, self.training)
-        blocks = self.blocks if scale == 1.0 else self.blocks * scale
-        return y + block_diagonal_matmul(h, blocks, self.out_features).to(y.dtype)
+        keep, scale = dropout_mask(x, self.dropout, self.training)
+        return y + block_diagonal_matmul(x, self.blocks, self.out_features, keep, scale).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """Dᵀ, the (out, in) update that merging adds to the base weight."""

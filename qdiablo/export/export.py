@@ -31,9 +31,11 @@ import torch
 from eval.runner import SUMMARY_FILE
 from qdiablo.adapters.loading import adapter_kind, load_adapter
 from qdiablo.calibration import build_calibration_data, check_reconstruction_windows
+from qdiablo.devices import default_compute_dtype, resolve_device
 from qdiablo.errors import UserError
 from qdiablo.export.card import CardFacts, model_card
-from qdiablo.export.merge import merge_into_dense, requantize, save_merged
+from qdiablo.export.merge import merge_into_dense, write_merged
+from qdiablo.export.merge import requantize_merged as requantize_streamed
 from qdiablo.export.serving import (
     ServeOptions,
     ServePlan,
@@ -43,7 +45,6 @@ from qdiablo.export.serving import (
 )
 from qdiablo.faults import guard
 from qdiablo.hashing import adapter_digest
-from qdiablo.health import require_finite
 from qdiablo.inputs import check_apart, require_finished
 from qdiablo.io import read_json
 from qdiablo.manifest import MANIFEST_NAME, build_manifest
@@ -183,6 +184,8 @@ def export_model(
     quant_overrides: Mapping[str, Any] | None = None,
     base_name: str | None = None,
     overwrite: bool = False,
+    device: str | torch.device = "auto",
+    max_shard_size: int | None = None,
     serve: ServeOptions | None = None,
 ) -> Path:
     """Write an export folder (see the module docstring) and return its path.
@@ -191,9 +194,13 @@ def export_model(
     `calib` file; its settings are the base's quantize_config with `quant_overrides` applied.
     `serve` (marlin/, gguf/) implies `merged`; the re-quantizations it runs take the same
     settings (Marlin then fixes its grid) and need `calib` too.
+    `device`: where merging and re-quantizing run, one block at a time (auto: a GPU if there is
+    one); the packed model and the shards being written stay on the host. `max_shard_size`:
+    the largest file of merged/ in bytes (default 5 GB).
     """
     serve = serve or ServeOptions()
     base, output = Path(base), Path(output)
+    device = resolve_device(device)
     train_dir = Path(train_run) if train_run is not None else None
     if adapter is None:
         if train_dir is None:
@@ -281,29 +288,25 @@ def export_model(
             if merged:
                 dtype = getattr(torch, merged_dtype)
                 log.info(
-                    "merging the adapter into the dequantized base (%s%s)",
-                    "float32, saved as " if requantize_merged else "",
+                    "merging the adapter into the dequantized base (%s), one block at a time",
                     merged_dtype,
                 )
-                dense = merge_into_dense(model, torch.float32 if requantize_merged else dtype)
-                require_finite(
-                    dense.state_dict().items(),
-                    f"the merged model ({merged_dtype})",
-                    hint="W + Dᵀ overflows this dtype: use --merged-dtype float32 or bfloat16",
+                write_merged(
+                    model, tmp / "merged", dtype, tokenizer, device, max_shard_size=max_shard_size
                 )
-                save_merged(dense, tmp / "merged", dtype, tokenizer)
                 if requantize_merged:
-                    change = requantize(dense, calib_data, config)
-                    save_quantized(dense, tmp / "merged-gptq", tokenizer)
+                    calib_dtype = default_compute_dtype(device) if device.type == "cuda" else None
+                    requantized, change = requantize_streamed(
+                        model, calib_data, config, device=device, calib_dtype=calib_dtype
+                    )
+                    save_quantized(requantized, tmp / "merged-gptq", tokenizer)
                     facts.requantized = {
                         "quantize_config": config.quantization_config(),
                         "calibration": f"{sum(len(b) for b in calib_data)} windows of "
                         f"{calib_seq_len} tokens from {Path(calib).name}",
                         "change": change,
                     }
-                requantized = dense if requantize_merged else None
-                del dense
-            if serve.any:
+            if serve.any:  # marlin/ and gguf/ are written from the whole merged model
                 facts.serving = write_serving(
                     plan,
                     tmp,

@@ -42,7 +42,7 @@ BUDGETS = ("matched", "paper")
 DEFAULT_N = 64
 DEFAULT_RANK = 64
 REPORT_NAMES = ("compare.md", "compare.json", "compare.png")
-TOP_KEYS = ("output", "model", "bits", "budgets", "methods", "quantize", "train", "eval")
+TOP_KEYS = ("output", "model", "device", "bits", "budgets", "methods", "quantize", "train", "eval")
 BUDGET_KEYS = {"num_blocks", "rank", "match_params"}
 DEFAULT_METHODS: list[dict[str, Any]] = [
     {"name": "QLoRA", "bits": [4], "quantize": None, "train": {"base": "nf4", "adapter": "lora"}},
@@ -247,10 +247,14 @@ def run_compare(
     output: str | None = None,
     isolate: bool = True,
     overwrite: bool = False,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the grid, then write compare.md, compare.json and compare.png. With
-    `isolate` every stage runs in its own process, so each training's peak memory is its own."""
-    grid = build_grid(load_yaml(config), str(config), output)
+    `isolate` every stage runs in its own process, so each training's peak memory is its own.
+    `device` (else the config's `device`, else auto) goes to every stage that takes one."""
+    data = load_yaml(config)
+    grid = build_grid(data, str(config), output)
+    device = str(device or data.get("device") or "auto")
     stages = {s.key for c in grid.cells for s in (c.base, c.train, c.eval) if s}
     log.info("compare: %d cells, %d distinct stages", len(grid.cells), len(stages))
     for f in force or []:
@@ -259,7 +263,9 @@ def run_compare(
                 f"--force {f}: not a stage kind (quantize, train, eval) nor a stage key",
                 hint=f"stage keys are the names in {grid.root / 'stages'}",
             )
-    runner = Runner(grid.root, force or [], isolate=isolate, verb="compare", overwrite=overwrite)
+    runner = Runner(
+        grid.root, force or [], isolate=isolate, verb="compare", overwrite=overwrite, device=device
+    )
     written: dict[str, Any] = {}
 
     def reports() -> None:

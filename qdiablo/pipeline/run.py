@@ -57,6 +57,13 @@ def check_wiring(settings: dict[str, Any], wired: set[str], source: str) -> None
 # --------------------------------------------------------------------------------------------
 
 
+def _quantize_resume(output: Path) -> dict[str, Any] | None:
+    """An interrupted quantize resumes from the blocks it saved (quantizers/resume.py)."""
+    from quantizers.resume import PARTIAL_DIR
+
+    return {} if (output / PARTIAL_DIR).is_dir() else None
+
+
 def quantize_stage(key: str, model: str, settings: dict, output: Path, source: str) -> Stage:
     return Stage(
         key=key,
@@ -65,6 +72,7 @@ def quantize_stage(key: str, model: str, settings: dict, output: Path, source: s
         output=output,
         done_file="quantize_config.json",
         source=source,
+        resume=_quantize_resume,
     )
 
 
@@ -175,11 +183,11 @@ def build_pipeline(
     data: dict[str, Any], source: str, output: str | None = None
 ) -> tuple[Path, list[Stage]]:
     """The output root and the configured stages, every key checked (nothing runs here)."""
-    unknown = sorted(set(data) - {"output", "model", *STAGE_NAMES})
+    unknown = sorted(set(data) - {"output", "model", "device", *STAGE_NAMES})
     if unknown:
         raise UserError(
             f"{source}: unknown key '{unknown[0]}'",
-            hint=f"known keys: output, model, {', '.join(STAGE_NAMES)}",
+            hint=f"known keys: output, model, device, {', '.join(STAGE_NAMES)}",
         )
     root = Path(output or data.get("output") or "")
     if not str(root) or str(root) == ".":
@@ -237,9 +245,13 @@ def run_pipeline(
     output: str | None = None,
     isolate: bool = False,
     overwrite: bool = False,
+    device: str | None = None,
 ) -> list[Outcome]:
-    """Run (or resume) the pipeline a config describes; print the summary and the scores."""
-    root, stages = build_pipeline(load_yaml(config), str(config), output)
+    """Run (or resume) the pipeline a config describes; print the summary and the scores.
+    `device` (else the config's `device`, else auto) goes to every stage that takes one."""
+    data = load_yaml(config)
+    root, stages = build_pipeline(data, str(config), output)
+    device = str(device or data.get("device") or "auto")
     names = {s.key for s in stages}
     for f in force or []:
         if f not in names:
@@ -247,7 +259,8 @@ def run_pipeline(
                 f"--force {f}: no such stage in {config}", hint=f"stages: {', '.join(names)}"
             )
     # --force STAGE re-runs that stage; the stages after it follow (their inputs changed).
-    outcomes = Runner(root, force or [], isolate=isolate, overwrite=overwrite).run(stages)
+    runner = Runner(root, force or [], isolate=isolate, overwrite=overwrite, device=device)
+    outcomes = runner.run(stages)
     print(summary_table(outcomes))
     ev = next((s for s in stages if s.verb == "eval"), None)
     if ev is not None:

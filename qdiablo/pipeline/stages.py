@@ -1,4 +1,5 @@
 """Stages: one `qdiablo <verb>` call each, with an identity, a marker, and skip/resume rules.
+(One file over 400 lines: a stage and the runner that skips, resumes and clears it are one rule.)
 
 A stage's identity is the sha256 of the verb's fully resolved arguments (every flag after
 defaults, minus output paths and other settings that do not change the result), the identities of
@@ -60,6 +61,7 @@ NEUTRAL_KEYS = frozenset(
         "progress",
         "no_progress",
         "threads",
+        "device",  # where a stage runs, like threads: not what it is
         "logging_steps",
         "save_steps",
         "save_total_limit",
@@ -217,8 +219,11 @@ class Runner:
         verb: str = "run",
         overwrite: bool = False,
         threads: int | None = None,
+        device: str | None = None,
     ):
         self.root = Path(root)
+        # device: passed to every stage whose verb takes --device, unless the stage sets its own
+        self.device = device
         self.verb = verb  # whose marker the root folder carries (run, demo, compare)
         self.overwrite = overwrite
         self.markers = self.root / MARKER_DIR
@@ -332,20 +337,8 @@ class Runner:
             stage.verb,
             stage.output,
         )
-        # extra: e.g. train's resume=auto. A stage run afresh may write among the files of the
-        # user's that _clear kept (overwrite: they stay); a resumed one keeps its own too.
-        args = {**stage.args, **(extra or {}), "overwrite": extra is None}
         start = time.time()
-        if self.isolate:
-            rc, peak_kib = self._subprocess(stage, args)
-        else:
-            namespace = parse_verb_args(stage.verb, args, stage.key)
-            if self.threads:
-                import torch
-
-                torch.set_num_threads(self.threads)
-            rc = namespace._run(namespace)
-            peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        rc, peak_kib = self._execute(stage, extra)
         seconds = time.time() - start
         peak_mib = round(peak_kib / 1024, 1)
         gc.collect()
@@ -374,6 +367,29 @@ class Runner:
         self.run_ids[stage.key] = run_id
         log.info("%s: done in %.1f s, peak RSS %.0f MiB", stage.key, seconds, peak_mib)
         return Outcome(stage, status, seconds, run_id, peak_mib)
+
+    def _execute(self, stage: Stage, extra: dict[str, Any] | None) -> tuple[int, int]:
+        """Run the stage's verb (with `extra` args, e.g. train's resume=auto, and the runner's
+        device); its exit status and peak RSS in KiB (the stage process's when isolated)."""
+        placed = self._device_args(stage)
+        # A stage run afresh may write among the files of the user's that _clear kept
+        # (overwrite: they stay); a resumed one (extra, e.g. resume=auto) keeps its own too.
+        args = {**placed, **stage.args, **(extra or {}), "overwrite": extra is None}
+        if self.isolate:
+            return self._subprocess(stage, args)
+        namespace = parse_verb_args(stage.verb, args, stage.key)
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        rc = namespace._run(namespace)
+        return rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+    def _device_args(self, stage: Stage) -> dict[str, Any]:
+        """{"device": ...} for a stage whose verb has a --device flag, when one is set."""
+        if self.device is None or "device" not in vars(stage.namespace()):
+            return {}
+        return {"device": self.device}
 
     def _subprocess(self, stage: Stage, args: dict[str, Any]) -> tuple[int, int]:
         """`python -m qdiablo <verb> --config <args file>`: the verb's own YAML config path.

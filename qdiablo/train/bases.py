@@ -7,12 +7,12 @@ what the base is.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from qdiablo.devices import resolve_device
 from qdiablo.errors import UserError
 from qdiablo.kinds import PACKED_KINDS, TRAIN_BASE_KINDS
 from qdiablo.models import load_base, load_tokenizer, parse_dtype
@@ -29,10 +29,9 @@ class LoadedBase:
 
 
 def default_device() -> torch.device:
-    """This process's device: its own GPU under a multi-GPU launch, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    """This process's device: its own GPU under a multi-GPU launch, else the CPU (the one
+    device rule, qdiablo.devices)."""
+    return resolve_device("auto")
 
 
 def load_training_base(

@@ -18,7 +18,8 @@ from qdiablo.kinds import TRAIN_BASE_KINDS
 
 BASE_KINDS = TRAIN_BASE_KINDS  # `--base`: the loader's kinds but "auto" (qdiablo.kinds)
 ADAPTERS = ("diablo", "lora")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULERS = ("linear", "cosine", "constant_with_warmup", "constant")
 # `--optimizer` → TrainingArguments.optim. SGD (no momentum) is the reference where a run must be
 # compared update by update (its step is linear in the gradient; AdamW's is not).
@@ -64,12 +65,22 @@ class TrainConfig:
         ),
     )
     dtype: str = field(
-        default="float32",
+        default="auto",
         metadata=_meta(
             "dtype of the base's float weights and compute (bfloat16 gives the 16-bit references); "
-            "adapter weights always train in float32",
+            "auto: bfloat16 on a GPU that has it, else float32; adapter weights always train in "
+            "float32",
             "base",
-            choices=("float32", "bfloat16", "float16"),
+            choices=DTYPES,
+        ),
+    )
+    device: str = field(
+        default="auto",
+        metadata=_meta(
+            "where the run computes: auto (a CUDA GPU when there is one, else the CPU), cpu, "
+            "cuda or cuda:N (N = this process's LOCAL_RANK; pick another GPU with "
+            "CUDA_VISIBLE_DEVICES)",
+            "base",
         ),
     )
     packed_storage: str = field(
@@ -162,8 +173,10 @@ class TrainConfig:
     micro_batch_size: int | None = field(
         default=None,
         metadata=_meta(
-            "examples per forward pass on each device (default: --batch-size ÷ devices); "
-            "gradients accumulate over batch_size ÷ (micro_batch_size × devices) passes",
+            "examples per forward pass on each device; default: on a GPU the largest that the "
+            "memory planner (`qdiablo plan`) fits in its memory at --max-length tokens, on the "
+            "CPU --batch-size ÷ devices; gradients accumulate over batch_size ÷ "
+            "(micro_batch_size × devices) passes",
             "optimisation",
         ),
     )
@@ -194,16 +207,21 @@ class TrainConfig:
         default=1.0, metadata=_meta("clip gradients to this global norm (0: off)", "optimisation")
     )
     precision: str = field(
-        default="fp32",
+        default="auto",
         metadata=_meta(
-            "autocast mixed precision (fp16 needs a GPU; on CPU use bf16 or fp32)",
+            "autocast mixed precision: auto is bf16 on a GPU that has it (fp16 on older GPUs), "
+            "fp32 on the CPU (fp16 needs a GPU; on CPU use bf16 or fp32)",
             "optimisation",
             choices=PRECISIONS,
         ),
     )
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata=_meta("recompute activations in backward to save memory", "optimisation"),
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata=_meta(
+            "recompute activations in backward to save memory; default: on for a quantized "
+            "base (gptq, rtn, nf4, nf2) on a GPU, else off",
+            "optimisation",
+        ),
     )
     seed: int = field(
         default=42,
@@ -335,6 +353,7 @@ def field_defaults() -> dict[str, Any]:
 # Settings that may differ between a run and its resumption.
 RESUME_FREE_FIELDS = {
     "packed_storage",  # the same bytes either way
+    "device",  # where; what it computes in (precision, dtype) is compared, resolved
     "resume",
     "overwrite",
     "output",

@@ -53,7 +53,8 @@ from qdiablo.train.fsdp import check_fsdp_launch, gather_trainable, packed_base_
 from qdiablo.train.fsdp_loading import file_state_of, shard_and_load
 from qdiablo.train.health import LossRiseCallback
 from qdiablo.train.metrics import JsonlLogCallback, ThroughputCallback, base_linear_bytes
-from qdiablo.train.trainer import AdapterTrainer, training_arguments
+from qdiablo.train.runtime import Runtime, resolve_runtime
+from qdiablo.train.trainer import AdapterTrainer, training_arguments, world_size
 from qdiablo.versions import library_versions
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,59 @@ def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget
     return model, budget, budget.other_method(config.adapter, shapes)
 
 
+def _sharded_loader(loaded: LoadedBase, model, config: TrainConfig):
+    """FSDP's sharded loading: the base is still on meta, and each process will read only its
+    shards; the DiaBlo fingerprint comes from the few file rows it samples."""
+    if isinstance(model, DiaBloModel):
+        state_of = file_state_of(loaded.model, loaded.model._qdiablo_files)
+        targets = [name for name, _ in model.diablo_layers()]
+        model.base_fingerprint = base_fingerprint(model.model, targets, state_of)
+    return functools.partial(shard_and_load, base=loaded.model, seed=config.seed)
+
+
+def _announce(config, loaded, runtime, budget, other, own_count: int) -> None:
+    """The run's first lines: the base, where and how it computes, the adapter and its count."""
+    own = f"N={budget.num_blocks}" if config.adapter == "diablo" else f"r={budget.rank}"
+    if other["adapter"] == "lora":
+        same = f"LoRA at the matched r={other['rank']}"
+    else:
+        same = f"DiaBlo at the matched N={other['num_blocks']}"
+    count = other["trainable_parameters"]
+    _say(f"base: {loaded.description} ({config.base})")
+    _say(
+        f"on {runtime.device}: {config.precision} compute, {config.dtype} float weights, "
+        f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}"
+    )
+    _say(
+        f"adapter: {config.adapter} {own} on {budget.num_layers} layers: {own_count:,} trainable "
+        f"parameters ({same}: {f'{count:,}' if count is not None else 'n/a'})"
+    )
+
+
+def _results(config, loaded, budget, other, own_count, model, data_summary, args) -> dict:
+    """train_results.json's settings part: what was trained, on what, with which batches."""
+    return {
+        "adapter": config.adapter,
+        "base": config.base,
+        "base_description": loaded.description,
+        "model": config.model,
+        "trainable_parameters": own_count,
+        "budget": budget.to_dict(),
+        "matched_params": config.match_params,
+        "other_method": other,
+        "base_linear_layers": base_linear_bytes(model),
+        "data": data_summary.to_dict(),
+        "devices": args.world_size,
+        "micro_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "effective_batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "device": str(args.device),
+        "precision": config.precision,
+        "gradient_checkpointing": config.gradient_checkpointing,
+    }
+
+
 def train(
     config: TrainConfig,
     base: LoadedBase | None = None,
@@ -199,6 +253,7 @@ def train(
             "--decontaminate": [d for d in config.decontaminate if Path(d).is_file()],
         },
     )
+    config, runtime = resolve_runtime(config, world_size())  # `auto` made concrete: recorded
     under_fsdp = check_fsdp_launch(
         config.base, config.packed_storage, config.precision
     )  # FSDP1 / nf4 under FSDP: a clear error first
@@ -215,7 +270,7 @@ def train(
         if is_main_process():
             folder.claim(OUTPUT_NAMES)
         held = folder if is_main_process() else None
-        result = _train_into(output, config, base, callbacks, under_fsdp, held)
+        result = _train_into(output, config, base, callbacks, under_fsdp, runtime, held)
         if is_main_process():
             folder.finish()
     return result
@@ -227,6 +282,7 @@ def _train_into(
     base: LoadedBase | None,
     callbacks: list | None,
     under_fsdp: bool,
+    runtime: Runtime,
     folder: OutputFolder | None = None,
 ) -> TrainResult:
     """The run proper, into a folder rank 0 holds (`folder`; None on the other ranks)."""
@@ -241,29 +297,13 @@ def _train_into(
         config.model,
         config.gguf_file,
         config.dtype,
-        device="meta" if sharded_loading else None,
+        device="meta" if sharded_loading else runtime.device,
         packed_storage=config.packed_storage,
     )
     model, budget, other = attach_adapter(loaded, config)
-    load_shards = None
-    if sharded_loading:  # the base is still on meta: each process reads only its shards
-        load_shards = functools.partial(shard_and_load, base=loaded.model, seed=config.seed)
-        if isinstance(model, DiaBloModel):
-            state_of = file_state_of(loaded.model, loaded.model._qdiablo_files)
-            targets = [name for name, _ in model.diablo_layers()]
-            model.base_fingerprint = base_fingerprint(model.model, targets, state_of)
+    load_shards = _sharded_loader(loaded, model, config) if sharded_loading else None
     own_count = trainable_parameters(model)
-    own = f"N={budget.num_blocks}" if config.adapter == "diablo" else f"r={budget.rank}"
-    if other["adapter"] == "lora":
-        same = f"LoRA at the matched r={other['rank']}"
-    else:
-        same = f"DiaBlo at the matched N={other['num_blocks']}"
-    count = other["trainable_parameters"]
-    _say(f"base: {loaded.description} ({config.base})")
-    _say(
-        f"adapter: {config.adapter} {own} on {budget.num_layers} layers: {own_count:,} trainable "
-        f"parameters ({same}: {f'{count:,}' if count is not None else 'n/a'})"
-    )
+    _announce(config, loaded, runtime, budget, other, own_count)
     dataset = tokenize_records(
         loaded.tokenizer, records, data_summary, config.template, config.max_length
     )
@@ -294,34 +334,22 @@ def _train_into(
 
     adapter_dir = output / ADAPTER_DIR
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    results = {
-        "adapter": config.adapter,
-        "base": config.base,
-        "base_description": loaded.description,
-        "model": config.model,
-        "trainable_parameters": own_count,
-        "budget": budget.to_dict(),
-        "matched_params": config.match_params,
-        "other_method": other,
-        "base_linear_layers": base_linear_bytes(model),
-        "data": data_summary.to_dict(),
-        "devices": args.world_size,
-        "micro_batch_size": args.per_device_train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "effective_batch_size": config.batch_size,
-        "learning_rate": config.learning_rate,
-        "global_step": trainer.state.global_step,
-        "epochs_done": trainer.state.epoch,
-        "train_loss": outcome.training_loss,
-        "first_logged_loss": losses[0] if losses else None,
-        "last_logged_loss": losses[-1] if losses else None,
-        "train_runtime_seconds": outcome.metrics.get("train_runtime"),
-        "throughput": throughput.summary(),
-        "resumed_from": str(resume_from) if resume_from else None,
-        "device": str(args.device),
-        "warnings": rising.warnings,
-        "versions": library_versions(),
-    }
+    results = _results(config, loaded, budget, other, own_count, model, data_summary, args)
+    results.update(
+        {
+            "global_step": trainer.state.global_step,
+            "epochs_done": trainer.state.epoch,
+            "train_loss": outcome.training_loss,
+            "first_logged_loss": losses[0] if losses else None,
+            "last_logged_loss": losses[-1] if losses else None,
+            "train_runtime_seconds": outcome.metrics.get("train_runtime"),
+            "throughput": throughput.summary(),
+            "resumed_from": str(resume_from) if resume_from else None,
+            "runtime": runtime.to_dict(),
+            "warnings": rising.warnings,
+            "versions": library_versions(),
+        }
+    )
     gathered = gather_trainable(model) if under_fsdp else None  # a collective: every rank
     if under_fsdp:
         results["fsdp"] = {

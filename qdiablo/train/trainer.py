@@ -17,6 +17,7 @@ from torch import nn
 from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
+from qdiablo.devices import resolve_device
 from qdiablo.diablo import DiaBloModel
 from qdiablo.errors import UserError
 from qdiablo.faults import guard
@@ -180,8 +181,9 @@ def gradient_accumulation(config: TrainConfig, devices: int) -> tuple[int, int]:
 
 
 def training_arguments(config: TrainConfig, checkpoint_dir: str) -> TrainingArguments:
-    """TrainingArguments for a run; the checkpoints go under `checkpoint_dir`."""
-    use_cpu = not torch.cuda.is_available()
+    """TrainingArguments for a run (its `auto` settings already resolved: qdiablo.train.runtime);
+    the checkpoints go under `checkpoint_dir`."""
+    use_cpu = resolve_device(config.device).type == "cpu"
     if config.precision == "fp16" and use_cpu:
         raise UserError(
             "--precision fp16 needs a GPU: on CPU, accelerate runs fp16 as fp32 without saying so",

@@ -8,8 +8,11 @@
                            this runs the kernels on CPU tensors through Triton's interpreter
                            (slow: for tests)
 
-`set_kernel("triton")` overrides the environment from Python. The choice is logged once per
-(device, dtype, bits, backend) at INFO on the `quantizers.kernels` logger. The first time each
+`set_kernel("triton")` overrides the environment from Python. The choice is made once per
+(mode, device, dtype, bits, M above or below AUTO_TRITON_MAX_M) and cached: a training step calls
+`select` two or three times per packed layer, and the device capability and the triton version
+are read only when a new combination first comes (`set_kernel` clears the cache). It is logged
+then, at INFO on the `quantizers.kernels` logger. The first time each
 compiled variant runs on a GPU it is checked against the torch path (`selfcheck`); a variant that
 fails is not used again. Nothing here imports triton until a Triton kernel is actually wanted, so
 importing `quantizers` never needs it.
@@ -56,6 +59,7 @@ pyproject's dev extra): `auto` uses the torch path below it; QDIABLO_KERNEL=trit
 
 _override: str | None = None
 _logged: set[tuple] = set()
+_selected: dict[tuple, str] = {}
 _module: ModuleType | None = None
 _import_error: str | None = None
 
@@ -66,6 +70,7 @@ def set_kernel(mode: str | None) -> None:
         raise ValueError(f"kernel mode {mode!r}: expected one of {', '.join(MODES)}")
     global _override
     _override = mode
+    _selected.clear()
 
 
 def kernel_mode() -> str:
@@ -128,9 +133,29 @@ def triton_version() -> tuple[int, ...]:
 
 
 def select(x: Tensor, bits: int) -> str:
-    """The backend, "triton" or "torch", for a packed matmul on x; logs the choice once."""
-    mode = kernel_mode()
+    """The backend, "triton" or "torch", for a packed matmul on x: decided (and logged) once per
+    combination of mode, device, dtype, bits and M's side of AUTO_TRITON_MAX_M, then cached.
+    Reads nothing from the device (x's shape and device are host metadata)."""
     rows = x.numel() // max(x.shape[-1], 1) if x.dim() else 1
+    key = (
+        _override,
+        os.environ.get("QDIABLO_KERNEL"),
+        os.environ.get("TRITON_INTERPRET"),
+        x.device,
+        x.dtype,
+        bits,
+        rows > AUTO_TRITON_MAX_M,
+    )
+    choice = _selected.get(key)
+    if choice is None:
+        choice = _select(x, bits, rows)  # raises where a forced mode cannot run: not cached
+        _selected[key] = choice
+    return choice
+
+
+def _select(x: Tensor, bits: int, rows: int) -> str:
+    """`select`'s decision, from scratch, logged once per (device, dtype, bits, backend)."""
+    mode = kernel_mode()
     if mode == "torch":
         choice, why = "torch", "QDIABLO_KERNEL=torch"
     else:

@@ -30,6 +30,7 @@ ADAPTER_FILES = (
     "adapter_model.safetensors",
     "adapter_model.bin",
     "README.md",  # PEFT writes a card beside a LoRA adapter
+    "trained_scales.safetensors",  # --train-scales (qdiablo.adapters.scales.SCALES_FILE)
 )
 CHECKPOINT_FILES = (
     *ADAPTER_FILES,

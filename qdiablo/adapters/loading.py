@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qdiablo.adapters.lora import load_lora
+from qdiablo.adapters.scales import load_trained_scales
 from qdiablo.diablo import DiaBloModel
 from qdiablo.diablo.model import ADAPTER_CONFIG_NAME
 from qdiablo.errors import UserError
@@ -38,7 +39,8 @@ def load_adapter(model, adapter_dir: str | Path, *, force: bool = False, merge: 
 
     `merge=True` folds the adapter into the base's weights (`merge_and_unload`) for faster
     inference; on a quantized base the merged layers are dense. `force` skips DiaBlo's base
-    fingerprint check.
+    fingerprint check. Scales trained with the adapter (`--train-scales`) are folded into the
+    packed base's stored scales, after the fingerprint check (qdiablo.adapters.scales).
     """
     kind = adapter_kind(adapter_dir)
     if kind == "diablo":  # checks its tensors are finite itself
@@ -54,6 +56,7 @@ def load_adapter(model, adapter_dir: str | Path, *, force: bool = False, merge: 
             wrapped = load_lora(model, str(adapter_dir))
         else:
             wrapped = PeftModel.from_pretrained(model, str(adapter_dir))
+    load_trained_scales(wrapped, adapter_dir, fold=True)
     wrapped.eval()
     if merge:
         return wrapped.merge_and_unload()

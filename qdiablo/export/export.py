@@ -30,12 +30,14 @@ import torch
 
 from eval.runner import SUMMARY_FILE
 from qdiablo.adapters.loading import adapter_kind, load_adapter
+from qdiablo.adapters.scales import has_trained_scales
 from qdiablo.calibration import build_calibration_data, check_reconstruction_windows
 from qdiablo.devices import default_compute_dtype, resolve_device
 from qdiablo.errors import UserError
 from qdiablo.export.card import CardFacts, model_card
 from qdiablo.export.merge import merge_into_dense, write_merged
 from qdiablo.export.merge import requantize_merged as requantize_streamed
+from qdiablo.export.scales import drop_scales_from_adapter_copy, fold_into_base_copy
 from qdiablo.export.serving import (
     ServeOptions,
     ServePlan,
@@ -259,7 +261,9 @@ def export_model(
             calib_data = _calibration(
                 what, tokenizer, base, calib, calib_samples, calib_seq_len, calib_batch_size
             )
-        model = load_adapter(base_model, adapter)  # the fingerprint check: before any write
+        # the fingerprint check, before any write; trained scales are folded into base_model
+        model = load_adapter(base_model, adapter)
+        trained_scales = has_trained_scales(adapter)
         log.info("exporting %s + %s to %s", base, adapter, output)
 
         facts = CardFacts(
@@ -284,6 +288,13 @@ def export_model(
                 _copy_files(base, base_files(base), tmp / "base")
                 adapter_files = [n for n in ADAPTER_COPY if (adapter / n).is_file()]
                 _copy_files(adapter, adapter_files, tmp / "adapter")
+                if trained_scales:  # --train-scales: the base carries them (export/scales.py)
+                    fold_into_base_copy(model, tmp / "base")
+                    drop_scales_from_adapter_copy(model, tmp / "adapter")
+                    facts.notes.append(
+                        "base/ holds the scales trained with the adapter (--train-scales), folded "
+                        "into its fp16 scales; adapter/ is the adapter trained on them"
+                    )
             requantized = None
             if merged:
                 dtype = getattr(torch, merged_dtype)
@@ -303,7 +314,7 @@ def export_model(
                     facts.requantized = {
                         "quantize_config": config.quantization_config(),
                         "calibration": f"{sum(len(b) for b in calib_data)} windows of "
-                        f"{calib_seq_len} tokens from {Path(calib).name}",
+                        f"{calib_seq_len} tokens from {_calib_name(calib)}",
                         "change": change,
                     }
             if serve.any:  # marlin/ and gguf/ are written from the whole merged model
@@ -330,6 +341,11 @@ def export_model(
             shutil.rmtree(tmp, ignore_errors=True)  # safe: our staging folder (folder.staging)
         log.info("exported %d files to %s", len(manifest["files"]), output)
         return output
+
+
+def _calib_name(calib: Any) -> str:
+    sources = [calib] if isinstance(calib, str | Path) else list(calib)
+    return " + ".join(Path(s).name for s in sources)
 
 
 def _calibration(what: str, tokenizer, base: Path, calib, samples: int, seq_len: int, batch: int):

@@ -30,10 +30,11 @@ from qdiablo.diablo import DiaBloModel
 from qdiablo.diablo.layer import DiaBloLinear
 from qdiablo.errors import UserError
 from qdiablo.health import require_finite
-from qdiablo.streamed import meta_model, streamed_logits
+from qdiablo.streamed import meta_model
 from quantizers import QuantLinear, quantize_model
 from quantizers.calibration import find_decoder_blocks
 from quantizers.fileio import release_host_memory
+from quantizers.lazy import streamed_logits
 from quantizers.shards import DEFAULT_SHARD_BYTES, ShardWriter
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,8 @@
 
 A checkpoint folder `checkpoints/checkpoint-<step>/` holds
 - the adapter alone, in its usual folder format (DiaBlo: `adapter_config.json` +
-  `adapter_model.safetensors`; LoRA: PEFT's files), never the frozen base;
+  `adapter_model.safetensors`; LoRA: PEFT's files), never the frozen base; with
+  `--train-scales`, also the base's trained scale multipliers (`trained_scales.safetensors`);
 - Trainer's `optimizer.pt`, `scheduler.pt`, `rng_state[_<rank>].pth`, `trainer_state.json` and
   `training_args.bin`.
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qdiablo.adapters.scales import load_trained_scales, save_trained_scales
 from qdiablo.diablo import DiaBloConfig, DiaBloModel
 from qdiablo.diablo.fingerprint import mismatch_message
 from qdiablo.diablo.model import (
@@ -78,6 +80,7 @@ def save_adapter(
             model.save_pretrained(str(staged), save_embedding_layers=False, state_dict=gathered)
         else:
             raise TypeError(f"cannot save an adapter from a {type(model).__name__}")
+        save_trained_scales(model, staged)  # --train-scales: the base's trained multipliers
         apply_umask(staged)  # safetensors writes 0600
         for item in staged.iterdir():
             os.replace(item, folder / item.name)
@@ -95,6 +98,7 @@ def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
         _load_lora(model, folder)
     else:
         raise TypeError(f"cannot load adapter weights into a {type(model).__name__}")
+    load_trained_scales(model, folder, fold=False)
 
 
 def _load_diablo(model: DiaBloModel, folder: Path) -> None:

@@ -73,6 +73,10 @@ class AdapterTrainer(Trainer):
         if load_shards is not None:
             self.model = self.model_wrapped = load_shards(self.accelerator, self.model)
         self.health = HealthMonitor(Path(self.args.output_dir))
+        if teacher is not None:
+            # compute_loss returns a per-micro-batch mean: let Trainer divide it by the
+            # accumulation steps (the LM loss alone is normalised over the whole batch instead).
+            self.loss_is_scaled_for_ga = False
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs) -> TrainOutput:
         """Trainer.train, except that resuming from the run's last checkpoint (killed after it,
@@ -110,10 +114,6 @@ class AdapterTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         if self.args.should_save and self.keep_checkpoints:
             rotate_checkpoints(Path(self.args.output_dir), self.keep_checkpoints)
-        if teacher is not None:
-            # compute_loss returns a per-micro-batch mean: let Trainer divide it by the
-            # accumulation steps (the LM loss alone is normalised over the whole batch instead).
-            self.loss_is_scaled_for_ga = False
 
     def create_optimizer(self, model: nn.Module | None = None):
         """Trainer's optimizer for the adapter, plus one group (no weight decay) at `scale_lr`

@@ -9,7 +9,9 @@ from qdiablo.adapters.scales import load_trained_scales
 from qdiablo.diablo import DiaBloModel
 from qdiablo.diablo.model import ADAPTER_CONFIG_NAME
 from qdiablo.errors import UserError
-from qdiablo.io import read_json
+from qdiablo.health import NONFINITE_HINT, require_finite
+from qdiablo.inputs import ADAPTER_VERBS, require_finished
+from qdiablo.io import read_adapter_weights, read_json
 from qdiablo.optional import import_peft
 
 
@@ -18,6 +20,7 @@ def adapter_kind(adapter_dir: str | Path) -> str:
     folder = Path(adapter_dir)
     if not folder.is_dir():
         raise UserError(f"adapter folder not found: {folder}")
+    require_finished(folder, ADAPTER_VERBS, what="adapter")
     config = read_json(folder / ADAPTER_CONFIG_NAME, what="adapter config")
     if not isinstance(config, dict):
         raise UserError(f"{folder / ADAPTER_CONFIG_NAME}: expected a JSON object")
@@ -40,9 +43,14 @@ def load_adapter(model, adapter_dir: str | Path, *, force: bool = False, merge: 
     packed base's stored scales, after the fingerprint check (qdiablo.adapters.scales).
     """
     kind = adapter_kind(adapter_dir)
-    if kind == "diablo":
+    if kind == "diablo":  # checks its tensors are finite itself
         wrapped = DiaBloModel.from_pretrained(model, adapter_dir, force=force)
     else:
+        weights = Path(adapter_dir) / "adapter_model.safetensors"
+        if weights.is_file():
+            require_finite(
+                read_adapter_weights(weights).items(), f"adapter {weights}", hint=NONFINITE_HINT
+            )
         PeftModel = import_peft(what="a PEFT adapter").PeftModel
         if kind == "lora":  # re-registers the packed-layer dispatch GPTQ-LoRA was trained with
             wrapped = load_lora(model, str(adapter_dir))

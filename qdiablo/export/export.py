@@ -18,6 +18,7 @@ anything is written. `qdiablo.models.load_exported` loads it back.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import logging
 import shutil
@@ -30,13 +31,13 @@ import torch
 from eval.runner import SUMMARY_FILE
 from qdiablo.adapters.loading import adapter_kind, load_adapter
 from qdiablo.adapters.scales import has_trained_scales
-from qdiablo.calibration import build_calibration_data
+from qdiablo.calibration import build_calibration_data, check_reconstruction_windows
 from qdiablo.devices import default_compute_dtype, resolve_device
 from qdiablo.errors import UserError
 from qdiablo.export.card import CardFacts, model_card
 from qdiablo.export.merge import merge_into_dense, write_merged
 from qdiablo.export.merge import requantize_merged as requantize_streamed
-from qdiablo.export.scales import write_adapter_without_scales, write_folded_base
+from qdiablo.export.scales import drop_scales_from_adapter_copy, fold_into_base_copy
 from qdiablo.export.serving import (
     ServeOptions,
     ServePlan,
@@ -44,11 +45,14 @@ from qdiablo.export.serving import (
     serving_usage,
     write_serving,
 )
+from qdiablo.faults import guard
 from qdiablo.hashing import adapter_digest
+from qdiablo.inputs import check_apart, require_finished
 from qdiablo.io import read_json
 from qdiablo.manifest import MANIFEST_NAME, build_manifest
 from qdiablo.models import is_quantized_folder, load_packed
-from qdiablo.outputs import OutputFolder, is_bookkeeping
+from qdiablo.outputs import OutputFolder
+from qdiablo.ownership import read_marker
 from qdiablo.train.config import CONFIG_FILE, RESULTS_FILE
 from qdiablo.versions import library_versions
 from quantizers import QuantConfig, save_quantized
@@ -69,25 +73,64 @@ EXPORT_NAMES = (
     "README.md",
     MANIFEST_NAME,
 )
-
-
-def _check_output(output: Path, sources: Sequence[Path]) -> None:
-    out = output.resolve()
-    for src in sources:
-        if out == src.resolve() or out in src.resolve().parents:
-            raise UserError(f"--output {output} would replace its own input {src}")
+# A base folder without a `qdiablo quantize` marker (another tool's GPTQ folder): the files of
+# a Hugging Face GPTQ checkpoint, the only ones copied.
+BASE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "quantize_config.json",
+    "quantization_report.json",
+    "quantization_report.md",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+)
+# An adapter folder's files (DiaBlo's, or PEFT's weights and config): the only ones copied.
+ADAPTER_COPY = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
 def _read_train_run(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not folder.is_dir():
         raise UserError(f"--train-run folder not found: {folder}")
+    require_finished(folder, ("train",), what="--train-run")
     config = read_json(folder / CONFIG_FILE, what="training config")
     results = read_json(folder / RESULTS_FILE, what="training results (is the run finished?)")
     return config, results
 
 
 def _read_eval(folder: Path) -> dict[str, Any]:
+    require_finished(folder, ("eval",), what="--eval")
     return read_json(folder / SUMMARY_FILE, what="evaluation summary (run `qdiablo eval` first)")
+
+
+def base_files(base: Path) -> list[str]:
+    """The files of a quantized base that an export copies: those its `qdiablo quantize` marker
+    lists, else (another tool's folder) those of a GPTQ checkpoint; never anything else."""
+    marker = read_marker(base, "quantize")
+    if marker is not None:
+        names = [n for n in marker["files"] if (base / n).is_file()]
+    else:
+        names = [
+            p.name
+            for p in base.iterdir()
+            if p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in BASE_FILES)
+        ]
+    return sorted(names)
+
+
+def _copy_files(source: Path, names: Sequence[str], target: Path) -> None:
+    target.mkdir()
+    for name in names:
+        shutil.copy2(source / name, target / name)
 
 
 def _describe(config_json: Mapping[str, Any]) -> str:
@@ -166,6 +209,12 @@ def export_model(
             raise UserError("no adapter given", hint="pass --adapter DIR or --train-run DIR")
         adapter = train_dir / "adapter"
     adapter = Path(adapter)
+    check_apart(
+        output,
+        {"--base": base, "--adapter": adapter, "--train-run": train_dir, "--eval": list(evals),
+         "--calib": calib},
+    )  # fmt: skip
+    require_finished(base, ("quantize",), what="--base")
     if not is_quantized_folder(base):
         raise UserError(
             f"--base {base} is not a folder written by `qdiablo quantize` (no quantize_config.json)"
@@ -185,11 +234,11 @@ def export_model(
             "--requantize needs calibration data: re-quantizing the merged model runs MagR/GPTQ",
             hint="pass --calib FILE (a Math10K .json/.jsonl or a plain-text file)",
         )
-    _check_output(output, [base, adapter, *([train_dir] if train_dir else [])])
-    folder = OutputFolder(
-        output, "export", overwrite=overwrite, replace_own=False, known=EXPORT_NAMES
-    )
+    folder = OutputFolder(output, "export", overwrite=overwrite, known=EXPORT_NAMES)
     with folder:
+        parts = ["base", "adapter"] + ["merged"] * merged + ["merged-gptq"] * requantize_merged
+        parts += ["marlin"] * serve.marlin + ["gguf"] * (serve.gguf is not None)
+        _check_parts_hold_only_ours(folder, parts)
         train_config, train_results = _read_train_run(train_dir) if train_dir else (None, None)
         summaries = [(str(e), _read_eval(Path(e))) for e in evals]
         base_entry = read_json(base / "quantize_config.json", what="quantize config")
@@ -207,6 +256,7 @@ def export_model(
             config = requantize_config(base_entry, quant_overrides)
             plan = plan_serving(serve, config, base_model, tokenizer)
         if requantize_merged or plan.needs_calibration:
+            check_reconstruction_windows(config, calib_samples)
             what = "--requantize" if requantize_merged else "--serve marlin / an exact --gguf"
             calib_data = _calibration(
                 what, tokenizer, base, calib, calib_samples, calib_seq_len, calib_batch_size
@@ -232,18 +282,19 @@ def export_model(
             versions=library_versions(),
             notes=notes,
         )
-        tmp = folder.staging()
+        tmp = folder.staging()  # the output is untouched until install (which marks it changed)
         try:
-            if trained_scales:  # --train-scales: the base carries them (qdiablo.export.scales)
-                write_folded_base(model, base, tmp / "base")
-                write_adapter_without_scales(model, adapter, tmp / "adapter")
-                facts.notes.append(
-                    "base/ holds the scales trained with the adapter (--train-scales), folded "
-                    "into its fp16 scales; adapter/ is the adapter trained on them"
-                )
-            else:
-                shutil.copytree(base, tmp / "base", ignore=_bookkeeping)
-                shutil.copytree(adapter, tmp / "adapter", ignore=_bookkeeping)
+            with guard(output):
+                _copy_files(base, base_files(base), tmp / "base")
+                adapter_files = [n for n in ADAPTER_COPY if (adapter / n).is_file()]
+                _copy_files(adapter, adapter_files, tmp / "adapter")
+                if trained_scales:  # --train-scales: the base carries them (export/scales.py)
+                    fold_into_base_copy(model, tmp / "base")
+                    drop_scales_from_adapter_copy(model, tmp / "adapter")
+                    facts.notes.append(
+                        "base/ holds the scales trained with the adapter (--train-scales), folded "
+                        "into its fp16 scales; adapter/ is the adapter trained on them"
+                    )
             requantized = None
             if merged:
                 dtype = getattr(torch, merged_dtype)
@@ -287,7 +338,7 @@ def export_model(
             folder.install(tmp)
             folder.finish()
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # safe: our staging folder (folder.staging)
         log.info("exported %d files to %s", len(manifest["files"]), output)
         return output
 
@@ -309,9 +360,18 @@ def _calibration(what: str, tokenizer, base: Path, calib, samples: int, seq_len:
     return build_calibration_data(tokenizer, calib, samples, seq_len, batch)
 
 
-def _bookkeeping(_folder: str, names: list[str]) -> list[str]:
-    """Locks and verb markers of the source folders stay behind (copytree's ignore)."""
-    return [n for n in names if is_bookkeeping(n)]
+def _check_parts_hold_only_ours(folder: OutputFolder, parts: Sequence[str]) -> None:
+    """The parts an export writes are replaced whole and must hold exactly what its manifest
+    lists: a file of the user's inside one is kept, and the export refused, before any work."""
+    foreign = folder.foreign_inside(parts)
+    if foreign:
+        shown = ", ".join(str(p) for p in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise UserError(
+            f"{folder.path} holds file(s) `qdiablo export` did not write inside the folders it "
+            f"replaces: {shown}",
+            hint="move them out (an export's base/, adapter/, merged/ ... hold exactly the files "
+            "its manifest lists), then run the same command again",
+        )
 
 
 def _unknown_name(train_config: Mapping[str, Any] | None) -> str:

@@ -25,6 +25,7 @@ from torch import nn
 
 from qdiablo.adapters.scales import load_trained_scales, save_trained_scales
 from qdiablo.diablo import DiaBloConfig, DiaBloModel
+from qdiablo.diablo.fingerprint import mismatch_message
 from qdiablo.diablo.model import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -32,8 +33,10 @@ from qdiablo.diablo.model import (
     read_adapter_config,
 )
 from qdiablo.errors import UserError
+from qdiablo.health import NONFINITE_HINT, require_finite
 from qdiablo.io import check_adapter_tensors, read_adapter_weights
 from qdiablo.optional import import_peft, loaded
+from qdiablo.ownership import remove_owned
 from qdiablo.train.fsdp import copy_full_, is_dtensor, trainable_named
 from quantizers.fileio import apply_umask
 
@@ -82,7 +85,7 @@ def save_adapter(
         for item in staged.iterdir():
             os.replace(item, folder / item.name)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # safe: mkdtemp above made it
 
 
 def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
@@ -113,14 +116,11 @@ def _load_diablo(model: DiaBloModel, folder: Path) -> None:
         raise UserError(
             f"{folder / ADAPTER_CONFIG_NAME}: other DiaBlo settings ({'; '.join(diff)})"
         )
-    expected = (saved.get("base_fingerprint") or {}).get("sha256")
-    if expected != model.base_fingerprint["sha256"]:
-        was = (saved.get("base_fingerprint") or {}).get("description")
-        raise UserError(
-            f"{folder}: saved on a different base ({was}), this base is "
-            f"({model.base_fingerprint['description']})"
-        )
+    expected = saved.get("base_fingerprint") or {}
+    if expected.get("sha256") != model.base_fingerprint["sha256"]:
+        raise UserError(mismatch_message(folder, expected, model.base_fingerprint))
     tensors = read_adapter_weights(folder / ADAPTER_WEIGHTS_NAME)
+    require_finite(tensors.items(), str(folder / ADAPTER_WEIGHTS_NAME), hint=NONFINITE_HINT)
     check_adapter_tensors(folder / ADAPTER_WEIGHTS_NAME, model.adapter_shapes(), tensors)
     with torch.no_grad():
         for name, layer in model.diablo_layers():
@@ -134,6 +134,7 @@ def _load_lora(model, folder: Path) -> None:
 
     path = folder / "adapter_model.safetensors"
     tensors = read_adapter_weights(path)
+    require_finite(tensors.items(), str(path), hint=NONFINITE_HINT)
     expected = get_peft_model_state_dict(model)
     check_adapter_tensors(path, {k: tuple(v.shape) for k, v in expected.items()}, tensors)
     trainable = dict(trainable_named(model))
@@ -177,20 +178,28 @@ def checkpoint_problem(folder: str | Path) -> str | None:
     return None
 
 
+def _by_step(folder: Path) -> list[tuple[int, Path]]:
+    found = []
+    for child in folder.iterdir() if folder.is_dir() else ():
+        m = _CHECKPOINT.match(child.name)
+        if m and child.is_dir():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def rotate_checkpoints(folder: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (by step, not by a folder's mtime, which a file the
+    user drops in changes); older ones lose the files training wrote, and go if then empty."""
+    for _, child in _by_step(folder)[:-keep]:
+        remove_owned(folder.parent, "train", [f"{folder.name}/{child.name}"])
+
+
 def latest_checkpoint(folder: str | Path, warn: bool = True) -> Path | None:
     """The newest complete `checkpoint-<step>` folder; newer ones whose state files are missing
     or do not parse are skipped, with a warning naming the file."""
     import logging
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    found = []
-    for child in folder.iterdir():
-        m = _CHECKPOINT.match(child.name)
-        if m and child.is_dir():
-            found.append((int(m.group(1)), child))
-    for _, child in sorted(found, reverse=True):
+    for _, child in reversed(_by_step(Path(folder))):
         problem = checkpoint_problem(child)
         if problem is None:
             return child

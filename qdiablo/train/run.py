@@ -32,9 +32,11 @@ from qdiablo.diablo.fingerprint import base_fingerprint
 from qdiablo.diablo.layer import check_num_blocks
 from qdiablo.diablo.targets import resolve_target_modules
 from qdiablo.errors import UserError
-from qdiablo.io import atomic_path, read_json, write_json
+from qdiablo.faults import guard
+from qdiablo.inputs import check_apart
+from qdiablo.io import read_json, write_json
 from qdiablo.kinds import PACKED_KINDS
-from qdiablo.outputs import OutputFolder, remove_entry
+from qdiablo.outputs import OutputFolder
 from qdiablo.train.bases import LoadedBase, load_training_base
 from qdiablo.train.checkpoint import checkpoint_problem, latest_checkpoint, save_adapter, unwrap
 from qdiablo.train.config import (
@@ -50,6 +52,7 @@ from qdiablo.train.config import (
 from qdiablo.train.dataset import PadCollator, select_records, tokenize_records
 from qdiablo.train.fsdp import check_fsdp_launch, gather_trainable, packed_base_bytes
 from qdiablo.train.fsdp_loading import file_state_of, shard_and_load
+from qdiablo.train.health import LossRiseCallback
 from qdiablo.train.metrics import JsonlLogCallback, ThroughputCallback, base_linear_bytes
 from qdiablo.train.runtime import Runtime, resolve_runtime
 from qdiablo.train.trainer import AdapterTrainer, training_arguments, world_size
@@ -79,10 +82,13 @@ def _say(message: str) -> None:
         print(message, flush=True)
 
 
-def resolve_resume(config: TrainConfig, output: Path) -> Path | None:
+def resolve_resume(
+    config: TrainConfig, output: Path, folder: OutputFolder | None = None
+) -> Path | None:
     """The checkpoint to resume from (None for a fresh run); guards against mixing runs.
 
-    Called by rank 0 while it holds the folder's lock, so no live process writes there."""
+    Called by rank 0 while it holds the folder's lock (`folder`), so no live process writes
+    there."""
     checkpoints = output / CHECKPOINT_DIR
     if config.resume is None or config.resume == "auto":
         found = latest_checkpoint(checkpoints)
@@ -102,7 +108,7 @@ def resolve_resume(config: TrainConfig, output: Path) -> Path | None:
                     f"{output}: the earlier run stopped before its first complete checkpoint "
                     "and no process owns it: starting afresh"
                 )
-                _clear_run(output)
+                _clear_run(folder)
             return None
         if config.resume is None and (output / RESULTS_FILE).exists() and is_main_process():
             raise UserError(
@@ -143,11 +149,10 @@ def resolve_resume(config: TrainConfig, output: Path) -> Path | None:
     return path
 
 
-def _clear_run(output: Path) -> None:
-    """Remove the files of a run that never reached a checkpoint (train's own names only)."""
-    for name in (CONFIG_FILE, RESULTS_FILE, LOG_FILE, CHECKPOINT_DIR):
-        if (output / name).exists():
-            remove_entry(output / name)
+def _clear_run(folder: OutputFolder | None) -> None:
+    """Remove the files of a run that never reached a checkpoint (train's own files only)."""
+    if folder is not None:
+        folder.remove_own([CONFIG_FILE, RESULTS_FILE, LOG_FILE, CHECKPOINT_DIR])
 
 
 def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget, dict]:
@@ -264,6 +269,14 @@ def train(
     `callbacks` are extra `transformers.TrainerCallback`s.
     """
     output = Path(config.output)
+    check_apart(
+        output,
+        {
+            "--model": config.model,
+            "--data": config.data,
+            "--decontaminate": [d for d in config.decontaminate if Path(d).is_file()],
+        },
+    )
     config, runtime = resolve_runtime(config, world_size())  # `auto` made concrete: recorded
     under_fsdp = check_fsdp_launch(
         config.base, config.packed_storage, config.precision
@@ -291,7 +304,8 @@ def train(
     with folder if is_main_process() else contextlib.nullcontext():
         if is_main_process():
             folder.claim(OUTPUT_NAMES)
-        result = _train_into(output, config, base, callbacks, under_fsdp, runtime)
+        held = folder if is_main_process() else None
+        result = _train_into(output, config, base, callbacks, under_fsdp, runtime, held)
         if is_main_process():
             folder.finish()
     return result
@@ -304,9 +318,10 @@ def _train_into(
     callbacks: list | None,
     under_fsdp: bool,
     runtime: Runtime,
+    folder: OutputFolder | None = None,
 ) -> TrainResult:
-    """The run proper, into a folder rank 0 holds."""
-    resume_from = resolve_resume(config, output)
+    """The run proper, into a folder rank 0 holds (`folder`; None on the other ranks)."""
+    resume_from = resolve_resume(config, output, folder)
     records, data_summary = select_records(
         config.data, config.answer_suffix, config.decontaminate, config.max_records, config.seed
     )
@@ -334,24 +349,32 @@ def _train_into(
     if teacher is not None:
         _say(f"distillation: KL to {config.distill} (weight {config.distill_weight:g})")
     _say(data_summary.decontamination_line())
-    if is_main_process() and resume_from is None:
-        write_json(output / CONFIG_FILE, config.to_dict())
-
     args = training_arguments(config, str(output / CHECKPOINT_DIR))
+    if folder is not None:
+        folder.changing()  # from here a failure leaves the run unfinished, never finished-looking
+    if is_main_process() and resume_from is None:
+        with guard(output):
+            write_json(output / CONFIG_FILE, config.to_dict())
+
     throughput = ThroughputCallback()
+    rising = LossRiseCallback(output / LOG_FILE)
     trainer = AdapterTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=PadCollator(loaded.tokenizer.pad_token_id),
-        callbacks=[throughput, JsonlLogCallback(output / LOG_FILE), *(callbacks or [])],
+        callbacks=[throughput, JsonlLogCallback(output / LOG_FILE), rising, *(callbacks or [])],
         load_shards=load_shards,
+        keep_checkpoints=config.save_total_limit,
         scale_lr=config.scale_lr if config.train_scales else None,
         teacher=teacher,
         distill_weight=config.distill_weight,
     )
     model = unwrap(trainer.model) if sharded_loading else model
-    outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with guard(output):
+        outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    # The last steps since the last check, and the final loss: a NaN adapter is never the result.
+    trainer.health.check(model, trainer.state.global_step, final_loss=outcome.training_loss)
 
     adapter_dir = output / ADAPTER_DIR
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
@@ -367,6 +390,7 @@ def _train_into(
             "throughput": throughput.summary(),
             "resumed_from": str(resume_from) if resume_from else None,
             "runtime": runtime.to_dict(),
+            "warnings": rising.warnings,
             "trained_scales": scale_count,
             "distill": config.distill,
             "versions": library_versions(),
@@ -380,9 +404,11 @@ def _train_into(
             "packed_base_bytes_rank0": packed_base_bytes(model),
         }
     if trainer.is_world_process_zero():
-        with atomic_path(adapter_dir) as tmp:
-            save_adapter(model, tmp, gathered)
-        write_json(output / RESULTS_FILE, results)
+        with guard(output):
+            # File by file (a file of the user's in adapter/ stays); the run's marker is
+            # completed only after train_results.json, so a torn adapter/ never looks finished.
+            save_adapter(model, adapter_dir, gathered)
+            write_json(output / RESULTS_FILE, results)
         tps = results["throughput"]["tokens_per_second"]
         first, last = results["first_logged_loss"], results["last_logged_loss"]
         _say(
@@ -390,5 +416,6 @@ def _train_into(
             + (f", loss {first:.4f} → {last:.4f}" if losses else "")
             + (f", {tps:.0f} tokens/s" if tps else "")
             + f"; adapter saved to {adapter_dir}"
+            + "".join(f"\nwarning: {w}" for w in rising.warnings)
         )
     return TrainResult(output, adapter_dir, results, model)

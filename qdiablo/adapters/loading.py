@@ -1,51 +1,43 @@
-"""Reading a saved adapter back onto a loaded base: DiaBlo (qdiablo) or PEFT (LoRA and others)."""
+"""Reading a saved adapter back onto a loaded base, whichever registered method wrote it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from qdiablo.adapters.lora import load_lora
-from qdiablo.diablo import DiaBloModel
+from qdiablo.adapters.method import AdapterMethod
+from qdiablo.adapters.registry import method_for_config
 from qdiablo.diablo.model import ADAPTER_CONFIG_NAME
 from qdiablo.errors import UserError
 from qdiablo.io import read_json
-from qdiablo.optional import import_peft
 
 
-def adapter_kind(adapter_dir: str | Path) -> str:
-    """'diablo' or 'lora' (any PEFT adapter), from the folder's adapter_config.json."""
+def adapter_method(adapter_dir: str | Path) -> tuple[AdapterMethod, str]:
+    """The method that reads this folder, and the kind its adapter_config.json names ('diablo',
+    or a PEFT type such as 'lora')."""
     folder = Path(adapter_dir)
     if not folder.is_dir():
         raise UserError(f"adapter folder not found: {folder}")
     config = read_json(folder / ADAPTER_CONFIG_NAME, what="adapter config")
     if not isinstance(config, dict):
         raise UserError(f"{folder / ADAPTER_CONFIG_NAME}: expected a JSON object")
-    if config.get("method") == "diablo":
-        return "diablo"
-    if config.get("peft_type"):
-        return str(config["peft_type"]).lower()
-    raise UserError(
-        f"{folder / ADAPTER_CONFIG_NAME}: not a DiaBlo adapter (method: diablo) nor a PEFT adapter "
-        "(peft_type)"
-    )
+    return method_for_config(config, folder / ADAPTER_CONFIG_NAME)
+
+
+def adapter_kind(adapter_dir: str | Path) -> str:
+    """'diablo' or 'lora' (any PEFT adapter: its type), from the folder's adapter_config.json."""
+    return adapter_method(adapter_dir)[1]
 
 
 def load_adapter(model, adapter_dir: str | Path, *, force: bool = False, merge: bool = False):
-    """Attach a saved adapter to a loaded base: DiaBlo (qdiablo) or PEFT (LoRA and others).
+    """Attach a saved adapter to a loaded base: DiaBlo (qdiablo), PEFT (LoRA and others) or
+    another registered method.
 
     `merge=True` folds the adapter into the base's weights (`merge_and_unload`) for faster
     inference; on a quantized base the merged layers are dense. `force` skips DiaBlo's base
     fingerprint check.
     """
-    kind = adapter_kind(adapter_dir)
-    if kind == "diablo":
-        wrapped = DiaBloModel.from_pretrained(model, adapter_dir, force=force)
-    else:
-        PeftModel = import_peft(what="a PEFT adapter").PeftModel
-        if kind == "lora":  # re-registers the packed-layer dispatch GPTQ-LoRA was trained with
-            wrapped = load_lora(model, str(adapter_dir))
-        else:
-            wrapped = PeftModel.from_pretrained(model, str(adapter_dir))
+    method, kind = adapter_method(adapter_dir)
+    wrapped = method.load(model, Path(adapter_dir), kind, force=force)
     wrapped.eval()
     if merge:
         return wrapped.merge_and_unload()

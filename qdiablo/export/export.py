@@ -28,12 +28,13 @@ from typing import Any
 import torch
 
 from eval.runner import SUMMARY_FILE
-from qdiablo.adapters.loading import adapter_kind, load_adapter
+from qdiablo.adapters.loading import adapter_method, load_adapter
+from qdiablo.adapters.method import AdapterMethod
 from qdiablo.calibration import build_calibration_data
 from qdiablo.devices import default_compute_dtype, resolve_device
 from qdiablo.errors import UserError
 from qdiablo.export.card import CardFacts, model_card
-from qdiablo.export.merge import merge_into_dense, write_merged
+from qdiablo.export.merge import merge_into_dense, mergeable_names, write_merged
 from qdiablo.export.merge import requantize_merged as requantize_streamed
 from qdiablo.export.serving import (
     ServeOptions,
@@ -156,53 +157,26 @@ def export_model(
     the largest file of merged/ in bytes (default 5 GB).
     """
     serve = serve or ServeOptions()
-    base, output = Path(base), Path(output)
-    device = resolve_device(device)
+    base, output, device = Path(base), Path(output), resolve_device(device)
     train_dir = Path(train_run) if train_run is not None else None
-    if adapter is None:
-        if train_dir is None:
-            raise UserError("no adapter given", hint="pass --adapter DIR or --train-run DIR")
-        adapter = train_dir / "adapter"
-    adapter = Path(adapter)
-    if not is_quantized_folder(base):
-        raise UserError(
-            f"--base {base} is not a folder written by `qdiablo quantize` (no quantize_config.json)"
-        )
-    kind = adapter_kind(adapter)
+    adapter = _adapter_folder(adapter, train_dir)
     merged = merged or requantize_merged or serve.any
-    if merged_dtype not in MERGED_DTYPES:
-        raise UserError(f"--merged-dtype {merged_dtype!r}: choose from {', '.join(MERGED_DTYPES)}")
-    if merged and kind != "diablo":
-        raise UserError(
-            f"--merged needs a DiaBlo adapter; {adapter} is a PEFT {kind} adapter"
-            + (" (--gguf and --serve merge it too)" if serve.any else ""),
-            hint="export it without --merged, --gguf or --serve (base/ + adapter/)",
-        )
-    if requantize_merged and calib is None:
-        raise UserError(
-            "--requantize needs calibration data: re-quantizing the merged model runs MagR/GPTQ",
-            hint="pass --calib FILE (a Math10K .json/.jsonl or a plain-text file)",
-        )
+    method, kind = _check_request(
+        base, adapter, merged, merged_dtype, requantize_merged, calib, serve
+    )
     _check_output(output, [base, adapter, *([train_dir] if train_dir else [])])
     folder = OutputFolder(
         output, "export", overwrite=overwrite, replace_own=False, known=EXPORT_NAMES
     )
     with folder:
-        train_config, train_results = _read_train_run(train_dir) if train_dir else (None, None)
-        summaries = [(str(e), _read_eval(Path(e))) for e in evals]
-        base_entry = read_json(base / "quantize_config.json", what="quantize config")
-        base_cfg = read_json(base / "config.json", what="model config")
-        report_file = base / "quantization_report.json"
-        quant_report = read_json(report_file) if report_file.is_file() else None
-        adapter_cfg = read_json(adapter / "adapter_config.json", what="adapter config")
-        notes = _consistency_notes(adapter, train_dir, summaries)
+        facts = _card_facts(base, adapter, method, kind, train_dir, evals, base_name)
+        facts.merged_dtype = merged_dtype if merged else None
         tokenizer = _load_tokenizer(base)
-
         base_model = load_packed(base)
         config = calib_data = None
         plan = ServePlan()
         if requantize_merged or serve.any:
-            config = requantize_config(base_entry, quant_overrides)
+            config = requantize_config(facts.quantize_config, quant_overrides)
             plan = plan_serving(serve, config, base_model, tokenizer)
         if requantize_merged or plan.needs_calibration:
             what = "--requantize" if requantize_merged else "--serve marlin / an exact --gguf"
@@ -211,23 +185,6 @@ def export_model(
             )
         model = load_adapter(base_model, adapter)  # the fingerprint check: before any write
         log.info("exporting %s + %s to %s", base, adapter, output)
-
-        facts = CardFacts(
-            base_name=base_name
-            or base_entry.get("model_name_or_path")
-            or _unknown_name(train_config),
-            architecture=_describe(base_cfg),
-            quantize_config=base_entry,
-            quant_report=quant_report,
-            adapter_kind=kind,
-            adapter_config=adapter_cfg,
-            train_config=train_config,
-            train_results=train_results,
-            evals=summaries,
-            merged_dtype=merged_dtype if merged else None,
-            versions=library_versions(),
-            notes=notes,
-        )
         tmp = folder.staging()
         try:
             shutil.copytree(base, tmp / "base", ignore=_bookkeeping)
@@ -242,18 +199,10 @@ def export_model(
                 write_merged(
                     model, tmp / "merged", dtype, tokenizer, device, max_shard_size=max_shard_size
                 )
-                if requantize_merged:
-                    calib_dtype = default_compute_dtype(device) if device.type == "cuda" else None
-                    requantized, change = requantize_streamed(
-                        model, calib_data, config, device=device, calib_dtype=calib_dtype
-                    )
-                    save_quantized(requantized, tmp / "merged-gptq", tokenizer)
-                    facts.requantized = {
-                        "quantize_config": config.quantization_config(),
-                        "calibration": f"{sum(len(b) for b in calib_data)} windows of "
-                        f"{calib_seq_len} tokens from {Path(calib).name}",
-                        "change": change,
-                    }
+            if requantize_merged:
+                requantized = _write_requantized(
+                    model, tmp, calib_data, config, device, tokenizer, facts, calib, calib_seq_len
+                )
             if serve.any:  # marlin/ and gguf/ are written from the whole merged model
                 facts.serving = write_serving(
                     plan,
@@ -267,17 +216,112 @@ def export_model(
                 facts.serving_usage = serving_usage(
                     [p.name for p in tmp.iterdir()], plan.gguf.file_name if plan.gguf else None
                 )
-            (tmp / "README.md").write_text(model_card(facts), encoding="utf-8")
-            manifest = build_manifest(tmp)
-            (tmp / MANIFEST_NAME).write_text(
-                json.dumps(manifest, indent=2) + "\n", encoding="utf-8"
-            )
+            manifest = _finish_folder(tmp, facts)
             folder.install(tmp)
             folder.finish()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("exported %d files to %s", len(manifest["files"]), output)
         return output
+
+
+def _adapter_folder(adapter: str | Path | None, train_dir: Path | None) -> Path:
+    """The adapter folder given, or the training run's."""
+    if adapter is None:
+        if train_dir is None:
+            raise UserError("no adapter given", hint="pass --adapter DIR or --train-run DIR")
+        adapter = train_dir / "adapter"
+    return Path(adapter)
+
+
+def _check_request(
+    base: Path,
+    adapter: Path,
+    merged: bool,
+    merged_dtype: str,
+    requantize_merged: bool,
+    calib,
+    serve: ServeOptions,
+) -> tuple[AdapterMethod, str]:
+    """Refuse what cannot be exported before anything is read or written; returns the adapter's
+    method and kind (as its adapter_config.json names it)."""
+    if not is_quantized_folder(base):
+        raise UserError(
+            f"--base {base} is not a folder written by `qdiablo quantize` (no quantize_config.json)"
+        )
+    method, kind = adapter_method(adapter)
+    if merged_dtype not in MERGED_DTYPES:
+        raise UserError(f"--merged-dtype {merged_dtype!r}: choose from {', '.join(MERGED_DTYPES)}")
+    if merged and not method.mergeable:
+        raise UserError(
+            f"--merged needs an adapter that merges into the weights ({mergeable_names()}); "
+            f"{adapter} is a {method.card_title(kind)} adapter"
+            + (" (--gguf and --serve merge it too)" if serve.any else ""),
+            hint="export it without --merged, --gguf or --serve (base/ + adapter/)",
+        )
+    if requantize_merged and calib is None:
+        raise UserError(
+            "--requantize needs calibration data: re-quantizing the merged model runs MagR/GPTQ",
+            hint="pass --calib FILE (a Math10K .json/.jsonl or a plain-text file)",
+        )
+    return method, kind
+
+
+def _card_facts(
+    base: Path,
+    adapter: Path,
+    method: AdapterMethod,
+    kind: str,
+    train_dir: Path | None,
+    evals: Sequence[str | Path],
+    base_name: str | None,
+) -> CardFacts:
+    """Everything the card reports that the input folders record (read before any model)."""
+    train_config, train_results = _read_train_run(train_dir) if train_dir else (None, None)
+    summaries = [(str(e), _read_eval(Path(e))) for e in evals]
+    base_entry = read_json(base / "quantize_config.json", what="quantize config")
+    base_cfg = read_json(base / "config.json", what="model config")
+    report_file = base / "quantization_report.json"
+    return CardFacts(
+        base_name=base_name or base_entry.get("model_name_or_path") or _unknown_name(train_config),
+        architecture=_describe(base_cfg),
+        quantize_config=base_entry,
+        quant_report=read_json(report_file) if report_file.is_file() else None,
+        adapter_kind=kind,
+        adapter_config=read_json(adapter / "adapter_config.json", what="adapter config"),
+        adapter_method=method.name,
+        train_config=train_config,
+        train_results=train_results,
+        evals=summaries,
+        versions=library_versions(),
+        notes=_consistency_notes(adapter, train_dir, summaries),
+    )
+
+
+def _write_requantized(
+    model, tmp: Path, calib_data, config, device, tokenizer, facts, calib, calib_seq_len: int
+):
+    """merged-gptq/: the merged model re-quantized, its change of the logits in the card."""
+    calib_dtype = default_compute_dtype(device) if device.type == "cuda" else None
+    requantized, change = requantize_streamed(
+        model, calib_data, config, device=device, calib_dtype=calib_dtype
+    )
+    save_quantized(requantized, tmp / "merged-gptq", tokenizer)
+    facts.requantized = {
+        "quantize_config": config.quantization_config(),
+        "calibration": f"{sum(len(b) for b in calib_data)} windows of "
+        f"{calib_seq_len} tokens from {Path(calib).name}",
+        "change": change,
+    }
+    return requantized
+
+
+def _finish_folder(tmp: Path, facts: CardFacts) -> dict[str, Any]:
+    """The model card and the manifest, written last (the manifest covers every other file)."""
+    (tmp / "README.md").write_text(model_card(facts), encoding="utf-8")
+    manifest = build_manifest(tmp)
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
 
 
 def _calibration(what: str, tokenizer, base: Path, calib, samples: int, seq_len: int, batch: int):

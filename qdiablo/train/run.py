@@ -24,11 +24,7 @@ from transformers import set_seed
 
 from qdiablo.adapters.budget import Budget, resolve_budget
 from qdiablo.adapters.common import adapted_layers, layer_shapes, trainable_parameters
-from qdiablo.adapters.diablo import attach_diablo
-from qdiablo.adapters.lora import attach_lora
-from qdiablo.diablo import DiaBloModel
-from qdiablo.diablo.fingerprint import base_fingerprint
-from qdiablo.diablo.layer import check_num_blocks
+from qdiablo.adapters.registry import get_adapter
 from qdiablo.diablo.targets import resolve_target_modules
 from qdiablo.errors import UserError
 from qdiablo.io import atomic_path, read_json, write_json
@@ -149,51 +145,46 @@ def _clear_run(output: Path) -> None:
             remove_entry(output / name)
 
 
-def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget, dict]:
+def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget, dict | None]:
     """Settle the budget on the base's target layers and attach the adapter.
 
     Returns the adapter model, the budget, and the other method at the matched setting."""
-    # DiaBlo and LoRA adapt the same layers: the architecture's default when none are given.
+    method = get_adapter(config.adapter)
+    # Every method adapts the same layers: the architecture's default when none are given.
     targets = resolve_target_modules(loaded.model, config.target_spec)
     layers = adapted_layers(loaded.model, targets)
     shapes = layer_shapes(layers)
-    if config.adapter == "diablo" and config.num_blocks is not None and layers:
-        shapes_by_name = {layer.name: (layer.in_features, layer.out_features) for layer in layers}
-        check_num_blocks(shapes_by_name, config.num_blocks, f"--num-blocks {config.num_blocks}")
+    method.check({layer.name: (layer.in_features, layer.out_features) for layer in layers}, config)
     budget = resolve_budget(
-        shapes, config.adapter, config.num_blocks, config.rank, config.match_params
+        shapes, method.setting, config.num_blocks, config.rank, config.match_params
     )
-    if config.adapter == "diablo":
-        model = attach_diablo(loaded.model, budget.num_blocks, targets, config.dropout)
-        expected = budget.diablo_parameters
-    else:
-        alpha = config.lora_alpha if config.lora_alpha is not None else 2.0 * budget.rank
-        model = attach_lora(loaded.model, budget.rank, alpha, targets, config.dropout)
-        expected = budget.lora_parameters
+    expected = method.trainable_count(shapes, budget)
+    model = method.attach(loaded.model, targets, budget, config)
     actual = trainable_parameters(model)
     if actual != expected:
         raise RuntimeError(f"trainable parameters {actual:,} differ from the budget {expected:,}")
-    return model, budget, budget.other_method(config.adapter, shapes)
+    return model, budget, method.matched(budget, shapes)
 
 
 def _sharded_loader(loaded: LoadedBase, model, config: TrainConfig):
     """FSDP's sharded loading: the base is still on meta, and each process will read only its
-    shards; the DiaBlo fingerprint comes from the few file rows it samples."""
-    if isinstance(model, DiaBloModel):
-        state_of = file_state_of(loaded.model, loaded.model._qdiablo_files)
-        targets = [name for name, _ in model.diablo_layers()]
-        model.base_fingerprint = base_fingerprint(model.model, targets, state_of)
+    shards; a base fingerprint comes from the few file rows it samples."""
+    state_of = file_state_of(loaded.model, loaded.model._qdiablo_files)
+    get_adapter(config.adapter).fingerprint_from_files(model, state_of)
     return functools.partial(shard_and_load, base=loaded.model, seed=config.seed)
 
 
 def _announce(config, loaded, runtime, budget, other, own_count: int) -> None:
     """The run's first lines: the base, where and how it computes, the adapter and its count."""
-    own = f"N={budget.num_blocks}" if config.adapter == "diablo" else f"r={budget.rank}"
-    if other["adapter"] == "lora":
-        same = f"LoRA at the matched r={other['rank']}"
-    else:
-        same = f"DiaBlo at the matched N={other['num_blocks']}"
-    count = other["trainable_parameters"]
+    method = get_adapter(config.adapter)
+    own = method.describe(budget.num_blocks, budget.rank)
+    same = ""
+    if other is not None:
+        count = other["trainable_parameters"]
+        matched = get_adapter(other["adapter"])
+        setting = matched.describe(other.get("num_blocks"), other.get("rank"))
+        same = f" ({matched.title} at the matched {setting}: "
+        same += f"{f'{count:,}' if count is not None else 'n/a'})"
     _say(f"base: {loaded.description} ({config.base})")
     _say(
         f"on {runtime.device}: {config.precision} compute, {config.dtype} float weights, "
@@ -201,7 +192,7 @@ def _announce(config, loaded, runtime, budget, other, own_count: int) -> None:
     )
     _say(
         f"adapter: {config.adapter} {own} on {budget.num_layers} layers: {own_count:,} trainable "
-        f"parameters ({same}: {f'{count:,}' if count is not None else 'n/a'})"
+        f"parameters{same}"
     )
 
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from qdiablo.adapters.registry import method_of
 from qdiablo.devices import resolve_device
-from qdiablo.diablo import DiaBloModel
 from qdiablo.errors import UserError
 from qdiablo.optional import prepare_trainer_imports
 from qdiablo.train import fsdp
@@ -33,10 +33,7 @@ class AdapterTrainer(Trainer):
     def __init__(self, model: nn.Module, *args, load_shards=None, **kwargs):
         """`load_shards(accelerator, model)`: shards a model built on the meta device and fills
         this process's shards (FSDP's sharded loading, `qdiablo.train.fsdp_loading`)."""
-        if isinstance(model, DiaBloModel):
-            # Trainer refuses a quantized model "without trainable adapters" unless PEFT's flag
-            # says adapters are attached; DiaBlo blocks are such adapters.
-            model._hf_peft_config_loaded = True
+        method_of(model).prepare_for_trainer(model)  # Trainer's check for attached adapters
         prepare_trainer_imports()  # Trainer imports PEFT (and it bitsandbytes): quietly first
         super().__init__(model, *args, **kwargs)
         if load_shards is not None:

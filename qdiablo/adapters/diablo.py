@@ -154,21 +154,11 @@ class DiaBloMethod(AdapterMethod):
         finally:
             quiet.setLevel(level)
 
-    def activation_bytes_per_layer(self, per_block, dropout, rank, widths, compute_bytes) -> int:
+    def activation_bytes_per_layer(self, per_block, inputs, dropout, rank, compute_bytes) -> int:
         """Each distinct input once (q, k, v share one, gate and up another), and a byte per
         input value for the dropout masks."""
-        from qdiablo.memory.activations import input_of
-
-        inputs = {input_of(a.name) for a in per_block}
-        total = 0
-        for k in inputs:
-            if k in widths:
-                total += widths[k]
-            else:  # an unknown layer: its own input, in the compute dtype
-                total += compute_bytes * next(a.in_features for a in per_block if a.name == k)
-        if dropout > 0:
-            total += sum(a.in_features for a in per_block)
-        return total
+        masks = sum(a.in_features for a in per_block) if dropout > 0 else 0
+        return sum(inputs.values()) + masks
 
 
 def _v(x: Any) -> str:

@@ -201,7 +201,7 @@ class LoraMethod(AdapterMethod):
 
         return lora_state_bytes(list(shapes), rank, ranks)
 
-    def activation_bytes_per_layer(self, per_block, dropout, rank, widths, compute_bytes) -> int:
+    def activation_bytes_per_layer(self, per_block, inputs, dropout, rank, compute_bytes) -> int:
         """Per adapted layer: its dropped, cast input (and the dropout mask) and A's output."""
         c = compute_bytes
         total = sum(a.in_features * (c + (1 if dropout > 0 else 0)) for a in per_block)

@@ -53,6 +53,16 @@ class AdapterMethod:
         """Its setting in a log or plan line, e.g. "N=64"."""
         return ""
 
+    def compare_settings(self, budget: str, num_blocks: int, rank: int) -> dict[str, Any]:
+        """Its train settings in a `qdiablo compare` cell: under the `matched` budget it trains
+        at DiaBlo's count at N (a method set by its rank derives it: --match-params), under
+        `paper` at its own setting."""
+        if self.setting == "rank":
+            if budget == "matched":
+                return {"num_blocks": num_blocks, "match_params": True}
+            return {"rank": rank}
+        return {"num_blocks": num_blocks}
+
     def attach(self, model: nn.Module, targets: list[str] | str, budget: Budget, config: Any):
         """Freeze the base and wrap the target layers with a freshly initialised adapter."""
         raise NotImplementedError
@@ -158,10 +168,15 @@ class AdapterMethod:
         return None
 
     def activation_bytes_per_layer(
-        self, per_block: Sequence[Any], dropout: float, rank: int, widths: Mapping[str, int],
+        self,
+        per_block: Sequence[Any],
+        inputs: Mapping[str, int],
+        dropout: float,
+        rank: int,
         compute_bytes: int,
-    ) -> int:  # fmt: skip
-        """Bytes per token and decoder layer its layers save for the backward pass: `per_block`
-        holds the adapted layers of a block (name, in_features, out_features); `widths` the bytes
-        per token of an input the base already saves (qdiablo.memory.activations)."""
+    ) -> int:
+        """Bytes per token and decoder layer its layers save for the backward pass:
+        `per_block` holds the adapted layers of a block (name, in_features, out_features),
+        `inputs` the bytes per token of each distinct input they read (layers sharing an input
+        share it: qdiablo.memory.activations)."""
         return 0

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qdiablo.adapters.registry import get_adapter
 from qdiablo.errors import UserError
 from qdiablo.flags import load_yaml
 from qdiablo.pipeline.report import collect, write_reports
@@ -35,6 +36,7 @@ from qdiablo.pipeline.run import (
     train_stage,
 )
 from qdiablo.pipeline.stages import Runner, Stage, summary_table
+from qdiablo.train.config import TrainConfig
 
 log = logging.getLogger("qdiablo.pipeline")
 
@@ -213,13 +215,8 @@ def build_grid(data: dict[str, Any], source: str, output: str | None = None) -> 
             check_wiring(method.train, WIRED["train"] | BUDGET_KEYS, where)
             for budget in budgets:
                 t = {**common_t, **method.train}
-                adapter = t.get("adapter", "diablo")
-                if adapter == "lora" and budget == "matched":
-                    t.update(num_blocks=n_blocks, match_params=True)
-                elif adapter == "lora":
-                    t.update(rank=rank)
-                else:
-                    t.update(num_blocks=n_blocks)
+                method = get_adapter(t.get("adapter", TrainConfig.adapter))
+                t.update(method.compare_settings(budget, n_blocks, rank))
                 label = f"{_slug(method.name)}-w{bits}"
                 train = train_stage("train", base, model, t, root / "tmp", where)
                 train = _content_address(train, root / "train", f"train-{label}", shared)

@@ -215,8 +215,8 @@ def build_grid(data: dict[str, Any], source: str, output: str | None = None) -> 
             check_wiring(method.train, WIRED["train"] | BUDGET_KEYS, where)
             for budget in budgets:
                 t = {**common_t, **method.train}
-                method = get_adapter(t.get("adapter", TrainConfig.adapter))
-                t.update(method.compare_settings(budget, n_blocks, rank))
+                adapter = get_adapter(t.get("adapter", TrainConfig.adapter))
+                t.update(adapter.compare_settings(budget, n_blocks, rank))
                 label = f"{_slug(method.name)}-w{bits}"
                 train = train_stage("train", base, model, t, root / "tmp", where)
                 train = _content_address(train, root / "train", f"train-{label}", shared)

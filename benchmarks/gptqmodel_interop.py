@@ -9,6 +9,9 @@ GPTQModel needs a CUDA build of torch >= 2.14 (about 5 GB), so this runs in two 
        python benchmarks/gptqmodel_interop.py export runs/interop --model smollm2 \\
            --bits 2 3 4 --formats gptq gptq_v2
 
+   `--trained-scales` (tiny) writes a base whose fp16 scales carry folded scale multipliers, as
+   `qdiablo export` writes the base of an adapter trained with `--train-scales`.
+
    `--model tiny` (the default) quantizes a small random LLaMA in-process; any other model goes
    through `python -m qdiablo quantize`, exactly as a user would write the folder.
 
@@ -75,8 +78,12 @@ REFUSAL_MARKERS = ("only supported if produced by",)
 # --- the export half (qdiablo's environment) ------------------------------------------------
 
 
-def quantize_tiny(folder: Path, bits: int, group_size: int, fmt: str, sym: bool) -> None:
-    """A small random LLaMA quantized in-process with GPTQ (for tests and quick checks)."""
+def quantize_tiny(
+    folder: Path, bits: int, group_size: int, fmt: str, sym: bool, trained_scales: bool = False
+) -> None:
+    """A small random LLaMA quantized in-process with GPTQ (for tests and quick checks).
+    `trained_scales`: its scales then multiplied by seeded multipliers in [0.8, 1.2] and folded
+    into the fp16 scales, as `qdiablo export` writes a base trained with `--train-scales`."""
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import make_tiny_llama, make_tokenizer
 
@@ -87,6 +94,16 @@ def quantize_tiny(folder: Path, bits: int, group_size: int, fmt: str, sym: bool)
     model = make_tiny_llama(seed=0, hidden=128, intermediate=256, heads=4, kv_heads=2)
     config = QuantConfig(bits=bits, group_size=group_size, sym=sym, checkpoint_format=fmt)
     quantize_model(model, calib, config)
+    if trained_scales:
+        from quantizers.trained_scales import add_multipliers, fold_multipliers, packed_layers
+
+        add_multipliers(model, requires_grad=False)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for layer in packed_layers(model).values():
+                m = layer.scale_multiplier
+                m.copy_(0.8 + 0.4 * torch.rand(m.shape, generator=gen))
+        fold_multipliers(model)
     save_quantized(model, folder, tokenizer)
 
 
@@ -140,13 +157,16 @@ def export(
     sym: bool,
     method: str = "gptq",
     calib_samples: int = 16,
+    trained_scales: bool = False,
 ) -> None:
-    """Quantize into OUT/w{bits}-{format}/ (a finished folder with the same settings is reused,
-    so an interrupted export resumes) and write each folder's reference next to it."""
+    """Quantize into OUT/w{bits}-{format}[-scales]/ (a finished folder with the same settings is
+    reused, so an interrupted export resumes) and write each folder's reference next to it."""
     out.mkdir(parents=True, exist_ok=True)
+    if trained_scales and model != "tiny":
+        raise SystemExit("--trained-scales: tiny only; for a model, check a `qdiablo export`")
     for bits in bits_list:
         for fmt in formats:
-            folder = out / f"w{bits}-{fmt}"
+            folder = out / f"w{bits}-{fmt}{'-scales' if trained_scales else ''}"
             wanted = {"bits": bits, "group_size": group_size, "sym": sym, "checkpoint_format": fmt}
             if (folder / "config.json").is_file():
                 quant = json.loads((folder / "config.json").read_text())["quantization_config"]
@@ -155,7 +175,7 @@ def export(
                     raise SystemExit(f"{folder}: holds {found}, not {wanted}; remove it first")
                 print(f"{folder}: reusing the finished quantization", flush=True)
             elif model == "tiny":
-                quantize_tiny(folder, bits, group_size, fmt, sym)
+                quantize_tiny(folder, bits, group_size, fmt, sym, trained_scales)
             else:
                 quantize_cli(model, folder, bits, group_size, fmt, sym, method, calib_samples)
             write_reference(folder, reference_file(folder))
@@ -356,6 +376,12 @@ def main() -> int:
     e.add_argument("--sym", action="store_true")
     e.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="not for tiny")
     e.add_argument("--calib-samples", type=int, default=16)
+    e.add_argument(
+        "--trained-scales",
+        action="store_true",
+        help="tiny only: fold seeded scale multipliers into the base, as an export of a "
+        "--train-scales adapter does",
+    )
     c = sub.add_parser("check", help="load each folder with GPTQModel and compare")
     c.add_argument("out", type=Path, help="the `export` step's folder, or a qdiablo export")
     c.add_argument("--device", default="cpu")
@@ -371,7 +397,10 @@ def main() -> int:
         sys.path.insert(0, str(ROOT))  # this checkout's qdiablo and quantizers
     if args.step == "export":
         a = args
-        export(a.out, a.model, a.bits, a.formats, a.group_size, a.sym, a.method, a.calib_samples)
+        export(
+            a.out, a.model, a.bits, a.formats, a.group_size, a.sym, a.method, a.calib_samples,
+            a.trained_scales,
+        )  # fmt: skip
         return 0
     if args.step == "reference":
         reference(args.export_dir, args.out_file)

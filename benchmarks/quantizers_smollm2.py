@@ -46,6 +46,25 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument(
+        "--calib-source",
+        default=["svamp-questions"],
+        nargs="+",
+        help="calibration text: svamp-questions (the table's own), or `qdiablo quantize "
+        "--calib` sources (math10k, generated, a file)",
+    )
+    p.add_argument(
+        "--heldout-source",
+        nargs="+",
+        default=None,
+        help="reconstruction's held-out windows: a `--calib` source (default: the windows after "
+        "the calibration ones in the same source; svamp-questions: its last quarter)",
+    )
+    p.add_argument("--heldout-samples", type=int, default=None, help="held-out windows")
+    p.add_argument("--calib-seed", type=int, default=0, help="the generated source's seed")
+    p.add_argument(
+        "--calib-cache", type=Path, default=Path("runs/calib-cache"), help="generated windows"
+    )
     p.add_argument("--calib-dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument(
         "--products",
@@ -72,6 +91,12 @@ def main() -> None:
         help="like --set, for the MagR methods only (e.g. beta, which plain GPTQ would also read)",
     )
     p.add_argument("--out", type=Path, default=Path("runs/bench-quantizers-smollm2.json"))
+    p.add_argument(
+        "--save-dir",
+        type=Path,
+        default=None,
+        help="also save each quantized model here (W<b>-<method>)",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -79,12 +104,7 @@ def main() -> None:
 
     tokenizer = load_tokenizer("smollm2")
     base = load_model("smollm2")
-    calib = tokenize_calibration(
-        tokenizer,
-        math10k_texts("SVAMP", with_output=False),
-        args.calib_samples,
-        args.calib_seq_len,
-    )
+    calib, heldout = calibration(args, tokenizer, base)
     windows = token_windows(tokenizer, math10k_texts("gsm8k"), 256, max_tokens=args.eval_tokens)
     calib_dtype = torch.bfloat16 if args.calib_dtype == "bfloat16" else None
     results = {
@@ -93,7 +113,11 @@ def main() -> None:
         f"torch {torch.__version__}, {args.threads} thread(s)",
         "overrides": overrides,
         "magr_overrides": magr_overrides,
-        "calibration": f"{sum(b.numel() for b in calib)} tokens of SVAMP questions "
+        "heldout": None
+        if heldout is None
+        else f"{sum(b.numel() for b in heldout)} tokens of {args.heldout_source or 'the next'} "
+        "windows",
+        "calibration": f"{sum(b.numel() for b in calib)} tokens of {args.calib_source} "
         f"({args.calib_samples} x {args.calib_seq_len}), {args.calib_dtype} forward, "
         f"XᵀX products in {args.calib_dtype if args.products == 'calib' else 'float32'}",
         "evaluation": f"{windows.numel()} tokens of GSM8K question+solution, windows of 256",
@@ -128,8 +152,13 @@ def main() -> None:
                 config,
                 calib_dtype=calib_dtype,
                 product_dtype="calib" if args.products == "calib" else None,
+                heldout_data=heldout if config.reconstruct else None,
             )
             quant_s = time.perf_counter() - t
+            if args.save_dir is not None:
+                from quantizers import save_quantized
+
+                save_quantized(model, args.save_dir / f"w{bits}-{name}", tokenizer)
             t = time.perf_counter()
             ppl = perplexity(model, windows).perplexity
             row = {
@@ -149,6 +178,8 @@ def main() -> None:
             if report.reconstruction:
                 row["reconstruction_s"] = report.reconstruction_seconds
                 row["reconstruction"] = [dataclasses.asdict(r) for r in report.reconstruction]
+            if report.e2e is not None:
+                row["e2e"] = dataclasses.asdict(report.e2e)
             results["rows"].append(row)
             print(
                 f"W{bits} {name}: ppl {ppl:.3f}, quantized in {quant_s:.0f} s"
@@ -164,6 +195,32 @@ def main() -> None:
             args.out.write_text(json.dumps(results, indent=2))
     print()
     print(markdown(results, args.group_size))
+
+
+def calibration(args, tokenizer, model) -> tuple[list[torch.Tensor], list | None]:
+    """The calibration windows (SVAMP questions, the tables so far, or qdiablo sources) and
+    the held-out ones (None: quantize_model's fallback, the last quarter of the calibration)."""
+    from qdiablo.calibration import build_calibration_data, heldout_windows
+
+    if args.calib_source == ["svamp-questions"]:
+        texts = math10k_texts("SVAMP", with_output=False)
+        calib = tokenize_calibration(tokenizer, texts, args.calib_samples, args.calib_seq_len)
+        return calib, None
+    common = {"model": model, "seed": args.calib_seed, "cache_dir": args.calib_cache}
+    calib = build_calibration_data(
+        tokenizer, args.calib_source, args.calib_samples, args.calib_seq_len, **common
+    )
+    count = args.heldout_samples or max(1, args.calib_samples // 4)
+    heldout = heldout_windows(
+        tokenizer,
+        args.calib_source,
+        args.heldout_source,
+        count,
+        args.calib_samples,
+        args.calib_seq_len,
+        **common,
+    )
+    return calib, heldout
 
 
 def parse_sets(items: list[str]) -> dict:

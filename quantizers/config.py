@@ -11,6 +11,8 @@ BITS = (2, 3, 4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 MAGR_SOLVERS = ("fista", "plain")
 RECON_PARAMS = ("scales+codes", "scales", "codes")
+RECON_SCHEDULES = ("cosine", "constant")
+E2E_LOSSES = ("kl", "lm")
 
 # MagR's β scale shrink by bit width, per channel and per group alike, as the official MagR code
 # sets it. Chosen by measurement (BENCHMARKS.md, the quantizer defaults table): at W2 g64 on
@@ -121,8 +123,22 @@ class QuantConfig:
             "block's (the packed layout is unchanged; needs calibration data)"
         },
     )
-    recon_steps: int = field(
-        default=60, metadata={"help": "reconstruction: Adam steps per block (one batch each)"}
+    recon_epochs: float = field(
+        default=2.0,
+        metadata={
+            "help": "reconstruction: epochs over all training windows per block, in shuffled "
+            "mini-batches of --recon-batch-size windows"
+        },
+    )
+    recon_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "reconstruction: Adam steps per block (one mini-batch each); "
+            "overrides --recon-epochs"
+        },
+    )
+    recon_batch_size: int = field(
+        default=4, metadata={"help": "reconstruction: calibration windows per step"}
     )
     recon_lr_code: float = field(
         default=1e-2,
@@ -132,27 +148,75 @@ class QuantConfig:
         default=1e-3,
         metadata={"help": "reconstruction: learning rate of the per-group scale multipliers"},
     )
+    recon_lr_norm: float = field(
+        default=1e-3,
+        metadata={"help": "reconstruction: learning rate of the normalisation weights"},
+    )
     recon_params: str = field(
         default="scales+codes",
         metadata={"help": "reconstruction: what is trained", "choices": RECON_PARAMS},
     )
+    recon_norms: bool = field(
+        default=False,
+        metadata={
+            "help": "reconstruction: also train each block's RMSNorm/LayerNorm weights (stored in "
+            "full precision beside the packed layers)"
+        },
+    )
+    recon_schedule: str = field(
+        default="cosine",
+        metadata={
+            "help": "reconstruction: learning-rate schedule over a block's planned steps",
+            "choices": RECON_SCHEDULES,
+        },
+    )
     recon_holdout: float = field(
         default=0.25,
         metadata={
-            "help": "reconstruction: share of the calibration windows held out to measure the "
-            "error and stop early when it rises, in [0, 1); GPTQ still sees every window"
+            "help": "reconstruction: held-out windows, to measure the error and stop early, as a "
+            "share of the calibration windows, in [0, 1); `qdiablo quantize` takes them apart "
+            "(the windows after --calib's, or --recon-heldout), the library from the end of its "
+            "calibration data when given none apart; neither GPTQ nor reconstruction fits them"
         },
     )
     recon_eval_every: int = field(
-        default=10,
+        default=8,
         metadata={"help": "reconstruction: steps between held-out evaluations"},
     )
     recon_patience: int = field(
-        default=1,
+        default=2,
         metadata={
             "help": "reconstruction: held-out evaluations in a row without a new best before a "
             "block stops (its best parameters are kept); 1 stops at the first rise"
         },
+    )
+    recon_e2e_epochs: float = field(
+        default=0.0,
+        metadata={
+            "help": "reconstruction's end-to-end stage after the blocks: epochs over the "
+            "calibration windows training every layer's scales so that the model's next-token "
+            "distributions match the full-precision model's (KL on its top-k, computed before "
+            "quantizing); 0 = off"
+        },
+    )
+    recon_e2e_lr: float = field(
+        default=1e-4,
+        metadata={"help": "reconstruction's end-to-end stage: learning rate of the scales"},
+    )
+    recon_e2e_loss: str = field(
+        default="kl",
+        metadata={
+            "help": "reconstruction's end-to-end stage: 'kl' to the full-precision model's "
+            "next-token distributions, or 'lm', the calibration text's own next-token loss",
+            "choices": E2E_LOSSES,
+        },
+    )
+    recon_e2e_topk: int = field(
+        default=64,
+        metadata={"help": "reconstruction's end-to-end stage: teacher tokens kept per position"},
+    )
+    recon_seed: int = field(
+        default=0, metadata={"help": "reconstruction: seed of the mini-batch order"}
     )
     checkpoint_format: str = field(
         default="gptq_v2",
@@ -184,7 +248,10 @@ class QuantConfig:
         g = self.group_size
         if not is_int(g) or not (g == -1 or (g >= 16 and g & (g - 1) == 0)):
             raise bad("group_size", "-1 (per channel) or a power of two >= 16, e.g. 32, 64, 128")
-        for name in ("sym", "desc_act", "static_groups", "true_sequential", "magr", "reconstruct"):
+        for name in (
+            "sym", "desc_act", "static_groups", "true_sequential", "magr", "reconstruct",
+            "recon_norms",
+        ):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
         if self.method == "rtn" and (self.desc_act or self.static_groups):
@@ -203,9 +270,23 @@ class QuantConfig:
             raise bad("magr_solver", " or ".join(repr(s) for s in MAGR_SOLVERS))
         if self.beta is not None and (not is_num(self.beta) or not 0 < self.beta <= 1):
             raise bad("beta", "a number in (0, 1] (or None for the default)")
-        if not is_int(self.recon_steps) or self.recon_steps < 1:
-            raise bad("recon_steps", "an integer >= 1")
-        for name in ("recon_lr_code", "recon_lr_scale"):
+        if self.recon_steps is not None and (not is_int(self.recon_steps) or self.recon_steps < 1):
+            raise bad("recon_steps", "an integer >= 1 (or None: from --recon-epochs)")
+        if not is_num(self.recon_epochs) or not self.recon_epochs > 0:
+            raise bad("recon_epochs", "a positive number")
+        if not is_int(self.recon_batch_size) or self.recon_batch_size < 1:
+            raise bad("recon_batch_size", "an integer >= 1")
+        if self.recon_schedule not in RECON_SCHEDULES:
+            raise bad("recon_schedule", " or ".join(repr(p) for p in RECON_SCHEDULES))
+        if not is_num(self.recon_e2e_epochs) or self.recon_e2e_epochs < 0:
+            raise bad("recon_e2e_epochs", "a number >= 0")
+        if self.recon_e2e_loss not in E2E_LOSSES:
+            raise bad("recon_e2e_loss", " or ".join(repr(p) for p in E2E_LOSSES))
+        if not is_int(self.recon_e2e_topk) or self.recon_e2e_topk < 1:
+            raise bad("recon_e2e_topk", "an integer >= 1")
+        if not is_int(self.recon_seed) or self.recon_seed < 0:
+            raise bad("recon_seed", "an integer >= 0")
+        for name in ("recon_lr_code", "recon_lr_scale", "recon_lr_norm", "recon_e2e_lr"):
             if not is_num(getattr(self, name)) or not getattr(self, name) > 0:
                 raise bad(name, "a positive number")
         if self.recon_params not in RECON_PARAMS:

@@ -40,7 +40,7 @@ from quantizers.packing import (
     unpack_qweight,
     unpack_qzeros,
 )
-from quantizers.rtn import QuantResult
+from quantizers.rtn import MIN_SCALE, QuantResult
 
 PACKED_NAMES = ("qweight", "qzeros", "scales", "g_idx")
 PACKED_DTYPES = {
@@ -157,6 +157,46 @@ def _packed_matmul_backward(ctx, grad_out):
 packed_matmul.register_autograd(_packed_matmul_backward, setup_context=_setup_packed_matmul)
 
 
+def effective_scales(scales0: Tensor, multiplier: Tensor) -> Tensor:
+    """fp16(clamp(s₀·m, MIN_SCALE)): the scales a layer with multiplier m computes with."""
+    return (scales0.float() * multiplier.detach().float()).clamp(min=MIN_SCALE).half()
+
+
+# A trained scale multiplier m (quantizers.trained_scales) computes with fp16(clamp(s₀·m)); its
+# gradient passes the rounding and the clamp straight through.
+
+
+class _ScaledPackedMatmul(torch.autograd.Function):
+    """y = x · W(s) (+ bias) with s = effective_scales(s₀, m); gradients for x, m and bias."""
+
+    @staticmethod
+    def forward(ctx, x, multiplier, qweight, qzeros, scales0, g_idx, bits, bias, group):
+        scales = effective_scales(scales0, multiplier)
+        ctx.save_for_backward(x, qweight, qzeros, scales, scales0, g_idx)
+        ctx.bits, ctx.group, ctx.has_bias = bits, group, bias is not None
+        b = None if bias is None else bias.to(x.dtype)
+        return packed_matmul(x, qweight, qzeros, scales, g_idx, bits, b, group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, qweight, qzeros, scales, scales0, g_idx = ctx.saved_tensors
+        dx = dm = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = packed_matmul_dx(dy, qweight, qzeros, scales, g_idx, ctx.bits, ctx.group)
+        if ctx.needs_input_grad[1]:
+            xf = x.reshape(-1, x.shape[-1]).float()
+            dyf = dy.reshape(-1, dy.shape[-1]).float()
+            grad_w = xf.t() @ dyf  # [in, out]: ∂L/∂W in the packed [in, out] orientation
+            ones = torch.ones_like(scales)
+            codes = dequantize_packed(qweight, qzeros, ones, g_idx, ctx.bits, group=ctx.group)
+            per_row = grad_w * codes  # (q − z) · ∂L/∂W
+            ds = torch.zeros_like(scales, dtype=torch.float32).index_add_(0, g_idx.long(), per_row)
+            dm = ds * scales0.float()
+        if ctx.has_bias and ctx.needs_input_grad[7]:
+            dbias = dy.reshape(-1, dy.shape[-1]).sum(0)
+        return dx, dm, None, None, None, None, None, dbias, None
+
+
 def quant_matmul(x: Tensor, qweight, qzeros, scales, g_idx, bits: int, bias=None, group=None):
     """QuantLinear's matmul: the custom op, with x in the dtype CUDA autocast would compute a
     matmul in (a custom op is not autocast-aware by itself)."""
@@ -218,6 +258,9 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, **kw))
         else:
             self.bias = None
+        # Optional trainable per-group scale multipliers (quantizers.trained_scales): never part
+        # of the state dict, which always holds the stored GPTQ tensors.
+        self.register_parameter("scale_multiplier", None)
         self._cache: Tensor | None = None
         self._caching = False
         # g_idx as built is plain `row // group`: its group size is known without reading it
@@ -274,6 +317,14 @@ class QuantLinear(nn.Module):
         self._keep_group(group)
         return self
 
+    def effective_packed(self) -> PackedTensors:
+        """The packed tensors the layer computes with: the stored ones, with the scales times
+        the trained multiplier when it has one (quantizers.trained_scales)."""
+        packed = self.packed_tensors()
+        if self.scale_multiplier is None:
+            return packed
+        return packed._replace(scales=effective_scales(packed.scales, self.scale_multiplier))
+
     def _known_group(self) -> int | bool | None:
         """The cached group size if it is still valid for the stored g_idx, else False."""
         stored, cached = self._parameters["g_idx"], self._group
@@ -289,7 +340,10 @@ class QuantLinear(nn.Module):
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """The dequantized weight [out, in] (a transposed view of the [in, out] result)."""
         w = dequantize_packed(
-            *self.packed_tensors(), self.bits, dtype or torch.float32, self.contiguous_group_size()
+            *self.effective_packed(),
+            self.bits,
+            dtype or torch.float32,
+            self.contiguous_group_size(),
         )
         return w.t()
 
@@ -302,7 +356,15 @@ class QuantLinear(nn.Module):
         return unpack_qzeros(self.packed_tensors().qzeros, self.bits, self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        packed = self.packed_tensors()
+        if self.scale_multiplier is not None and not self._caching:
+            packed = self.packed_tensors()
+            if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):  # as quant_matmul
+                x = x.to(torch.get_autocast_dtype("cuda"))
+            return _ScaledPackedMatmul.apply(
+                x, self.scale_multiplier, *packed, self.bits, self.bias,
+                self.contiguous_group_size(),
+            )  # fmt: skip
+        packed = self.effective_packed()
         if self._caching:
             cache = self._cache
             if cache is None or cache.dtype != x.dtype or cache.device != x.device:
@@ -345,6 +407,9 @@ class QuantLinear(nn.Module):
             for name, stored in packed.items():
                 self._parameters[name] = _move_bytes(stored, fn)
         self._keep_group(group)  # a move keeps g_idx's values
+        m = self.scale_multiplier
+        if m is not None and m.dtype != torch.float32:  # multipliers train in float32
+            m.data = m.data.float()
         return self
 
     def packed_bytes(self) -> int:
@@ -390,7 +455,9 @@ def _move_bytes(stored: nn.Parameter, fn) -> nn.Parameter:
 
 def _state_dict_in_packed_dtypes(module, state_dict, prefix, local_metadata) -> None:
     """The state dict holds the GPTQ dtypes (int32 qweight, fp16 scales, ...), whatever the
-    storage dtype: saved checkpoints and adapter fingerprints do not depend on it."""
+    storage dtype, and never a trained scale multiplier: saved checkpoints and adapter
+    fingerprints do not depend on either."""
+    state_dict.pop(prefix + "scale_multiplier", None)
     for name in PACKED_NAMES:
         key = prefix + name
         t = state_dict.get(key)

@@ -33,11 +33,12 @@ from quantizers.calibration import (
     run_block_,
 )
 from quantizers.config import QuantConfig
+from quantizers.e2e import teacher_topk, train_scales_end_to_end
 from quantizers.fileio import release_host_memory
 from quantizers.magr import fast_matmul_dtype
 from quantizers.packing import packable
 from quantizers.quant_linear import dequantize_cache
-from quantizers.reconstruct import reconstruct_block, split_holdout
+from quantizers.reconstruct import recon_batches, reconstruct_block
 from quantizers.report import QuantReport, log_block
 from quantizers.resume import BlockStore, tensor_digest
 from quantizers.weights import quantize_group, quantize_weights
@@ -97,9 +98,10 @@ def _resolve_dtypes(
 class BlockInputs:
     """What the block-by-block loop carries from one decoder block to the next: the quantized
     model's inputs to the block, the keyword arguments each batch is called with, and (for
-    reconstruction) the full-precision model's inputs; `heldout`: the last windows reconstruction
-    holds out. The batches live on the quantize device, or on the host when offloaded, in
-    `dtype` (None: as the blocks make them)."""
+    reconstruction) the full-precision model's inputs; `heldout`: the last batches, held out by
+    reconstruction to measure its error (neither GPTQ nor reconstruction fits them). The
+    batches live on the quantize device, or on the host when offloaded, in `dtype` (None: as
+    the blocks make them)."""
 
     hidden: list[Tensor] | None
     kwargs: list[dict] | None
@@ -132,11 +134,18 @@ def quantize_block(
     with _autocast(device, calib_dtype):
         groups = input_groups(block, linears, hidden[0], kwargs[0], device)
     stages = [[g] for g in groups] if config.true_sequential else [groups]
+    fit = len(hidden) - inputs.heldout
     for stage in stages:
         # layers quantized so far dequantize once for all batches
         with dequantize_cache(block), _autocast(device, calib_dtype):
             hessians = collect_hessians(
-                block, linears, stage, hidden, kwargs, product_dtype=product_dtype, device=device
+                block,
+                linears,
+                stage,
+                hidden[:fit],
+                kwargs[:fit],
+                product_dtype=product_dtype,
+                device=device,
             )
         for group in stage:
             quantize_group(block, linears, group, hessians[group[0]], config, name, report)
@@ -290,6 +299,7 @@ def quantize_model(
     device: torch.device | str | None = None,
     calib_dtype: torch.dtype | str | None = None,
     product_dtype: torch.dtype | str | None = None,
+    heldout_data: Sequence[Tensor] | None = None,
     *,
     load_block: Callable[[int, torch.device], nn.Module] | None = None,
     offload: bool = False,
@@ -322,8 +332,11 @@ def quantize_model(
         (quantizers/resume.py); a store of different settings is a ResumeMismatch.
     With `config.reconstruct`, each block is then trained against the full-precision block
     (quantizers/reconstruct.py): the full-precision model's block inputs are carried alongside
-    the quantized model's, and the last `recon_holdout` of the windows are held out from that
-    training (GPTQ still sees every window).
+    the quantized model's. heldout_data: windows (another source, or another slice of the same
+    one) on which reconstruction measures its error and stops early; without them the last
+    `recon_holdout` share of calib_data is held out. Neither GPTQ nor reconstruction fits
+    held-out windows. With `config.recon_e2e_epochs`, every layer's scales then train together
+    against the full-precision model's next-token distributions (quantizers/e2e.py).
     Embeddings and lm_head are left alone. The per-layer report is `model.quantization_report`.
     """
     if not isinstance(config, QuantConfig):
@@ -333,9 +346,8 @@ def quantize_model(
     if needs_calibration(config) or calib_data:
         check_calibration_data(calib_data)
     heldout = 0
-    if config.reconstruct:  # same windows for GPTQ; the last ones are held out for reconstruction
-        train, held = split_holdout(calib_data, config.recon_holdout)
-        calib_data, heldout = train + held, len(held)
+    if config.reconstruct:  # mini-batches of training windows, then the held-out ones
+        calib_data, heldout = recon_batches(calib_data, heldout_data, config)
     _check_packable(blocks, prefix, config.bits)
     model_device = _host_device(model)
     device = torch.device(device) if device is not None else model_device
@@ -346,12 +358,24 @@ def quantize_model(
     model.eval()
 
     inputs = BlockInputs(None, None, heldout=heldout, dtype=act_dtype)
+    teacher = None  # the end-to-end stage's targets: the full-precision model's, before any change
+    e2e = config.reconstruct and config.recon_e2e_epochs > 0
+    if e2e and config.recon_e2e_loss == "kl":
+        k = config.recon_e2e_topk
+        teacher = teacher_topk(model, calib_data, k, calib_dtype, device, load_block)
     if calib_data:
         keep = torch.device("cpu") if offload else device
         args = (report, config.reconstruct, device, keep, calib_dtype)
         _capture(model, blocks, calib_data, inputs, *args)
     parts = (blocks, prefix, inputs, config, report, calib_dtype, product_dtype, device)
     _Loop(*parts, model_device, load_block, store).run(calib_data, act_dtype)
+    if e2e:  # the whole packed model on the device for this stage, then back
+        model.to(device)
+        report.e2e = train_scales_end_to_end(
+            model, calib_data, teacher, heldout, config.recon_e2e_epochs, config.recon_e2e_lr,
+            config.recon_eval_every, config.recon_patience, config.recon_seed, calib_dtype,
+        )  # fmt: skip
+        model.to(model_device)
 
     report.seconds = time.perf_counter() - start
     model.quantization_report = report

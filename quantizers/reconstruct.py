@@ -3,11 +3,14 @@ quantization parameters so that its outputs match the full-precision block's.
 
 For block b with full-precision function F_b (its ORIGINAL weights, from before MagR) and the
 quantized block Q_b(·; θ), the inputs differ: the full-precision model feeds X_fp, the
-quantized model so far feeds X_q. Reconstruction minimises, over the calibration windows,
+quantized model so far feeds X_q. Reconstruction minimises, over the calibration tokens t,
 
-    L(θ) = ‖Q_b(X_q; θ) − F_b(X_fp)‖² / ‖F_b(X_fp)‖²
+    L(θ) = mean_t ‖Q_b(X_q; θ)_t − F_b(X_fp)_t‖² / ‖F_b(X_fp)_t‖²
 
-so the quantized block also corrects for the error the blocks before it left in X_q.
+so the quantized block also corrects for the error the blocks before it left in X_q. Each
+token's error is relative to its own norm: summed over tokens first, the loss would be that of
+the attention-sink tokens alone, whose hidden states are two orders of magnitude larger than the
+others' in the middle blocks (`token_relative_error`).
 
 The parameters θ keep the packed GPTQ layout. Each layer's weight is
 
@@ -19,15 +22,25 @@ zero points z (kept), and a per-group scale multiplier m (started at 1) on the s
 Training in code units is what makes it work: a latent in weight units started on the grid gives
 the scale a gradient of about zero. Adam takes separate learning rates for V and m.
 
+With `recon_norms`, the block's normalisation weights (RMSNorm/LayerNorm, stored in full
+precision beside the packed layers) train too: a per-input-channel scale in front of q/k/v and
+gate/up, which the per-group scales m cannot express.
+
+The schedule: epochs over all training windows in shuffled mini-batches (`recon_batch_size`
+windows a step), a cosine learning-rate decay over the planned steps, and early stopping on
+held-out windows that come from another source or another slice of the same source than the
+training windows (qdiablo passes them; the library falls back to the last windows). Every
+`recon_eval_every` steps the held-out error is measured, the best parameters so far are kept, and
+a block stops after `recon_patience` evaluations without a new best.
+
 At the end the codes are rounded, the scales s₀·m rounded to fp16 (what the layout stores), and
-the layers packed again. A held-out share of the calibration windows measures the error: the
-training stops early when it rises (the best parameters are kept), and a block whose held-out
-error did not improve keeps its GPTQ result.
+the layers packed again. A block whose held-out error did not improve keeps its GPTQ result.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +55,8 @@ from quantizers.quant_linear import QuantLinear, dequantize_cache
 from quantizers.rtn import MIN_SCALE, QuantResult
 
 log = logging.getLogger(__name__)
+
+TRAIN_PROBE = 8  # training batches the report's "train before → after" error is measured on
 
 
 @dataclass
@@ -65,30 +80,51 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (x.round() - x).detach()
 
 
+def _windows(batches: Sequence[Tensor]) -> list[Tensor]:
+    return [w for batch in batches for w in batch.split(1)]
+
+
+def _rebatch(windows: list[Tensor], size: int) -> list[Tensor]:
+    """Consecutive windows of the same length into batches of at most `size`."""
+    out: list[list[Tensor]] = []
+    for w in windows:
+        if out and len(out[-1]) < size and out[-1][0].shape == w.shape:
+            out[-1].append(w)
+        else:
+            out.append([w])
+    return [torch.cat(b) for b in out]
+
+
 def split_holdout(
-    calib_data: Sequence[Tensor], fraction: float
+    calib_data: Sequence[Tensor], fraction: float, batch_size: int | None = None
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Split calibration windows into (train, held-out) batches: the last round(fraction·n)
-    windows are held out (at least one when fraction > 0), batched as the input was."""
-    windows = [w for batch in calib_data for w in batch.split(1)]
+    windows are held out (at least one when fraction > 0), batched as the input was (or in
+    `batch_size` windows)."""
+    windows = _windows(calib_data)
     n = len(windows)
     hold = 0 if fraction <= 0 else min(max(1, round(fraction * n)), n - 1)
     if fraction > 0 and hold < 1:
         raise ValueError(
             f"reconstruction's held-out split needs at least 2 calibration windows, got {n}"
         )
-    size = calib_data[0].shape[0]
+    size = batch_size or calib_data[0].shape[0]
+    return _rebatch(windows[: n - hold], size), _rebatch(windows[n - hold :], size)
 
-    def rebatch(ws: list[Tensor]) -> list[Tensor]:
-        out: list[list[Tensor]] = []
-        for w in ws:
-            if out and len(out[-1]) < size and out[-1][0].shape == w.shape:
-                out[-1].append(w)
-            else:
-                out.append([w])
-        return [torch.cat(b) for b in out]
 
-    return rebatch(windows[: n - hold]), rebatch(windows[n - hold :])
+def recon_batches(
+    calib_data: Sequence[Tensor], heldout_data: Sequence[Tensor] | None, config: QuantConfig
+) -> tuple[list[Tensor], int]:
+    """The token batches quantize_model runs with reconstruction: the training windows in
+    mini-batches of `recon_batch_size`, then the held-out ones; and how many batches are
+    held out. Held-out windows come from `heldout_data` (another source or slice) when given,
+    else the last `recon_holdout` share of `calib_data`."""
+    size = config.recon_batch_size
+    if heldout_data:
+        train, held = _rebatch(_windows(calib_data), size), _rebatch(_windows(heldout_data), size)
+    else:
+        train, held = split_holdout(calib_data, config.recon_holdout, size)
+    return train + held, len(held)
 
 
 class TrainableQuantLinear(nn.Module):
@@ -149,6 +185,16 @@ def _swap(block: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def token_relative_error(out: Tensor, target: Tensor) -> Tensor:
+    """Each token's ‖out − y‖² / ‖y‖², [..., tokens] (float32).
+
+    Per token, not summed over tokens first: from SmolLM2's block 11 on, the first token of
+    every window (an attention sink) carries a hidden state ~150× the median norm, 99% of the
+    batch's Σ‖y‖²; a loss summed over tokens then fits that one token and ignores the rest."""
+    y = target.float()
+    return ((out.float() - y) ** 2).sum(-1) / (y**2).sum(-1).clamp(min=1e-12)
+
+
 def _device_of(block: nn.Module, fallback: Tensor) -> torch.device:
     return next((t.device for t in block.parameters()), fallback.device)
 
@@ -157,17 +203,80 @@ def _device_of(block: nn.Module, fallback: Tensor) -> torch.device:
 def block_error(
     block: nn.Module, inputs: Sequence[Tensor], kwargs: Sequence[dict], targets: Sequence[Tensor]
 ) -> float:
-    """Σ‖block(x) − y‖² / Σ‖y‖² over batches (each moved to the block's device in turn)."""
-    num = den = 0.0
+    """The mean over all tokens of the batches of each token's relative squared error (each
+    batch moved to the block's device in turn: they may live on the host)."""
+    total, count = 0.0, 0
     if not inputs:
         return 0.0
     device = _device_of(block, inputs[0])
     for x, kw, y in zip(inputs, kwargs, targets):
-        out = block_output(block(x.to(device), **to_device(kw, device))).float()
-        y = y.to(device).float()
-        num += float(((out - y) ** 2).sum())
-        den += float((y**2).sum())
-    return num / den if den > 0 else 0.0
+        out = block_output(block(x.to(device), **to_device(kw, device)))
+        err = token_relative_error(out, y.to(device))
+        total += float(err.sum())
+        count += err.numel()
+    return total / count if count else 0.0
+
+
+@dataclass
+class ReconSchedule:
+    """How one block trains (QuantConfig's recon_* fields; see `QuantConfig` for each)."""
+
+    epochs: float = 2.0
+    steps: int | None = None  # overrides epochs
+    lr_code: float = 1e-2
+    lr_scale: float = 1e-3
+    lr_norm: float = 1e-3
+    params: str = "scales+codes"
+    norms: bool = False
+    schedule: str = "cosine"
+    eval_every: int = 8
+    patience: int = 2
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, config: QuantConfig) -> ReconSchedule:
+        return cls(
+            epochs=config.recon_epochs,
+            steps=config.recon_steps,
+            lr_code=config.recon_lr_code,
+            lr_scale=config.recon_lr_scale,
+            lr_norm=config.recon_lr_norm,
+            params=config.recon_params,
+            norms=config.recon_norms,
+            schedule=config.recon_schedule,
+            eval_every=config.recon_eval_every,
+            patience=config.recon_patience,
+            seed=config.recon_seed,
+        )
+
+    def total_steps(self, train_batches: int) -> int:
+        return self.steps or max(1, math.ceil(self.epochs * train_batches))
+
+    def lr_factor(self, step: int, total: int) -> float:
+        """The learning-rate multiplier at `step` (0-based) of `total`."""
+        if self.schedule == "constant":
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
+def norm_parameters(block: nn.Module) -> list[nn.Parameter]:
+    """The block's normalisation weights (and biases): RMSNorm / LayerNorm modules, found by
+    class name so that every architecture's own norm class counts."""
+    found = []
+    for module in block.modules():
+        if isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("Norm"):
+            found += [p for p in module.parameters(recurse=False) if p.is_floating_point()]
+    return found
+
+
+def _batch_order(n_train: int, total: int, seed: int) -> list[int]:
+    """Training batch indices for `total` steps: whole shuffled epochs (seeded), then part of
+    one more."""
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while len(order) < total:
+        order += torch.randperm(n_train, generator=gen).tolist()
+    return order[:total]
 
 
 def train_block(
@@ -176,100 +285,51 @@ def train_block(
     kwargs: Sequence[dict],
     targets: Sequence[Tensor],
     heldout: int = 0,
-    steps: int = 60,
-    lr_code: float = 1e-2,
-    lr_scale: float = 1e-3,
-    params: str = "scales+codes",
-    eval_every: int = 10,
-    patience: int = 1,
+    schedule: ReconSchedule | None = None,
     autocast_dtype: torch.dtype | None = None,
     name: str = "block",
 ) -> BlockRecon:
     """Train the QuantLinear layers of `block` in place (see the module docstring).
 
-    Every `eval_every` steps the held-out error is measured and the best parameters so far are
-    kept; training stops after `patience` evaluations in a row without a new best. The default,
-    60 steps stopping at the first rise, was chosen by measurement (SmolLM2 W2 g64, BENCHMARKS.md):
-    the held-out error rises for a while when codes start to flip, and 100 steps with patience 5
-    went past that, lowered the blocks' held-out errors about 3x further and changed 5-10% of the
-    codes, but the model's perplexity on other text did not improve (75 vs 70) at 2.4x the time.
-
     inputs/kwargs: the quantized model's block inputs X_q per batch; targets: the
     full-precision block's outputs F(X_fp) per batch; the last `heldout` batches are held out.
     The batches may live on the host (offloaded): each is moved to the block's device when used.
-    Runs with gradients enabled whatever the caller's mode; the block's other parameters
-    (norms) are not trained.
+    Runs with gradients enabled whatever the caller's mode.
     """
-    if params not in RECON_PARAMS:
-        raise ValueError(f"params: expected one of {RECON_PARAMS}, got {params!r}")
+    sched = schedule or ReconSchedule()
+    if sched.params not in RECON_PARAMS:
+        raise ValueError(f"params: expected one of {RECON_PARAMS}, got {sched.params!r}")
     start = time.perf_counter()
     n_train = len(inputs) - heldout
     if n_train < 1:
         raise ValueError(f"{name}: reconstruction needs at least one training batch")
     train = (inputs[:n_train], kwargs[:n_train], targets[:n_train])
     hold = (inputs[n_train:], kwargs[n_train:], targets[n_train:])
-    device = _device_of(block, inputs[0])
+    autocast = _autocast_factory(_device_of(block, inputs[0]), autocast_dtype)
 
-    def autocast():
-        if autocast_dtype is None:
-            return torch.autocast(device_type=device.type, enabled=False)
-        return torch.autocast(device_type=device.type, dtype=autocast_dtype)
+    # the report's training error: on the first TRAIN_PROBE batches (it decides nothing)
+    probe = tuple(part[:TRAIN_PROBE] for part in train)
 
     def errors() -> tuple[float, float | None]:
         with dequantize_cache(block), autocast():
-            return block_error(block, *train), (block_error(block, *hold) if heldout else None)
+            return block_error(block, *probe), (block_error(block, *hold) if heldout else None)
 
     originals = {n: m for n, m in block.named_modules() if isinstance(m, QuantLinear)}
+    norms = norm_parameters(block) if sched.norms else []
+    norms0 = [p.detach().clone() for p in norms]
     train_before, heldout_before = errors()
     frozen = {p: p.requires_grad for p in block.parameters()}
     for p in frozen:
         p.requires_grad_(False)
     layers = {
-        n: TrainableQuantLinear(m, "codes" in params, "scales" in params)
+        n: TrainableQuantLinear(m, "codes" in sched.params, "scales" in sched.params)
         for n, m in originals.items()
     }
     for n, m in layers.items():
         _swap(block, n, m)
-    groups = []
-    if "codes" in params:
-        groups.append({"params": [m.latent for m in layers.values()], "lr": lr_code})
-    if "scales" in params:
-        groups.append({"params": [m.multiplier for m in layers.values()], "lr": lr_scale})
-    optimizer = torch.optim.Adam(groups)
-
-    def snapshot() -> list[Tensor]:
-        return [p.detach().clone() for g in groups for p in g["params"]]
-
-    best, best_state, step, stale = heldout_before, snapshot(), 0, 0
+    groups = _param_groups(layers, norms, sched)
     try:
-        with torch.enable_grad():
-            for step in range(1, steps + 1):
-                k = (step - 1) % n_train
-                x, kw = train[0][k].to(device), to_device(train[1][k], device)
-                with autocast():
-                    out = block_output(block(x, **kw)).float()
-                y = train[2][k].to(device).float()
-                loss = ((out - y) ** 2).sum() / (y**2).sum()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                for m in layers.values():
-                    m.clamp_latent_()
-                if heldout and (step % eval_every == 0 or step == steps):
-                    with autocast():
-                        err = block_error(block, *hold)
-                    log.debug("%s: step %d, held-out error %.5f", name, step, err)
-                    if err < best:
-                        best, best_state, stale = err, snapshot(), 0
-                        continue
-                    stale += 1
-                    if stale >= patience:
-                        log.debug("%s: no held-out gain in %d checks: stopping", name, stale)
-                        break
-        if heldout:
-            with torch.no_grad():
-                for p, saved in zip((p for g in groups for p in g["params"]), best_state):
-                    p.copy_(saved)
+        steps = _optimise(block, layers, groups, train, hold, heldout_before, sched, autocast, name)
         packed = {n: m.to_quant_linear() for n, m in layers.items()}
         changed = sum(int((m.result().codes != m.codes0).sum()) for m in layers.values())
         total = sum(m.codes0.numel() for m in layers.values())
@@ -280,20 +340,92 @@ def train_block(
         _swap(block, n, m)
     train_after, heldout_after = errors()
     kept = heldout_after < heldout_before if heldout else train_after < train_before
+    # (without held-out windows the decision reads the probe batches' error: all of them when
+    # there are at most TRAIN_PROBE, as in every test and small run)
     if not kept:
         for n, m in originals.items():
             _swap(block, n, m)
+        with torch.no_grad():
+            for p, saved in zip(norms, norms0):
+                p.copy_(saved)
     return BlockRecon(
         name,
         train_before,
         train_after,
         heldout_before,
         heldout_after,
-        step,
+        steps,
         changed / max(total, 1),
         kept,
         time.perf_counter() - start,
     )
+
+
+def _autocast_factory(device: torch.device, dtype: torch.dtype | None):
+    def autocast():
+        if dtype is None:
+            return torch.autocast(device_type=device.type, enabled=False)
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    return autocast
+
+
+def _param_groups(
+    layers: dict[str, TrainableQuantLinear], norms: list[nn.Parameter], sched: ReconSchedule
+) -> list[dict]:
+    groups = []
+    if "codes" in sched.params:
+        groups.append({"params": [m.latent for m in layers.values()], "lr": sched.lr_code})
+    if "scales" in sched.params:
+        groups.append({"params": [m.multiplier for m in layers.values()], "lr": sched.lr_scale})
+    if norms:
+        for p in norms:
+            p.requires_grad_(True)
+        groups.append({"params": norms, "lr": sched.lr_norm})
+    return groups
+
+
+def _optimise(block, layers, groups, train, hold, best, sched, autocast, name) -> int:
+    """Adam over the training batches with the schedule's learning rate, held-out checks and
+    early stopping; leaves the best parameters in place. Returns the steps taken."""
+    optimizer = torch.optim.Adam(groups)
+    params = [p for g in groups for p in g["params"]]
+    base_lrs = [g["lr"] for g in groups]
+    n_train, heldout = len(train[0]), len(hold[0])
+    total = sched.total_steps(n_train)
+    best_state, stale, step = [p.detach().clone() for p in params], 0, 0
+    with torch.enable_grad():
+        for step, k in enumerate(_batch_order(n_train, total, sched.seed), start=1):
+            for g, lr in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = lr * sched.lr_factor(step - 1, total)
+            device = _device_of(block, train[0][k])
+            x, kw = train[0][k].to(device), to_device(train[1][k], device)
+            with autocast():
+                out = block_output(block(x, **kw))
+            loss = token_relative_error(out, train[2][k].to(device)).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for m in layers.values():
+                m.clamp_latent_()
+            if heldout and (step % sched.eval_every == 0 or step == total):
+                with autocast():
+                    err = block_error(block, *hold)
+                log.debug("%s: step %d, held-out error %.5f", name, step, err)
+                if err < best:
+                    best, best_state, stale = err, [p.detach().clone() for p in params], 0
+                    continue
+                stale += 1
+                if stale >= sched.patience:
+                    log.debug("%s: no held-out gain in %d checks: stopping", name, stale)
+                    break
+    if heldout:
+        with torch.no_grad():
+            for p, saved in zip(params, best_state):
+                p.copy_(saved)
+    for p in params:
+        p.requires_grad_(False)
+    return step
 
 
 def reconstruct_block(
@@ -313,12 +445,7 @@ def reconstruct_block(
         kwargs,
         targets,
         heldout=heldout,
-        steps=config.recon_steps,
-        lr_code=config.recon_lr_code,
-        lr_scale=config.recon_lr_scale,
-        params=config.recon_params,
-        eval_every=config.recon_eval_every,
-        patience=config.recon_patience,
+        schedule=ReconSchedule.from_config(config),
         autocast_dtype=autocast_dtype,
         name=name,
     )
@@ -349,7 +476,8 @@ def recon_markdown(blocks: Sequence[BlockRecon], heldout_windows: int) -> list[s
     lines = [
         "",
         f"Block-wise reconstruction ({heldout_windows} calibration windows held out; "
-        f"{seconds:.0f} s): relative squared block output error",
+        f"{seconds:.0f} s): mean per-token relative squared block output error (train: on "
+        f"the first {TRAIN_PROBE} training batches)",
         "",
         "| block | train before → after | held-out before → after | steps | codes changed | kept |",
         "|---|---|---|---|---|---|",

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from quantizers.e2e import E2EReport
 from quantizers.reconstruct import BlockRecon, recon_markdown
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,9 @@ class QuantReport:
     calibration_tokens: int = 0
     seconds: float = 0.0
     reconstruction: list[BlockRecon] = field(default_factory=list)
-    heldout_windows: int = 0  # calibration windows reconstruction held out (GPTQ saw them)
+    heldout_windows: int = 0  # windows reconstruction held out (not fitted by GPTQ either)
     reconstruction_seconds: float = 0.0
+    e2e: E2EReport | None = None  # reconstruction's end-to-end stage (recon_e2e_epochs > 0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,6 +78,17 @@ class QuantReport:
                 + ", ".join(f"{r.name} ({r.damp_percent:g})" for r in retried),
             ]
         recon = recon_markdown(self.reconstruction, self.heldout_windows)
+        if self.e2e is not None:
+            e = self.e2e
+            held = (
+                ""
+                if e.heldout_before is None
+                else (
+                    f": held-out loss {e.heldout_before:.5f} → "
+                    f"{e.heldout_after:.5f}{'' if e.kept else ' (not improved: scales unchanged)'}"
+                )
+            )
+            recon += ["", f"End-to-end scales: {e.steps} steps in {e.seconds:.0f} s{held}"]
         return "\n".join(lines + recon) + "\n"
 
     def cholesky_fallbacks(self, min_damp: float = 0.0) -> list[LayerReport]:

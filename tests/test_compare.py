@@ -199,3 +199,43 @@ def test_compare_end_to_end(tmp_path, tiny_model_dir, math_file):
     assert cli.main(["compare", str(config)]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "stages").glob("*.json")} == done
     assert json.loads((out / "compare.json").read_text())["rows"] == rows
+
+
+def test_grid_with_seeds_shares_the_bases_and_reports_the_spread(
+    tmp_path, tiny_model_dir, math_file
+):
+    from qdiablo.pipeline.compare import build_grid
+    from qdiablo.pipeline.report import seed_spread
+
+    data = grid_config(tmp_path, tiny_model_dir, math_file, seeds=[7, 8])
+    data["methods"] = [{"name": "QLoRA", "skip": True}, {"name": "MagR-DiaBlo+recon+scales"}]
+    grid = build_grid(data, "c.yaml")
+    cells = {(c.method.name, c.seed): c for c in grid.cells}
+    assert sorted(cells) == [
+        ("GPTQ-LoRA", 7), ("GPTQ-LoRA (seed 8)", 8), ("MagR-DiaBlo", 7),
+        ("MagR-DiaBlo (seed 8)", 8), ("MagR-DiaBlo+recon+scales", 7),
+        ("MagR-DiaBlo+recon+scales (seed 8)", 8),
+    ]  # fmt: skip
+    for name in ("GPTQ-LoRA", "MagR-DiaBlo", "MagR-DiaBlo+recon+scales"):
+        first, second = cells[(name, 7)], cells[(f"{name} (seed 8)", 8)]
+        assert first.base.key == second.base.key  # the seeds train on the same base
+        assert first.train.key != second.train.key
+        assert (first.train.namespace().seed, second.train.namespace().seed) == (7, 8)
+    assert [c.method.reference for c in grid.cells].count(True) == 1
+    scales = cells[("MagR-DiaBlo+recon+scales", 7)]
+    assert scales.train.namespace().train_scales and scales.base.namespace().reconstruct
+    with pytest.raises(UserError, match="'seeds' must be a list"):
+        build_grid({**data, "seeds": 42}, "c.yaml")
+    data["methods"].append({"name": "GPTQ-LoRA", "seeds": [9]})  # a method's own seeds
+    lora = [c for c in build_grid(data, "c.yaml").cells if c.method.name.startswith("GPTQ-LoRA")]
+    assert [(c.method.name, c.seed) for c in lora] == [("GPTQ-LoRA", 9)]
+
+    def row(seed, nlls):
+        tasks = {t: {"nll": v} for t, v in zip(("SVAMP", "AQuA"), nlls)}
+        name = "M" if seed == 1 else f"M (seed {seed})"
+        return {"bits": 2, "budget": "matched", "group": "M", "method": name, "seed": seed,
+                "nll": sum(nlls) / 2, "tasks": tasks}  # fmt: skip
+
+    lines = seed_spread([row(1, [2.0, 3.0]), row(2, [2.1, 2.95])])
+    assert lines[-1] == "| 2 | matched | M | 1, 2 | 2.5125 | 0.0250 | 0.1000 |"
+    assert seed_spread([{**row(1, [1.0, 1.0]), "seed": None}]) == []

@@ -20,9 +20,9 @@ from qdiablo.adapters.loading import load_adapter
 from qdiablo.calibration import build_calibration_data
 from qdiablo.diablo import DiaBloConfig, get_diablo_model
 from qdiablo.export import export_model, verify_export
-from qdiablo.streamed import streamed_logits
 from quantizers import QuantConfig, QuantLinear, load_quantized, quantize_model, save_quantized
 from quantizers.calibration import find_decoder_blocks
+from quantizers.lazy import streamed_logits
 
 TEXT = "Natalia sold clips to 48 of her friends in April, and half as many clips in May.\n\n"
 

@@ -33,6 +33,7 @@ interop = _load_script()
 def exported(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("interop")
     interop.export(out, "tiny", [4], ["gptq_v2"], 64, False)
+    interop.export(out, "tiny", [4], ["gptq_v2"], 64, False, trained_scales=True)
     return out
 
 
@@ -46,8 +47,11 @@ def _unpack_4bit(packed: torch.Tensor, dim: int) -> torch.Tensor:
     return codes.reshape(packed.shape[0], -1)
 
 
-def test_reference_holds_the_weights_of_the_saved_tensors(exported):
-    folder = exported / "w4-gptq_v2"
+@pytest.mark.parametrize("folder_name", ["w4-gptq_v2", "w4-gptq_v2-scales"])
+def test_reference_holds_the_weights_of_the_saved_tensors(exported, folder_name):
+    """A plain GPTQ reading of the saved tensors is what qdiablo computes, trained scales folded
+    into the base included."""
+    folder = exported / folder_name
     ref = load_file(str(interop.reference_file(folder)))
     saved = load_file(str(folder / "model.safetensors"))
     names = sorted(k[: -len(".qweight")] for k in saved if k.endswith(".qweight"))
@@ -59,6 +63,15 @@ def test_reference_holds_the_weights_of_the_saved_tensors(exported):
         g = saved[f"{name}.g_idx"].long()
         w = (codes - zeros[g]).float() * saved[f"{name}.scales"].float()[g]
         assert torch.equal(ref[interop.WEIGHT_PREFIX + name], w.t().half()), name
+
+
+def test_trained_scales_folder_differs_only_in_its_scales(exported):
+    plain = load_file(str(exported / "w4-gptq_v2" / "model.safetensors"))
+    scaled = load_file(str(exported / "w4-gptq_v2-scales" / "model.safetensors"))
+    assert plain.keys() == scaled.keys()
+    for key in plain:
+        same = torch.equal(plain[key], scaled[key])
+        assert same != key.endswith(".scales"), key  # every scales tensor moved, nothing else
 
 
 def test_probe_reads_each_layer_exactly_and_logits_are_qdiablos(exported):
@@ -93,5 +106,7 @@ def test_gptqmodel_loads_v2_with_qdiablos_weights(exported):
     pytest.importorskip("gptqmodel")
     summary = exported / "summary.json"
     assert interop.check(exported, "cpu", "TORCH", None, summary) == 0
-    (row,) = json.loads(summary.read_text())
-    assert row["outcome"] == "match" and row["layers_within_fp16"] == row["layers"] == 14
+    rows = json.loads(summary.read_text())
+    assert len(rows) == 2  # the plain base and the one with trained scales folded in
+    for row in rows:
+        assert row["outcome"] == "match" and row["layers_within_fp16"] == row["layers"] == 14

@@ -300,6 +300,9 @@ def test_isolated_stages_record_their_own_peak_rss_and_repeat_bit_for_bit(
         # A Python process that imported torch and transformers holds well over 50 MiB; the
         # parent's own figure would not come from wait4's rusage of the child.
         assert marker["peak_rss_mib"] > 50
+        # the child's own CPU time (importing torch alone takes a good fraction of a second),
+        # never more than its wall time allows with one thread beside the start-up's helpers
+        assert 0.3 < marker["cpu_seconds"] < 4 * marker["wall_seconds"]
         assert outcomes[0].peak_rss_mib == marker["peak_rss_mib"]
         assert f"{marker['peak_rss_mib']:.0f}" in summary_table(outcomes)
         weights.append(

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from qdiablo import cli
 from quantizers import QuantConfig, QuantLinear, load_quantized, quantize_model, save_quantized
 from quantizers.calibration import block_output
-from quantizers.reconstruct import TrainableQuantLinear, split_holdout
+from quantizers.reconstruct import TrainableQuantLinear, _batch_order, split_holdout
 from quantizers.rtn import rtn_quantize
 
 TEXT = (
@@ -58,14 +58,15 @@ def test_split_holdout_keeps_every_window_in_order():
 def test_reconstruction_lowers_heldout_error_and_round_trips(tmp_path):
     fp = make_tiny_llama(init_range=0.2)
     calib = calibration()
-    off = quantize_model(copy.deepcopy(fp), calib, QuantConfig(bits=2, group_size=32, magr=True))
-    config = QuantConfig(bits=2, group_size=32, magr=True, reconstruct=True, recon_steps=40)
+    fitted = split_holdout(calib, 0.25)[0]  # the windows GPTQ and reconstruction fit
+    off = quantize_model(copy.deepcopy(fp), fitted, QuantConfig(bits=2, group_size=32, magr=True))
+    config = QuantConfig(bits=2, group_size=32, magr=True, reconstruct=True, recon_steps=80)
     on = quantize_model(copy.deepcopy(fp), calib, config)
     report = on.quantization_report
     assert report.heldout_windows == 4 and len(report.reconstruction) == 2
     for block in report.reconstruction:
         assert block.kept and block.heldout_after < block.heldout_before
-    # GPTQ saw the same windows with reconstruction on and off: the first block's layers match.
+    # GPTQ did not see the held-out windows: the first block's layers match a run on the others.
     for a, b in zip(off.quantization_report.layers[:7], report.layers[:7]):
         assert a.rel_error == pytest.approx(b.rel_error, rel=1e-4)
     # Independent of the report: the whole model's last block outputs on the held-out windows
@@ -79,7 +80,7 @@ def test_reconstruction_lowers_heldout_error_and_round_trips(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(held[0]).logits, on(held[0]).logits)
     meta = json.loads((tmp_path / "q" / "quantize_config.json").read_text())["meta"]["qdiablo"]
-    assert meta["reconstruct"] is True and meta["recon_steps"] == 40
+    assert meta["reconstruct"] is True and meta["recon_steps"] == 80
     saved = json.loads((tmp_path / "q" / "quantization_report.json").read_text())
     assert saved["reconstruction"][0]["heldout_after"] == report.reconstruction[0].heldout_after
     assert "Block-wise reconstruction" in (tmp_path / "q" / "quantization_report.md").read_text()
@@ -118,9 +119,45 @@ def test_packed_layer_equals_the_trained_parameterisation(tmp_path, checkpoint_f
     assert bool((codes != layer.codes()).any())  # the test did move codes
 
 
+def test_heldout_data_apart_and_the_schedule(tmp_path):
+    """Held-out windows given apart are neither fitted by GPTQ nor trained on; an epoch is one
+    pass over the training mini-batches; trained norms change only where they helped."""
+    fp = make_tiny_llama(init_range=0.2)
+    calib, held = calibration(samples=12), calibration(samples=16)[3:]
+    config = QuantConfig(
+        bits=2, group_size=32, magr=True, reconstruct=True, recon_batch_size=3,
+        recon_epochs=2, recon_eval_every=100, recon_norms=True,
+    )  # fmt: skip
+    on = quantize_model(copy.deepcopy(fp), calib, config, heldout_data=held)
+    report = on.quantization_report
+    assert report.heldout_windows == 4 and report.calibration_tokens == 16 * 64
+    assert [r.steps for r in report.reconstruction] == [8, 8]  # 2 epochs x 4 batches of 3
+    in_threes = split_holdout(calib, 0.0, batch_size=3)[0]  # as reconstruction batches them
+    off = quantize_model(
+        copy.deepcopy(fp), in_threes, QuantConfig(bits=2, group_size=32, magr=True)
+    )
+    for a, b in zip(off.quantization_report.layers[:7], report.layers[:7]):
+        assert a.rel_error == pytest.approx(b.rel_error, rel=1e-4)
+    for i, r in enumerate(report.reconstruction):
+        norm = on.model.layers[i].input_layernorm.weight
+        moved = not torch.equal(norm, fp.model.layers[i].input_layernorm.weight)
+        assert moved == r.kept  # a block that kept its GPTQ result also kept its norms
+
+
+def test_batch_order_covers_whole_epochs():
+    order = _batch_order(5, 12, seed=3)
+    assert sorted(order[:5]) == list(range(5)) and sorted(order[5:10]) == list(range(5))
+    assert order == _batch_order(5, 12, seed=3) and order != _batch_order(5, 12, seed=4)
+
+
 def test_reconstruct_config_validation():
     for kw, field in [
         ({"recon_steps": 0}, "recon_steps"),
+        ({"recon_epochs": 0}, "recon_epochs"),
+        ({"recon_batch_size": 0}, "recon_batch_size"),
+        ({"recon_schedule": "step"}, "recon_schedule"),
+        ({"recon_lr_norm": 0}, "recon_lr_norm"),
+        ({"recon_norms": 1}, "recon_norms"),
         ({"recon_lr_code": 0}, "recon_lr_code"),
         ({"recon_lr_scale": -1.0}, "recon_lr_scale"),
         ({"recon_params": "zeros"}, "recon_params"),
@@ -225,3 +262,41 @@ def test_training_stops_after_patience_checks_without_a_new_best(caplog, patienc
         assert block.steps == expected == len(series)
         stops.append(expected)
     assert min(stops) < 40  # the rule did stop something early
+
+
+def test_topk_kl_is_the_full_kl_with_every_token_and_a_lower_bound_with_fewer():
+    from quantizers.e2e import TopK, topk_kl
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 6, 40), 2 * torch.randn(2, 6, 40)
+    p = torch.softmax(teacher.double(), -1)
+    full = (p * (p.log() - torch.log_softmax(student.double(), -1))).sum(-1).mean()
+
+    def targets(k):
+        logp = torch.log_softmax(teacher, -1)
+        top, ids = logp.topk(k, -1)
+        rest = torch.log((1 - top.exp().sum(-1)).clamp(min=1e-30))
+        return TopK(ids.int(), top, rest)
+
+    torch.testing.assert_close(topk_kl(student, targets(40)).double(), full, rtol=1e-4, atol=1e-5)
+    assert topk_kl(student, targets(8)) <= full + 1e-5
+    assert topk_kl(teacher, targets(8)) == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["kl", "lm"])
+def test_end_to_end_stage_lowers_its_heldout_loss_and_keeps_the_layout(tmp_path, loss):
+    fp = make_tiny_llama(init_range=0.2)
+    calib = calibration()
+    config = QuantConfig(
+        bits=2, group_size=32, magr=True, reconstruct=True, recon_steps=4,
+        recon_e2e_epochs=4, recon_e2e_lr=1e-2, recon_e2e_loss=loss,
+    )  # fmt: skip
+    model = quantize_model(copy.deepcopy(fp), calib[:3], config, heldout_data=calib[3:])
+    e2e = model.quantization_report.e2e
+    assert e2e.kept and e2e.heldout_after < e2e.heldout_before and e2e.steps > 0
+    assert not any(m.scale_multiplier is not None for m in model.modules() if hasattr(m, "bits"))
+    save_quantized(model, tmp_path / "q")
+    ids = calib[3][:1]
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "q")(ids).logits, model(ids).logits)
+    assert "End-to-end scales" in (tmp_path / "q" / "quantization_report.md").read_text()

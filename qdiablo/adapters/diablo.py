@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -112,6 +113,13 @@ class DiaBloMethod(AdapterMethod):
     def fingerprint_from_files(self, model: DiaBloModel, state_of: Any) -> None:
         targets = [name for name, _ in model.diablo_layers()]
         model.base_fingerprint = base_fingerprint(model.model, targets, state_of)
+
+    def refresh_fingerprint(self, model: DiaBloModel, folder: Path) -> None:
+        config_file = folder / ADAPTER_CONFIG_NAME
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        targets = [name for name, _ in model.diablo_layers()]
+        config["base_fingerprint"] = base_fingerprint(model.model, targets)
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     # ---- a saved folder ---------------------------------------------------------------------
 

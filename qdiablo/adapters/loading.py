@@ -6,6 +6,7 @@ from pathlib import Path
 
 from qdiablo.adapters.method import AdapterMethod
 from qdiablo.adapters.registry import method_for_config
+from qdiablo.adapters.scales import load_trained_scales
 from qdiablo.diablo.model import ADAPTER_CONFIG_NAME
 from qdiablo.errors import UserError
 from qdiablo.io import read_json
@@ -34,10 +35,12 @@ def load_adapter(model, adapter_dir: str | Path, *, force: bool = False, merge: 
 
     `merge=True` folds the adapter into the base's weights (`merge_and_unload`) for faster
     inference; on a quantized base the merged layers are dense. `force` skips DiaBlo's base
-    fingerprint check.
+    fingerprint check. Scales trained with the adapter (`--train-scales`) are folded into the
+    packed base's stored scales, after the fingerprint check (qdiablo.adapters.scales).
     """
     method, kind = adapter_method(adapter_dir)
     wrapped = method.load(model, Path(adapter_dir), kind, force=force)
+    load_trained_scales(wrapped, adapter_dir, fold=True)
     wrapped.eval()
     if merge:
         return wrapped.merge_and_unload()

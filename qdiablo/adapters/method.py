@@ -93,6 +93,10 @@ class AdapterMethod:
         """Copy a saved adapter's weights into the live model, strictly (resuming)."""
         raise NotImplementedError
 
+    def refresh_fingerprint(self, model: nn.Module, folder: Path) -> None:
+        """Record in the saved adapter `folder` the fingerprint of the base `model` holds now
+        (export folds trained scales into it). Nothing to do without a fingerprint."""
+
     # ---- FSDP's sharded loading (qdiablo.train.fsdp_loading) ----------------------------------
 
     def fingerprint_from_files(self, model: nn.Module, state_of: Any) -> None:

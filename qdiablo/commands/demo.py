@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=2, choices=[2, 3, 4], help="GPTQ bits")
     p.add_argument("--num-blocks", type=int, default=64, help="DiaBlo blocks per layer (N)")
     p.add_argument(
-        "--calib-samples", type=int, default=32, help="calibration windows of 256 tokens"
+        "--calib-samples", type=int, default=64, help="calibration windows of 256 tokens"
     )
     p.add_argument(
         "--no-reconstruct",
@@ -47,6 +48,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "bits it lowered the fine-tuned reference NLL from 3.16 to 2.49 in BENCHMARKS.md)",
     )
     p.add_argument("--recon-steps", type=int, default=None, help="reconstruction steps per block")
+    p.add_argument(
+        "--recon-epochs",
+        type=float,
+        default=1.0,
+        help="reconstruction epochs over the calibration windows (the quantizer's default is 2; "
+        "the demo's 1 halves that stage's time)",
+    )
+    p.add_argument(
+        "--train-scales",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="train the base's scales with the DiaBlo blocks",
+    )
+    p.add_argument(
+        "--distill",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="distil from the full-precision model (KL) instead of the plain LM loss",
+    )
     p.add_argument("--steps", type=int, default=30, help="training steps (batch 8)")
     p.add_argument("--limit", type=int, default=8, help="evaluated items per test set")
     p.add_argument("--max-new-tokens", type=int, default=200, help="generation budget per answer")
@@ -59,9 +79,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch CPU threads for every stage (default 1; the figures depend on it: float "
-        "sums are reduced in a thread-dependent order)",
+        default=None,
+        help="torch CPU threads for every stage (default: the cores this process may use; the "
+        "same count gives the same figures run to run, another may change the last digits: "
+        "float sums are reduced in a thread-dependent order)",
     )
     add_device_argument(p, "every stage runs")
     p.add_argument(
@@ -75,6 +96,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def stage_settings(args: argparse.Namespace) -> dict[str, dict]:
     """Each stage's `qdiablo <verb>` flags: the demo's budget, or none with --full."""
+    from quantizers.magr import fast_matmul_dtype  # deferred: torch, off the `--help` path
+
     quantize = {
         "method": "gptq",
         "bits": args.bits,
@@ -86,6 +109,8 @@ def stage_settings(args: argparse.Namespace) -> dict[str, dict]:
     }
     if args.reconstruct and args.recon_steps is not None:
         quantize["recon_steps"] = args.recon_steps
+    if args.reconstruct and not args.full:
+        quantize["recon_epochs"] = args.recon_epochs
     train = {
         "adapter": "diablo",
         "num_blocks": args.num_blocks,
@@ -96,7 +121,12 @@ def stage_settings(args: argparse.Namespace) -> dict[str, dict]:
         # Without it the activations kept for backward (30 layers, batch 8 x 256 tokens) took the
         # stage to a 6.3 GB peak RSS; recomputing them costs some time and keeps the peak lower.
         "gradient_checkpointing": True,
+        # bf16 autocast where the CPU multiplies bf16 natively (the adapter stays fp32)
+        "precision": "bf16" if fast_matmul_dtype("cpu") is not None else "fp32",
+        "train_scales": args.train_scales,
     }
+    if args.distill:
+        train["distill"] = args.model
     if not args.full:
         train["max_steps"] = args.steps
     evaluate = {
@@ -114,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
     from qdiablo.pipeline.run import eval_stage, export_stage, quantize_stage, train_stage
     from qdiablo.pipeline.stages import Runner, summary_table
 
+    if args.threads is None:
+        args.threads = available_cores()
     for flag in ("threads", "recon_steps", "steps", "limit", "calib_samples"):
         value = getattr(args, flag)
         if value is not None and value < 1:  # before any stage writes into the output folder
@@ -143,6 +175,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nexported to {root / 'export'} (load it with qdiablo.export.load_exported)")
     print(f"demo finished in {time.time() - start:.0f} s")
     return 0
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask; the machine's count where the
+    platform has no affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def comparison_table(base_dir: Path, tuned_dir: Path) -> str:

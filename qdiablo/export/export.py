@@ -30,12 +30,14 @@ import torch
 from eval.runner import SUMMARY_FILE
 from qdiablo.adapters.loading import adapter_method, load_adapter
 from qdiablo.adapters.method import AdapterMethod
+from qdiablo.adapters.scales import has_trained_scales
 from qdiablo.calibration import build_calibration_data
 from qdiablo.devices import default_compute_dtype, resolve_device
 from qdiablo.errors import UserError
 from qdiablo.export.card import CardFacts, model_card
 from qdiablo.export.merge import merge_into_dense, mergeable_names, write_merged
 from qdiablo.export.merge import requantize_merged as requantize_streamed
+from qdiablo.export.scales import write_adapter_without_scales, write_folded_base
 from qdiablo.export.serving import (
     ServeOptions,
     ServePlan,
@@ -183,12 +185,22 @@ def export_model(
             calib_data = _calibration(
                 what, tokenizer, base, calib, calib_samples, calib_seq_len, calib_batch_size
             )
-        model = load_adapter(base_model, adapter)  # the fingerprint check: before any write
+        # the fingerprint check, before any write; trained scales are folded into base_model
+        model = load_adapter(base_model, adapter)
+        trained_scales = has_trained_scales(adapter)
         log.info("exporting %s + %s to %s", base, adapter, output)
         tmp = folder.staging()
         try:
-            shutil.copytree(base, tmp / "base", ignore=_bookkeeping)
-            shutil.copytree(adapter, tmp / "adapter", ignore=_bookkeeping)
+            if trained_scales:  # --train-scales: the base carries them (qdiablo.export.scales)
+                write_folded_base(model, base, tmp / "base")
+                write_adapter_without_scales(model, adapter, tmp / "adapter")
+                facts.notes.append(
+                    "base/ holds the scales trained with the adapter (--train-scales), folded "
+                    "into its fp16 scales; adapter/ is the adapter trained on them"
+                )
+            else:
+                shutil.copytree(base, tmp / "base", ignore=_bookkeeping)
+                shutil.copytree(adapter, tmp / "adapter", ignore=_bookkeeping)
             requantized = None
             if merged:
                 dtype = getattr(torch, merged_dtype)
@@ -310,7 +322,7 @@ def _write_requantized(
     facts.requantized = {
         "quantize_config": config.quantization_config(),
         "calibration": f"{sum(len(b) for b in calib_data)} windows of "
-        f"{calib_seq_len} tokens from {Path(calib).name}",
+        f"{calib_seq_len} tokens from {_calib_name(calib)}",
         "change": change,
     }
     return requantized
@@ -322,6 +334,11 @@ def _finish_folder(tmp: Path, facts: CardFacts) -> dict[str, Any]:
     manifest = build_manifest(tmp)
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def _calib_name(calib: Any) -> str:
+    sources = [calib] if isinstance(calib, str | Path) else list(calib)
+    return " + ".join(Path(s).name for s in sources)
 
 
 def _calibration(what: str, tokenizer, base: Path, calib, samples: int, seq_len: int, batch: int):

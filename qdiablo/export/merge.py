@@ -29,10 +29,11 @@ from torch import Tensor, nn
 from qdiablo.adapters.method import AdapterMethod
 from qdiablo.adapters.registry import method_of, methods
 from qdiablo.errors import UserError
-from qdiablo.streamed import meta_model, streamed_logits
+from qdiablo.streamed import meta_model
 from quantizers import QuantLinear, quantize_model
 from quantizers.calibration import find_decoder_blocks
 from quantizers.fileio import release_host_memory
+from quantizers.lazy import streamed_logits
 from quantizers.shards import DEFAULT_SHARD_BYTES, ShardWriter
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,12 @@ DiaBlo run at N=64 is the same under both budgets), and a re-run skips what is d
 Methods (a name, quantize settings or null, train settings; `bits` limits where one applies):
 QLoRA (NF4 base, 4 bits), NF2-LoRA (NF2 base, 2 bits), GPTQ-LoRA (GPTQ without MagR + LoRA) and
 the reference MagR-DiaBlo (MagR + GPTQ + DiaBlo), which every other method is tested against.
-MagR-DiaBlo+recon (its base with block-wise reconstruction) and GPTQ-LoRA+recon (LoRA on that
+MagR-DiaBlo+recon (its base with block-wise reconstruction), MagR-DiaBlo+recon+scales (the same,
+with the base's scales trained alongside: `--train-scales`) and GPTQ-LoRA+recon (LoRA on that
 same base) are built in but off by default: list `- name: MagR-DiaBlo+recon` under `methods` to
 add one.
+Seeds: `seeds: [42, 43]` trains every cell once per seed (on the same bases); the report gives
+each method's mean and spread over them. A method's own `seeds` overrides the grid's.
 Budgets: `matched` (LoRA's rank matched to DiaBlo's N: train's --match-params) and `paper`
 (N against r, 64 and 64 by default, as the paper did; not matched).
 """
@@ -44,7 +47,18 @@ BUDGETS = ("matched", "paper")
 DEFAULT_N = 64
 DEFAULT_RANK = 64
 REPORT_NAMES = ("compare.md", "compare.json", "compare.png")
-TOP_KEYS = ("output", "model", "device", "bits", "budgets", "methods", "quantize", "train", "eval")
+TOP_KEYS = (
+    "output",
+    "model",
+    "device",
+    "bits",
+    "budgets",
+    "seeds",
+    "methods",
+    "quantize",
+    "train",
+    "eval",
+)
 BUDGET_KEYS = {"num_blocks", "rank", "match_params"}
 DEFAULT_METHODS: list[dict[str, Any]] = [
     {"name": "QLoRA", "bits": [4], "quantize": None, "train": {"base": "nf4", "adapter": "lora"}},
@@ -73,6 +87,11 @@ OPTIONAL_METHODS: list[dict[str, Any]] = [
         "quantize": {"method": "gptq", "magr": True, "reconstruct": True},
         "train": {"adapter": "diablo"},
     },
+    {  # the base's per-group scales trained with the blocks (EfficientQAT's E2E-QP)
+        "name": "MagR-DiaBlo+recon+scales",
+        "quantize": {"method": "gptq", "magr": True, "reconstruct": True},
+        "train": {"adapter": "diablo", "train_scales": True},
+    },
     {  # LoRA on the same reconstructed base: what reconstruction alone is worth to LoRA
         "name": "GPTQ-LoRA+recon",
         "quantize": {"method": "gptq", "magr": True, "reconstruct": True},
@@ -88,6 +107,7 @@ class Method:
     train: dict[str, Any]
     bits: list[int] | None = None  # None: every bits of the grid
     reference: bool = False
+    seeds: list[int] | None = None  # None: the grid's seeds
 
 
 @dataclass
@@ -98,6 +118,7 @@ class Cell:
     base: Stage | None
     train: Stage
     eval: Stage
+    seed: int | None = None  # the training seed, when the grid has `seeds`
 
 
 @dataclass
@@ -106,6 +127,17 @@ class Grid:
     model: str
     cells: list[Cell]
     settings: dict[str, Any] = field(default_factory=dict)
+
+
+def _seeds(value: Any, source: str) -> list[int] | None:
+    """A `seeds` entry: None, or a non-empty list of whole numbers."""
+    if value is not None and (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+    ):
+        raise UserError(f"{source}: 'seeds' must be a list of whole numbers, e.g. [42, 43]")
+    return value
 
 
 def _norm(d: dict | None) -> dict[str, Any]:
@@ -126,11 +158,11 @@ def parse_methods(entries: Any, source: str) -> list[Method]:
     for entry in entries or []:
         if not isinstance(entry, dict) or not entry.get("name"):
             raise UserError(f"{source}: every method needs a 'name'")
-        unknown = set(entry) - {"name", "bits", "quantize", "train", "reference", "skip"}
+        unknown = set(entry) - {"name", "bits", "quantize", "train", "reference", "skip", "seeds"}
         if unknown:
             raise UserError(
                 f"{source}: method '{entry['name']}': unknown key '{sorted(unknown)[0]}'",
-                hint="a method has name, bits, quantize, train, reference, skip",
+                hint="a method has name, bits, quantize, train, reference, skip, seeds",
             )
         if entry.get("skip"):
             methods.pop(entry["name"], None)
@@ -144,6 +176,7 @@ def parse_methods(entries: Any, source: str) -> list[Method]:
             train=_norm(m.get("train")),
             bits=None if m.get("bits") is None else [int(b) for b in m["bits"]],
             reference=bool(m.get("reference", False)),
+            seeds=_seeds(m.get("seeds"), f"{source}: method '{m['name']}'"),
         )
         for m in methods.values()
     ]
@@ -196,6 +229,7 @@ def build_grid(data: dict[str, Any], source: str, output: str | None = None) -> 
     n_blocks = int(common_t.pop("num_blocks", DEFAULT_N))
     rank = int(common_t.pop("rank", DEFAULT_RANK))
     methods = parse_methods(data.get("methods"), source)
+    seeds = _seeds(data.get("seeds"), source)
 
     shared: dict[str, Stage] = {}
     cells: list[Cell] = []
@@ -213,21 +247,21 @@ def build_grid(data: dict[str, Any], source: str, output: str | None = None) -> 
                 kind += "-recon" if q.get("reconstruct") else ""
                 base = _content_address(base, root / "bases", f"base-w{bits}-{kind}", shared)
             check_wiring(method.train, WIRED["train"] | BUDGET_KEYS, where)
+            own = method.seeds or seeds or [None]
             for budget in budgets:
-                t = {**common_t, **method.train}
-                adapter = get_adapter(t.get("adapter", TrainConfig.adapter))
-                t.update(adapter.compare_settings(budget, n_blocks, rank))
-                label = f"{_slug(method.name)}-w{bits}"
-                train = train_stage("train", base, model, t, root / "tmp", where)
-                train = _content_address(train, root / "train", f"train-{label}", shared)
-                ev = eval_stage("eval", base, train, model, dict(common_e), root / "tmp", where)
-                ev = _content_address(ev, root / "eval", f"eval-{label}", shared)
-                cells.append(Cell(bits, budget, method, base, train, ev))
+                for seed in own:
+                    cells.append(
+                        _cell(
+                            bits, budget, method, base, seed, common_t, common_e, n_blocks, rank,
+                            root, model, where, shared, first=seed == own[0],
+                        )
+                    )  # fmt: skip
     if not cells:
         raise UserError(f"{source}: the grid is empty", hint="check bits and the methods' bits")
     settings = {
         "bits": bits_list,
         "budgets": budgets,
+        "seeds": seeds,
         "num_blocks": n_blocks,
         "paper_rank": rank,
         "quantize": common_q,
@@ -236,6 +270,38 @@ def build_grid(data: dict[str, Any], source: str, output: str | None = None) -> 
         "methods": [m.__dict__ for m in methods],
     }
     return Grid(root, model, cells, settings)
+
+
+def _cell(
+    bits: int,
+    budget: str,
+    method: Method,
+    base: Stage | None,
+    seed: int | None,
+    common_t: dict,
+    common_e: dict,
+    n_blocks: int,
+    rank: int,
+    root: Path,
+    model: str,
+    where: str,
+    shared: dict[str, Stage],
+    first: bool,
+) -> Cell:
+    """One cell's train and eval stages (content-addressed: identical ones are shared)."""
+    t = {**common_t, **method.train}
+    if seed is not None:
+        t["seed"] = seed
+    adapter = get_adapter(t.get("adapter", TrainConfig.adapter))
+    t.update(adapter.compare_settings(budget, n_blocks, rank))
+    label = f"{_slug(method.name)}-w{bits}" + ("" if seed is None else f"-s{seed}")
+    train = train_stage("train", base, model, t, root / "tmp", where)
+    train = _content_address(train, root / "train", f"train-{label}", shared)
+    ev = eval_stage("eval", base, train, model, dict(common_e), root / "tmp", where)
+    ev = _content_address(ev, root / "eval", f"eval-{label}", shared)
+    if seed is not None and not first:  # another seed of the method: its own row, not the reference
+        method = Method(f"{method.name} (seed {seed})", method.quantize, method.train, method.bits)
+    return Cell(bits, budget, method, base, train, ev, seed)
 
 
 def run_compare(

@@ -3,6 +3,7 @@ to tell a real gap from noise) and compare.png (the paper-style grouped bar char
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,8 @@ def _cell_result(cell: Cell) -> dict[str, Any]:
         "bits": cell.bits,
         "budget": cell.budget,
         "method": cell.method.name,
+        "seed": cell.seed,
+        "group": re.sub(r" \(seed \d+\)$", "", cell.method.name),
         "reference": cell.method.reference,
         "base": cell.base.output.name if cell.base else train.get("base"),
         "train_dir": str(cell.train.output),
@@ -187,7 +190,46 @@ def markdown(results: dict[str, Any]) -> str:
             + f" | {_num(peak / 2**20 if peak else None, '.0f')}"
             + f" | {test} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + seed_spread(rows)) + "\n"
+
+
+def seed_spread(rows: list[dict[str, Any]]) -> list[str]:
+    """Lines of a table of each method's mean NLL over its seeds and their spread (max − min),
+    for the grids trained with `seeds` (none otherwise)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("seed") is not None:
+            groups.setdefault((r["bits"], r["budget"], r["group"]), []).append(r)
+    if not groups:
+        return []
+    lines = [
+        "",
+        "Over the training seeds (same bases): mean NLL, and the spread (max − min) of the mean "
+        "NLL and of each task's NLL",
+        "",
+        "| bits | budget | method | seeds | mean NLL | spread | largest task spread |",
+        "|---:|---|---|---|---:|---:|---:|",
+    ]
+    for (bits, budget, name), group in groups.items():
+        nlls = [r["nll"] for r in group if r["nll"] is not None]
+        if not nlls:
+            continue
+        tasks = [
+            t for t in group[0]["tasks"] if all(r["tasks"][t]["nll"] is not None for r in group)
+        ]
+        task_spread = max(
+            (
+                max(r["tasks"][t]["nll"] for r in group) - min(r["tasks"][t]["nll"] for r in group)
+                for t in tasks
+            ),
+            default=None,
+        )
+        lines.append(
+            f"| {bits} | {budget} | {name} | {', '.join(str(r['seed']) for r in group)} | "
+            f"{sum(nlls) / len(nlls):.4f} | {max(nlls) - min(nlls):.4f} | "
+            f"{_num(task_spread, '.4f')} |"
+        )
+    return lines
 
 
 def figure(results: dict[str, Any], path: Path) -> None:

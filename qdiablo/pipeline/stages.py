@@ -321,7 +321,7 @@ class Runner:
             stage.output,
         )
         start = time.time()
-        rc, peak_kib = self._execute(stage, extra)
+        rc, peak_kib, cpu = self._execute(stage, extra)
         seconds = time.time() - start
         peak_mib = round(peak_kib / 1024, 1)
         gc.collect()
@@ -340,6 +340,7 @@ class Runner:
                 "output": str(stage.output),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "wall_seconds": round(seconds, 3),
+                "cpu_seconds": None if cpu is None else round(cpu, 3),
                 "peak_rss_mib": peak_mib,
                 "peak_rss_of": "stage process" if self.isolate else "whole process so far",
                 "threads": self.threads,
@@ -351,9 +352,10 @@ class Runner:
         log.info("%s: done in %.1f s, peak RSS %.0f MiB", stage.key, seconds, peak_mib)
         return Outcome(stage, status, seconds, run_id, peak_mib)
 
-    def _execute(self, stage: Stage, extra: dict[str, Any] | None) -> tuple[int, int]:
+    def _execute(self, stage: Stage, extra: dict[str, Any] | None) -> tuple[int, int, float | None]:
         """Run the stage's verb (with `extra` args, e.g. train's resume=auto, and the runner's
-        device); its exit status and peak RSS in KiB (the stage process's when isolated)."""
+        device); its exit status, peak RSS in KiB (the stage process's when isolated) and the
+        stage process's user + system CPU seconds (isolated stages only, else None)."""
         placed = self._device_args(stage)
         args = {**placed, **stage.args, **(extra or {})}
         if self.isolate:
@@ -365,7 +367,7 @@ class Runner:
 
             torch.set_num_threads(self.threads)
         rc = namespace._run(namespace)
-        return rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        return rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, None  # KiB on Linux
 
     def _device_args(self, stage: Stage) -> dict[str, Any]:
         """{"device": ...} for a stage whose verb has a --device flag, when one is set."""
@@ -373,9 +375,10 @@ class Runner:
             return {}
         return {"device": self.device}
 
-    def _subprocess(self, stage: Stage, args: dict[str, Any]) -> tuple[int, int]:
+    def _subprocess(self, stage: Stage, args: dict[str, Any]) -> tuple[int, int, float]:
         """`python -m qdiablo <verb> --config <args file>`: the verb's own YAML config path.
-        Returns the exit status and the process's peak RSS in KiB (from wait4's rusage)."""
+        Returns the exit status, the process's peak RSS in KiB and its user + system CPU
+        seconds (from wait4's rusage: on a busy machine, the work done, apart from waiting)."""
         file = self.markers / f"{stage.key}.args.yaml"
         write_text(file, yaml.safe_dump({k: _plain(v) for k, v in args.items()}))
         repo = str(Path(__file__).resolve().parents[2])  # works without a pip install
@@ -394,7 +397,7 @@ class Runner:
             child.wait()
             raise
         child.returncode = os.waitstatus_to_exitcode(status)
-        return child.returncode, usage.ru_maxrss
+        return child.returncode, usage.ru_maxrss, usage.ru_utime + usage.ru_stime
 
     def _clear(self, stage: Stage, owned: bool) -> None:
         """Remove a stage's stale output; refuse a non-empty folder this machinery did not make."""

@@ -2,7 +2,8 @@
 
 A checkpoint folder `checkpoints/checkpoint-<step>/` holds
 - the adapter alone, in its usual folder format (DiaBlo: `adapter_config.json` +
-  `adapter_model.safetensors`; LoRA: PEFT's files), never the frozen base;
+  `adapter_model.safetensors`; LoRA: PEFT's files), never the frozen base; with
+  `--train-scales`, also the base's trained scale multipliers (`trained_scales.safetensors`);
 - Trainer's `optimizer.pt`, `scheduler.pt`, `rng_state[_<rank>].pth`, `trainer_state.json` and
   `training_args.bin`.
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from qdiablo.adapters.registry import method_of
+from qdiablo.adapters.scales import load_trained_scales, save_trained_scales
 from quantizers.fileio import apply_umask
 
 TRAINER_STATE = "trainer_state.json"
@@ -52,6 +54,7 @@ def save_adapter(
     try:
         staged = tmp / "adapter"
         method_of(model).save(model, staged, gathered)
+        save_trained_scales(model, staged)  # --train-scales: the base's trained multipliers
         apply_umask(staged)  # safetensors writes 0600
         for item in staged.iterdir():
             os.replace(item, folder / item.name)
@@ -63,6 +66,7 @@ def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
     """Copy a saved adapter's weights into the live adapter model, strictly."""
     model = unwrap(model)
     method_of(model).load_weights(model, Path(folder))
+    load_trained_scales(model, folder, fold=False)
 
 
 def checkpoint_problem(folder: str | Path) -> str | None:

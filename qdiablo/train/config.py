@@ -127,6 +127,34 @@ class TrainConfig:
     lora_alpha: float | None = field(
         default=None, metadata=_meta("LoRA alpha (default 2·r)", "adapter")
     )
+    train_scales: bool = field(
+        default=False,
+        metadata=_meta(
+            "also train the packed base's per-group scales (float32 multipliers on the stored "
+            "fp16 scales; codes and zeros stay frozen), saved with the adapter and folded into "
+            "the base by export (--base gptq/rtn only; not under FSDP)",
+            "adapter",
+        ),
+    )
+    scale_lr: float = field(
+        default=2e-4,
+        metadata=_meta("learning rate of the trained scale multipliers", "adapter"),
+    )
+    distill: str | None = field(
+        default=None,
+        metadata=_meta(
+            "distil from this full-precision teacher (a hub id, a folder, or 'smollm2'): the "
+            "loss becomes KL(teacher ‖ student) over the next-token distributions of every "
+            "training token, mixed with the LM loss by --distill-weight (not under FSDP)",
+            "adapter",
+        ),
+    )
+    distill_weight: float = field(
+        default=1.0,
+        metadata=_meta(
+            "with --distill, the loss is w·KL + (1 − w)·LM loss (1: distillation alone)", "adapter"
+        ),
+    )
     # ---- data --------------------------------------------------------------------------------
     data: list[str] | None = field(
         default=None,
@@ -286,9 +314,10 @@ class TrainConfig:
             ("epochs", 0.0, None, True),
             ("weight_decay", 0.0, None, True),
             ("max_grad_norm", 0.0, None, True),
+            ("distill_weight", 0.0, 1.0, True),
         ):
             _check_float(name, getattr(self, name), low, high, closed)
-        for name in ("lr", "lora_alpha"):
+        for name in ("lr", "lora_alpha", "scale_lr"):
             value = getattr(self, name)
             if value is not None:
                 _check_float(name, value, 0.0, None, closed=False, low_open=True)

@@ -25,6 +25,7 @@ from transformers import set_seed
 from qdiablo.adapters.budget import Budget, resolve_budget
 from qdiablo.adapters.common import adapted_layers, layer_shapes, trainable_parameters
 from qdiablo.adapters.registry import get_adapter
+from qdiablo.adapters.scales import enable_scale_training
 from qdiablo.diablo.targets import resolve_target_modules
 from qdiablo.errors import UserError
 from qdiablo.io import atomic_path, read_json, write_json
@@ -166,6 +167,29 @@ def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget
     return model, budget, method.matched(budget, shapes)
 
 
+def load_teacher(config: TrainConfig, loaded: LoadedBase):
+    """The full-precision teacher for --distill: frozen, in eval mode, on the student's device,
+    with the student's vocabulary."""
+    from qdiablo.models import load_base
+
+    student = next(p for p in loaded.model.parameters())
+    teacher = load_base(config.distill, "fp", dtype=config.dtype, device=student.device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    teacher.eval()
+    sizes = (
+        teacher.get_output_embeddings().weight.shape[0],
+        loaded.model.get_output_embeddings().weight.shape[0],
+    )
+    if sizes[0] != sizes[1]:
+        raise UserError(
+            f"--distill {config.distill}: its vocabulary ({sizes[0]}) is not the student's "
+            f"({sizes[1]})",
+            hint="distil from the full-precision model the base was quantized from",
+        )
+    return teacher
+
+
 def _sharded_loader(loaded: LoadedBase, model, config: TrainConfig):
     """FSDP's sharded loading: the base is still on meta, and each process will read only its
     shards; a base fingerprint comes from the few file rows it samples."""
@@ -235,6 +259,17 @@ def train(
     under_fsdp = check_fsdp_launch(
         config.base, config.packed_storage, config.precision
     )  # FSDP1 / nf4 under FSDP: a clear error first
+    if under_fsdp and (config.train_scales or config.distill):
+        raise UserError(
+            f"{'--train-scales' if config.train_scales else '--distill'} is not supported under "
+            "FSDP (the scale multipliers and the teacher are not sharded)",
+            hint="train it in one process or with DDP",
+        )
+    if config.train_scales and config.base not in PACKED_KINDS:
+        raise UserError(
+            f"--train-scales needs a packed base (--base gptq or rtn), not --base {config.base}",
+            hint="quantize with `qdiablo quantize` and train on its folder",
+        )
     folder = OutputFolder(
         output,
         "train",
@@ -278,11 +313,17 @@ def _train_into(
     )
     model, budget, other = attach_adapter(loaded, config)
     load_shards = _sharded_loader(loaded, model, config) if sharded_loading else None
+    scale_count = enable_scale_training(model) if config.train_scales else 0
+    teacher = load_teacher(config, loaded) if config.distill else None
     own_count = trainable_parameters(model)
     _announce(config, loaded, runtime, budget, other, own_count)
     dataset = tokenize_records(
         loaded.tokenizer, records, data_summary, config.template, config.max_length
     )
+    if scale_count:
+        _say(f"trained scales: {scale_count:,} per-group multipliers at lr {config.scale_lr:g}")
+    if teacher is not None:
+        _say(f"distillation: KL to {config.distill} (weight {config.distill_weight:g})")
     _say(data_summary.decontamination_line())
     if is_main_process() and resume_from is None:
         write_json(output / CONFIG_FILE, config.to_dict())
@@ -296,6 +337,9 @@ def _train_into(
         data_collator=PadCollator(loaded.tokenizer.pad_token_id),
         callbacks=[throughput, JsonlLogCallback(output / LOG_FILE), *(callbacks or [])],
         load_shards=load_shards,
+        scale_lr=config.scale_lr if config.train_scales else None,
+        teacher=teacher,
+        distill_weight=config.distill_weight,
     )
     model = unwrap(trainer.model) if sharded_loading else model
     outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -314,6 +358,8 @@ def _train_into(
             "throughput": throughput.summary(),
             "resumed_from": str(resume_from) if resume_from else None,
             "runtime": runtime.to_dict(),
+            "trained_scales": scale_count,
+            "distill": config.distill,
             "versions": library_versions(),
         }
     )

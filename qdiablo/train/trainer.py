@@ -22,22 +22,78 @@ from qdiablo.optional import prepare_trainer_imports
 from qdiablo.train import fsdp
 from qdiablo.train.checkpoint import load_adapter_weights, save_adapter, unwrap
 from qdiablo.train.config import OPTIMIZERS, TrainConfig
+from qdiablo.train.distill import distillation_loss, next_token_mask
 
 TRAINING_ARGS_NAME = "training_args.bin"
 SCHEDULER_NAME = "scheduler.pt"
 
 
 class AdapterTrainer(Trainer):
-    """A Trainer whose checkpoints hold the adapter only, and which reloads it strictly."""
+    """A Trainer whose checkpoints hold the adapter only, and which reloads it strictly; with
+    trained scales in their own optimizer group, and optionally a distillation teacher."""
 
-    def __init__(self, model: nn.Module, *args, load_shards=None, **kwargs):
+    def __init__(
+        self,
+        model: nn.Module,
+        *args,
+        load_shards=None,
+        scale_lr: float | None = None,
+        teacher: nn.Module | None = None,
+        distill_weight: float = 1.0,
+        **kwargs,
+    ):
         """`load_shards(accelerator, model)`: shards a model built on the meta device and fills
-        this process's shards (FSDP's sharded loading, `qdiablo.train.fsdp_loading`)."""
+        this process's shards (FSDP's sharded loading, `qdiablo.train.fsdp_loading`).
+        `scale_lr`: the learning rate of trained scale multipliers (`--train-scales`);
+        `teacher`: the full-precision model to distil from, `distill_weight` its loss share."""
+        self.scale_lr = scale_lr
+        self.teacher = teacher
+        self.distill_weight = distill_weight
         method_of(model).prepare_for_trainer(model)  # Trainer's check for attached adapters
         prepare_trainer_imports()  # Trainer imports PEFT (and it bitsandbytes): quietly first
         super().__init__(model, *args, **kwargs)
         if load_shards is not None:
             self.model = self.model_wrapped = load_shards(self.accelerator, self.model)
+        if teacher is not None:
+            # compute_loss returns a per-micro-batch mean: let Trainer divide it by the
+            # accumulation steps (the LM loss alone is normalised over the whole batch instead).
+            self.loss_is_scaled_for_ga = False
+
+    def create_optimizer(self, model: nn.Module | None = None):
+        """Trainer's optimizer for the adapter, plus one group (no weight decay) at `scale_lr`
+        for trained scale multipliers."""
+        target = model if model is not None else self.model
+        scales = [
+            p
+            for n, p in target.named_parameters()
+            if n.endswith("scale_multiplier") and p.requires_grad
+        ]
+        if not scales:
+            return super().create_optimizer(model)
+        for p in scales:  # hidden from Trainer's own grouping, then added as their own group
+            p.requires_grad_(False)
+        try:
+            optimizer = super().create_optimizer(model)
+        finally:
+            for p in scales:
+                p.requires_grad_(True)
+        optimizer.add_param_group({"params": scales, "lr": self.scale_lr, "weight_decay": 0.0})
+        return optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The LM loss, or with a teacher w·KL(teacher ‖ student) + (1 − w)·LM loss."""
+        if self.teacher is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        outputs = model(**inputs)
+        with torch.no_grad():
+            teacher_logits = self.teacher(
+                input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")
+            ).logits
+        mask = next_token_mask(inputs.get("attention_mask"), inputs["input_ids"])
+        kl = distillation_loss(outputs.logits[:, :-1], teacher_logits[:, :-1], mask)
+        w = self.distill_weight
+        loss = kl if w == 1 else w * kl + (1 - w) * outputs.loss
+        return (loss, outputs) if return_outputs else loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir

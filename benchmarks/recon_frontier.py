@@ -1,0 +1,134 @@
+"""The W2 reconstruction frontier (issue 21): perplexity against quantize time, by calibration
+source and token count, schedule, trained norms and the end-to-end stage, on SmolLM2-135M.
+
+Each variant is one `benchmarks/quantizers_smollm2.py` run of MagR+GPTQ+recon (its perplexity:
+8,192 tokens of GSM8K questions with their solutions), its JSON kept in --out-dir so that a
+second call resumes; then the table is printed for BENCHMARKS.md. Held-out windows are the ones
+that follow the calibration windows in the same source (another seed for `generated`) unless the
+variant names another source.
+
+    OMP_NUM_THREADS=1 python benchmarks/recon_frontier.py --only m10k128 gen128
+    python benchmarks/recon_frontier.py --table-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _v(source: str, samples: int, *sets: str, seq_len: int = 256, held: int | None = None, **kw):
+    args = ["--calib-source", *source.split("+"), "--calib-samples", str(samples)]
+    args += ["--calib-seq-len", str(seq_len), "--heldout-samples", str(held or samples // 4)]
+    if kw.get("heldout_source"):
+        args += ["--heldout-source", *kw["heldout_source"].split("+")]
+    if sets:
+        args += ["--set", *sets]
+    return args
+
+
+# name -> (label, quantizers_smollm2.py arguments after the method)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "m10k128": ("Math10K 128×256, 2 epochs", _v("math10k", 128)),
+    "gen128": ("generated 128×256, 2 epochs", _v("generated", 128)),
+    "m10k128-e2e": (
+        "Math10K 128×256, 2 epochs + end-to-end 1 epoch",
+        _v("math10k", 128, "recon_e2e_epochs=1", "recon_e2e_lr=0.001"),
+    ),
+    "m10k128-norms": ("Math10K 128×256, 2 epochs, norms", _v("math10k", 128, "recon_norms=true")),
+    "m10k128-e4": ("Math10K 128×256, 4 epochs", _v("math10k", 128, "recon_epochs=4")),
+    "m10k128-lrc3": (
+        "Math10K 128×256, 2 epochs, code lr 3e-2",
+        _v("math10k", 128, "recon_lr_code=0.03"),
+    ),
+    "m10k128-norms-e2e": (
+        "Math10K 128×256, 2 epochs, norms + end-to-end 1 epoch",
+        _v("math10k", 128, "recon_norms=true", "recon_e2e_epochs=1", "recon_e2e_lr=0.001"),
+    ),
+}
+
+
+def run_one(
+    name: str, args: list[str], out_dir: Path, threads: int, cache: Path, save: bool = False
+) -> None:
+    out = out_dir / f"{name}.json"
+    if out.exists():
+        return
+    cmd = [sys.executable, str(HERE / "quantizers_smollm2.py"), "--bits", "2", "--group-size"]
+    cmd += ["64", "--methods", "MagR+GPTQ+recon", "--threads", str(threads)]
+    cmd += ["--calib-cache", str(cache), *args, "--out", str(out_dir / f"{name}.partial.json")]
+    if save:
+        cmd += ["--save-dir", str(out_dir / f"{name}-model")]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    with open(out_dir / f"{name}.log", "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+    (out_dir / f"{name}.partial.json").replace(out)
+    print(f"{name}: done", flush=True)
+
+
+def table(out_dir: Path) -> str:
+    """One line per finished variant: perplexity, quantize seconds (reconstruction's share),
+    the end-to-end stage's seconds, and the mean held-out block error before → after."""
+    lines = [
+        "| variant | calibration | W2 g64 ppl | quantize s (recon; end-to-end) | blocks kept |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name, (label, _) in VARIANTS.items():
+        path = out_dir / f"{name}.json"
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        row = next(r for r in data["rows"] if r["bits"] < 32)
+        recon = row.get("reconstruction") or []
+        kept = sum(r["kept"] for r in recon)
+        e2e = f"; {row['e2e']['seconds']:.0f}" if row.get("e2e") else ""
+        lines.append(
+            f"| {name} | {label} | {row['ppl']:,.2f} | {row['quant_s']:.0f} "
+            f"({row.get('reconstruction_s', 0):.0f}{e2e}) | {kept}/{len(recon)} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run these variants, in this order")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--out-dir", type=Path, default=Path("runs/recon-frontier"))
+    p.add_argument("--calib-cache", type=Path, default=Path("runs/calib-cache"))
+    p.add_argument("--table-only", action="store_true", help="print the table of finished runs")
+    p.add_argument("--save", action="store_true", help="keep each quantized model (NAME-model/)")
+    args = p.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        names = args.only or list(VARIANTS)
+        unknown = sorted(set(names) - set(VARIANTS))
+        if unknown:
+            p.error(f"unknown variant {unknown[0]}; the variants are {', '.join(VARIANTS)}")
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = [
+                pool.submit(
+                    run_one,
+                    n,
+                    VARIANTS[n][1],
+                    args.out_dir,
+                    args.threads,
+                    args.calib_cache,
+                    args.save,
+                )
+                for n in names
+            ]
+            for f in futures:
+                f.result()
+    print(table(args.out_dir))
+
+
+if __name__ == "__main__":
+    main()

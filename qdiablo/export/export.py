@@ -18,6 +18,7 @@ anything is written. `qdiablo.models.load_exported` loads it back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import shutil
@@ -175,58 +176,29 @@ def export_model(
         facts.merged_dtype = merged_dtype if merged else None
         tokenizer = _load_tokenizer(base)
         base_model = load_packed(base)
-        config = calib_data = None
-        plan = ServePlan()
-        if requantize_merged or serve.any:
-            config = requantize_config(facts.quantize_config, quant_overrides)
-            plan = plan_serving(serve, config, base_model, tokenizer)
-        if requantize_merged or plan.needs_calibration:
-            what = "--requantize" if requantize_merged else "--serve marlin / an exact --gguf"
-            calib_data = _calibration(
-                what, tokenizer, base, calib, calib_samples, calib_seq_len, calib_batch_size
-            )
+        config, plan, calib_data = _requantize_inputs(
+            requantize_merged, serve, facts, quant_overrides, base_model, tokenizer, base,
+            (calib, calib_samples, calib_seq_len, calib_batch_size),
+        )  # fmt: skip
         # the fingerprint check, before any write; trained scales are folded into base_model
         model = load_adapter(base_model, adapter)
-        trained_scales = has_trained_scales(adapter)
         log.info("exporting %s + %s to %s", base, adapter, output)
         tmp = folder.staging()
         try:
-            if trained_scales:  # --train-scales: the base carries them (qdiablo.export.scales)
-                write_folded_base(model, base, tmp / "base")
-                write_adapter_without_scales(model, adapter, tmp / "adapter")
-                facts.notes.append(
-                    "base/ holds the scales trained with the adapter (--train-scales), folded "
-                    "into its fp16 scales; adapter/ is the adapter trained on them"
-                )
-            else:
-                shutil.copytree(base, tmp / "base", ignore=_bookkeeping)
-                shutil.copytree(adapter, tmp / "adapter", ignore=_bookkeeping)
-            requantized = None
+            _copy_inputs(model, base, adapter, tmp, facts)
             if merged:
+                log.info("merging the adapter into the dequantized base (%s)", merged_dtype)
                 dtype = getattr(torch, merged_dtype)
-                log.info(
-                    "merging the adapter into the dequantized base (%s), one block at a time",
-                    merged_dtype,
-                )
-                write_merged(
-                    model, tmp / "merged", dtype, tokenizer, device, max_shard_size=max_shard_size
-                )
+                write_merged(model, tmp / "merged", dtype, tokenizer, device, max_shard_size)
+            requantized = None
             if requantize_merged:
                 requantized = _write_requantized(
                     model, tmp, calib_data, config, device, tokenizer, facts, calib, calib_seq_len
                 )
             if serve.any:  # marlin/ and gguf/ are written from the whole merged model
-                facts.serving = write_serving(
-                    plan,
-                    tmp,
-                    lambda: merge_into_dense(load_adapter(load_packed(base), adapter)),
-                    tokenizer,
-                    calib_data,
-                    output.resolve().name,
-                    requantized=requantized,
-                )
-                facts.serving_usage = serving_usage(
-                    [p.name for p in tmp.iterdir()], plan.gguf.file_name if plan.gguf else None
+                merge = functools.partial(_merged_from_files, base, adapter)
+                _write_serving_folders(
+                    plan, tmp, merge, tokenizer, calib_data, output, requantized, facts
                 )
             manifest = _finish_folder(tmp, facts)
             folder.install(tmp)
@@ -235,6 +207,61 @@ def export_model(
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("exported %d files to %s", len(manifest["files"]), output)
         return output
+
+
+def _requantize_inputs(
+    requantize_merged: bool,
+    serve: ServeOptions,
+    facts: CardFacts,
+    quant_overrides,
+    base_model,
+    tokenizer,
+    base: Path,
+    calib_settings: tuple,
+):
+    """What the re-quantizations need: their QuantConfig, the serving plan and the calibration
+    windows (None and an empty plan when nothing is re-quantized)."""
+    config = calib_data = None
+    plan = ServePlan()
+    if requantize_merged or serve.any:
+        config = requantize_config(facts.quantize_config, quant_overrides)
+        plan = plan_serving(serve, config, base_model, tokenizer)
+    if requantize_merged or plan.needs_calibration:
+        what = "--requantize" if requantize_merged else "--serve marlin / an exact --gguf"
+        calib_data = _calibration(what, tokenizer, base, *calib_settings)
+    return config, plan, calib_data
+
+
+def _merged_from_files(base: Path, adapter: Path):
+    """The whole merged model, loaded afresh (the streamed merges consumed nothing of it)."""
+    return merge_into_dense(load_adapter(load_packed(base), adapter))
+
+
+def _write_serving_folders(
+    plan: ServePlan, tmp: Path, merge, tokenizer, calib_data, output: Path, requantized, facts
+) -> None:
+    """marlin/ and gguf/, from the whole merged model `merge()` returns; their card lines."""
+    facts.serving = write_serving(
+        plan, tmp, merge, tokenizer, calib_data, output.resolve().name, requantized=requantized
+    )
+    facts.serving_usage = serving_usage(
+        [p.name for p in tmp.iterdir()], plan.gguf.file_name if plan.gguf else None
+    )
+
+
+def _copy_inputs(model, base: Path, adapter: Path, tmp: Path, facts: CardFacts) -> None:
+    """base/ and adapter/ as they were, or with trained scales (--train-scales) moved from the
+    adapter into the base (qdiablo.export.scales)."""
+    if has_trained_scales(adapter):
+        write_folded_base(model, base, tmp / "base")
+        write_adapter_without_scales(model, adapter, tmp / "adapter")
+        facts.notes.append(
+            "base/ holds the scales trained with the adapter (--train-scales), folded "
+            "into its fp16 scales; adapter/ is the adapter trained on them"
+        )
+    else:
+        shutil.copytree(base, tmp / "base", ignore=_bookkeeping)
+        shutil.copytree(adapter, tmp / "adapter", ignore=_bookkeeping)
 
 
 def _adapter_folder(adapter: str | Path | None, train_dir: Path | None) -> Path:

@@ -296,13 +296,69 @@ def _train_into(
     under_fsdp: bool,
     runtime: Runtime,
 ) -> TrainResult:
-    """The run proper, into a folder rank 0 holds."""
+    """The run proper, into a folder rank 0 holds: the setup, Trainer's loop, the report."""
     resume_from = resolve_resume(config, output)
     records, data_summary = select_records(
         config.data, config.answer_suffix, config.decontaminate, config.max_records, config.seed
     )
     set_seed(config.seed)
     sharded_loading = under_fsdp and base is None and config.base in PACKED_KINDS
+    run = _set_up(config, base, runtime, sharded_loading)
+    dataset = tokenize_records(
+        run.loaded.tokenizer, records, data_summary, config.template, config.max_length
+    )
+    _say(data_summary.decontamination_line())
+    if is_main_process() and resume_from is None:
+        write_json(output / CONFIG_FILE, config.to_dict())
+
+    args = training_arguments(config, str(output / CHECKPOINT_DIR))
+    throughput = ThroughputCallback()
+    trainer = AdapterTrainer(
+        model=run.model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=PadCollator(run.loaded.tokenizer.pad_token_id),
+        callbacks=[throughput, JsonlLogCallback(output / LOG_FILE), *(callbacks or [])],
+        load_shards=run.load_shards,
+        scale_lr=config.scale_lr if config.train_scales else None,
+        teacher=run.teacher,
+        distill_weight=config.distill_weight,
+    )
+    model = unwrap(trainer.model) if sharded_loading else run.model
+    outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    results = _results(
+        config, run.loaded, run.budget, run.other, run.own_count, model, data_summary, args
+    )
+    results.update(_outcome(trainer, outcome, throughput, resume_from, runtime, run, config))
+    if under_fsdp:
+        results["fsdp"] = {
+            "version": 2,
+            "sharded_loading": sharded_loading,
+            "packed_base_bytes_rank0": packed_base_bytes(model),
+        }
+    adapter_dir = _save_run(output, model, trainer, results, under_fsdp)
+    return TrainResult(output, adapter_dir, results, model)
+
+
+@dataclass
+class _Setup:
+    """A run's model before training: the base, the adapter on it and what goes with it."""
+
+    loaded: LoadedBase
+    model: Any
+    budget: Budget
+    other: dict | None
+    load_shards: Any  # FSDP's sharded loading, or None
+    scale_count: int  # trained scale multipliers (--train-scales)
+    teacher: Any  # the --distill teacher, or None
+    own_count: int
+
+
+def _set_up(
+    config: TrainConfig, base: LoadedBase | None, runtime: Runtime, sharded_loading: bool
+) -> _Setup:
+    """Load the base (unless given), attach the adapter, its trained scales and the teacher."""
     loaded = base or load_training_base(
         config.base,
         config.model,
@@ -317,59 +373,36 @@ def _train_into(
     teacher = load_teacher(config, loaded) if config.distill else None
     own_count = trainable_parameters(model)
     _announce(config, loaded, runtime, budget, other, own_count)
-    dataset = tokenize_records(
-        loaded.tokenizer, records, data_summary, config.template, config.max_length
-    )
     if scale_count:
         _say(f"trained scales: {scale_count:,} per-group multipliers at lr {config.scale_lr:g}")
     if teacher is not None:
         _say(f"distillation: KL to {config.distill} (weight {config.distill_weight:g})")
-    _say(data_summary.decontamination_line())
-    if is_main_process() and resume_from is None:
-        write_json(output / CONFIG_FILE, config.to_dict())
+    return _Setup(loaded, model, budget, other, load_shards, scale_count, teacher, own_count)
 
-    args = training_arguments(config, str(output / CHECKPOINT_DIR))
-    throughput = ThroughputCallback()
-    trainer = AdapterTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=PadCollator(loaded.tokenizer.pad_token_id),
-        callbacks=[throughput, JsonlLogCallback(output / LOG_FILE), *(callbacks or [])],
-        load_shards=load_shards,
-        scale_lr=config.scale_lr if config.train_scales else None,
-        teacher=teacher,
-        distill_weight=config.distill_weight,
-    )
-    model = unwrap(trainer.model) if sharded_loading else model
-    outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
-    adapter_dir = output / ADAPTER_DIR
+def _outcome(trainer, outcome, throughput, resume_from, runtime, run: _Setup, config) -> dict:
+    """train_results.json's outcome part: steps, losses, throughput, what the run used."""
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    results = _results(config, loaded, budget, other, own_count, model, data_summary, args)
-    results.update(
-        {
-            "global_step": trainer.state.global_step,
-            "epochs_done": trainer.state.epoch,
-            "train_loss": outcome.training_loss,
-            "first_logged_loss": losses[0] if losses else None,
-            "last_logged_loss": losses[-1] if losses else None,
-            "train_runtime_seconds": outcome.metrics.get("train_runtime"),
-            "throughput": throughput.summary(),
-            "resumed_from": str(resume_from) if resume_from else None,
-            "runtime": runtime.to_dict(),
-            "trained_scales": scale_count,
-            "distill": config.distill,
-            "versions": library_versions(),
-        }
-    )
+    return {
+        "global_step": trainer.state.global_step,
+        "epochs_done": trainer.state.epoch,
+        "train_loss": outcome.training_loss,
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "train_runtime_seconds": outcome.metrics.get("train_runtime"),
+        "throughput": throughput.summary(),
+        "resumed_from": str(resume_from) if resume_from else None,
+        "runtime": runtime.to_dict(),
+        "trained_scales": run.scale_count,
+        "distill": config.distill,
+        "versions": library_versions(),
+    }
+
+
+def _save_run(output: Path, model, trainer, results: dict, under_fsdp: bool) -> Path:
+    """Write the final adapter and train_results.json (rank 0), and say what was trained."""
+    adapter_dir = output / ADAPTER_DIR
     gathered = gather_trainable(model) if under_fsdp else None  # a collective: every rank
-    if under_fsdp:
-        results["fsdp"] = {
-            "version": 2,
-            "sharded_loading": sharded_loading,
-            "packed_base_bytes_rank0": packed_base_bytes(model),
-        }
     if trainer.is_world_process_zero():
         with atomic_path(adapter_dir) as tmp:
             save_adapter(model, tmp, gathered)
@@ -378,8 +411,8 @@ def _train_into(
         first, last = results["first_logged_loss"], results["last_logged_loss"]
         _say(
             f"trained {trainer.state.global_step} steps"
-            + (f", loss {first:.4f} → {last:.4f}" if losses else "")
+            + (f", loss {first:.4f} → {last:.4f}" if first is not None else "")
             + (f", {tps:.0f} tokens/s" if tps else "")
             + f"; adapter saved to {adapter_dir}"
         )
-    return TrainResult(output, adapter_dir, results, model)
+    return adapter_dir

@@ -179,6 +179,8 @@ def write_merged(
     base = method.base_model(model)
     prefix, blocks = find_decoder_blocks(base)
     device = torch.device(device)
+    # Not safetensors.torch.save_model: merged/ is written a block at a time into shards, never
+    # as one model in memory; dense_state lists a tied tensor once, as save_model would.
     writer = ShardWriter(folder, max_shard_size or SHARD_BYTES, metadata={"format": "pt"})
     for name, t in dense_state(base, dtype, method, skip=prefix).items():
         writer.add(name, t)

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from eval.runner import SUMMARY_FILE
 from qdiablo.adapters.loading import adapter_method, load_adapter
 from qdiablo.adapters.method import AdapterMethod
 from qdiablo.adapters.scales import has_trained_scales
@@ -36,6 +35,7 @@ from qdiablo.calibration import build_calibration_data
 from qdiablo.devices import default_compute_dtype, resolve_device
 from qdiablo.errors import UserError
 from qdiablo.export.card import CardFacts, model_card
+from qdiablo.export.facts import card_facts
 from qdiablo.export.merge import merge_into_dense, mergeable_names, write_merged
 from qdiablo.export.merge import requantize_merged as requantize_streamed
 from qdiablo.export.scales import write_adapter_without_scales, write_folded_base
@@ -46,13 +46,9 @@ from qdiablo.export.serving import (
     serving_usage,
     write_serving,
 )
-from qdiablo.hashing import adapter_digest
-from qdiablo.io import read_json
 from qdiablo.manifest import MANIFEST_NAME, build_manifest
 from qdiablo.models import is_quantized_folder, load_packed
 from qdiablo.outputs import OutputFolder, is_bookkeeping
-from qdiablo.train.config import CONFIG_FILE, RESULTS_FILE
-from qdiablo.versions import library_versions
 from quantizers import QuantConfig, save_quantized
 
 log = logging.getLogger(__name__)
@@ -78,25 +74,6 @@ def _check_output(output: Path, sources: Sequence[Path]) -> None:
     for src in sources:
         if out == src.resolve() or out in src.resolve().parents:
             raise UserError(f"--output {output} would replace its own input {src}")
-
-
-def _read_train_run(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    if not folder.is_dir():
-        raise UserError(f"--train-run folder not found: {folder}")
-    config = read_json(folder / CONFIG_FILE, what="training config")
-    results = read_json(folder / RESULTS_FILE, what="training results (is the run finished?)")
-    return config, results
-
-
-def _read_eval(folder: Path) -> dict[str, Any]:
-    return read_json(folder / SUMMARY_FILE, what="evaluation summary (run `qdiablo eval` first)")
-
-
-def _describe(config_json: Mapping[str, Any]) -> str:
-    return (
-        f"{config_json.get('model_type')}, {config_json.get('num_hidden_layers')} layers, "
-        f"hidden {config_json.get('hidden_size')}, vocab {config_json.get('vocab_size')}"
-    )
 
 
 def _load_tokenizer(folder: Path):
@@ -172,7 +149,7 @@ def export_model(
         output, "export", overwrite=overwrite, replace_own=False, known=EXPORT_NAMES
     )
     with folder:
-        facts = _card_facts(base, adapter, method, kind, train_dir, evals, base_name)
+        facts = card_facts(base, adapter, method, kind, train_dir, evals, base_name)
         facts.merged_dtype = merged_dtype if merged else None
         tokenizer = _load_tokenizer(base)
         base_model = load_packed(base)
@@ -306,37 +283,6 @@ def _check_request(
     return method, kind
 
 
-def _card_facts(
-    base: Path,
-    adapter: Path,
-    method: AdapterMethod,
-    kind: str,
-    train_dir: Path | None,
-    evals: Sequence[str | Path],
-    base_name: str | None,
-) -> CardFacts:
-    """Everything the card reports that the input folders record (read before any model)."""
-    train_config, train_results = _read_train_run(train_dir) if train_dir else (None, None)
-    summaries = [(str(e), _read_eval(Path(e))) for e in evals]
-    base_entry = read_json(base / "quantize_config.json", what="quantize config")
-    base_cfg = read_json(base / "config.json", what="model config")
-    report_file = base / "quantization_report.json"
-    return CardFacts(
-        base_name=base_name or base_entry.get("model_name_or_path") or _unknown_name(train_config),
-        architecture=_describe(base_cfg),
-        quantize_config=base_entry,
-        quant_report=read_json(report_file) if report_file.is_file() else None,
-        adapter_kind=kind,
-        adapter_config=read_json(adapter / "adapter_config.json", what="adapter config"),
-        adapter_method=method.name,
-        train_config=train_config,
-        train_results=train_results,
-        evals=summaries,
-        versions=library_versions(),
-        notes=_consistency_notes(adapter, train_dir, summaries),
-    )
-
-
 def _write_requantized(
     model, tmp: Path, calib_data, config, device, tokenizer, facts, calib, calib_seq_len: int
 ):
@@ -383,33 +329,3 @@ def _calibration(what: str, tokenizer, base: Path, calib, samples: int, seq_len:
 def _bookkeeping(_folder: str, names: list[str]) -> list[str]:
     """Locks and verb markers of the source folders stay behind (copytree's ignore)."""
     return [n for n in names if is_bookkeeping(n)]
-
-
-def _unknown_name(train_config: Mapping[str, Any] | None) -> str:
-    """`qdiablo quantize` does not record the source model; a training run may name it."""
-    model = str((train_config or {}).get("model") or "")
-    if model and not Path(model, "quantize_config.json").is_file():
-        return model
-    return "unknown (not recorded in base/: pass --base-model-name)"
-
-
-def _consistency_notes(
-    adapter: Path, train_dir: Path | None, evals: Sequence[tuple[str, Mapping[str, Any]]]
-) -> list[str]:
-    """Warn (and say in the card) when the records given describe another adapter."""
-    notes = []
-    digest = adapter_digest(adapter)
-    trained = train_dir / "adapter" if train_dir else None
-    if (
-        trained is not None
-        and trained.resolve() != adapter.resolve()
-        and (not trained.is_dir() or adapter_digest(trained) != digest)
-    ):
-        notes.append(f"the training records ({train_dir}) are for another adapter than this one")
-    for name, summary in evals:
-        recorded = (summary.get("model") or {}).get("adapter_sha256")
-        if recorded is not None and recorded != digest:
-            notes.append(f"the scores of {name} were measured with another adapter than this one")
-    for note in notes:
-        log.warning("%s", note)
-    return notes

@@ -13,25 +13,18 @@ Output folder layout:
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import set_seed
 
-from qdiablo.adapters.budget import Budget, resolve_budget
-from qdiablo.adapters.common import adapted_layers, layer_shapes, trainable_parameters
-from qdiablo.adapters.registry import get_adapter
-from qdiablo.adapters.scales import enable_scale_training
-from qdiablo.diablo.targets import resolve_target_modules
 from qdiablo.errors import UserError
 from qdiablo.io import atomic_path, read_json, write_json
 from qdiablo.kinds import PACKED_KINDS
 from qdiablo.outputs import OutputFolder, remove_entry
-from qdiablo.train.bases import LoadedBase, load_training_base
+from qdiablo.train.bases import LoadedBase
 from qdiablo.train.checkpoint import checkpoint_problem, latest_checkpoint, save_adapter, unwrap
 from qdiablo.train.config import (
     ADAPTER_DIR,
@@ -45,9 +38,9 @@ from qdiablo.train.config import (
 )
 from qdiablo.train.dataset import PadCollator, select_records, tokenize_records
 from qdiablo.train.fsdp import check_fsdp_launch, gather_trainable, packed_base_bytes
-from qdiablo.train.fsdp_loading import file_state_of, shard_and_load
 from qdiablo.train.metrics import JsonlLogCallback, ThroughputCallback, base_linear_bytes
 from qdiablo.train.runtime import Runtime, resolve_runtime
+from qdiablo.train.setup import RunSetup, is_main_process, say, set_up
 from qdiablo.train.trainer import AdapterTrainer, training_arguments, world_size
 from qdiablo.versions import library_versions
 
@@ -64,15 +57,6 @@ class TrainResult:
     adapter_dir: Path
     results: dict[str, Any]
     model: Any  # the trained adapter model (DiaBloModel or PeftModel), still in memory
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _say(message: str) -> None:
-    if is_main_process():
-        print(message, flush=True)
 
 
 def resolve_resume(config: TrainConfig, output: Path) -> Path | None:
@@ -94,7 +78,7 @@ def resolve_resume(config: TrainConfig, output: Path) -> Path | None:
         if found is None:
             if started and is_main_process():
                 # Killed before its first complete checkpoint: nothing to resume, nothing to keep.
-                _say(
+                say(
                     f"{output}: the earlier run stopped before its first complete checkpoint "
                     "and no process owns it: starting afresh"
                 )
@@ -144,80 +128,6 @@ def _clear_run(output: Path) -> None:
     for name in (CONFIG_FILE, RESULTS_FILE, LOG_FILE, CHECKPOINT_DIR):
         if (output / name).exists():
             remove_entry(output / name)
-
-
-def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget, dict | None]:
-    """Settle the budget on the base's target layers and attach the adapter.
-
-    Returns the adapter model, the budget, and the other method at the matched setting."""
-    method = get_adapter(config.adapter)
-    # Every method adapts the same layers: the architecture's default when none are given.
-    targets = resolve_target_modules(loaded.model, config.target_spec)
-    layers = adapted_layers(loaded.model, targets)
-    shapes = layer_shapes(layers)
-    method.check({layer.name: (layer.in_features, layer.out_features) for layer in layers}, config)
-    budget = resolve_budget(
-        shapes, method.setting, config.num_blocks, config.rank, config.match_params
-    )
-    expected = method.trainable_count(shapes, budget)
-    model = method.attach(loaded.model, targets, budget, config)
-    actual = trainable_parameters(model)
-    if actual != expected:
-        raise RuntimeError(f"trainable parameters {actual:,} differ from the budget {expected:,}")
-    return model, budget, method.matched(budget, shapes)
-
-
-def load_teacher(config: TrainConfig, loaded: LoadedBase):
-    """The full-precision teacher for --distill: frozen, in eval mode, on the student's device,
-    with the student's vocabulary."""
-    from qdiablo.models import load_base
-
-    student = next(p for p in loaded.model.parameters())
-    teacher = load_base(config.distill, "fp", dtype=config.dtype, device=student.device)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    teacher.eval()
-    sizes = (
-        teacher.get_output_embeddings().weight.shape[0],
-        loaded.model.get_output_embeddings().weight.shape[0],
-    )
-    if sizes[0] != sizes[1]:
-        raise UserError(
-            f"--distill {config.distill}: its vocabulary ({sizes[0]}) is not the student's "
-            f"({sizes[1]})",
-            hint="distil from the full-precision model the base was quantized from",
-        )
-    return teacher
-
-
-def _sharded_loader(loaded: LoadedBase, model, config: TrainConfig):
-    """FSDP's sharded loading: the base is still on meta, and each process will read only its
-    shards; a base fingerprint comes from the few file rows it samples."""
-    state_of = file_state_of(loaded.model, loaded.model._qdiablo_files)
-    get_adapter(config.adapter).fingerprint_from_files(model, state_of)
-    return functools.partial(shard_and_load, base=loaded.model, seed=config.seed)
-
-
-def _announce(config, loaded, runtime, budget, other, own_count: int) -> None:
-    """The run's first lines: the base, where and how it computes, the adapter and its count."""
-    method = get_adapter(config.adapter)
-    own = method.describe(budget.num_blocks, budget.rank)
-    same = ""
-    if other is not None:
-        count = other["trainable_parameters"]
-        matched = get_adapter(other["adapter"])
-        setting = matched.describe(other.get("num_blocks"), other.get("rank"))
-        same = f" ({matched.title} at the matched {setting}: "
-        same += f"{f'{count:,}' if count is not None else 'n/a'})"
-    _say(f"base: {loaded.description} ({config.base})")
-    _say(
-        f"on {runtime.device}: {config.precision} compute, {config.dtype} float weights, "
-        f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}"
-    )
-    _say(
-        f"adapter: {config.adapter} {own} on {budget.num_layers} layers: {own_count:,} trainable "
-        f"parameters{same}"
-    )
 
 
 def _results(config, loaded, budget, other, own_count, model, data_summary, args) -> dict:
@@ -303,11 +213,11 @@ def _train_into(
     )
     set_seed(config.seed)
     sharded_loading = under_fsdp and base is None and config.base in PACKED_KINDS
-    run = _set_up(config, base, runtime, sharded_loading)
+    run = set_up(config, base, runtime, sharded_loading)
     dataset = tokenize_records(
         run.loaded.tokenizer, records, data_summary, config.template, config.max_length
     )
-    _say(data_summary.decontamination_line())
+    say(data_summary.decontamination_line())
     if is_main_process() and resume_from is None:
         write_json(output / CONFIG_FILE, config.to_dict())
 
@@ -341,46 +251,7 @@ def _train_into(
     return TrainResult(output, adapter_dir, results, model)
 
 
-@dataclass
-class _Setup:
-    """A run's model before training: the base, the adapter on it and what goes with it."""
-
-    loaded: LoadedBase
-    model: Any
-    budget: Budget
-    other: dict | None
-    load_shards: Any  # FSDP's sharded loading, or None
-    scale_count: int  # trained scale multipliers (--train-scales)
-    teacher: Any  # the --distill teacher, or None
-    own_count: int
-
-
-def _set_up(
-    config: TrainConfig, base: LoadedBase | None, runtime: Runtime, sharded_loading: bool
-) -> _Setup:
-    """Load the base (unless given), attach the adapter, its trained scales and the teacher."""
-    loaded = base or load_training_base(
-        config.base,
-        config.model,
-        config.gguf_file,
-        config.dtype,
-        device="meta" if sharded_loading else runtime.device,
-        packed_storage=config.packed_storage,
-    )
-    model, budget, other = attach_adapter(loaded, config)
-    load_shards = _sharded_loader(loaded, model, config) if sharded_loading else None
-    scale_count = enable_scale_training(model) if config.train_scales else 0
-    teacher = load_teacher(config, loaded) if config.distill else None
-    own_count = trainable_parameters(model)
-    _announce(config, loaded, runtime, budget, other, own_count)
-    if scale_count:
-        _say(f"trained scales: {scale_count:,} per-group multipliers at lr {config.scale_lr:g}")
-    if teacher is not None:
-        _say(f"distillation: KL to {config.distill} (weight {config.distill_weight:g})")
-    return _Setup(loaded, model, budget, other, load_shards, scale_count, teacher, own_count)
-
-
-def _outcome(trainer, outcome, throughput, resume_from, runtime, run: _Setup, config) -> dict:
+def _outcome(trainer, outcome, throughput, resume_from, runtime, run: RunSetup, config) -> dict:
     """train_results.json's outcome part: steps, losses, throughput, what the run used."""
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return {
@@ -409,7 +280,7 @@ def _save_run(output: Path, model, trainer, results: dict, under_fsdp: bool) -> 
         write_json(output / RESULTS_FILE, results)
         tps = results["throughput"]["tokens_per_second"]
         first, last = results["first_logged_loss"], results["last_logged_loss"]
-        _say(
+        say(
             f"trained {trainer.state.global_step} steps"
             + (f", loss {first:.4f} → {last:.4f}" if first is not None else "")
             + (f", {tps:.0f} tokens/s" if tps else "")

@@ -125,6 +125,8 @@ def task_summary(
             ppl=_finite(nll["ppl"]),
             nll_tokens=nll["tokens"],
         )
+        if nll.get("nonfinite"):  # examples whose NLL is NaN/inf: the task has no NLL
+            out["nll_nonfinite"] = nll["nonfinite"]
     return out
 
 

@@ -55,7 +55,9 @@ MARKDOWN_FILE = "results.md"
 _IDENTITY_SETTINGS = ("template", "max_new_tokens", "num_beams", "reference")
 
 
-def _check_run_file(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
+def _check_run_file(
+    out: Path, identity: dict[str, Any], overwrite: bool, folder: OutputFolder | None = None
+) -> None:
     path = out / RUN_FILE
     if overwrite:
         path.unlink(missing_ok=True)  # the folder already removed the rest of eval's own files
@@ -74,6 +76,8 @@ def _check_run_file(out: Path, identity: dict[str, Any], overwrite: bool) -> Non
             f"{out} holds result files but no {RUN_FILE}: cannot tell what produced them",
             hint="pass another --output folder, or --overwrite to start it afresh",
         )
+    if folder is not None:
+        folder.changing()  # checked: from here on a failure leaves the folder unfinished
     write_json(path, {"format_version": FORMAT_VERSION, "identity": identity})
 
 
@@ -125,7 +129,7 @@ def evaluate(
         folder.claim(names)
         info = dict(model_info or {})
         identity = {**{k: cfg[k] for k in _IDENTITY_SETTINGS}, "model": info}
-        _check_run_file(out, identity, overwrite)
+        _check_run_file(out, identity, overwrite, folder)
         summary = _evaluate_into(out, model, tokenizer, tasks, cfg, info, progress)
         folder.finish()
     return summary
@@ -281,22 +285,40 @@ def _run_nll(model, tokenizer, task, records, path, cfg, progress):
             rows = []
             for item in batch:
                 i = todo[item.index]
-                row = {
-                    "index": i,
-                    "nll_sum": item.nll_sum,
-                    "tokens": item.tokens,
-                    "nll": item.mean if item.tokens else None,
-                }
+                row = _nll_row(i, item)
                 rows.append(row)
                 done_rows[i] = row
             report.append_jsonl(path, rows)
     elapsed = time.perf_counter() - start
+    bad = [i for i in range(len(records)) if done_rows[i].get("nll_sum") is None]
     items = [
         TokenNLL(i, float(done_rows[i]["nll_sum"]), int(done_rows[i]["tokens"]))
         for i in range(len(records))
+        if i not in bad
     ]
     agg = aggregate(items)
-    agg["n"] = len(items)
-    if not math.isfinite(agg["nll"]):
-        log.warning("%s: NLL is not finite", task.name)
+    agg["n"] = len(records)
+    if bad:  # a task mean over the finite rows alone would hide the problem: no mean at all
+        agg.update(nll=float("nan"), ppl=float("nan"), nonfinite=len(bad))
+        log.warning(
+            "%s: the NLL of %d example(s) is not finite (e.g. index %d): the task's NLL is left "
+            "empty; the model (or its adapter) produces NaN/inf logits",
+            task.name,
+            len(bad),
+            bad[0],
+        )
     return agg, {"seconds": elapsed, "computed": len(todo)}
+
+
+def _nll_row(index: int, item: TokenNLL) -> dict[str, Any]:
+    """One example's NLL record; a non-finite sum is written as null with a flag, so that the
+    file stays valid JSON and a rerun does not stop at it."""
+    if not math.isfinite(item.nll_sum):
+        return {"index": index, "nll_sum": None, "tokens": item.tokens, "nll": None,
+                "nonfinite": True}  # fmt: skip
+    return {
+        "index": index,
+        "nll_sum": item.nll_sum,
+        "tokens": item.tokens,
+        "nll": item.mean if item.tokens else None,
+    }

@@ -39,6 +39,8 @@ from qdiablo.errors import UserError
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from quantizers.config import QuantConfig
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SAMPLES = 64
@@ -277,3 +279,15 @@ def check_calibration_arguments(args) -> None:
         value = getattr(args, dest, None)
         if value is not None and value < minimum:
             raise UserError(f"--{dest.replace('_', '-')} {value}: must be ≥ {minimum}")
+
+
+def check_reconstruction_windows(config: QuantConfig, windows: int, why: str = "") -> None:
+    """Reconstruction holds out a share of the calibration windows to measure itself, so it
+    needs at least 2; checked from the flags before anything loads, and again once the text is
+    cut into windows (a short text gives fewer)."""
+    if config.reconstruct and config.recon_holdout > 0 and windows < 2:
+        raise UserError(
+            f"--reconstruct needs at least 2 calibration windows (it holds some out to measure "
+            f"itself); there would be {windows}{why}",
+            hint="raise --calib-samples (and give a longer --calib text), or --recon-holdout 0",
+        )

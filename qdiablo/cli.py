@@ -18,6 +18,7 @@ from typing import Any
 from qdiablo.commands import compare, demo, export, plan, quantize, run, train
 from qdiablo.commands import eval as evaluate
 from qdiablo.errors import UserError
+from qdiablo.faults import as_user_error
 from qdiablo.flags import add_verb_parser, config_defaults, load_yaml
 
 # The pipeline order: model -> quantize -> train -> eval -> export; then the planner. Each module
@@ -108,15 +109,17 @@ def main(argv: list[str] | None = None) -> int:
             datefmt="%H:%M:%S",
         )
         return int(args._run(args) or 0)
-    except UserError as e:
-        # A user's mistake: one line and a hint. Anything else is a bug and keeps its traceback.
-        if debug:
+    except Exception as e:
+        # A user's mistake or the machine's state (a full disk, a read-only folder): one line
+        # and a hint. Anything else is a bug and keeps its traceback.
+        error = e if isinstance(e, UserError) else as_user_error(e, getattr(args, "output", None))
+        if error is None or debug:
             raise
         hint = (
-            getattr(e, "hint", None)
+            getattr(error, "hint", None)
             or "run with --help for the options, or set QDIABLO_DEBUG=1 for a traceback"
         )
-        print(f"qdiablo: error: {_name_the_source(str(e), args)}", file=sys.stderr)
+        print(f"qdiablo: error: {_name_the_source(str(error), args)}", file=sys.stderr)
         print(f"hint: {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -58,7 +58,19 @@ def build_prompt(instruction: str, template: str = DEFAULT_TEMPLATE, tokenizer=N
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise UserError("template 'chat' needs a tokenizer that has a chat template")
         messages = [{"role": "user", "content": instruction}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            return tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as e:  # jinja2's TemplateError (SecurityError included); jinja2 is lazy
+            if not type(e).__module__.startswith("jinja2"):
+                raise
+            source = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+            raise UserError(
+                f"the chat template of {source} cannot be applied: {type(e).__name__}: {e}",
+                hint="use another --template (alpaca, llm-adapters), or fix the template's "
+                "chat_template.jinja / tokenizer_config.json",
+            ) from e
     return TEMPLATES[template].format(instruction=instruction)
 
 

@@ -30,6 +30,8 @@ from torch import nn
 
 from qdiablo.adapters.loading import load_adapter
 from qdiablo.errors import UserError
+from qdiablo.health import model_tensors, require_finite
+from qdiablo.inputs import MODEL_VERBS, require_finished
 from qdiablo.kinds import BASE_KINDS, PACKED_KINDS
 from qdiablo.manifest import is_export_folder, verify_export
 from qdiablo.nf import fake_quantize_model_nf
@@ -46,6 +48,7 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None):
     from transformers import AutoTokenizer  # deferred: seconds to import, off the --help path
 
     path, gguf = resolve_model(name_or_path, gguf_file)
+    require_finished(path, MODEL_VERBS)  # before a confusing "no tokenizer" from a killed save
     if is_export_folder(path):  # a `qdiablo export` folder: the tokenizer lives in base/
         path = str(Path(path) / "base")
     kwargs = {"gguf_file": gguf} if gguf else {}
@@ -132,6 +135,7 @@ def load_base(
     if kind not in BASE_KINDS:
         raise UserError(f"unknown base '{kind}'", hint=f"choose from {', '.join(BASE_KINDS)}")
     path, _ = resolve_model(source, gguf_file)  # the one entry point: every source resolves here
+    require_finished(path, MODEL_VERBS)
     torch_dtype, device = parse_dtype(dtype), torch.device(device)
     local = source != SMOLLM2
     if local and is_export_folder(path):
@@ -153,10 +157,21 @@ def load_base(
             hint="use --base gptq/rtn (train) or --quant none (eval), or a full-precision model",
         )
     if kind == "nf4":
-        return load_nf4(source, gguf_file, torch_dtype, device)
-    model = load_model(source, gguf_file, dtype=torch_dtype, device=device)
+        return _finite(load_nf4(source, gguf_file, torch_dtype, device), source)
+    model = _finite(load_model(source, gguf_file, dtype=torch_dtype, device=device), source)
     if kind == "nf2":
         fake_quantize_model_nf(model, bits=2)
+    return model
+
+
+def _finite(model: nn.Module, source: str | Path) -> nn.Module:
+    """Refuse a base holding NaN or inf, naming the tensor (an adapter trained or evaluated on
+    it would be NaN too); a model on the meta device has nothing to check."""
+    require_finite(
+        model_tensors(model),
+        f"base {source}",
+        hint="the model's weights are damaged (NaN/inf): re-download or re-create it",
+    )
     return model
 
 
@@ -198,6 +213,7 @@ def load_packed(
     meta device nothing is read but the headers (FSDP's sharded loading fills it later).
     """
     what = f"--base {method}" if method else "a quantized base"
+    require_finished(folder, MODEL_VERBS)
     if not Path(folder).is_dir() or not is_quantized_folder(folder):
         raise UserError(
             f"{what} needs a folder written by `qdiablo quantize`, not '{folder}'",
@@ -224,7 +240,7 @@ def load_packed(
                 param.data = param.data.to(dtype)
     packed = sum(isinstance(m, QuantLinear) for m in net.modules())
     log.info("loaded %s: %d packed layers (%s)", folder, packed, stored or "gptq layout")
-    return net
+    return net if torch.device(device).type == "meta" else _finite(net, folder)
 
 
 def packed_base_on_meta(folder: str, dtype: torch.dtype, storage_dtype: torch.dtype) -> nn.Module:
@@ -255,6 +271,7 @@ def load_exported(
     Default: as stored.
     """
     folder = Path(path)
+    require_finished(folder, ("export",))
     verify_export(folder, hashes=verify)
     if merged:
         if not (folder / "merged").is_dir():
@@ -264,6 +281,6 @@ def load_exported(
         from transformers import AutoModelForCausalLM  # deferred: seconds to import
 
         model = AutoModelForCausalLM.from_pretrained(folder / "merged", dtype=dtype or "auto")
-        return model.to(device).eval()
+        return _finite(model.to(device).eval(), folder / "merged")
     base = load_packed(folder / "base", dtype=dtype, device=device)
     return load_adapter(base, folder / "adapter")

@@ -36,11 +36,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "payload")
             os.replace(target, path)
+            # safe: the folder was replaced whole by a payload its caller built to replace it
+            # (DiaBloModel.save_pretrained copies the files that are not its own into it first)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(target, path)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # safe: mkdtemp above made it
 
 
 # Staging folders inside an output; qdiablo.outputs removes them once their writer is gone.
@@ -62,7 +64,7 @@ def staged_dir(path: Path, claim: Callable[[list[str]], None] | None = None) -> 
             claim(names)
         install_entries(tmp, path, names)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # safe: mkdtemp above made it
 
 
 def install_entries(staged: Path, target: Path, names: list[str]) -> None:
@@ -75,6 +77,8 @@ def install_entries(staged: Path, target: Path, names: list[str]) -> None:
         if (target / name).is_dir() and not (target / name).is_symlink():
             os.replace(target / name, trash / name)
         os.replace(staged / name, target / name)
+    # safe: the staging folder and the entries it replaced, which callers own (OutputFolder
+    # refuses before any work when one of its folders to replace holds a file of the user's)
     shutil.rmtree(staged, ignore_errors=True)
 
 

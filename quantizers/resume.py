@@ -173,4 +173,6 @@ class BlockStore:
         return layers, None if recon is None else BlockRecon(**recon)
 
     def remove(self) -> None:
+        # safe: the store's own folder (qdiablo quantize claims it in its marker), removed once
+        # the finished model is saved
         shutil.rmtree(self.folder, ignore_errors=True)

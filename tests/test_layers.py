@@ -34,10 +34,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ("quantizers",),
     ),
     (
-        "base: user errors, atomic writes and JSON, output folders, sha256, Math10K records and "
-        "prompt templates, the flag generator, the base-kind vocabulary, the export manifest, "
-        "the library versions a run records, the optional libraries (PEFT, bitsandbytes) imported "
-        "without the hub, where a model comes from, the device rule",
+        "base: user errors, atomic writes and JSON, output folders (markers, what a verb owns, "
+        "one writer per folder), what a verb reads (never written into, never loaded unfinished), "
+        "operating-system faults as one line, non-finite weights refused by name, sha256, "
+        "Math10K records and prompt templates, the flag generator, the base-kind vocabulary, "
+        "the export manifest, the library versions a run records, the optional libraries (PEFT, "
+        "bitsandbytes) imported without the hub, where a model comes from, the device rule",
         (
             "qdiablo",
             "qdiablo.errors",
@@ -51,6 +53,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qdiablo.sources",
             "qdiablo.devices",
             "qdiablo.outputs",
+            "qdiablo.ownership",
+            "qdiablo.locks",
+            "qdiablo.inputs",
+            "qdiablo.faults",
+            "qdiablo.health",
             "qdiablo.versions",
         ),
     ),
@@ -76,7 +83,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ("qdiablo.models", "qdiablo.streamed"),
     ),
     (
-        "workflows: training settings and runs (sharded FSDP loading included), the export folder",
+        "workflows: training settings and runs (sharded FSDP loading included; a diverged run "
+        "stopped: `qdiablo.train.health`), the export folder",
         ("qdiablo.train", "qdiablo.export"),
     ),
     (

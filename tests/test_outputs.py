@@ -72,12 +72,13 @@ def test_output_folder_rules(tmp_path):
     # Another verb's output is foreign to this one.
     with pytest.raises(UserError, match="`qdiablo eval` did not write"):
         OutputFolder(out, "eval").open()
-    # export does not replace its own finished output without --overwrite.
-    exp = tmp_path / "exp"
-    with OutputFolder(exp, "export", replace_own=False) as folder:
-        folder.finish()
-    with pytest.raises(UserError, match="already holds a finished `qdiablo export`"):
-        OutputFolder(exp, "export", replace_own=False).open()
+    # One rule for every verb: a finished output is replaced only with --overwrite.
+    for verb in ("quantize", "export"):
+        with OutputFolder(tmp_path / verb, verb) as folder:
+            folder.finish()
+        with pytest.raises(UserError, match=f"already holds a finished `qdiablo {verb}`"):
+            OutputFolder(tmp_path / verb, verb).open()
+        assert json.loads((tmp_path / verb / marker_name(verb)).read_text())["complete"]
     # A failed run into a new folder leaves nothing behind.
     with pytest.raises(RuntimeError), OutputFolder(tmp_path / "new", "quantize"):
         raise RuntimeError("boom")

@@ -15,7 +15,7 @@ from qdiablo.adapters.budget import Budget, Shape, diablo_parameters, lora_param
 from qdiablo.adapters.common import copy_full_
 from qdiablo.adapters.method import AdapterMethod
 from qdiablo.diablo import DiaBloConfig, DiaBloModel, get_diablo_model
-from qdiablo.diablo.fingerprint import base_fingerprint
+from qdiablo.diablo.fingerprint import base_fingerprint, mismatch_message
 from qdiablo.diablo.layer import DiaBloLinear, check_num_blocks
 from qdiablo.diablo.model import (
     ADAPTER_CONFIG_NAME,
@@ -24,6 +24,7 @@ from qdiablo.diablo.model import (
     read_adapter_config,
 )
 from qdiablo.errors import UserError
+from qdiablo.health import NONFINITE_HINT, require_finite
 from qdiablo.io import check_adapter_tensors, read_adapter_weights
 
 
@@ -97,14 +98,11 @@ class DiaBloMethod(AdapterMethod):
             raise UserError(
                 f"{folder / ADAPTER_CONFIG_NAME}: other DiaBlo settings ({'; '.join(diff)})"
             )
-        expected = (saved.get("base_fingerprint") or {}).get("sha256")
-        if expected != model.base_fingerprint["sha256"]:
-            was = (saved.get("base_fingerprint") or {}).get("description")
-            raise UserError(
-                f"{folder}: saved on a different base ({was}), this base is "
-                f"({model.base_fingerprint['description']})"
-            )
+        expected = saved.get("base_fingerprint") or {}
+        if expected.get("sha256") != model.base_fingerprint["sha256"]:
+            raise UserError(mismatch_message(folder, expected, model.base_fingerprint))
         tensors = read_adapter_weights(folder / ADAPTER_WEIGHTS_NAME)
+        require_finite(tensors.items(), str(folder / ADAPTER_WEIGHTS_NAME), hint=NONFINITE_HINT)
         check_adapter_tensors(folder / ADAPTER_WEIGHTS_NAME, model.adapter_shapes(), tensors)
         with torch.no_grad():
             for name, layer in model.diablo_layers():
@@ -127,7 +125,7 @@ class DiaBloMethod(AdapterMethod):
         return self.name if config.get("method") == self.name else None
 
     def load(self, model: nn.Module, folder: Path, kind: str, *, force: bool = False):
-        return DiaBloModel.from_pretrained(model, folder, force=force)
+        return DiaBloModel.from_pretrained(model, folder, force=force)  # checks finiteness itself
 
     # ---- export -----------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from qdiablo.adapters.registry import method_for_config
 from qdiablo.adapters.scales import load_trained_scales
 from qdiablo.diablo.model import ADAPTER_CONFIG_NAME
 from qdiablo.errors import UserError
+from qdiablo.inputs import ADAPTER_VERBS, require_finished
 from qdiablo.io import read_json
 
 
@@ -18,6 +19,7 @@ def adapter_method(adapter_dir: str | Path) -> tuple[AdapterMethod, str]:
     folder = Path(adapter_dir)
     if not folder.is_dir():
         raise UserError(f"adapter folder not found: {folder}")
+    require_finished(folder, ADAPTER_VERBS, what="adapter")
     config = read_json(folder / ADAPTER_CONFIG_NAME, what="adapter config")
     if not isinstance(config, dict):
         raise UserError(f"{folder / ADAPTER_CONFIG_NAME}: expected a JSON object")

@@ -20,6 +20,7 @@ from torch import nn
 from qdiablo.adapters.budget import Budget, Shape, diablo_parameters, lora_parameters
 from qdiablo.adapters.common import adapted_layers, copy_full_, is_dtensor, trainable_named
 from qdiablo.adapters.method import AdapterMethod
+from qdiablo.health import NONFINITE_HINT, require_finite
 from qdiablo.io import check_adapter_tensors, read_adapter_weights
 from qdiablo.optional import import_peft, loaded
 
@@ -144,6 +145,7 @@ class LoraMethod(AdapterMethod):
         utils = import_peft("peft.utils")
         path = folder / "adapter_model.safetensors"
         tensors = read_adapter_weights(path)
+        require_finite(tensors.items(), str(path), hint=NONFINITE_HINT)
         expected = utils.get_peft_model_state_dict(model)
         check_adapter_tensors(path, {k: tuple(v.shape) for k, v in expected.items()}, tensors)
         trainable = dict(trainable_named(model))
@@ -173,6 +175,10 @@ class LoraMethod(AdapterMethod):
         return str(config["peft_type"]).lower() if config.get("peft_type") else None
 
     def load(self, model: nn.Module, folder: Path, kind: str, *, force: bool = False):
+        weights = folder / "adapter_model.safetensors"
+        if weights.is_file():
+            tensors = read_adapter_weights(weights).items()
+            require_finite(tensors, f"adapter {weights}", hint=NONFINITE_HINT)
         if kind == self.name:  # re-registers the packed-layer dispatch GPTQ-LoRA was trained with
             return load_lora(model, str(folder))
         PeftModel = import_peft(what="a PEFT adapter").PeftModel

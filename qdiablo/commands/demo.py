@@ -150,6 +150,12 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:  # before any stage writes into the output folder
             raise UserError(f"--{flag.replace('_', '-')} {value}: must be at least 1")
+    if args.reconstruct and not args.full and args.calib_samples < 2:
+        raise UserError(
+            f"--calib-samples {args.calib_samples}: reconstruction needs at least 2 calibration "
+            "windows (it holds some out to measure itself)",
+            hint="raise --calib-samples, or pass --no-reconstruct",
+        )
     start = time.time()
     root = Path(args.output)
     s = stage_settings(args)

@@ -94,7 +94,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--batch-size", type=int, default=16, help="examples per batch")
     g.add_argument("--output", default="outputs/eval", help="results folder (resumable)")
-    g.add_argument("--overwrite", action="store_true", help="discard results already there")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard eval's results already there (your files are kept)",
+    )
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -126,11 +130,14 @@ def run(args: argparse.Namespace) -> int:
     from eval.math10k import resolve_tasks
     from eval.runner import MARKDOWN_FILE, EvalSettings, evaluate, output_names
     from qdiablo.adapters.loading import adapter_kind, load_adapter
+    from qdiablo.inputs import check_apart
     from qdiablo.models import load_base, load_tokenizer
     from qdiablo.outputs import OutputFolder
 
     if args.no_nll and args.nll_only:
         raise UserError("--no-nll and --nll-only exclude each other")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: must be ≥ 1 (omit it for torch's default)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = _device_and_dtype(args)
@@ -151,6 +158,15 @@ def run(args: argparse.Namespace) -> int:
         [*(args.tasks or ([] if args.task_file else ["math4"])), *(args.task_file or [])]
     )
 
+    check_apart(
+        args.output,
+        {
+            "--model": args.model,
+            "--tokenizer": args.tokenizer,
+            "--adapter": args.adapter,
+            "--task-file": [t.source for t in tasks if Path(t.source).is_file()],
+        },
+    )
     adapter = adapter_kind(args.adapter) if args.adapter else None  # fail before loading models
     # Hold the folder before loading anything: a second eval into it is refused at once.
     folder = OutputFolder(

@@ -101,7 +101,11 @@ def _add_output_arguments(p: argparse.ArgumentParser) -> None:
         help="largest safetensors file of merged/ (e.g. 5GB, 500MB): the host holds one shard "
         "while writing it (default 5GB)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished export (only export's own files; yours are kept)",
+    )
     p.add_argument(
         "--verify", metavar="EXPORT_DIR", help="check an export against its manifest.json and exit"
     )

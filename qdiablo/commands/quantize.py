@@ -34,8 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="write into a folder holding other files (they are kept; an earlier quantize "
-        "output there is replaced)",
+        help="replace a finished quantize output, or write into a folder holding other files "
+        "(only quantize's own files are replaced; yours are kept)",
     )
     add_dataclass_arguments(p, QuantConfig, group="quantizer (QuantConfig)")
     add_calibration_arguments(
@@ -83,6 +83,27 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
         raise UserError(message, hint="run `qdiablo quantize --help` for the options") from e
 
 
+# What `qdiablo quantize` writes at the top of its folder (save_quantized: weights, configs,
+# report, tokenizer files): a file of the user's under one of these names is never written over.
+QUANTIZE_NAMES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "quantize_config.json",
+    "quantization_report.json",
+    "quantization_report.md",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+
+
 def calibration_for(args: argparse.Namespace, config: QuantConfig, tokenizer, model):
     """The calibration batches and (with reconstruction) the held-out batches the flags ask
     for; (None, None) when the method needs no data and none was given."""
@@ -124,8 +145,10 @@ def calibration_for(args: argparse.Namespace, config: QuantConfig, tokenizer, mo
 
 def run(args: argparse.Namespace) -> int:
     # Deferred to keep `qdiablo --help` fast: these import torch, transformers and the quantizers.
-    from qdiablo.calibration import check_calibration_arguments
+    from qdiablo.calibration import check_calibration_arguments, check_reconstruction_windows
     from qdiablo.devices import resolve_device
+    from qdiablo.faults import guard
+    from qdiablo.inputs import check_apart
     from qdiablo.models import load_tokenizer
     from qdiablo.outputs import OutputFolder
     from quantizers import quantize_model, save_quantized
@@ -133,9 +156,11 @@ def run(args: argparse.Namespace) -> int:
 
     config = quant_config_from_args(args)
     check_calibration_arguments(args)
+    check_reconstruction_windows(config, args.calib_samples)
     device = resolve_device(args.device)
     output = Path(args.output)
-    with OutputFolder(output, "quantize", overwrite=args.overwrite) as out:
+    check_apart(output, {"--model": args.model, "--calib": args.calib})
+    with OutputFolder(output, "quantize", overwrite=args.overwrite, known=QUANTIZE_NAMES) as out:
         tokenizer = load_tokenizer(args.model, args.gguf_file)
         model, load_block, source = _open_model(args, device)
         calib, heldout = calibration_for(args, config, tokenizer, model)
@@ -160,10 +185,11 @@ def run(args: argparse.Namespace) -> int:
                 hint="run it with the same settings to resume, choose another --output, or "
                 "pass --overwrite to discard that work",
             ) from e
-        save_quantized(model, output, tokenizer, claim=out.claim)
-        store.remove()
-        out.unclaim([PARTIAL_DIR])
-        out.finish()
+        with guard(output):
+            save_quantized(model, output, tokenizer, claim=out.claim)
+            store.remove()
+            out.unclaim([PARTIAL_DIR])
+            out.finish()
     report = model.quantization_report
     mean = report.mean_rel_error()
     print(

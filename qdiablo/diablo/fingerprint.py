@@ -1,11 +1,17 @@
-"""The base fingerprint an adapter records: a hash of the base's config, its quantization
-settings and a sample of the weights of the layers it wraps, so that an adapter trained on one
-base (e.g. 2-bit) is not silently loaded onto another (e.g. 4-bit)."""
+"""The base fingerprint: catches an adapter loaded onto a different base (e.g. 2-bit vs 4-bit).
+
+A hash of the base's config (with its quantization settings) and of a sample of the weights of
+each layer the adapter wraps. Beside the overall `sha256` (what is compared), the fingerprint
+keeps the config's hash and each layer's, so that a mismatch says what really differs: the
+config, the weights of a named layer, or the set of adapted layers (an edited `target_modules`
+on the same base).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -48,27 +54,33 @@ def _weight_sample(t: Any, count: int = 256) -> bytes:
     return sample.numpy().tobytes()
 
 
-def base_fingerprint(model: nn.Module, targets: list[str], state_of: Any = None) -> dict[str, str]:
+def base_fingerprint(model: nn.Module, targets: list[str], state_of: Any = None) -> dict[str, Any]:
     """A hash of the base's config, its quantization settings, and a sample of the weights of
-    the layers the adapter wraps; plus a short readable description for error messages.
+    the layers the adapter wraps; plus a short readable description for error messages, and the
+    config's and each layer's own hash (to explain a mismatch).
 
     `state_of(name, layer)`: the layer's state dict (default `layer.state_dict()`), e.g. read
     from the checkpoint files for a model whose weights are still on the meta device."""
     identity = _config_identity(model)
-    h = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
+    config_blob = json.dumps(identity, sort_keys=True, default=str).encode()
+    h = hashlib.sha256(config_blob)
     modules = dict(model.named_modules())
+    layers = {}
     for name in targets:
         base = modules[name]
         base = base.base_layer if isinstance(base, DiaBloLinear) else base
         h.update(name.encode())
+        own = hashlib.sha256(name.encode())
         state = base.state_dict() if state_of is None else state_of(name, base)
         for key, tensor in sorted(state.items()):
             if hasattr(tensor, "shape") and tensor.numel():
-                h.update(f"{key}{tuple(tensor.shape)}".encode())
-                if not getattr(
-                    tensor, "is_meta", False
-                ):  # a model built on `meta` (memory plans) has no data
-                    h.update(_weight_sample(tensor))
+                for digest in (h, own):
+                    digest.update(f"{key}{tuple(tensor.shape)}".encode())
+                if not getattr(tensor, "is_meta", False):  # a model on `meta` has no data
+                    sample = _weight_sample(tensor)
+                    h.update(sample)
+                    own.update(sample)
+        layers[name] = own.hexdigest()[:16]
     quant = identity.get("quantization_config") or {}
     desc = f"{identity.get('model_type', type(model).__name__)}"
     if "num_hidden_layers" in identity:
@@ -79,4 +91,59 @@ def base_fingerprint(model: nn.Module, targets: list[str], state_of: Any = None)
         desc += f", {method} {bits}-bit"
         if quant.get("group_size") is not None:
             desc += f" g{quant['group_size']}"
-    return {"sha256": h.hexdigest(), "description": desc}
+    return {
+        "sha256": h.hexdigest(),
+        "description": desc,
+        "config_sha256": hashlib.sha256(config_blob).hexdigest()[:16],
+        "layers": layers,
+    }
+
+
+def _names(names: list[str], count: int = 3) -> str:
+    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
+
+
+def mismatch_message(adapter: Any, saved: Mapping[str, Any], actual: Mapping[str, Any]) -> str:
+    """The error for an adapter whose saved fingerprint is not this base's: a different base,
+    or (same config, other layers) a changed target_modules, saying what differs."""
+    differs = what_differs(saved, actual)
+    if differs.startswith("the adapter's target_modules"):
+        return f"adapter {adapter} does not fit its own training: {differs}"
+    return f"adapter {adapter} was trained on a different base: {differs}"
+
+
+def what_differs(saved: Mapping[str, Any], actual: Mapping[str, Any]) -> str:
+    """What differs between a saved fingerprint and this base's, in words (the saved one may
+    come from an older qdiablo, which kept only sha256 and the description)."""
+    layers, now = saved.get("layers"), actual.get("layers") or {}
+    if isinstance(layers, dict) and set(layers) != set(now):
+        gone, new = sorted(set(layers) - set(now)), sorted(set(now) - set(layers))
+        same_config = saved.get("config_sha256") == actual.get("config_sha256")
+        parts = []
+        if gone:
+            parts.append(f"{len(gone)} trained layer(s) not selected here ({_names(gone)})")
+        if new:
+            parts.append(f"{len(new)} layer(s) selected here but never trained ({_names(new)})")
+        what = (
+            "the adapter's target_modules select other layers than it was trained on"
+            if same_config
+            else "the base's architecture differs"
+        )
+        return f"{what}: {'; '.join(parts)}"
+    if saved.get("config_sha256") and saved.get("config_sha256") != actual.get("config_sha256"):
+        return (
+            f"the base's config differs: the adapter expects ({saved.get('description')}), "
+            f"this base is ({actual.get('description')})"
+        )
+    if isinstance(layers, dict):
+        changed = sorted(n for n in layers if layers[n] != now.get(n))
+        if changed:
+            return (
+                f"the base's weights differ in {len(changed)} adapted layer(s) "
+                f"({_names(changed)}): same architecture, other weights (another quantization "
+                "or fine-tune of it?)"
+            )
+    return (
+        f"it expects ({saved.get('description')}), this base is ({actual.get('description')}); "
+        f"fingerprints {str(saved.get('sha256'))[:12]} ≠ {str(actual.get('sha256'))[:12]}"
+    )

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,11 @@ from torch import nn
 
 from qdiablo import __version__
 from qdiablo.diablo.config import DiaBloConfig
-from qdiablo.diablo.fingerprint import base_fingerprint
+from qdiablo.diablo.fingerprint import base_fingerprint, mismatch_message
 from qdiablo.diablo.layer import DiaBloLinear
 from qdiablo.diablo.targets import find_targets, resolve_target_modules
 from qdiablo.errors import UserError
+from qdiablo.health import NONFINITE_HINT, require_finite
 from qdiablo.io import atomic_path, check_adapter_tensors, read_adapter_weights, read_json
 
 log = logging.getLogger(__name__)
@@ -181,7 +183,8 @@ class DiaBloModel(nn.Module):
     def save_pretrained(
         self, save_directory: str | Path, tensors: dict[str, torch.Tensor] | None = None
     ) -> None:
-        """Write adapter_config.json and adapter_model.safetensors, atomically as one folder.
+        """Write adapter_config.json and adapter_model.safetensors, atomically as one folder;
+        any other file already in the folder is kept (copied into the new one first).
 
         `tensors`: the blocks to write (default `adapter_state_dict()`), e.g. gathered from FSDP
         shards."""
@@ -197,7 +200,12 @@ class DiaBloModel(nn.Module):
         tensors = self.adapter_state_dict() if tensors is None else tensors
         tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
         with atomic_path(save_directory) as tmp:
-            tmp.mkdir()
+            old = Path(save_directory)
+            if old.is_dir() and not old.is_symlink():  # the user's files there stay
+                ours = shutil.ignore_patterns(ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME)
+                shutil.copytree(old, tmp, ignore=ours, symlinks=True)
+            else:
+                tmp.mkdir()
             save_file(tensors, tmp / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
             (tmp / ADAPTER_CONFIG_NAME).write_text(
                 json.dumps(config, indent=2, sort_keys=True) + "\n"
@@ -224,21 +232,18 @@ class DiaBloModel(nn.Module):
         expected = saved.get("base_fingerprint") or {}
         actual = base_fingerprint(base_model, find_targets(base_model, config))
         if expected.get("sha256") != actual["sha256"]:
-            msg = (
-                f"adapter {adapter_dir} was trained on a different base: it expects "
-                f"'{saved.get('base_model_name_or_path') or '?'}' ({expected.get('description')}), "
-                f"this base is ({actual['description']}); fingerprints "
-                f"{str(expected.get('sha256'))[:12]} ≠ {actual['sha256'][:12]}"
-            )
+            msg = mismatch_message(adapter_dir, expected, actual)
             if not force:
                 raise UserError(
                     msg,
-                    hint="use the base it was trained on; only `qdiablo eval --force` "
-                    "(force=True in Python) loads it anyway, export and train have no override",
+                    hint="use the base it was trained on (and its own adapter_config.json); "
+                    "only `qdiablo eval --force` (force=True in Python) loads it anyway, export "
+                    "and train have no override",
                 )
             log.warning("%s (loading anyway: force=True)", msg)
         path = adapter_dir / ADAPTER_WEIGHTS_NAME
         tensors = read_adapter_weights(path)
+        require_finite(tensors.items(), f"adapter {path}", hint=NONFINITE_HINT)
         model = cls(base_model, config)
         layers = dict(model.diablo_layers())
         try:

@@ -18,6 +18,7 @@ anything is written. `qdiablo.models.load_exported` loads it back.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import json
 import logging
@@ -31,14 +32,14 @@ import torch
 from qdiablo.adapters.loading import adapter_method, load_adapter
 from qdiablo.adapters.method import AdapterMethod
 from qdiablo.adapters.scales import has_trained_scales
-from qdiablo.calibration import build_calibration_data
+from qdiablo.calibration import build_calibration_data, check_reconstruction_windows
 from qdiablo.devices import default_compute_dtype, resolve_device
 from qdiablo.errors import UserError
 from qdiablo.export.card import CardFacts, model_card
 from qdiablo.export.facts import card_facts
 from qdiablo.export.merge import merge_into_dense, mergeable_names, write_merged
 from qdiablo.export.merge import requantize_merged as requantize_streamed
-from qdiablo.export.scales import write_adapter_without_scales, write_folded_base
+from qdiablo.export.scales import drop_scales_from_adapter_copy, fold_into_base_copy
 from qdiablo.export.serving import (
     ServeOptions,
     ServePlan,
@@ -46,9 +47,12 @@ from qdiablo.export.serving import (
     serving_usage,
     write_serving,
 )
+from qdiablo.faults import guard
+from qdiablo.inputs import check_apart, require_finished
 from qdiablo.manifest import MANIFEST_NAME, build_manifest
 from qdiablo.models import is_quantized_folder, load_packed
-from qdiablo.outputs import OutputFolder, is_bookkeeping
+from qdiablo.outputs import OutputFolder
+from qdiablo.ownership import read_marker
 from quantizers import QuantConfig, save_quantized
 
 log = logging.getLogger(__name__)
@@ -67,13 +71,50 @@ EXPORT_NAMES = (
     "README.md",
     MANIFEST_NAME,
 )
+# A base folder without a `qdiablo quantize` marker (another tool's GPTQ folder): the files of
+# a Hugging Face GPTQ checkpoint, the only ones copied.
+BASE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "quantize_config.json",
+    "quantization_report.json",
+    "quantization_report.md",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+)
+# An adapter folder's files (DiaBlo's, or PEFT's weights and config): the only ones copied.
+ADAPTER_COPY = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
-def _check_output(output: Path, sources: Sequence[Path]) -> None:
-    out = output.resolve()
-    for src in sources:
-        if out == src.resolve() or out in src.resolve().parents:
-            raise UserError(f"--output {output} would replace its own input {src}")
+def base_files(base: Path) -> list[str]:
+    """The files of a quantized base that an export copies: those its `qdiablo quantize` marker
+    lists, else (another tool's folder) those of a GPTQ checkpoint; never anything else."""
+    marker = read_marker(base, "quantize")
+    if marker is not None:
+        names = [n for n in marker["files"] if (base / n).is_file()]
+    else:
+        names = [
+            p.name
+            for p in base.iterdir()
+            if p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in BASE_FILES)
+        ]
+    return sorted(names)
+
+
+def _copy_files(source: Path, names: Sequence[str], target: Path) -> None:
+    target.mkdir()
+    for name in names:
+        shutil.copy2(source / name, target / name)
 
 
 def _load_tokenizer(folder: Path):
@@ -140,15 +181,20 @@ def export_model(
     base, output, device = Path(base), Path(output), resolve_device(device)
     train_dir = Path(train_run) if train_run is not None else None
     adapter = _adapter_folder(adapter, train_dir)
+    check_apart(
+        output,
+        {"--base": base, "--adapter": adapter, "--train-run": train_dir, "--eval": list(evals),
+         "--calib": calib},
+    )  # fmt: skip
     merged = merged or requantize_merged or serve.any
     method, kind = _check_request(
         base, adapter, merged, merged_dtype, requantize_merged, calib, serve
     )
-    _check_output(output, [base, adapter, *([train_dir] if train_dir else [])])
-    folder = OutputFolder(
-        output, "export", overwrite=overwrite, replace_own=False, known=EXPORT_NAMES
-    )
+    folder = OutputFolder(output, "export", overwrite=overwrite, known=EXPORT_NAMES)
     with folder:
+        parts = ["base", "adapter"] + ["merged"] * merged + ["merged-gptq"] * requantize_merged
+        parts += ["marlin"] * serve.marlin + ["gguf"] * (serve.gguf is not None)
+        _check_parts_hold_only_ours(folder, parts)
         facts = card_facts(base, adapter, method, kind, train_dir, evals, base_name)
         facts.merged_dtype = merged_dtype if merged else None
         tokenizer = _load_tokenizer(base)
@@ -160,9 +206,10 @@ def export_model(
         # the fingerprint check, before any write; trained scales are folded into base_model
         model = load_adapter(base_model, adapter)
         log.info("exporting %s + %s to %s", base, adapter, output)
-        tmp = folder.staging()
+        tmp = folder.staging()  # the output is untouched until install (which marks it changed)
         try:
-            _copy_inputs(model, base, adapter, tmp, facts)
+            with guard(output):
+                _copy_inputs(model, base, adapter, tmp, facts)
             if merged:
                 log.info("merging the adapter into the dequantized base (%s)", merged_dtype)
                 dtype = getattr(torch, merged_dtype)
@@ -181,7 +228,7 @@ def export_model(
             folder.install(tmp)
             folder.finish()
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # safe: our staging folder (folder.staging)
         log.info("exported %d files to %s", len(manifest["files"]), output)
         return output
 
@@ -204,6 +251,7 @@ def _requantize_inputs(
         config = requantize_config(facts.quantize_config, quant_overrides)
         plan = plan_serving(serve, config, base_model, tokenizer)
     if requantize_merged or plan.needs_calibration:
+        check_reconstruction_windows(config, calib_settings[1])
         what = "--requantize" if requantize_merged else "--serve marlin / an exact --gguf"
         calib_data = _calibration(what, tokenizer, base, *calib_settings)
     return config, plan, calib_data
@@ -227,18 +275,18 @@ def _write_serving_folders(
 
 
 def _copy_inputs(model, base: Path, adapter: Path, tmp: Path, facts: CardFacts) -> None:
-    """base/ and adapter/ as they were, or with trained scales (--train-scales) moved from the
-    adapter into the base (qdiablo.export.scales)."""
+    """base/ and adapter/: their own files only, with trained scales (--train-scales) moved
+    from the adapter into the base (qdiablo.export.scales)."""
+    _copy_files(base, base_files(base), tmp / "base")
+    adapter_files = [n for n in ADAPTER_COPY if (adapter / n).is_file()]
+    _copy_files(adapter, adapter_files, tmp / "adapter")
     if has_trained_scales(adapter):
-        write_folded_base(model, base, tmp / "base")
-        write_adapter_without_scales(model, adapter, tmp / "adapter")
+        fold_into_base_copy(model, tmp / "base")
+        drop_scales_from_adapter_copy(model, tmp / "adapter")
         facts.notes.append(
             "base/ holds the scales trained with the adapter (--train-scales), folded "
             "into its fp16 scales; adapter/ is the adapter trained on them"
         )
-    else:
-        shutil.copytree(base, tmp / "base", ignore=_bookkeeping)
-        shutil.copytree(adapter, tmp / "adapter", ignore=_bookkeeping)
 
 
 def _adapter_folder(adapter: str | Path | None, train_dir: Path | None) -> Path:
@@ -261,6 +309,7 @@ def _check_request(
 ) -> tuple[AdapterMethod, str]:
     """Refuse what cannot be exported before anything is read or written; returns the adapter's
     method and kind (as its adapter_config.json names it)."""
+    require_finished(base, ("quantize",), what="--base")
     if not is_quantized_folder(base):
         raise UserError(
             f"--base {base} is not a folder written by `qdiablo quantize` (no quantize_config.json)"
@@ -326,6 +375,15 @@ def _calibration(what: str, tokenizer, base: Path, calib, samples: int, seq_len:
     return build_calibration_data(tokenizer, calib, samples, seq_len, batch)
 
 
-def _bookkeeping(_folder: str, names: list[str]) -> list[str]:
-    """Locks and verb markers of the source folders stay behind (copytree's ignore)."""
-    return [n for n in names if is_bookkeeping(n)]
+def _check_parts_hold_only_ours(folder: OutputFolder, parts: Sequence[str]) -> None:
+    """The parts an export writes are replaced whole and must hold exactly what its manifest
+    lists: a file of the user's inside one is kept, and the export refused, before any work."""
+    foreign = folder.foreign_inside(parts)
+    if foreign:
+        shown = ", ".join(str(p) for p in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise UserError(
+            f"{folder.path} holds file(s) `qdiablo export` did not write inside the folders it "
+            f"replaces: {shown}",
+            hint="move them out (an export's base/, adapter/, merged/ ... hold exactly the files "
+            "its manifest lists), then run the same command again",
+        )

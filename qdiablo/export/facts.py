@@ -14,6 +14,7 @@ from qdiablo.adapters.method import AdapterMethod
 from qdiablo.errors import UserError
 from qdiablo.export.card import CardFacts
 from qdiablo.hashing import adapter_digest
+from qdiablo.inputs import require_finished
 from qdiablo.io import read_json
 from qdiablo.train.config import CONFIG_FILE, RESULTS_FILE
 from qdiablo.versions import library_versions
@@ -24,12 +25,14 @@ log = logging.getLogger(__name__)
 def _read_train_run(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not folder.is_dir():
         raise UserError(f"--train-run folder not found: {folder}")
+    require_finished(folder, ("train",), what="--train-run")
     config = read_json(folder / CONFIG_FILE, what="training config")
     results = read_json(folder / RESULTS_FILE, what="training results (is the run finished?)")
     return config, results
 
 
 def _read_eval(folder: Path) -> dict[str, Any]:
+    require_finished(folder, ("eval",), what="--eval")
     return read_json(folder / SUMMARY_FILE, what="evaluation summary (run `qdiablo eval` first)")
 
 

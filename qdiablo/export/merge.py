@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from qdiablo.adapters.method import AdapterMethod
 from qdiablo.adapters.registry import method_of, methods
 from qdiablo.errors import UserError
+from qdiablo.health import require_finite
 from qdiablo.streamed import meta_model
 from quantizers import QuantLinear, quantize_model
 from quantizers.calibration import find_decoder_blocks
@@ -164,6 +165,9 @@ def _merged_config(base: nn.Module, dtype: torch.dtype):
     return config
 
 
+OVERFLOW_HINT = "W + Dᵀ overflows this dtype: use --merged-dtype float32 or bfloat16"
+
+
 def write_merged(
     model: nn.Module,
     folder: Path,
@@ -186,7 +190,10 @@ def write_merged(
         writer.add(name, t)
     for i, block in enumerate(blocks):
         block.to(device)
-        for name, t in dense_state(block, dtype, method, prefix=f"{prefix}.{i}.").items():
+        state = dense_state(block, dtype, method, prefix=f"{prefix}.{i}.")
+        where = f"the merged model ({str(dtype).removeprefix('torch.')})"
+        require_finite(state.items(), where, OVERFLOW_HINT)
+        for name, t in state.items():
             writer.add(name, t)
         block.to("cpu")
         release_host_memory()

@@ -12,31 +12,23 @@ ordinary adapter and computes what the trained model computed, bit for bit.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from torch import nn
 
 from qdiablo.adapters.registry import method_of
 from qdiablo.adapters.scales import SCALES_FILE, bare_model
-from qdiablo.outputs import is_bookkeeping
 from quantizers.trained_scales import packed_layers
-
-
-def _bookkeeping(_folder: str, names: list[str]) -> list[str]:
-    return [n for n in names if is_bookkeeping(n)]
-
 
 log = logging.getLogger(__name__)
 
 
-def write_folded_base(model: nn.Module, base: Path, target: Path) -> int:
-    """Copy the base folder `base` to `target`, its packed layers' `.scales` replaced by the
+def fold_into_base_copy(model: nn.Module, target: Path) -> int:
+    """In `target`, a copy of the base's files, replace the packed layers' `.scales` by the
     (already folded) scales of `model`'s layers. Returns the tensors replaced."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    shutil.copytree(base, target, ignore=_bookkeeping)
     scales = {
         f"{name}.scales": layer.packed_tensors().scales.detach().cpu().contiguous()
         for name, layer in packed_layers(bare_model(model)).items()
@@ -56,14 +48,14 @@ def write_folded_base(model: nn.Module, base: Path, target: Path) -> int:
         replaced += len(hits)
         save_file(tensors, file, metadata=meta)
     if replaced != len(scales):
-        raise ValueError(f"{base}: found {replaced} of the {len(scales)} packed layers' scales")
+        raise ValueError(f"{target}: found {replaced} of the {len(scales)} packed layers' scales")
     log.info("base/: %d packed layers carry the trained scales", replaced)
     return replaced
 
 
-def write_adapter_without_scales(model: nn.Module, adapter: Path, target: Path) -> None:
-    """Copy the adapter folder without its trained scales; an adapter's base fingerprint (DiaBlo's)
-    becomes that of the base with the scales folded in (`model` holds it)."""
-    shutil.copytree(adapter, target, ignore=_bookkeeping)
-    (target / SCALES_FILE).unlink()
+def drop_scales_from_adapter_copy(model: nn.Module, target: Path) -> None:
+    """In `target`, a copy of the adapter's files, remove the trained scales (if copied); an
+    adapter's base fingerprint (DiaBlo's) becomes that of the base with the scales folded in
+    (`model` holds it)."""
+    (target / SCALES_FILE).unlink(missing_ok=True)
     method_of(model).refresh_fingerprint(model, target)

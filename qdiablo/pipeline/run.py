@@ -24,8 +24,8 @@ log = logging.getLogger("qdiablo.pipeline")
 STAGE_NAMES = ("quantize", "train", "eval", "export")
 # Flags each stage's wiring sets; a user key among them is a conflict.
 WIRED = {
-    "quantize": {"model", "output"},
-    "train": {"model", "output", "resume"},
+    "quantize": {"model", "output", "overwrite"},
+    "train": {"model", "output", "resume", "overwrite"},
     "eval": {"model", "adapter", "output", "quant", "overwrite"},
     "export": {"base", "adapter", "output", "train_run", "eval", "overwrite", "verify"},
 }
@@ -160,7 +160,6 @@ def export_stage(
         "adapter": train.output / "adapter",
         "train_run": train.output,
         "output": output,
-        "overwrite": True,
     }
     if evals:
         args["eval"] = [e.output for e in evals]

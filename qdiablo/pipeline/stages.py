@@ -9,7 +9,8 @@ seconds). A re-run skips a stage whose marker has the same hash, whose inputs ar
 and whose output is there; anything else runs again, and so does everything downstream (the run
 ids change). A stage that started but never finished (`<key>.started.json`, same hash) resumes
 where the verb can (training from its checkpoints, evaluation from its finished items); otherwise
-its stale outputs are removed first, and only folders this machinery created are ever removed.
+its earlier output is removed first: exactly what its verb's marker (`.qdiablo-<verb>.json`)
+lists, never a whole folder; anything else there is kept and named in one line.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import json
 import logging
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -40,8 +40,10 @@ from qdiablo.commands import export, quantize, train
 from qdiablo.errors import UserError
 from qdiablo.flags import add_verb_parser, config_defaults
 from qdiablo.hashing import sha256_file
+from qdiablo.inputs import check_apart, unfinished
 from qdiablo.io import read_json, write_json, write_text
 from qdiablo.outputs import OutputFolder, marker_name
+from qdiablo.ownership import remove_output
 
 log = logging.getLogger("qdiablo.pipeline")
 
@@ -162,10 +164,19 @@ class Stage:
         return self._identity
 
     def is_done(self) -> bool:
+        """Its output is there, and its verb's marker (when it has one) says finished."""
         target = self.output / self.done_file if self.done_file else self.output
-        if self.done_file:
-            return target.exists()
-        return target.is_dir() and any(target.iterdir())
+        there = target.exists() if self.done_file else target.is_dir() and any(target.iterdir())
+        return there and unfinished(self.output, (self.verb,)) is None
+
+    def inputs(self) -> dict[str, Any]:
+        """The local paths it reads that no other stage writes (the model, data files)."""
+        found = {}
+        for key in ("model", *sorted(FILE_KEYS)):
+            value = getattr(self.namespace(), key, None)
+            if key not in self.path_keys and value is not None:
+                found[f"{self.key} {key}"] = value
+        return found
 
 
 @dataclass
@@ -222,6 +233,8 @@ class Runner:
         self.isolate = isolate
         # threads: torch's CPU thread count for every stage. Float sums are reduced in an order
         # that depends on it, so a fixed count makes a re-run give the same numbers.
+        if threads is not None and threads < 1:
+            raise UserError(f"--threads {threads}: must be ≥ 1")
         self.threads = threads
         self.run_ids: dict[str, str] = {}
         self.outcomes: list[Outcome] = []
@@ -252,6 +265,10 @@ class Runner:
         foreign files touched), then `after()` (e.g. writing `reports`, names under root)."""
         stages = ordered(stages)
         self.validate(stages)
+        inputs: dict[str, Any] = {}
+        for s in stages:
+            inputs.update(s.inputs())
+        check_apart(self.root, inputs, flag="output")
         names = {MARKER_DIR, *reports}
         root = self.root.resolve()
         for s in stages:
@@ -308,7 +325,7 @@ class Runner:
         ):
             extra = stage.resume(stage.output)
         if extra is None:
-            self._clear(stage, owned=done is not None or started is not None)
+            self._clear(stage)
         self._marker(stage).unlink(missing_ok=True)
         write_json(self._marker(stage, started=True), {"hash": stage.identity, "inputs": inputs})
 
@@ -357,11 +374,12 @@ class Runner:
         device); its exit status, peak RSS in KiB (the stage process's when isolated) and the
         stage process's user + system CPU seconds (isolated stages only, else None)."""
         placed = self._device_args(stage)
-        args = {**placed, **stage.args, **(extra or {})}
+        # A stage run afresh may write among the files of the user's that _clear kept
+        # (overwrite: they stay); a resumed one (extra, e.g. resume=auto) keeps its own too.
+        args = {**placed, **stage.args, **(extra or {}), "overwrite": extra is None}
         if self.isolate:
             return self._subprocess(stage, args)
-        reparse = extra or (placed and "device" not in stage.args)
-        namespace = parse_verb_args(stage.verb, args, stage.key) if reparse else stage.namespace()
+        namespace = parse_verb_args(stage.verb, args, stage.key)
         if self.threads:
             import torch
 
@@ -399,24 +417,17 @@ class Runner:
         child.returncode = os.waitstatus_to_exitcode(status)
         return child.returncode, usage.ru_maxrss, usage.ru_utime + usage.ru_stime
 
-    def _clear(self, stage: Stage, owned: bool) -> None:
-        """Remove a stage's stale output; refuse a non-empty folder this machinery did not make."""
+    def _clear(self, stage: Stage) -> None:
+        """Remove a stage's earlier output: what its verb's marker lists, never a whole folder
+        (the rest is kept and named in one line)."""
         out = stage.output
         if not out.exists():
             return
         root = self.root.resolve()
         if root not in out.resolve().parents:
             raise UserError(f"{stage.key}: refusing to remove {out}, outside {self.root}")
-        if not owned and out.is_dir() and any(out.iterdir()):
-            raise UserError(
-                f"{stage.key}: {out} exists but was not made by this pipeline",
-                hint="remove it, or choose another output folder",
-            )
-        log.info("%s: removing stale output %s", stage.key, out)
-        if out.is_dir():
-            shutil.rmtree(out)
-        else:
-            out.unlink()
+        log.info("%s: removing the stale output of `qdiablo %s` in %s", stage.key, stage.verb, out)
+        remove_output(out, stage.verb)
 
 
 def summary_table(outcomes: list[Outcome]) -> str:

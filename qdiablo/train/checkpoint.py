@@ -25,6 +25,7 @@ from torch import nn
 
 from qdiablo.adapters.registry import method_of
 from qdiablo.adapters.scales import load_trained_scales, save_trained_scales
+from qdiablo.ownership import remove_owned
 from quantizers.fileio import apply_umask
 
 TRAINER_STATE = "trainer_state.json"
@@ -59,7 +60,7 @@ def save_adapter(
         for item in staged.iterdir():
             os.replace(item, folder / item.name)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # safe: mkdtemp above made it
 
 
 def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
@@ -101,20 +102,28 @@ def checkpoint_problem(folder: str | Path) -> str | None:
     return None
 
 
+def _by_step(folder: Path) -> list[tuple[int, Path]]:
+    found = []
+    for child in folder.iterdir() if folder.is_dir() else ():
+        m = _CHECKPOINT.match(child.name)
+        if m and child.is_dir():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def rotate_checkpoints(folder: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (by step, not by a folder's mtime, which a file the
+    user drops in changes); older ones lose the files training wrote, and go if then empty."""
+    for _, child in _by_step(folder)[:-keep]:
+        remove_owned(folder.parent, "train", [f"{folder.name}/{child.name}"])
+
+
 def latest_checkpoint(folder: str | Path, warn: bool = True) -> Path | None:
     """The newest complete `checkpoint-<step>` folder; newer ones whose state files are missing
     or do not parse are skipped, with a warning naming the file."""
     import logging
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    found = []
-    for child in folder.iterdir():
-        m = _CHECKPOINT.match(child.name)
-        if m and child.is_dir():
-            found.append((int(m.group(1)), child))
-    for _, child in sorted(found, reverse=True):
+    for _, child in reversed(_by_step(Path(folder))):
         problem = checkpoint_problem(child)
         if problem is None:
             return child

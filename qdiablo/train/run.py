@@ -21,9 +21,11 @@ from typing import Any
 from transformers import set_seed
 
 from qdiablo.errors import UserError
-from qdiablo.io import atomic_path, read_json, write_json
+from qdiablo.faults import guard
+from qdiablo.inputs import check_apart
+from qdiablo.io import read_json, write_json
 from qdiablo.kinds import PACKED_KINDS
-from qdiablo.outputs import OutputFolder, remove_entry
+from qdiablo.outputs import OutputFolder
 from qdiablo.train.bases import LoadedBase
 from qdiablo.train.checkpoint import checkpoint_problem, latest_checkpoint, save_adapter, unwrap
 from qdiablo.train.config import (
@@ -38,6 +40,7 @@ from qdiablo.train.config import (
 )
 from qdiablo.train.dataset import PadCollator, select_records, tokenize_records
 from qdiablo.train.fsdp import check_fsdp_launch, gather_trainable, packed_base_bytes
+from qdiablo.train.health import LossRiseCallback
 from qdiablo.train.metrics import JsonlLogCallback, ThroughputCallback, base_linear_bytes
 from qdiablo.train.runtime import Runtime, resolve_runtime
 from qdiablo.train.setup import RunSetup, is_main_process, say, set_up
@@ -59,10 +62,13 @@ class TrainResult:
     model: Any  # the trained adapter model (DiaBloModel or PeftModel), still in memory
 
 
-def resolve_resume(config: TrainConfig, output: Path) -> Path | None:
+def resolve_resume(
+    config: TrainConfig, output: Path, folder: OutputFolder | None = None
+) -> Path | None:
     """The checkpoint to resume from (None for a fresh run); guards against mixing runs.
 
-    Called by rank 0 while it holds the folder's lock, so no live process writes there."""
+    Called by rank 0 while it holds the folder's lock (`folder`), so no live process writes
+    there."""
     checkpoints = output / CHECKPOINT_DIR
     if config.resume is None or config.resume == "auto":
         found = latest_checkpoint(checkpoints)
@@ -82,7 +88,7 @@ def resolve_resume(config: TrainConfig, output: Path) -> Path | None:
                     f"{output}: the earlier run stopped before its first complete checkpoint "
                     "and no process owns it: starting afresh"
                 )
-                _clear_run(output)
+                _clear_run(folder)
             return None
         if config.resume is None and (output / RESULTS_FILE).exists() and is_main_process():
             raise UserError(
@@ -123,11 +129,10 @@ def resolve_resume(config: TrainConfig, output: Path) -> Path | None:
     return path
 
 
-def _clear_run(output: Path) -> None:
-    """Remove the files of a run that never reached a checkpoint (train's own names only)."""
-    for name in (CONFIG_FILE, RESULTS_FILE, LOG_FILE, CHECKPOINT_DIR):
-        if (output / name).exists():
-            remove_entry(output / name)
+def _clear_run(folder: OutputFolder | None) -> None:
+    """Remove the files of a run that never reached a checkpoint (train's own files only)."""
+    if folder is not None:
+        folder.remove_own([CONFIG_FILE, RESULTS_FILE, LOG_FILE, CHECKPOINT_DIR])
 
 
 def _results(config, loaded, budget, other, own_count, model, data_summary, args) -> dict:
@@ -165,6 +170,14 @@ def train(
     `callbacks` are extra `transformers.TrainerCallback`s.
     """
     output = Path(config.output)
+    check_apart(
+        output,
+        {
+            "--model": config.model,
+            "--data": config.data,
+            "--decontaminate": [d for d in config.decontaminate if Path(d).is_file()],
+        },
+    )
     config, runtime = resolve_runtime(config, world_size())  # `auto` made concrete: recorded
     under_fsdp = check_fsdp_launch(
         config.base, config.packed_storage, config.precision
@@ -192,7 +205,8 @@ def train(
     with folder if is_main_process() else contextlib.nullcontext():
         if is_main_process():
             folder.claim(OUTPUT_NAMES)
-        result = _train_into(output, config, base, callbacks, under_fsdp, runtime)
+        held = folder if is_main_process() else None
+        result = _train_into(output, config, base, callbacks, under_fsdp, runtime, held)
         if is_main_process():
             folder.finish()
     return result
@@ -205,9 +219,11 @@ def _train_into(
     callbacks: list | None,
     under_fsdp: bool,
     runtime: Runtime,
+    folder: OutputFolder | None = None,
 ) -> TrainResult:
-    """The run proper, into a folder rank 0 holds: the setup, Trainer's loop, the report."""
-    resume_from = resolve_resume(config, output)
+    """The run proper, into a folder rank 0 holds (`folder`; None on the other ranks): the
+    setup, Trainer's loop, the report."""
+    resume_from = resolve_resume(config, output, folder)
     records, data_summary = select_records(
         config.data, config.answer_suffix, config.decontaminate, config.max_records, config.seed
     )
@@ -218,29 +234,38 @@ def _train_into(
         run.loaded.tokenizer, records, data_summary, config.template, config.max_length
     )
     say(data_summary.decontamination_line())
-    if is_main_process() and resume_from is None:
-        write_json(output / CONFIG_FILE, config.to_dict())
-
     args = training_arguments(config, str(output / CHECKPOINT_DIR))
+    if folder is not None:
+        folder.changing()  # from here a failure leaves the run unfinished, never finished-looking
+    if is_main_process() and resume_from is None:
+        with guard(output):
+            write_json(output / CONFIG_FILE, config.to_dict())
+
     throughput = ThroughputCallback()
+    rising = LossRiseCallback(output / LOG_FILE)
     trainer = AdapterTrainer(
         model=run.model,
         args=args,
         train_dataset=dataset,
         data_collator=PadCollator(run.loaded.tokenizer.pad_token_id),
-        callbacks=[throughput, JsonlLogCallback(output / LOG_FILE), *(callbacks or [])],
+        callbacks=[throughput, JsonlLogCallback(output / LOG_FILE), rising, *(callbacks or [])],
         load_shards=run.load_shards,
+        keep_checkpoints=config.save_total_limit,
         scale_lr=config.scale_lr if config.train_scales else None,
         teacher=run.teacher,
         distill_weight=config.distill_weight,
     )
     model = unwrap(trainer.model) if sharded_loading else run.model
-    outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with guard(output):
+        outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    # The last steps since the last check, and the final loss: a NaN adapter is never the result.
+    trainer.health.check(model, trainer.state.global_step, final_loss=outcome.training_loss)
 
     results = _results(
         config, run.loaded, run.budget, run.other, run.own_count, model, data_summary, args
     )
     results.update(_outcome(trainer, outcome, throughput, resume_from, runtime, run, config))
+    results["warnings"] = rising.warnings
     if under_fsdp:
         results["fsdp"] = {
             "version": 2,
@@ -275,9 +300,11 @@ def _save_run(output: Path, model, trainer, results: dict, under_fsdp: bool) -> 
     adapter_dir = output / ADAPTER_DIR
     gathered = gather_trainable(model) if under_fsdp else None  # a collective: every rank
     if trainer.is_world_process_zero():
-        with atomic_path(adapter_dir) as tmp:
-            save_adapter(model, tmp, gathered)
-        write_json(output / RESULTS_FILE, results)
+        with guard(output):
+            # File by file (a file of the user's in adapter/ stays); the run's marker is
+            # completed only after train_results.json, so a torn adapter/ never looks finished.
+            save_adapter(model, adapter_dir, gathered)
+            write_json(output / RESULTS_FILE, results)
         tps = results["throughput"]["tokens_per_second"]
         first, last = results["first_logged_loss"], results["last_logged_loss"]
         say(
@@ -285,5 +312,6 @@ def _save_run(output: Path, model, trainer, results: dict, under_fsdp: bool) -> 
             + (f", loss {first:.4f} → {last:.4f}" if first is not None else "")
             + (f", {tps:.0f} tokens/s" if tps else "")
             + f"; adapter saved to {adapter_dir}"
+            + "".join(f"\nwarning: {w}" for w in results["warnings"])
         )
     return adapter_dir

@@ -10,33 +10,46 @@ unsharded optimizer state (see `qdiablo.train.fsdp`).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerState, TrainingArguments
+from transformers.trainer_utils import TrainOutput
 
 from qdiablo.adapters.registry import method_of
 from qdiablo.devices import resolve_device
 from qdiablo.errors import UserError
+from qdiablo.faults import guard
 from qdiablo.optional import prepare_trainer_imports
 from qdiablo.train import fsdp
-from qdiablo.train.checkpoint import load_adapter_weights, save_adapter, unwrap
+from qdiablo.train.checkpoint import (
+    TRAINER_STATE,
+    load_adapter_weights,
+    rotate_checkpoints,
+    save_adapter,
+    unwrap,
+)
 from qdiablo.train.config import OPTIMIZERS, TrainConfig
 from qdiablo.train.distill import distillation_loss, next_token_mask
+from qdiablo.train.health import HealthMonitor
 
 TRAINING_ARGS_NAME = "training_args.bin"
 SCHEDULER_NAME = "scheduler.pt"
 
 
 class AdapterTrainer(Trainer):
-    """A Trainer whose checkpoints hold the adapter only, and which reloads it strictly; with
-    trained scales in their own optimizer group, and optionally a distillation teacher."""
+    """A Trainer whose checkpoints hold the adapter only, and which reloads it strictly; it
+    stops a diverged run (`qdiablo.train.health`), names OS faults while saving in one line,
+    rotates checkpoints by step, removing only the files it wrote; with trained scales in their
+    own optimizer group, and optionally a distillation teacher."""
 
     def __init__(
         self,
         model: nn.Module,
         *args,
         load_shards=None,
+        keep_checkpoints=None,
         scale_lr: float | None = None,
         teacher: nn.Module | None = None,
         distill_weight: float = 1.0,
@@ -44,8 +57,10 @@ class AdapterTrainer(Trainer):
     ):
         """`load_shards(accelerator, model)`: shards a model built on the meta device and fills
         this process's shards (FSDP's sharded loading, `qdiablo.train.fsdp_loading`).
+        `keep_checkpoints`: how many of the newest checkpoints to keep (None: all).
         `scale_lr`: the learning rate of trained scale multipliers (`--train-scales`);
         `teacher`: the full-precision model to distil from, `distill_weight` its loss share."""
+        self.keep_checkpoints = keep_checkpoints
         self.scale_lr = scale_lr
         self.teacher = teacher
         self.distill_weight = distill_weight
@@ -54,10 +69,48 @@ class AdapterTrainer(Trainer):
         super().__init__(model, *args, **kwargs)
         if load_shards is not None:
             self.model = self.model_wrapped = load_shards(self.accelerator, self.model)
+        self.health = HealthMonitor(Path(self.args.output_dir))
         if teacher is not None:
             # compute_loss returns a per-micro-batch mean: let Trainer divide it by the
             # accumulation steps (the LM loss alone is normalised over the whole batch instead).
             self.loss_is_scaled_for_ga = False
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs) -> TrainOutput:
+        """Trainer.train, except that resuming from the run's last checkpoint (killed after it,
+        before the adapter was written) trains no further step: Trainer would take one more."""
+        if resume_from_checkpoint:
+            state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE))
+            if 0 < state.max_steps <= state.global_step:
+                self._load_from_checkpoint(resume_from_checkpoint)
+                self.state = state
+                return TrainOutput(state.global_step, logged_train_loss(state), {})
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    # ---- numerical health: flags on the device, read at logging/saving steps ----------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.health.observe(loss=loss)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self.health.observe(grad_norm=grad_norm)
+        return grad_norm
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, *args, **kwargs):
+        if self.control.should_log or self.control.should_save:
+            self.health.check(unwrap(model), self.state.global_step)
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, *args, **kwargs)
+
+    # ---- saving: one line for an OS fault, rotation by step ---------------------------------
+
+    def _save_checkpoint(self, model, trial) -> None:
+        folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        with guard(folder):
+            super()._save_checkpoint(model, trial)
+        if self.args.should_save and self.keep_checkpoints:
+            rotate_checkpoints(Path(self.args.output_dir), self.keep_checkpoints)
 
     def create_optimizer(self, model: nn.Module | None = None):
         """Trainer's optimizer for the adapter, plus one group (no weight decay) at `scale_lr`
@@ -147,6 +200,17 @@ class AdapterTrainer(Trainer):
         self.lr_scheduler.load_state_dict(state)
 
 
+def logged_train_loss(state: TrainerState) -> float:
+    """The mean training loss over the steps the log covers (each logged loss is the mean of
+    its interval), as Trainer reports it at the end of a run."""
+    total, previous = 0.0, 0
+    for record in state.log_history:
+        if "loss" in record and "step" in record:
+            total += record["loss"] * (record["step"] - previous)
+            previous = record["step"]
+    return total / previous if previous else float("nan")
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -207,7 +271,8 @@ def training_arguments(config: TrainConfig, checkpoint_dir: str) -> TrainingArgu
         logging_first_step=True,
         save_strategy="steps" if save else "no",
         save_steps=config.save_steps if save else 500,
-        save_total_limit=config.save_total_limit,
+        save_total_limit=None,  # AdapterTrainer rotates: by step, keeping the user's files
+        logging_nan_inf_filter=False,  # a NaN loss is an error, never averaged away
         seed=config.seed,
         use_cpu=use_cpu,
         report_to="none",

@@ -181,20 +181,15 @@ def export_model(
     base, output, device = Path(base), Path(output), resolve_device(device)
     train_dir = Path(train_run) if train_run is not None else None
     adapter = _adapter_folder(adapter, train_dir)
-    check_apart(
-        output,
-        {"--base": base, "--adapter": adapter, "--train-run": train_dir, "--eval": list(evals),
-         "--calib": calib},
-    )  # fmt: skip
+    inputs = {"--base": base, "--adapter": adapter, "--train-run": train_dir, "--eval": evals}
+    check_apart(output, {**inputs, "--eval": list(evals), "--calib": calib})
     merged = merged or requantize_merged or serve.any
     method, kind = _check_request(
         base, adapter, merged, merged_dtype, requantize_merged, calib, serve
     )
     folder = OutputFolder(output, "export", overwrite=overwrite, known=EXPORT_NAMES)
     with folder:
-        parts = ["base", "adapter"] + ["merged"] * merged + ["merged-gptq"] * requantize_merged
-        parts += ["marlin"] * serve.marlin + ["gguf"] * (serve.gguf is not None)
-        _check_parts_hold_only_ours(folder, parts)
+        _check_parts_hold_only_ours(folder, _parts(merged, requantize_merged, serve))
         facts = card_facts(base, adapter, method, kind, train_dir, evals, base_name)
         facts.merged_dtype = merged_dtype if merged else None
         tokenizer = _load_tokenizer(base)
@@ -231,6 +226,12 @@ def export_model(
             shutil.rmtree(tmp, ignore_errors=True)  # safe: our staging folder (folder.staging)
         log.info("exported %d files to %s", len(manifest["files"]), output)
         return output
+
+
+def _parts(merged: bool, requantize_merged: bool, serve: ServeOptions) -> list[str]:
+    """The top-level folders this export writes."""
+    parts = ["base", "adapter"] + ["merged"] * merged + ["merged-gptq"] * requantize_merged
+    return parts + ["marlin"] * serve.marlin + ["gguf"] * (serve.gguf is not None)
 
 
 def _requantize_inputs(

@@ -94,6 +94,8 @@ def save_quantized(
     for name, m in layers.items():
         if m.bits != config.bits:
             raise CheckpointError(f"{name}: {m.bits}-bit layer in a {config.bits}-bit model")
+    # Not safetensors.torch.save_model: the file holds v1 zero points the model does not, so the
+    # state is built here, a tied tensor once under its first name (as save_model would keep it).
     state = _unique_state_dict(model)
     if config.checkpoint_format == "gptq":
         for name, m in layers.items():

@@ -19,7 +19,7 @@ from qdiablo.errors import UserError
 from qdiablo.export import export_model, load_exported
 from qdiablo.train import TrainConfig
 from qdiablo.train.bases import LoadedBase
-from qdiablo.train.run import attach_adapter
+from qdiablo.train.setup import attach_adapter
 from quantizers import QuantConfig, QuantLinear, load_quantized, quantize_model, save_quantized
 from quantizers.calibration import find_decoder_blocks
 

@@ -39,7 +39,7 @@ def test_peft_and_bitsandbytes_import_without_the_hub():
 
 def test_a_diablo_run_never_imports_peft_for_an_isinstance_check():
     code = (
-        "import sys\nfrom torch import nn\nfrom qdiablo.train.checkpoint import is_peft_model\n"
+        "import sys\nfrom torch import nn\nfrom qdiablo.adapters.lora import is_peft_model\n"
         "assert not is_peft_model(nn.Linear(2, 2))\nprint('peft' in sys.modules)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -16,6 +16,7 @@ from qdiablo.adapters.common import adapted_layers, layer_shapes
 from qdiablo.adapters.common import trainable_parameters as count
 from qdiablo.adapters.diablo import attach_diablo
 from qdiablo.adapters.lora import attach_lora
+from qdiablo.adapters.registry import get_adapter
 from qdiablo.errors import UserError
 
 # LLaMA-7B, q,k,v,up,down over 32 decoder layers.
@@ -51,29 +52,34 @@ def test_matched_num_blocks_is_the_nearest_valid_n():
 
 
 def test_resolve_budget_paper_and_matched_settings():
-    paper = resolve_budget(SMOLLM2, "diablo", None, None, match_params=False)
+    paper = resolve_budget(SMOLLM2, "num_blocks", None, None, match_params=False)
     assert (paper.num_blocks, paper.rank) == (64, 64)
-    matched = resolve_budget(SMOLLM2, "lora", 64, None, match_params=True)
+    matched = resolve_budget(SMOLLM2, "rank", 64, None, match_params=True)
     assert matched.rank == 5
     assert matched.lora_parameters == lora_parameters(SMOLLM2, 5)
     assert matched.diablo_parameters == diablo_parameters(SMOLLM2, 64)
     assert (matched.matched_rank, matched.matched_num_blocks) == (5, 64)
     assert paper.matched_rank == 5 and paper.matched_num_blocks == matched_num_blocks(SMOLLM2, 64)
-    assert paper.other_method("diablo", SMOLLM2) == {
+    assert get_adapter("lora").matched(matched, SMOLLM2) == {
+        "adapter": "diablo",
+        "num_blocks": 64,
+        "trainable_parameters": diablo_parameters(SMOLLM2, 64),
+    }
+    assert get_adapter("diablo").matched(paper, SMOLLM2) == {
         "adapter": "lora",
         "rank": 5,
         "trainable_parameters": lora_parameters(SMOLLM2, 5),
     }
-    back = resolve_budget(SMOLLM2, "diablo", None, 5, match_params=True)
+    back = resolve_budget(SMOLLM2, "num_blocks", None, 5, match_params=True)
     assert back.num_blocks == matched_num_blocks(SMOLLM2, 5)
     with pytest.raises(UserError, match="give only one"):
-        resolve_budget(SMOLLM2, "diablo", 64, 7, match_params=True)
+        resolve_budget(SMOLLM2, "num_blocks", 64, 7, match_params=True)
 
 
 def test_invalid_n_is_refused_for_diablo_but_recorded_as_none_for_lora():
     with pytest.raises(UserError, match="does not divide"):
-        resolve_budget([(64, 32)], "diablo", 64, None, match_params=False)
-    budget = resolve_budget([(64, 32)], "lora", 64, 4, match_params=False)
+        resolve_budget([(64, 32)], "num_blocks", 64, None, match_params=False)
+    budget = resolve_budget([(64, 32)], "rank", 64, 4, match_params=False)
     assert budget.diablo_parameters is None and budget.lora_parameters == 4 * 96
 
 

@@ -1,7 +1,10 @@
 """Adapters on a frozen base: DiaBlo (qdiablo.diablo) and LoRA (PEFT), with what they share.
 
-- `common`: the layers an adapter wraps, the trainable-parameter count;
+- `method`: `AdapterMethod`, everything qdiablo asks of one adapter method;
+- `registry`: `--adapter` names → methods (`register_adapter`, `get_adapter`, `method_of`);
+- `diablo`, `lora`: the two built-in methods (LoRA also on packed QuantLinear layers);
+- `common`: the layers an adapter wraps, the trainable-parameter count, FSDP shard copies;
 - `budget`: DiaBlo's N and LoRA's rank at matched trainable parameters;
-- `diablo`, `lora`: attaching each to a base (LoRA also on packed QuantLinear layers);
-- `loading`: `adapter_kind` and `load_adapter`, for a saved adapter folder.
+- `loading`: `adapter_method`, `adapter_kind` and `load_adapter`, for a saved adapter folder;
+- `scales`: the base's scales trained beside an adapter (`--train-scales`).
 """

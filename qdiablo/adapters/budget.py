@@ -65,7 +65,8 @@ class Budget:
     """Both methods' settings and trainable counts for a run, as recorded in its outputs.
 
     `num_blocks` / `rank` are the settings of the run (the run's own method trains with its own);
-    `matched_rank` is LoRA's rank matching N and `matched_num_blocks` DiaBlo's N matching r.
+    `matched_rank` is LoRA's rank matching N and `matched_num_blocks` DiaBlo's N matching r (each
+    method's `AdapterMethod.matched` reads the one it needs).
     """
 
     num_blocks: int
@@ -75,16 +76,6 @@ class Budget:
     matched_rank: int | None  # the rank whose LoRA count is nearest DiaBlo's at num_blocks
     matched_num_blocks: int  # the valid N whose DiaBlo count is nearest LoRA's at rank
     num_layers: int
-
-    def other_method(self, adapter: str, shapes: Sequence[Shape]) -> dict[str, int | str | None]:
-        """The other method at the setting matching this run's trainable count."""
-        if adapter == "diablo":
-            r = self.matched_rank
-            count = lora_parameters(shapes, r) if r is not None else None
-            return {"adapter": "lora", "rank": r, "trainable_parameters": count}
-        n = self.matched_num_blocks
-        count = diablo_parameters(shapes, n)
-        return {"adapter": "diablo", "num_blocks": n, "trainable_parameters": count}
 
     def to_dict(self) -> dict[str, int | None]:
         return {
@@ -100,13 +91,14 @@ class Budget:
 
 def resolve_budget(
     shapes: Sequence[Shape],
-    adapter: str,
+    setting: str | None,
     num_blocks: int | None,
     rank: int | None,
     match_params: bool,
     indivisible: str = "error",
 ) -> Budget:
-    """Settle N and r for a run.
+    """Settle N and r for a run; `setting` is the one the run's method trains with
+    ("num_blocks", "rank" or None: `AdapterMethod.setting`), and an N it trains with must be valid.
 
     - Without `match_params`, each defaults independently (N=64; r=64, the paper's settings) and
       the run's own method uses its own setting.
@@ -129,7 +121,7 @@ def resolve_budget(
         rank = 64 if rank is None else rank
     if num_blocks < 1 or rank < 1:
         raise UserError(f"--num-blocks and --rank must be ≥ 1 (got N={num_blocks}, r={rank})")
-    if adapter == "diablo":
+    if setting == "num_blocks":
         diablo_parameters(shapes, num_blocks, indivisible)  # raises early on an invalid N
     diablo = _safe_diablo(shapes, num_blocks, indivisible)
     return Budget(

@@ -3,8 +3,10 @@ matched-budget comparison adapts the same layers) and the trainable-parameter co
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from qdiablo.adapters.budget import Shape
@@ -36,3 +38,28 @@ def layer_shapes(layers: list[AdaptedLayer]) -> list[Shape]:
 
 def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def trainable_named(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            yield name, p
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether `t` is an FSDP2 shard (a DTensor)."""
+    return hasattr(t, "full_tensor") and hasattr(t, "placements")
+
+
+def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into a parameter that may be an FSDP shard (each rank slices its own
+    part of the full tensor: no communication)."""
+    with torch.no_grad():
+        if is_dtensor(param):
+            from torch.distributed.tensor import distribute_tensor
+
+            full = full.to(device=param.device, dtype=param.dtype)
+            shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(shard.to_local())
+        else:
+            param.copy_(full)

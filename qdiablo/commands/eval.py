@@ -124,40 +124,15 @@ def _add_device_arguments(g) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check the flags, hold the output folder, load the model (and adapter), evaluate."""
     # Deferred to keep `qdiablo --help` fast: these import torch and transformers.
-    import torch
-
-    from eval.math10k import resolve_tasks
-    from eval.runner import MARKDOWN_FILE, EvalSettings, evaluate, output_names
-    from qdiablo.adapters.loading import adapter_kind, load_adapter
+    from eval.runner import MARKDOWN_FILE, evaluate, output_names
+    from qdiablo.adapters.loading import adapter_kind
     from qdiablo.inputs import check_apart
-    from qdiablo.models import load_base, load_tokenizer
     from qdiablo.outputs import OutputFolder
 
-    if args.no_nll and args.nll_only:
-        raise UserError("--no-nll and --nll-only exclude each other")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads {args.threads}: must be ≥ 1 (omit it for torch's default)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    settings, tasks = _settings(args)
     device, dtype = _device_and_dtype(args)
-    dtype_name = str(dtype).removeprefix("torch.")
-    settings = EvalSettings(
-        preset=args.preset,
-        template=args.template,
-        max_new_tokens=args.max_new_tokens,
-        num_beams=args.num_beams,
-        batch_size=args.batch_size,
-        limit=args.limit,
-        generate=not args.nll_only,
-        nll=not args.no_nll,
-        reference=args.reference,
-    )
-    settings.resolved()  # check the flags before loading anything
-    tasks = resolve_tasks(
-        [*(args.tasks or ([] if args.task_file else ["math4"])), *(args.task_file or [])]
-    )
-
     check_apart(
         args.output,
         {
@@ -179,27 +154,10 @@ def run(args: argparse.Namespace) -> int:
     )
     with folder:
         start = time.time()
-        tokenizer = _tokenizer(args, load_tokenizer)
-        kind = QUANT_FLAG_KINDS[args.quant or "none"]  # `quant: null` in YAML means none
-        model = load_base(
-            args.model, kind, gguf_file=args.gguf_file, dtype=dtype_name, device=device
-        )
-        info = {
-            "base": args.model,
-            "gguf_file": args.gguf_file,
-            "quant": args.quant,
-            "dtype": dtype_name,
-            "adapter": args.adapter,
-            "adapter_kind": adapter,
-            # A retrained adapter in the same folder must not resume the old one's results.
-            "adapter_sha256": adapter_digest(args.adapter) if args.adapter else None,
-            "merged": bool(args.adapter and args.merge_adapter),
-        }
-        if args.adapter:
-            model = load_adapter(model, args.adapter, force=args.force, merge=args.merge_adapter)
+        tokenizer, model, info = _load_model(args, device, dtype, adapter)
         cache = _dequant_cache(args.dequant_cache, model, dtype, device)
         settings = dataclasses.replace(settings, dequant_cache=cache)
-        log.info("model ready on %s (%s) in %.0f s", device, dtype_name, time.time() - start)
+        log.info("model ready on %s (%s) in %.0f s", device, info["dtype"], time.time() - start)
 
         summary = evaluate(
             model,
@@ -214,6 +172,63 @@ def run(args: argparse.Namespace) -> int:
     print(Path(args.output, MARKDOWN_FILE).read_text(encoding="utf-8"))
     print(f"results in {args.output} ({time.time() - start:.0f} s)")
     return 0 if summary else 1
+
+
+def _settings(args: argparse.Namespace):
+    """The evaluation settings and tasks, checked before anything loads (sets --threads)."""
+    import torch
+
+    from eval.math10k import resolve_tasks
+    from eval.runner import EvalSettings
+
+    if args.no_nll and args.nll_only:
+        raise UserError("--no-nll and --nll-only exclude each other")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: must be ≥ 1 (omit it for torch's default)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = EvalSettings(
+        preset=args.preset,
+        template=args.template,
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        generate=not args.nll_only,
+        nll=not args.no_nll,
+        reference=args.reference,
+    )
+    settings.resolved()  # check the flags before loading anything
+    tasks = resolve_tasks(
+        [*(args.tasks or ([] if args.task_file else ["math4"])), *(args.task_file or [])]
+    )
+    return settings, tasks
+
+
+def _load_model(args: argparse.Namespace, device, dtype, adapter: str | None):
+    """The tokenizer, the base (with its adapter, merged if asked) and what summary.json
+    records about them."""
+    from qdiablo.adapters.loading import load_adapter
+    from qdiablo.models import load_base, load_tokenizer
+
+    dtype_name = str(dtype).removeprefix("torch.")
+    tokenizer = _tokenizer(args, load_tokenizer)
+    kind = QUANT_FLAG_KINDS[args.quant or "none"]  # `quant: null` in YAML means none
+    model = load_base(args.model, kind, gguf_file=args.gguf_file, dtype=dtype_name, device=device)
+    info = {
+        "base": args.model,
+        "gguf_file": args.gguf_file,
+        "quant": args.quant,
+        "dtype": dtype_name,
+        "adapter": args.adapter,
+        "adapter_kind": adapter,
+        # A retrained adapter in the same folder must not resume the old one's results.
+        "adapter_sha256": adapter_digest(args.adapter) if args.adapter else None,
+        "merged": bool(args.adapter and args.merge_adapter),
+    }
+    if args.adapter:
+        model = load_adapter(model, args.adapter, force=args.force, merge=args.merge_adapter)
+    return tokenizer, model, info
 
 
 def _device_and_dtype(args: argparse.Namespace):

@@ -22,6 +22,13 @@ HELP = "export a quantized base + adapter (optionally merged) with a model card 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The inputs, the folders to write (merged, serving), the re-quantization settings."""
+    _add_input_arguments(p)
+    _add_output_arguments(p)
+    _add_requantize_arguments(p)
+
+
+def _add_input_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", metavar="QUANTIZED_DIR", help="a folder written by `qdiablo quantize`")
     p.add_argument(
         "--adapter",
@@ -41,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="extend",
         help="`qdiablo eval` output folder(s): their scores go in the card",
     )
+
+
+def _add_output_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--merged",
         action="store_true",
@@ -100,6 +110,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--verify", metavar="EXPORT_DIR", help="check an export against its manifest.json and exit"
     )
+
+
+def _add_requantize_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "re-quantization (--requantize, --gguf, --serve; default: the base's quantize_config; "
         "--serve marlin then sets its own bits, group size and symmetric grid)"

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 
+from qdiablo.adapters.registry import get_adapter
 from qdiablo.flags import add_dataclass_arguments
 
 HELP = "predict each verb's host and device memory for a model (config.json only) and a setup"
@@ -112,7 +113,8 @@ def what_fits(plan, memory: int) -> list[dict]:
     s = plan.settings
     found = []
     seqs = [t for t in (s.seq_len, 1536, 1024, 768, 512, 256) if t <= s.seq_len]
-    blocks = [s.num_blocks] + [n for n in (128, 256) if n > s.num_blocks and s.adapter == "diablo"]
+    larger = get_adapter(s.adapter).setting == "num_blocks"  # a larger N: fewer parameters
+    blocks = [s.num_blocks] + [n for n in (128, 256) if n > s.num_blocks and larger]
     for n in blocks:
         other = (
             plan
@@ -129,7 +131,8 @@ def what_fits(plan, memory: int) -> list[dict]:
 def render(report: dict) -> str:
     s, shape = report["settings"], report["shape"]
     bits = "float base" if report["bits"] is None else f"W{report['bits']} g{report['group_size']}"
-    adapter = f"DiaBlo N={s['num_blocks']}" if s["adapter"] == "diablo" else f"LoRA r={s['rank']}"
+    method = get_adapter(s["adapter"])
+    adapter = f"{method.title} {method.describe(s['num_blocks'], s['rank'])}"
     lines = [
         f"{report['model']}: {shape['layers']} layers, hidden {shape['hidden']}, "
         f"intermediate {shape['intermediate']}, {shape['heads']}/{shape['kv_heads']} heads, "

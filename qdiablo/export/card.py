@@ -5,8 +5,8 @@ config, train_config.json / train_results.json, eval summary.json), so the card 
 against them; what was not recorded is said to be unknown rather than guessed.
 
 The card is a `huggingface_hub.ModelCard` whose YAML header the Hub reads: `base_model` (only
-when the base is known by a Hub id), tags, the quantization settings, and `library_name: peft`
-for a PEFT adapter only (PEFT cannot load a DiaBlo adapter).
+when the base is known by a Hub id), tags, the quantization settings, and `library_name` as the
+adapter's method declares it (`peft` for a PEFT adapter; none for DiaBlo, which PEFT cannot load).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from qdiablo.adapters.registry import get_adapter
 
 # Local names of models whose Hub id is known (the embedded SmolLM2 GGUF is this model's).
 KNOWN_HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -31,8 +33,9 @@ class CardFacts:
     architecture: str
     quantize_config: Mapping[str, Any]
     quant_report: Mapping[str, Any] | None
-    adapter_kind: str
+    adapter_kind: str  # what the folder's adapter_config.json names: "diablo", a PEFT type, ...
     adapter_config: Mapping[str, Any]
+    adapter_method: str = ""  # the registered method that reads it (default: adapter_kind)
     train_config: Mapping[str, Any] | None = None
     train_results: Mapping[str, Any] | None = None
     evals: Sequence[tuple[str, Mapping[str, Any]]] = ()
@@ -92,27 +95,9 @@ def _quantizer_lines(qc: Mapping[str, Any], report: Mapping[str, Any] | None) ->
     return lines
 
 
-def _adapter_lines(kind: str, cfg: Mapping[str, Any]) -> list[str]:
-    if kind == "diablo":
-        return [
-            f"- DiaBlo, N = {cfg.get('num_blocks')} diagonal blocks per layer "
-            f"(blocks in {cfg.get('block_dtype')}, dropout {cfg.get('dropout')})",
-            f"- target modules: {_v(cfg.get('target_modules'))}"
-            + (
-                f" (excluding {_v(cfg.get('exclude_modules'))})"
-                if cfg.get("exclude_modules")
-                else ""
-            ),
-            f"- trainable parameters: {_v(_fmt_int(cfg.get('trainable_parameters')))}",
-            f"- base fingerprint: `{(cfg.get('base_fingerprint') or {}).get('sha256', '?')[:16]}` "
-            f"({(cfg.get('base_fingerprint') or {}).get('description', '?')})",
-        ]
-    return [
-        f"- a PEFT {kind.upper()} adapter (qdiablo loads it with `peft.PeftModel`), "
-        f"r = {cfg.get('r')}, alpha = {cfg.get('lora_alpha')}",
-        f"- target modules: {_v(cfg.get('target_modules'))}",
-        "- it has no base fingerprint: nothing checks that it was trained on this base",
-    ]
+def _method(facts: CardFacts):
+    """The adapter method the card describes (its lines, title and library come from it)."""
+    return get_adapter(facts.adapter_method or facts.adapter_kind)
 
 
 def _fmt_int(x: Any) -> str | None:
@@ -254,8 +239,7 @@ def card_metadata(facts: CardFacts) -> ModelCardData:
     """The card's YAML header. None-valued fields are left out of it."""
     qc = facts.quantize_config
     ours = (qc.get("meta") or {}).get("qdiablo") or {}
-    adapter = "diablo" if facts.adapter_kind == "diablo" else facts.adapter_kind
-    tags = ["qdiablo", adapter, "gptq", f"{qc.get('bits')}-bit", "quantized"]
+    tags = ["qdiablo", facts.adapter_kind, "gptq", f"{qc.get('bits')}-bit", "quantized"]
     if ours.get("magr"):
         tags.append("magr")
     quantization = {
@@ -270,7 +254,7 @@ def card_metadata(facts: CardFacts) -> ModelCardData:
     }
     return ModelCardData(
         base_model=hub_id(facts.base_name),
-        library_name=None if facts.adapter_kind == "diablo" else "peft",
+        library_name=_method(facts).library_name,
         pipeline_tag="text-generation",
         tags=tags,
         quantization={k: v for k, v in quantization.items() if v is not None},
@@ -293,7 +277,7 @@ def _body(facts: CardFacts) -> str:
         parts.append("serving folders (below)")
     lines = [
         f"# {facts.base_name}: {facts.quantize_config.get('bits')}-bit base + "
-        f"{'DiaBlo' if facts.adapter_kind == 'diablo' else facts.adapter_kind.upper()} adapter",
+        f"{_method(facts).card_title(facts.adapter_kind)} adapter",
         "",
         f"Exported by qdiablo: {', '.join(parts)}. `manifest.json` holds every file's sha256.",
         "",
@@ -308,7 +292,7 @@ def _body(facts: CardFacts) -> str:
         "",
         "## Adapter",
         "",
-        *_adapter_lines(facts.adapter_kind, facts.adapter_config),
+        *_method(facts).card_lines(facts.adapter_kind, facts.adapter_config),
         "",
         "## Training",
         "",

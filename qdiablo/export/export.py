@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import json
 import logging
 import shutil
@@ -28,14 +29,15 @@ from typing import Any
 
 import torch
 
-from eval.runner import SUMMARY_FILE
-from qdiablo.adapters.loading import adapter_kind, load_adapter
+from qdiablo.adapters.loading import adapter_method, load_adapter
+from qdiablo.adapters.method import AdapterMethod
 from qdiablo.adapters.scales import has_trained_scales
 from qdiablo.calibration import build_calibration_data, check_reconstruction_windows
 from qdiablo.devices import default_compute_dtype, resolve_device
 from qdiablo.errors import UserError
 from qdiablo.export.card import CardFacts, model_card
-from qdiablo.export.merge import merge_into_dense, write_merged
+from qdiablo.export.facts import card_facts
+from qdiablo.export.merge import merge_into_dense, mergeable_names, write_merged
 from qdiablo.export.merge import requantize_merged as requantize_streamed
 from qdiablo.export.scales import drop_scales_from_adapter_copy, fold_into_base_copy
 from qdiablo.export.serving import (
@@ -46,15 +48,11 @@ from qdiablo.export.serving import (
     write_serving,
 )
 from qdiablo.faults import guard
-from qdiablo.hashing import adapter_digest
 from qdiablo.inputs import check_apart, require_finished
-from qdiablo.io import read_json
 from qdiablo.manifest import MANIFEST_NAME, build_manifest
 from qdiablo.models import is_quantized_folder, load_packed
 from qdiablo.outputs import OutputFolder
 from qdiablo.ownership import read_marker
-from qdiablo.train.config import CONFIG_FILE, RESULTS_FILE
-from qdiablo.versions import library_versions
 from quantizers import QuantConfig, save_quantized
 
 log = logging.getLogger(__name__)
@@ -98,20 +96,6 @@ BASE_FILES = (
 ADAPTER_COPY = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
-def _read_train_run(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    if not folder.is_dir():
-        raise UserError(f"--train-run folder not found: {folder}")
-    require_finished(folder, ("train",), what="--train-run")
-    config = read_json(folder / CONFIG_FILE, what="training config")
-    results = read_json(folder / RESULTS_FILE, what="training results (is the run finished?)")
-    return config, results
-
-
-def _read_eval(folder: Path) -> dict[str, Any]:
-    require_finished(folder, ("eval",), what="--eval")
-    return read_json(folder / SUMMARY_FILE, what="evaluation summary (run `qdiablo eval` first)")
-
-
 def base_files(base: Path) -> list[str]:
     """The files of a quantized base that an export copies: those its `qdiablo quantize` marker
     lists, else (another tool's folder) those of a GPTQ checkpoint; never anything else."""
@@ -131,13 +115,6 @@ def _copy_files(source: Path, names: Sequence[str], target: Path) -> None:
     target.mkdir()
     for name in names:
         shutil.copy2(source / name, target / name)
-
-
-def _describe(config_json: Mapping[str, Any]) -> str:
-    return (
-        f"{config_json.get('model_type')}, {config_json.get('num_hidden_layers')} layers, "
-        f"hidden {config_json.get('hidden_size')}, vocab {config_json.get('vocab_size')}"
-    )
 
 
 def _load_tokenizer(folder: Path):
@@ -201,31 +178,150 @@ def export_model(
     the largest file of merged/ in bytes (default 5 GB).
     """
     serve = serve or ServeOptions()
-    base, output = Path(base), Path(output)
-    device = resolve_device(device)
+    base, output, device = Path(base), Path(output), resolve_device(device)
     train_dir = Path(train_run) if train_run is not None else None
+    adapter = _adapter_folder(adapter, train_dir)
+    inputs = {"--base": base, "--adapter": adapter, "--train-run": train_dir, "--eval": evals}
+    check_apart(output, {**inputs, "--eval": list(evals), "--calib": calib})
+    merged = merged or requantize_merged or serve.any
+    method, kind = _check_request(
+        base, adapter, merged, merged_dtype, requantize_merged, calib, serve
+    )
+    folder = OutputFolder(output, "export", overwrite=overwrite, known=EXPORT_NAMES)
+    with folder:
+        _check_parts_hold_only_ours(folder, _parts(merged, requantize_merged, serve))
+        facts = card_facts(base, adapter, method, kind, train_dir, evals, base_name)
+        facts.merged_dtype = merged_dtype if merged else None
+        tokenizer = _load_tokenizer(base)
+        base_model = load_packed(base)
+        config, plan, calib_data = _requantize_inputs(
+            requantize_merged, serve, facts, quant_overrides, base_model, tokenizer, base,
+            (calib, calib_samples, calib_seq_len, calib_batch_size),
+        )  # fmt: skip
+        # the fingerprint check, before any write; trained scales are folded into base_model
+        model = load_adapter(base_model, adapter)
+        log.info("exporting %s + %s to %s", base, adapter, output)
+        tmp = folder.staging()  # the output is untouched until install (which marks it changed)
+        try:
+            with guard(output):
+                _copy_inputs(model, base, adapter, tmp, facts)
+            if merged:
+                log.info("merging the adapter into the dequantized base (%s)", merged_dtype)
+                dtype = getattr(torch, merged_dtype)
+                write_merged(model, tmp / "merged", dtype, tokenizer, device, max_shard_size)
+            requantized = None
+            if requantize_merged:
+                requantized = _write_requantized(
+                    model, tmp, calib_data, config, device, tokenizer, facts, calib, calib_seq_len
+                )
+            if serve.any:  # marlin/ and gguf/ are written from the whole merged model
+                merge = functools.partial(_merged_from_files, base, adapter)
+                _write_serving_folders(
+                    plan, tmp, merge, tokenizer, calib_data, output, requantized, facts
+                )
+            manifest = _finish_folder(tmp, facts)
+            folder.install(tmp)
+            folder.finish()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # safe: our staging folder (folder.staging)
+        log.info("exported %d files to %s", len(manifest["files"]), output)
+        return output
+
+
+def _parts(merged: bool, requantize_merged: bool, serve: ServeOptions) -> list[str]:
+    """The top-level folders this export writes."""
+    parts = ["base", "adapter"] + ["merged"] * merged + ["merged-gptq"] * requantize_merged
+    return parts + ["marlin"] * serve.marlin + ["gguf"] * (serve.gguf is not None)
+
+
+def _requantize_inputs(
+    requantize_merged: bool,
+    serve: ServeOptions,
+    facts: CardFacts,
+    quant_overrides,
+    base_model,
+    tokenizer,
+    base: Path,
+    calib_settings: tuple,
+):
+    """What the re-quantizations need: their QuantConfig, the serving plan and the calibration
+    windows (None and an empty plan when nothing is re-quantized)."""
+    config = calib_data = None
+    plan = ServePlan()
+    if requantize_merged or serve.any:
+        config = requantize_config(facts.quantize_config, quant_overrides)
+        plan = plan_serving(serve, config, base_model, tokenizer)
+    if requantize_merged or plan.needs_calibration:
+        check_reconstruction_windows(config, calib_settings[1])
+        what = "--requantize" if requantize_merged else "--serve marlin / an exact --gguf"
+        calib_data = _calibration(what, tokenizer, base, *calib_settings)
+    return config, plan, calib_data
+
+
+def _merged_from_files(base: Path, adapter: Path):
+    """The whole merged model, loaded afresh (the streamed merges consumed nothing of it)."""
+    return merge_into_dense(load_adapter(load_packed(base), adapter))
+
+
+def _write_serving_folders(
+    plan: ServePlan, tmp: Path, merge, tokenizer, calib_data, output: Path, requantized, facts
+) -> None:
+    """marlin/ and gguf/, from the whole merged model `merge()` returns; their card lines."""
+    facts.serving = write_serving(
+        plan, tmp, merge, tokenizer, calib_data, output.resolve().name, requantized=requantized
+    )
+    facts.serving_usage = serving_usage(
+        [p.name for p in tmp.iterdir()], plan.gguf.file_name if plan.gguf else None
+    )
+
+
+def _copy_inputs(model, base: Path, adapter: Path, tmp: Path, facts: CardFacts) -> None:
+    """base/ and adapter/: their own files only, with trained scales (--train-scales) moved
+    from the adapter into the base (qdiablo.export.scales)."""
+    _copy_files(base, base_files(base), tmp / "base")
+    adapter_files = [n for n in ADAPTER_COPY if (adapter / n).is_file()]
+    _copy_files(adapter, adapter_files, tmp / "adapter")
+    if has_trained_scales(adapter):
+        fold_into_base_copy(model, tmp / "base")
+        drop_scales_from_adapter_copy(model, tmp / "adapter")
+        facts.notes.append(
+            "base/ holds the scales trained with the adapter (--train-scales), folded "
+            "into its fp16 scales; adapter/ is the adapter trained on them"
+        )
+
+
+def _adapter_folder(adapter: str | Path | None, train_dir: Path | None) -> Path:
+    """The adapter folder given, or the training run's."""
     if adapter is None:
         if train_dir is None:
             raise UserError("no adapter given", hint="pass --adapter DIR or --train-run DIR")
         adapter = train_dir / "adapter"
-    adapter = Path(adapter)
-    check_apart(
-        output,
-        {"--base": base, "--adapter": adapter, "--train-run": train_dir, "--eval": list(evals),
-         "--calib": calib},
-    )  # fmt: skip
+    return Path(adapter)
+
+
+def _check_request(
+    base: Path,
+    adapter: Path,
+    merged: bool,
+    merged_dtype: str,
+    requantize_merged: bool,
+    calib,
+    serve: ServeOptions,
+) -> tuple[AdapterMethod, str]:
+    """Refuse what cannot be exported before anything is read or written; returns the adapter's
+    method and kind (as its adapter_config.json names it)."""
     require_finished(base, ("quantize",), what="--base")
     if not is_quantized_folder(base):
         raise UserError(
             f"--base {base} is not a folder written by `qdiablo quantize` (no quantize_config.json)"
         )
-    kind = adapter_kind(adapter)
-    merged = merged or requantize_merged or serve.any
+    method, kind = adapter_method(adapter)
     if merged_dtype not in MERGED_DTYPES:
         raise UserError(f"--merged-dtype {merged_dtype!r}: choose from {', '.join(MERGED_DTYPES)}")
-    if merged and kind != "diablo":
+    if merged and not method.mergeable:
         raise UserError(
-            f"--merged needs a DiaBlo adapter; {adapter} is a PEFT {kind} adapter"
+            f"--merged needs an adapter that merges into the weights ({mergeable_names()}); "
+            f"{adapter} is a {method.card_title(kind)} adapter"
             + (" (--gguf and --serve merge it too)" if serve.any else ""),
             hint="export it without --merged, --gguf or --serve (base/ + adapter/)",
         )
@@ -234,113 +330,33 @@ def export_model(
             "--requantize needs calibration data: re-quantizing the merged model runs MagR/GPTQ",
             hint="pass --calib FILE (a Math10K .json/.jsonl or a plain-text file)",
         )
-    folder = OutputFolder(output, "export", overwrite=overwrite, known=EXPORT_NAMES)
-    with folder:
-        parts = ["base", "adapter"] + ["merged"] * merged + ["merged-gptq"] * requantize_merged
-        parts += ["marlin"] * serve.marlin + ["gguf"] * (serve.gguf is not None)
-        _check_parts_hold_only_ours(folder, parts)
-        train_config, train_results = _read_train_run(train_dir) if train_dir else (None, None)
-        summaries = [(str(e), _read_eval(Path(e))) for e in evals]
-        base_entry = read_json(base / "quantize_config.json", what="quantize config")
-        base_cfg = read_json(base / "config.json", what="model config")
-        report_file = base / "quantization_report.json"
-        quant_report = read_json(report_file) if report_file.is_file() else None
-        adapter_cfg = read_json(adapter / "adapter_config.json", what="adapter config")
-        notes = _consistency_notes(adapter, train_dir, summaries)
-        tokenizer = _load_tokenizer(base)
+    return method, kind
 
-        base_model = load_packed(base)
-        config = calib_data = None
-        plan = ServePlan()
-        if requantize_merged or serve.any:
-            config = requantize_config(base_entry, quant_overrides)
-            plan = plan_serving(serve, config, base_model, tokenizer)
-        if requantize_merged or plan.needs_calibration:
-            check_reconstruction_windows(config, calib_samples)
-            what = "--requantize" if requantize_merged else "--serve marlin / an exact --gguf"
-            calib_data = _calibration(
-                what, tokenizer, base, calib, calib_samples, calib_seq_len, calib_batch_size
-            )
-        # the fingerprint check, before any write; trained scales are folded into base_model
-        model = load_adapter(base_model, adapter)
-        trained_scales = has_trained_scales(adapter)
-        log.info("exporting %s + %s to %s", base, adapter, output)
 
-        facts = CardFacts(
-            base_name=base_name
-            or base_entry.get("model_name_or_path")
-            or _unknown_name(train_config),
-            architecture=_describe(base_cfg),
-            quantize_config=base_entry,
-            quant_report=quant_report,
-            adapter_kind=kind,
-            adapter_config=adapter_cfg,
-            train_config=train_config,
-            train_results=train_results,
-            evals=summaries,
-            merged_dtype=merged_dtype if merged else None,
-            versions=library_versions(),
-            notes=notes,
-        )
-        tmp = folder.staging()  # the output is untouched until install (which marks it changed)
-        try:
-            with guard(output):
-                _copy_files(base, base_files(base), tmp / "base")
-                adapter_files = [n for n in ADAPTER_COPY if (adapter / n).is_file()]
-                _copy_files(adapter, adapter_files, tmp / "adapter")
-                if trained_scales:  # --train-scales: the base carries them (export/scales.py)
-                    fold_into_base_copy(model, tmp / "base")
-                    drop_scales_from_adapter_copy(model, tmp / "adapter")
-                    facts.notes.append(
-                        "base/ holds the scales trained with the adapter (--train-scales), folded "
-                        "into its fp16 scales; adapter/ is the adapter trained on them"
-                    )
-            requantized = None
-            if merged:
-                dtype = getattr(torch, merged_dtype)
-                log.info(
-                    "merging the adapter into the dequantized base (%s), one block at a time",
-                    merged_dtype,
-                )
-                write_merged(
-                    model, tmp / "merged", dtype, tokenizer, device, max_shard_size=max_shard_size
-                )
-                if requantize_merged:
-                    calib_dtype = default_compute_dtype(device) if device.type == "cuda" else None
-                    requantized, change = requantize_streamed(
-                        model, calib_data, config, device=device, calib_dtype=calib_dtype
-                    )
-                    save_quantized(requantized, tmp / "merged-gptq", tokenizer)
-                    facts.requantized = {
-                        "quantize_config": config.quantization_config(),
-                        "calibration": f"{sum(len(b) for b in calib_data)} windows of "
-                        f"{calib_seq_len} tokens from {_calib_name(calib)}",
-                        "change": change,
-                    }
-            if serve.any:  # marlin/ and gguf/ are written from the whole merged model
-                facts.serving = write_serving(
-                    plan,
-                    tmp,
-                    lambda: merge_into_dense(load_adapter(load_packed(base), adapter)),
-                    tokenizer,
-                    calib_data,
-                    output.resolve().name,
-                    requantized=requantized,
-                )
-                facts.serving_usage = serving_usage(
-                    [p.name for p in tmp.iterdir()], plan.gguf.file_name if plan.gguf else None
-                )
-            (tmp / "README.md").write_text(model_card(facts), encoding="utf-8")
-            manifest = build_manifest(tmp)
-            (tmp / MANIFEST_NAME).write_text(
-                json.dumps(manifest, indent=2) + "\n", encoding="utf-8"
-            )
-            folder.install(tmp)
-            folder.finish()
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # safe: our staging folder (folder.staging)
-        log.info("exported %d files to %s", len(manifest["files"]), output)
-        return output
+def _write_requantized(
+    model, tmp: Path, calib_data, config, device, tokenizer, facts, calib, calib_seq_len: int
+):
+    """merged-gptq/: the merged model re-quantized, its change of the logits in the card."""
+    calib_dtype = default_compute_dtype(device) if device.type == "cuda" else None
+    requantized, change = requantize_streamed(
+        model, calib_data, config, device=device, calib_dtype=calib_dtype
+    )
+    save_quantized(requantized, tmp / "merged-gptq", tokenizer)
+    facts.requantized = {
+        "quantize_config": config.quantization_config(),
+        "calibration": f"{sum(len(b) for b in calib_data)} windows of "
+        f"{calib_seq_len} tokens from {_calib_name(calib)}",
+        "change": change,
+    }
+    return requantized
+
+
+def _finish_folder(tmp: Path, facts: CardFacts) -> dict[str, Any]:
+    """The model card and the manifest, written last (the manifest covers every other file)."""
+    (tmp / "README.md").write_text(model_card(facts), encoding="utf-8")
+    manifest = build_manifest(tmp)
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
 
 
 def _calib_name(calib: Any) -> str:
@@ -372,33 +388,3 @@ def _check_parts_hold_only_ours(folder: OutputFolder, parts: Sequence[str]) -> N
             hint="move them out (an export's base/, adapter/, merged/ ... hold exactly the files "
             "its manifest lists), then run the same command again",
         )
-
-
-def _unknown_name(train_config: Mapping[str, Any] | None) -> str:
-    """`qdiablo quantize` does not record the source model; a training run may name it."""
-    model = str((train_config or {}).get("model") or "")
-    if model and not Path(model, "quantize_config.json").is_file():
-        return model
-    return "unknown (not recorded in base/: pass --base-model-name)"
-
-
-def _consistency_notes(
-    adapter: Path, train_dir: Path | None, evals: Sequence[tuple[str, Mapping[str, Any]]]
-) -> list[str]:
-    """Warn (and say in the card) when the records given describe another adapter."""
-    notes = []
-    digest = adapter_digest(adapter)
-    trained = train_dir / "adapter" if train_dir else None
-    if (
-        trained is not None
-        and trained.resolve() != adapter.resolve()
-        and (not trained.is_dir() or adapter_digest(trained) != digest)
-    ):
-        notes.append(f"the training records ({train_dir}) are for another adapter than this one")
-    for name, summary in evals:
-        recorded = (summary.get("model") or {}).get("adapter_sha256")
-        if recorded is not None and recorded != digest:
-            notes.append(f"the scores of {name} were measured with another adapter than this one")
-    for note in notes:
-        log.warning("%s", note)
-    return notes

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qdiablo.diablo import DiaBloModel
-from qdiablo.diablo.layer import DiaBloLinear
+from qdiablo.adapters.method import AdapterMethod
+from qdiablo.adapters.registry import method_of, methods
 from qdiablo.errors import UserError
 from qdiablo.health import require_finite
 from qdiablo.streamed import meta_model
@@ -42,22 +42,36 @@ log = logging.getLogger(__name__)
 SHARD_BYTES = DEFAULT_SHARD_BYTES  # merged/'s shards: 5 GB, as transformers wrote them until v5
 
 
-def _check_diablo(model: nn.Module) -> None:
-    if not isinstance(model, DiaBloModel):
+def mergeable_names() -> str:
+    """The registered methods that merge into a dense weight, for messages."""
+    return ", ".join(m.name for m in methods() if m.mergeable)
+
+
+def mergeable_method(model: nn.Module) -> AdapterMethod:
+    """The adapter method of `model`, which must be one that merges (`merged_layer`)."""
+    method = method_of(model)
+    if not method.mergeable:
         raise UserError(
-            f"--merged needs a DiaBlo adapter; this one is {type(model).__name__}",
-            hint="export a PEFT (LoRA) adapter without --merged, or merge it with PEFT",
+            f"--merged needs an adapter that merges into the weights ({mergeable_names()}); "
+            f"this one is {type(model).__name__}",
+            hint=f"export a {method.title} adapter without --merged",
         )
+    return method
 
 
 @torch.no_grad()
 def dense_state(
-    module: nn.Module, dtype: torch.dtype, skip: str | None = None, prefix: str = ""
+    module: nn.Module,
+    dtype: torch.dtype,
+    method: AdapterMethod,
+    skip: str | None = None,
+    prefix: str = "",
 ) -> dict[str, Tensor]:
-    """The plain state dict `module` has once merged: a DiaBlo layer as one weight W + Dᵀ
-    (computed in float32, cast once), a packed layer dequantized, every other tensor cast to
-    `dtype`. Submodules under `skip` (the decoder blocks) are left out; a tensor shared by two
-    names (a tied head) is listed once, under its first name, as `save_pretrained` stores it."""
+    """The plain state dict `module` has once merged: an adapted layer as one weight
+    (`method.merged_layer`: DiaBlo's W + Dᵀ computed in float32, cast once), a packed layer
+    dequantized, every other tensor cast to `dtype`. Submodules under `skip` (the decoder
+    blocks) are left out; a tensor shared by two names (a tied head) is listed once, under its
+    first name, as `save_pretrained` stores it."""
     out: dict[str, Tensor] = {}
     seen: set[int] = set()
     done: list[str] = []  # merged or dequantized modules: their insides are not walked
@@ -67,10 +81,10 @@ def dense_state(
         ):
             continue
         key = f"{prefix}{name}." if name else prefix
-        if isinstance(m, DiaBloLinear | QuantLinear):
-            if isinstance(m, DiaBloLinear):
-                lin = m.merged_linear(dtype)
-                weight, bias = lin.weight, lin.bias
+        merged = method.merged_layer(m, dtype)
+        if merged is not None or isinstance(m, QuantLinear):
+            if merged is not None:
+                weight, bias = merged.weight, merged.bias
             else:
                 weight = m.dequantize_weight(torch.float32).to(dtype)
                 bias = m.bias
@@ -89,14 +103,13 @@ def dense_state(
 
 
 def merge_into_dense(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Fold a DiaBlo adapter into its base and return the whole plain model in `dtype` (no
-    packed layers): what the serving folders (marlin/, gguf/) are written from. merged/ and
+    """Fold an adapter into its base and return the whole plain model in `dtype` (no packed
+    layers): what the serving folders (marlin/, gguf/) are written from. merged/ and
     merged-gptq/ never need it whole (`write_merged`, `requantize_merged`).
 
-    `model` is a DiaBloModel on a quantized base (as load_exported returns it); it is consumed.
-    W + Dᵀ is computed in float32 and cast once, layer by layer."""
-    _check_diablo(model)
-    dense = model.merge_and_unload(dtype=dtype)
+    `model` is an adapter model that merges (DiaBlo) on a quantized base (as load_exported
+    returns it); it is consumed. W + Dᵀ is computed in float32 and cast once, layer by layer."""
+    dense = mergeable_method(model).merge_and_unload(model, dtype)
     for name, module in list(dense.named_modules()):
         if isinstance(module, QuantLinear):
             lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
@@ -163,19 +176,21 @@ def write_merged(
     device: torch.device | str = "cpu",
     max_shard_size: int | None = None,
 ) -> None:
-    """Write the DiaBlo model merged (see the module docstring) as a plain HF folder in `dtype`:
+    """Write the adapter model merged (see the module docstring) as a plain HF folder in `dtype`:
     safetensors shards of at most `max_shard_size` bytes (default SHARD_BYTES) written as the
     blocks are merged, config.json recording `dtype`."""
-    _check_diablo(model)
-    base = model.get_base_model()
+    method = mergeable_method(model)
+    base = method.base_model(model)
     prefix, blocks = find_decoder_blocks(base)
     device = torch.device(device)
+    # Not safetensors.torch.save_model: merged/ is written a block at a time into shards, never
+    # as one model in memory; dense_state lists a tied tensor once, as save_model would.
     writer = ShardWriter(folder, max_shard_size or SHARD_BYTES, metadata={"format": "pt"})
-    for name, t in dense_state(base, dtype, skip=prefix).items():
+    for name, t in dense_state(base, dtype, method, skip=prefix).items():
         writer.add(name, t)
     for i, block in enumerate(blocks):
         block.to(device)
-        state = dense_state(block, dtype, prefix=f"{prefix}.{i}.")
+        state = dense_state(block, dtype, method, prefix=f"{prefix}.{i}.")
         where = f"the merged model ({str(dtype).removeprefix('torch.')})"
         require_finite(state.items(), where, OVERFLOW_HINT)
         for name, t in state.items():
@@ -200,11 +215,11 @@ def write_merged(
 def merged_skeleton(model: nn.Module):
     """The merged model in float32 on the meta device, with (i, device) → block i merged: its
     embeddings, norms and head real (shared with the packed base when that is float32)."""
-    _check_diablo(model)
-    base = model.get_base_model()
+    method = mergeable_method(model)
+    base = method.base_model(model)
     prefix, blocks = find_decoder_blocks(base)
     skeleton = meta_model(_merged_config(base, torch.float32), torch.float32)
-    state = dense_state(base, torch.float32, skip=prefix)
+    state = dense_state(base, torch.float32, method, skip=prefix)
     skeleton.load_state_dict(state, strict=False, assign=True)
     skeleton.tie_weights()
     skeleton.eval()
@@ -215,7 +230,8 @@ def merged_skeleton(model: nn.Module):
     def load_block(i: int, device: torch.device | str = "cpu") -> nn.Module:
         packed = blocks[i].to(device)
         block = copy.deepcopy(meta_blocks[i])
-        block.load_state_dict(dense_state(packed, torch.float32), strict=True, assign=True)
+        state = dense_state(packed, torch.float32, method)
+        block.load_state_dict(state, strict=True, assign=True)
         packed.to("cpu")
         return block.to(device)
 

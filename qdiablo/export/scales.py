@@ -11,16 +11,13 @@ ordinary adapter and computes what the trained model computed, bit for bit.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from torch import nn
 
+from qdiablo.adapters.registry import method_of
 from qdiablo.adapters.scales import SCALES_FILE, bare_model
-from qdiablo.diablo import DiaBloModel
-from qdiablo.diablo.fingerprint import base_fingerprint
-from qdiablo.diablo.model import ADAPTER_CONFIG_NAME
 from quantizers.trained_scales import packed_layers
 
 log = logging.getLogger(__name__)
@@ -57,13 +54,8 @@ def fold_into_base_copy(model: nn.Module, target: Path) -> int:
 
 
 def drop_scales_from_adapter_copy(model: nn.Module, target: Path) -> None:
-    """In `target`, a copy of the adapter's files, remove the trained scales (if copied); a
-    DiaBlo adapter's base fingerprint becomes that of the base with the scales folded in
+    """In `target`, a copy of the adapter's files, remove the trained scales (if copied); an
+    adapter's base fingerprint (DiaBlo's) becomes that of the base with the scales folded in
     (`model` holds it)."""
     (target / SCALES_FILE).unlink(missing_ok=True)
-    if isinstance(model, DiaBloModel):
-        config_file = target / ADAPTER_CONFIG_NAME
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        targets = [name for name, _ in model.diablo_layers()]
-        config["base_fingerprint"] = base_fingerprint(model.model, targets)
-        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    method_of(model).refresh_fingerprint(model, target)

@@ -34,8 +34,12 @@ of a CPU step tensor by tensor against this.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from qdiablo.memory.shapes import ModelShape
+
+if TYPE_CHECKING:
+    from qdiablo.adapters.method import AdapterMethod
 
 # Which tensor an adapted layer reads, by its name in a LLaMA-style block; others count apart.
 ATTN_IN = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "Wqkv")
@@ -104,28 +108,29 @@ def train_activations(
     shape: ModelShape,
     per_block: list[Adapted],
     dtypes: Dtypes,
-    adapter: str = "diablo",
+    adapter: str | AdapterMethod = "diablo",
     dropout: float = 0.05,
     rank: int = 0,
     largest_packed_weights: int = 0,
     float_linear_weights: int = 0,
 ) -> TrainActivations:
-    """The per-token terms of the module docstring for this model and adapter; `per_block`: the
-    adapted layers of one decoder block; `float_linear_weights`: the weights of the decoder's
-    unpacked linear layers (a float base), whose autocast copies are saved."""
+    """The per-token terms of the module docstring for this model and adapter (a registered
+    name or method: its `activation_bytes_per_layer`); `per_block`: the adapted layers of one
+    decoder block; `float_linear_weights`: the weights of the decoder's unpacked linear layers
+    (a float base), whose autocast copies are saved."""
+    from qdiablo.adapters.registry import get_adapter
+
+    method = get_adapter(adapter) if isinstance(adapter, str) else adapter
     h, i, kv, v = shape.hidden, shape.intermediate, shape.kv_dim, shape.vocab
     q = shape.heads * shape.head_dim
     p, c = dtypes.param, dtypes.compute
     per_layer = 2 * (4 * h + 4) + c * (2 * q + 2 * kv) + 4 * shape.heads + 3 * c * i
-    if adapter == "diablo":
-        widths = {"attn_in": h * p, "attn_out": q * c, "mlp_in": h * p, "mlp_mid": i * c}
-        inputs = {input_of(a.name) for a in per_block}
-        per_layer += sum(widths[k] if k in widths else c * _width(k, per_block) for k in inputs)
-        if dropout > 0:
-            per_layer += sum(a.in_features for a in per_block)
-    else:  # PEFT LoRA
-        per_layer += sum(a.in_features * (c + (1 if dropout > 0 else 0)) for a in per_block)
-        per_layer += len(per_block) * rank * c
+    widths = {"attn_in": h * p, "attn_out": q * c, "mlp_in": h * p, "mlp_mid": i * c}
+    inputs = {}  # each distinct input of the adapted layers once, with its bytes per token
+    for a in per_block:
+        key = input_of(a.name)
+        inputs[key] = widths[key] if key in widths else c * a.in_features
+    per_layer += method.activation_bytes_per_layer(per_block, inputs, dropout, rank, c)
     shared = 2 * shape.head_dim * p + 4 * v
     fixed = 0 if c == p else v * h * c + float_linear_weights * c
     return TrainActivations(
@@ -138,10 +143,6 @@ def train_activations(
         dequant=8 * largest_packed_weights,
         fixed=fixed,
     )
-
-
-def _width(name: str, layers: list[Adapted]) -> int:
-    return next(a.in_features for a in layers if a.name == name)
 
 
 @dataclass(frozen=True)

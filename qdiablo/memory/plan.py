@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qdiablo.adapters.registry import get_adapter
 from qdiablo.memory.activations import (
     Adapted,
     Dtypes,
@@ -24,7 +25,7 @@ from qdiablo.memory.activations import (
 )
 from qdiablo.memory.settings import DTYPE_BYTES, PRECISION_BYTES, PlanSettings
 from qdiablo.memory.shapes import ModelSource, build_on_meta
-from qdiablo.memory.state import StateBytes, lora_state_bytes, state_bytes
+from qdiablo.memory.state import StateBytes, state_bytes
 
 GiB = 1024**3
 HOST_RUNTIME = int(0.5 * GiB)
@@ -73,13 +74,15 @@ class MemoryPlan:
             source.config, self.bits, self.group, float_dtype, s.adapter, s.num_blocks
         )
         self.state = state_bytes(self.model, s.processes)
-        self.block_layers = _block_linears(self.model, s.adapter == "lora")
+        self.block_layers = _block_linears(self.model)
         self.per_block = [Adapted(n, i, o) for n, i, o, adapted in self.block_layers if adapted]
-        if s.adapter == "lora":
-            shapes = [(i, o) for _, i, o, _ in self.block_layers if _]
-            lora = lora_state_bytes(shapes * self.shape.layers, s.rank, s.processes)
+        shapes = [(i, o) for _, i, o, adapted in self.block_layers if adapted]
+        adapter_state = get_adapter(s.adapter).plan_state_bytes(
+            shapes * self.shape.layers, s.num_blocks, s.rank, s.processes
+        )
+        if adapter_state is not None:  # counted from the shapes, not the model
             self.state = StateBytes(
-                self.state.packed, self.state.other, int(lora / 4), self.state.buffers
+                self.state.packed, self.state.other, int(adapter_state / 4), self.state.buffers
             )
         p = DTYPE_BYTES[s.dtype]
         self.dtypes = Dtypes(param=p, compute=PRECISION_BYTES[s.precision] or p)
@@ -227,34 +230,28 @@ class MemoryPlan:
         return [self.quantize(), self.train(), self.eval(), self.export()]
 
 
-def _block_linears(model, lora: bool) -> list[tuple[str, int, int, bool]]:
-    """(name, in, out, adapted) of each linear layer of the first decoder block; adapted: a
-    DiaBlo layer, or for LoRA one of the architecture's default targets."""
-    from qdiablo.diablo import DiaBloLinear
+def _block_linears(model) -> list[tuple[str, int, int, bool]]:
+    """(name, in, out, adapted) of each linear layer of the first decoder block; adapted: one of
+    the architecture's default targets (the layers every method adapts by default), or a layer
+    an attached adapter wraps (it holds its `base_layer`, not listed again)."""
     from qdiablo.diablo.targets import default_target_modules
     from quantizers import QuantLinear
     from quantizers.calibration import find_decoder_blocks
 
-    inner = getattr(model, "model", model)  # a DiaBloModel wraps the transformers model
-    targets = set(default_target_modules(inner)) if lora else set()
+    inner = getattr(model, "model", model)  # an adapter model wraps the transformers model
+    targets = set(default_target_modules(inner))
     _, blocks = find_decoder_blocks(inner)
-    rows = []
+    rows, wrappers = [], []
     for name, module in blocks[0].named_modules():
+        if any(name.startswith(w + ".") for w in wrappers):
+            continue  # the insides of a wrapped layer
         short = name.rsplit(".", 1)[-1]
-        if isinstance(module, DiaBloLinear):
+        if isinstance(getattr(module, "base_layer", None), torch.nn.Module):
+            wrappers.append(name)
             rows.append((short, module.in_features, module.out_features, True))
-        elif isinstance(module, QuantLinear | torch.nn.Linear) and not _inside_diablo(
-            blocks[0], name
-        ):
+        elif isinstance(module, QuantLinear | torch.nn.Linear):
             rows.append((short, module.in_features, module.out_features, short in targets))
     return rows
-
-
-def _inside_diablo(block, name: str) -> bool:
-    from qdiablo.diablo import DiaBloLinear
-
-    parent = name.rsplit(".", 1)[0] if "." in name else ""
-    return bool(parent) and isinstance(block.get_submodule(parent), DiaBloLinear)
 
 
 def _g(n: int | float) -> str:

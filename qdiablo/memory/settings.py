@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from qdiablo.adapters.registry import ADAPTER_CHOICES
 from qdiablo.errors import UserError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -31,9 +32,7 @@ class PlanSettings:
         default="packed",
         metadata=_meta("packed (gptq/rtn) or fp (float weights)", choices=("packed", "fp")),
     )
-    adapter: str = field(
-        default="diablo", metadata=_meta("the adapter", choices=("diablo", "lora"))
-    )
+    adapter: str = field(default="diablo", metadata=_meta("the adapter", choices=ADAPTER_CHOICES))
     num_blocks: int = field(default=64, metadata=_meta("DiaBlo blocks per layer, N"))
     rank: int = field(default=64, metadata=_meta("LoRA rank r (--adapter lora)"))
     dropout: float = field(default=0.05, metadata=_meta("adapter dropout (its masks cost memory)"))

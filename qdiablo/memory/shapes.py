@@ -10,7 +10,6 @@ header), or one of the shapes in `PRESETS` (the issue tables' LLaMA models, no f
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,11 +141,11 @@ def build_on_meta(
 ) -> nn.Module:
     """The training model on the meta device: every linear layer of the decoder blocks packed
     as a `QuantLinear` (none when `bits` is None: a float base), float parameters in
-    `float_dtype`, and DiaBlo blocks on the targets when `adapter == "diablo"` (LoRA is counted
-    from the layer shapes, not attached)."""
+    `float_dtype`, and the adapter `adapter` names attached to the targets where its method
+    counts from the model (`AdapterMethod.plan_attach`: DiaBlo; LoRA is counted from the layer
+    shapes, not attached)."""
     from transformers import AutoModelForCausalLM  # deferred: seconds to import
 
-    from qdiablo.diablo import DiaBloConfig, get_diablo_model
     from quantizers import QuantLinear
     from quantizers.calibration import find_decoder_blocks
 
@@ -169,13 +168,8 @@ def build_on_meta(
                 blocks.set_submodule(name, packed)
     for p in model.parameters():
         p.requires_grad_(False)
-    if adapter == "diablo":
-        quiet = logging.getLogger("qdiablo.diablo.model")
-        level, quiet.level = quiet.level, logging.WARNING  # no "wrapped N layers" per plan
-        try:
-            return get_diablo_model(
-                model, DiaBloConfig(num_blocks=num_blocks, target_modules=targets, dropout=0.0)
-            )
-        finally:
-            quiet.setLevel(level)
+    if adapter is not None:  # a registered method: attached if it counts from the model
+        from qdiablo.adapters.registry import get_adapter
+
+        return get_adapter(adapter).plan_attach(model, num_blocks, targets)
     return model

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qdiablo.adapters.registry import get_adapter
 from qdiablo.errors import UserError
 from qdiablo.flags import load_yaml
 from qdiablo.pipeline.report import collect, write_reports
@@ -38,6 +39,7 @@ from qdiablo.pipeline.run import (
     train_stage,
 )
 from qdiablo.pipeline.stages import Runner, Stage, summary_table
+from qdiablo.train.config import TrainConfig
 
 log = logging.getLogger("qdiablo.pipeline")
 
@@ -290,13 +292,8 @@ def _cell(
     t = {**common_t, **method.train}
     if seed is not None:
         t["seed"] = seed
-    adapter = t.get("adapter", "diablo")
-    if adapter == "lora" and budget == "matched":
-        t.update(num_blocks=n_blocks, match_params=True)
-    elif adapter == "lora":
-        t.update(rank=rank)
-    else:
-        t.update(num_blocks=n_blocks)
+    adapter = get_adapter(t.get("adapter", TrainConfig.adapter))
+    t.update(adapter.compare_settings(budget, n_blocks, rank))
     label = f"{_slug(method.name)}-w{bits}" + ("" if seed is None else f"-s{seed}")
     train = train_stage("train", base, model, t, root / "tmp", where)
     train = _content_address(train, root / "train", f"train-{label}", shared)

@@ -3,9 +3,10 @@
     from qdiablo.train import TrainConfig, train
     result = train(TrainConfig(base="nf4", adapter="diablo", num_blocks=64, output="runs/x"))
 
-Modules: `config` (TrainConfig), `bases` (fp/gptq/rtn/nf4/nf2), `nf` (NormalFloat), `budget`
-(matched parameter counts), `adapters` (DiaBlo / PEFT LoRA), `dataset`, `trainer` (Trainer setup,
-adapter-only checkpoints), `checkpoint`, `metrics` (throughput, memory), `run` (the run itself).
+Modules: `config` (TrainConfig), `bases` (fp/gptq/rtn/nf4/nf2), `setup` (the adapter attached
+through `qdiablo.adapters.registry` on its budget, trained scales, the teacher), `dataset`,
+`trainer` (Trainer setup, adapter-only checkpoints), `checkpoint`, `metrics` (throughput,
+memory), `distill`, `fsdp` and `fsdp_loading`, `run` (the run itself).
 `train` and `TrainResult` are imported lazily, so that `qdiablo --help` stays light.
 """
 

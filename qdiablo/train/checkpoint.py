@@ -23,21 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qdiablo.adapters.registry import method_of
 from qdiablo.adapters.scales import load_trained_scales, save_trained_scales
-from qdiablo.diablo import DiaBloConfig, DiaBloModel
-from qdiablo.diablo.fingerprint import mismatch_message
-from qdiablo.diablo.model import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
-    METADATA_KEYS,
-    read_adapter_config,
-)
-from qdiablo.errors import UserError
-from qdiablo.health import NONFINITE_HINT, require_finite
-from qdiablo.io import check_adapter_tensors, read_adapter_weights
-from qdiablo.optional import import_peft, loaded
 from qdiablo.ownership import remove_owned
-from qdiablo.train.fsdp import copy_full_, is_dtensor, trainable_named
 from quantizers.fileio import apply_umask
 
 TRAINER_STATE = "trainer_state.json"
@@ -49,11 +37,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return model
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    peft = loaded("peft")  # a PEFT model exists only once peft is imported
-    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def save_adapter(
@@ -71,15 +54,7 @@ def save_adapter(
     tmp = Path(tempfile.mkdtemp(prefix=".adapter.", suffix=".tmp", dir=folder))
     try:
         staged = tmp / "adapter"
-        if isinstance(model, DiaBloModel):
-            tensors = None
-            if gathered is not None:
-                tensors = {k.removeprefix("model."): v for k, v in gathered.items()}
-            model.save_pretrained(staged, tensors=tensors)
-        elif is_peft_model(model):
-            model.save_pretrained(str(staged), save_embedding_layers=False, state_dict=gathered)
-        else:
-            raise TypeError(f"cannot save an adapter from a {type(model).__name__}")
+        method_of(model).save(model, staged, gathered)
         save_trained_scales(model, staged)  # --train-scales: the base's trained multipliers
         apply_umask(staged)  # safetensors writes 0600
         for item in staged.iterdir():
@@ -91,59 +66,8 @@ def save_adapter(
 def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
     """Copy a saved adapter's weights into the live adapter model, strictly."""
     model = unwrap(model)
-    folder = Path(folder)
-    if isinstance(model, DiaBloModel):
-        _load_diablo(model, folder)
-    elif is_peft_model(model):
-        _load_lora(model, folder)
-    else:
-        raise TypeError(f"cannot load adapter weights into a {type(model).__name__}")
+    method_of(model).load_weights(model, Path(folder))
     load_trained_scales(model, folder, fold=False)
-
-
-def _load_diablo(model: DiaBloModel, folder: Path) -> None:
-    saved = read_adapter_config(folder)
-    config = DiaBloConfig.from_dict(
-        {k: v for k, v in saved.items() if k not in METADATA_KEYS},
-        source=str(folder / ADAPTER_CONFIG_NAME),
-    )
-    if config.to_dict() != model.diablo_config.to_dict():
-        diff = [
-            f"{k}: saved {v!r}, now {model.diablo_config.to_dict()[k]!r}"
-            for k, v in config.to_dict().items()
-            if model.diablo_config.to_dict()[k] != v
-        ]
-        raise UserError(
-            f"{folder / ADAPTER_CONFIG_NAME}: other DiaBlo settings ({'; '.join(diff)})"
-        )
-    expected = saved.get("base_fingerprint") or {}
-    if expected.get("sha256") != model.base_fingerprint["sha256"]:
-        raise UserError(mismatch_message(folder, expected, model.base_fingerprint))
-    tensors = read_adapter_weights(folder / ADAPTER_WEIGHTS_NAME)
-    require_finite(tensors.items(), str(folder / ADAPTER_WEIGHTS_NAME), hint=NONFINITE_HINT)
-    check_adapter_tensors(folder / ADAPTER_WEIGHTS_NAME, model.adapter_shapes(), tensors)
-    with torch.no_grad():
-        for name, layer in model.diablo_layers():
-            copy_full_(layer.blocks, tensors[f"{name}.blocks"])
-
-
-def _load_lora(model, folder: Path) -> None:
-    utils = import_peft("peft.utils")
-    get_peft_model_state_dict = utils.get_peft_model_state_dict
-    set_peft_model_state_dict = utils.set_peft_model_state_dict
-
-    path = folder / "adapter_model.safetensors"
-    tensors = read_adapter_weights(path)
-    require_finite(tensors.items(), str(path), hint=NONFINITE_HINT)
-    expected = get_peft_model_state_dict(model)
-    check_adapter_tensors(path, {k: tuple(v.shape) for k, v in expected.items()}, tensors)
-    trainable = dict(trainable_named(model))
-    if any(is_dtensor(p) for p in trainable.values()):  # sharded by FSDP: copy each shard
-        adapter = getattr(model, "active_adapter", "default")
-        for name, param in trainable.items():
-            copy_full_(param, tensors[name.replace(f".{adapter}.", ".")])
-        return
-    set_peft_model_state_dict(model, tensors)
 
 
 def checkpoint_problem(folder: str | Path) -> str | None:

@@ -12,12 +12,13 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from qdiablo.adapters.registry import ADAPTER_CHOICES, get_adapter
 from qdiablo.data import DEFAULT_TEMPLATE, EVAL_SETS, MAX_LENGTH, TEMPLATES
 from qdiablo.errors import UserError
 from qdiablo.kinds import TRAIN_BASE_KINDS
 
 BASE_KINDS = TRAIN_BASE_KINDS  # `--base`: the loader's kinds but "auto" (qdiablo.kinds)
-ADAPTERS = ("diablo", "lora")
+ADAPTERS = ADAPTER_CHOICES  # `--adapter`: the registered methods (qdiablo.adapters.registry)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULERS = ("linear", "cosine", "constant_with_warmup", "constant")
@@ -30,7 +31,6 @@ RESULTS_FILE = "train_results.json"
 LOG_FILE = "log.jsonl"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
-DEFAULT_LR = {"diablo": 5e-4, "lora": 3e-4}  # DiaBlo's GSM8K setting; ApiQ's LoRA setting
 
 
 def _meta(help: str, group: str, **extra: Any) -> dict[str, Any]:
@@ -326,7 +326,7 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.adapter]
+        return self.lr if self.lr is not None else get_adapter(self.adapter).default_lr
 
     @property
     def target_spec(self) -> list[str] | str | None:

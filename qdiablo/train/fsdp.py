@@ -14,12 +14,12 @@ no mixed-precision policy casts). Checkpoints stay world-size free:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from qdiablo.adapters.common import is_dtensor, trainable_named
 from qdiablo.errors import UserError
 from qdiablo.kinds import PACKED_KINDS
 from quantizers.quant_linear import QuantLinear
@@ -89,16 +89,6 @@ def fsdp_own_activation_checkpointing() -> bool:
     return _env_true("FSDP_ACTIVATION_CHECKPOINTING")
 
 
-def is_dtensor(t: torch.Tensor) -> bool:
-    return hasattr(t, "full_tensor") and hasattr(t, "placements")
-
-
-def trainable_named(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            yield name, p
-
-
 def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every trainable parameter in full on CPU, by name. A collective under FSDP: every rank
     must call it."""
@@ -107,20 +97,6 @@ def gather_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
         t = p.detach()
         out[name] = (t.full_tensor() if is_dtensor(t) else t).cpu()
     return out
-
-
-def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy a full tensor into a parameter that may be an FSDP shard (each rank slices its own
-    part of the full tensor: no communication)."""
-    with torch.no_grad():
-        if is_dtensor(param):
-            from torch.distributed.tensor import distribute_tensor
-
-            full = full.to(device=param.device, dtype=param.dtype)
-            shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-            param.to_local().copy_(shard.to_local())
-        else:
-            param.copy_(full)
 
 
 def resident_bytes(tensors) -> int:

@@ -7,15 +7,15 @@
 3. `shard_and_load`: accelerate's own `fsdp2_prepare_model` shards the meta model (one unit per
    decoder block), `to_empty` gives each process room for its shards only, and each parameter's
    rows are read from the safetensors files with `get_slice` (packed bytes viewed as the storage
-   dtype; float weights cast to the run's dtype). Adapter parameters start as they would on one
-   process: DiaBlo blocks and LoRA B at zero, LoRA A from a generator seeded per layer (so the
-   same at any world size, but not the same draw as a non-FSDP run).
+   dtype; float weights cast to the run's dtype). Adapter parameters start from their method's
+   `initial_value` (qdiablo.adapters.method): DiaBlo blocks and LoRA B at zero, LoRA A from a
+   generator seeded per layer (so the same at any world size, but not the same draw as a
+   non-FSDP run).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 from pathlib import Path
@@ -23,20 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qdiablo.adapters.registry import method_of
 from qdiablo.errors import UserError
 from quantizers.packing import zeros_v1_to_v2
 from quantizers.quant_linear import PACKED_NAMES, QuantLinear
 
 log = logging.getLogger(__name__)
-
-
-def _file_key(param_name: str) -> str:
-    """The checkpoint key of a parameter of the adapted model (DiaBlo / PEFT wrappers off)."""
-    for prefix in ("base_model.model.", "model."):
-        if param_name.startswith(prefix):
-            param_name = param_name[len(prefix) :]
-            break
-    return param_name.replace(".base_layer.", ".")
 
 
 class _Reader:
@@ -130,22 +122,12 @@ def _local_rows(param: torch.Tensor) -> tuple[int, int]:
     return start, min(start + chunk, rows)
 
 
-def _initial_adapter(name: str, param: torch.Tensor, seed: int) -> torch.Tensor:
-    """The full initial value of a trainable adapter parameter (see the module docstring)."""
-    if ".lora_A." in name:
-        digest = hashlib.sha256(name.encode()).hexdigest()
-        g = torch.Generator().manual_seed(seed + int(digest[:8], 16))
-        full = torch.empty(param.shape, dtype=torch.float32)
-        bound = 1 / math.sqrt(param.shape[1])  # kaiming_uniform_(a=√5), as PEFT and nn.Linear
-        return full.uniform_(-bound, bound, generator=g)
-    return torch.zeros(param.shape, dtype=torch.float32)  # DiaBlo blocks, LoRA B
-
-
 def shard_and_load(accelerator, model: nn.Module, base: nn.Module, seed: int) -> nn.Module:
     """Shard the meta `model` with accelerate's FSDP2 and fill each process's shards from the
     files of `base` (the meta model `packed_base_on_meta` built, now inside `model`)."""
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model  # deferred: slow, FSDP only
 
+    method = method_of(model)
     files = base._qdiablo_files
     v1 = base.quant_config.checkpoint_format == "gptq"
     kept = {n: b.clone() for n, b in model.named_buffers() if not b.is_meta}  # rotary tables
@@ -164,10 +146,10 @@ def shard_and_load(accelerator, model: nn.Module, base: nn.Module, seed: int) ->
                 local = param.to_local() if hasattr(param, "to_local") else param
                 start, stop = _local_rows(param) if hasattr(param, "placements") else (0, None)
                 if param.requires_grad:
-                    full = _initial_adapter(name, param, seed)
+                    full = method.initial_value(name, param, seed)
                     local.copy_(full[start:stop].to(local.dtype))
                     continue
-                key = _file_key(name)
+                key = method.base_key(name)
                 stop = param.shape[0] if stop is None else stop
                 if name in owners:
                     local.copy_(_packed_rows(reader, key, start, stop, owners[name], local.dtype))
@@ -177,7 +159,7 @@ def shard_and_load(accelerator, model: nn.Module, base: nn.Module, seed: int) ->
                 if name in kept:
                     buf.copy_(kept[name])
                 else:  # persistent buffers (a QuantLinear's bias): whole, from the file
-                    buf.copy_(reader.whole(_file_key(name)).to(buf.dtype))
+                    buf.copy_(reader.whole(method.base_key(name)).to(buf.dtype))
     finally:
         reader.close()
     log.info("loaded the packed base shard by shard (%d processes)", accelerator.num_processes)

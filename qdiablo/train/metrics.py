@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from qdiablo.adapters.registry import methods
 from qdiablo.optional import loaded
 
 # --------------------------------------------------------------------------------------------
@@ -116,8 +117,12 @@ def base_linear_bytes(model: nn.Module) -> dict[str, int]:
             break
     total, count, logical = 0, 0, 0
     bnb_types = _bnb_linear_types()
+
+    def adapter(name: str) -> bool:  # an adapter's own layers (LoRA's A and B) are not the base
+        return any(method.is_adapter_tensor(name) for method in methods())
+
     for name, module in model.named_modules():
-        if module is head or ".lora_" in name or not _is_base_linear(module, bnb_types):
+        if module is head or adapter(name) or not _is_base_linear(module, bnb_types):
             continue
         total += layer_resident_bytes(module)
         logical += module.in_features * module.out_features

@@ -13,31 +13,20 @@ Output folder layout:
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import set_seed
 
-from qdiablo.adapters.budget import Budget, resolve_budget
-from qdiablo.adapters.common import adapted_layers, layer_shapes, trainable_parameters
-from qdiablo.adapters.diablo import attach_diablo
-from qdiablo.adapters.lora import attach_lora
-from qdiablo.adapters.scales import enable_scale_training
-from qdiablo.diablo import DiaBloModel
-from qdiablo.diablo.fingerprint import base_fingerprint
-from qdiablo.diablo.layer import check_num_blocks
-from qdiablo.diablo.targets import resolve_target_modules
 from qdiablo.errors import UserError
 from qdiablo.faults import guard
 from qdiablo.inputs import check_apart
 from qdiablo.io import read_json, write_json
 from qdiablo.kinds import PACKED_KINDS
 from qdiablo.outputs import OutputFolder
-from qdiablo.train.bases import LoadedBase, load_training_base
+from qdiablo.train.bases import LoadedBase
 from qdiablo.train.checkpoint import checkpoint_problem, latest_checkpoint, save_adapter, unwrap
 from qdiablo.train.config import (
     ADAPTER_DIR,
@@ -51,10 +40,10 @@ from qdiablo.train.config import (
 )
 from qdiablo.train.dataset import PadCollator, select_records, tokenize_records
 from qdiablo.train.fsdp import check_fsdp_launch, gather_trainable, packed_base_bytes
-from qdiablo.train.fsdp_loading import file_state_of, shard_and_load
 from qdiablo.train.health import LossRiseCallback
 from qdiablo.train.metrics import JsonlLogCallback, ThroughputCallback, base_linear_bytes
 from qdiablo.train.runtime import Runtime, resolve_runtime
+from qdiablo.train.setup import RunSetup, is_main_process, say, set_up
 from qdiablo.train.trainer import AdapterTrainer, training_arguments, world_size
 from qdiablo.versions import library_versions
 
@@ -71,15 +60,6 @@ class TrainResult:
     adapter_dir: Path
     results: dict[str, Any]
     model: Any  # the trained adapter model (DiaBloModel or PeftModel), still in memory
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _say(message: str) -> None:
-    if is_main_process():
-        print(message, flush=True)
 
 
 def resolve_resume(
@@ -104,7 +84,7 @@ def resolve_resume(
         if found is None:
             if started and is_main_process():
                 # Killed before its first complete checkpoint: nothing to resume, nothing to keep.
-                _say(
+                say(
                     f"{output}: the earlier run stopped before its first complete checkpoint "
                     "and no process owns it: starting afresh"
                 )
@@ -153,85 +133,6 @@ def _clear_run(folder: OutputFolder | None) -> None:
     """Remove the files of a run that never reached a checkpoint (train's own files only)."""
     if folder is not None:
         folder.remove_own([CONFIG_FILE, RESULTS_FILE, LOG_FILE, CHECKPOINT_DIR])
-
-
-def attach_adapter(loaded: LoadedBase, config: TrainConfig) -> tuple[Any, Budget, dict]:
-    """Settle the budget on the base's target layers and attach the adapter.
-
-    Returns the adapter model, the budget, and the other method at the matched setting."""
-    # DiaBlo and LoRA adapt the same layers: the architecture's default when none are given.
-    targets = resolve_target_modules(loaded.model, config.target_spec)
-    layers = adapted_layers(loaded.model, targets)
-    shapes = layer_shapes(layers)
-    if config.adapter == "diablo" and config.num_blocks is not None and layers:
-        shapes_by_name = {layer.name: (layer.in_features, layer.out_features) for layer in layers}
-        check_num_blocks(shapes_by_name, config.num_blocks, f"--num-blocks {config.num_blocks}")
-    budget = resolve_budget(
-        shapes, config.adapter, config.num_blocks, config.rank, config.match_params
-    )
-    if config.adapter == "diablo":
-        model = attach_diablo(loaded.model, budget.num_blocks, targets, config.dropout)
-        expected = budget.diablo_parameters
-    else:
-        alpha = config.lora_alpha if config.lora_alpha is not None else 2.0 * budget.rank
-        model = attach_lora(loaded.model, budget.rank, alpha, targets, config.dropout)
-        expected = budget.lora_parameters
-    actual = trainable_parameters(model)
-    if actual != expected:
-        raise RuntimeError(f"trainable parameters {actual:,} differ from the budget {expected:,}")
-    return model, budget, budget.other_method(config.adapter, shapes)
-
-
-def load_teacher(config: TrainConfig, loaded: LoadedBase):
-    """The full-precision teacher for --distill: frozen, in eval mode, on the student's device,
-    with the student's vocabulary."""
-    from qdiablo.models import load_base
-
-    student = next(p for p in loaded.model.parameters())
-    teacher = load_base(config.distill, "fp", dtype=config.dtype, device=student.device)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    teacher.eval()
-    sizes = (
-        teacher.get_output_embeddings().weight.shape[0],
-        loaded.model.get_output_embeddings().weight.shape[0],
-    )
-    if sizes[0] != sizes[1]:
-        raise UserError(
-            f"--distill {config.distill}: its vocabulary ({sizes[0]}) is not the student's "
-            f"({sizes[1]})",
-            hint="distil from the full-precision model the base was quantized from",
-        )
-    return teacher
-
-
-def _sharded_loader(loaded: LoadedBase, model, config: TrainConfig):
-    """FSDP's sharded loading: the base is still on meta, and each process will read only its
-    shards; the DiaBlo fingerprint comes from the few file rows it samples."""
-    if isinstance(model, DiaBloModel):
-        state_of = file_state_of(loaded.model, loaded.model._qdiablo_files)
-        targets = [name for name, _ in model.diablo_layers()]
-        model.base_fingerprint = base_fingerprint(model.model, targets, state_of)
-    return functools.partial(shard_and_load, base=loaded.model, seed=config.seed)
-
-
-def _announce(config, loaded, runtime, budget, other, own_count: int) -> None:
-    """The run's first lines: the base, where and how it computes, the adapter and its count."""
-    own = f"N={budget.num_blocks}" if config.adapter == "diablo" else f"r={budget.rank}"
-    if other["adapter"] == "lora":
-        same = f"LoRA at the matched r={other['rank']}"
-    else:
-        same = f"DiaBlo at the matched N={other['num_blocks']}"
-    count = other["trainable_parameters"]
-    _say(f"base: {loaded.description} ({config.base})")
-    _say(
-        f"on {runtime.device}: {config.precision} compute, {config.dtype} float weights, "
-        f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}"
-    )
-    _say(
-        f"adapter: {config.adapter} {own} on {budget.num_layers} layers: {own_count:,} trainable "
-        f"parameters ({same}: {f'{count:,}' if count is not None else 'n/a'})"
-    )
 
 
 def _results(config, loaded, budget, other, own_count, model, data_summary, args) -> dict:
@@ -320,35 +221,19 @@ def _train_into(
     runtime: Runtime,
     folder: OutputFolder | None = None,
 ) -> TrainResult:
-    """The run proper, into a folder rank 0 holds (`folder`; None on the other ranks)."""
+    """The run proper, into a folder rank 0 holds (`folder`; None on the other ranks): the
+    setup, Trainer's loop, the report."""
     resume_from = resolve_resume(config, output, folder)
     records, data_summary = select_records(
         config.data, config.answer_suffix, config.decontaminate, config.max_records, config.seed
     )
     set_seed(config.seed)
     sharded_loading = under_fsdp and base is None and config.base in PACKED_KINDS
-    loaded = base or load_training_base(
-        config.base,
-        config.model,
-        config.gguf_file,
-        config.dtype,
-        device="meta" if sharded_loading else runtime.device,
-        packed_storage=config.packed_storage,
-    )
-    model, budget, other = attach_adapter(loaded, config)
-    load_shards = _sharded_loader(loaded, model, config) if sharded_loading else None
-    scale_count = enable_scale_training(model) if config.train_scales else 0
-    teacher = load_teacher(config, loaded) if config.distill else None
-    own_count = trainable_parameters(model)
-    _announce(config, loaded, runtime, budget, other, own_count)
+    run = set_up(config, base, runtime, sharded_loading)
     dataset = tokenize_records(
-        loaded.tokenizer, records, data_summary, config.template, config.max_length
+        run.loaded.tokenizer, records, data_summary, config.template, config.max_length
     )
-    if scale_count:
-        _say(f"trained scales: {scale_count:,} per-group multipliers at lr {config.scale_lr:g}")
-    if teacher is not None:
-        _say(f"distillation: KL to {config.distill} (weight {config.distill_weight:g})")
-    _say(data_summary.decontamination_line())
+    say(data_summary.decontamination_line())
     args = training_arguments(config, str(output / CHECKPOINT_DIR))
     if folder is not None:
         folder.changing()  # from here a failure leaves the run unfinished, never finished-looking
@@ -359,50 +244,61 @@ def _train_into(
     throughput = ThroughputCallback()
     rising = LossRiseCallback(output / LOG_FILE)
     trainer = AdapterTrainer(
-        model=model,
+        model=run.model,
         args=args,
         train_dataset=dataset,
-        data_collator=PadCollator(loaded.tokenizer.pad_token_id),
+        data_collator=PadCollator(run.loaded.tokenizer.pad_token_id),
         callbacks=[throughput, JsonlLogCallback(output / LOG_FILE), rising, *(callbacks or [])],
-        load_shards=load_shards,
+        load_shards=run.load_shards,
         keep_checkpoints=config.save_total_limit,
         scale_lr=config.scale_lr if config.train_scales else None,
-        teacher=teacher,
+        teacher=run.teacher,
         distill_weight=config.distill_weight,
     )
-    model = unwrap(trainer.model) if sharded_loading else model
+    model = unwrap(trainer.model) if sharded_loading else run.model
     with guard(output):
         outcome = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     # The last steps since the last check, and the final loss: a NaN adapter is never the result.
     trainer.health.check(model, trainer.state.global_step, final_loss=outcome.training_loss)
 
-    adapter_dir = output / ADAPTER_DIR
-    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    results = _results(config, loaded, budget, other, own_count, model, data_summary, args)
-    results.update(
-        {
-            "global_step": trainer.state.global_step,
-            "epochs_done": trainer.state.epoch,
-            "train_loss": outcome.training_loss,
-            "first_logged_loss": losses[0] if losses else None,
-            "last_logged_loss": losses[-1] if losses else None,
-            "train_runtime_seconds": outcome.metrics.get("train_runtime"),
-            "throughput": throughput.summary(),
-            "resumed_from": str(resume_from) if resume_from else None,
-            "runtime": runtime.to_dict(),
-            "warnings": rising.warnings,
-            "trained_scales": scale_count,
-            "distill": config.distill,
-            "versions": library_versions(),
-        }
+    results = _results(
+        config, run.loaded, run.budget, run.other, run.own_count, model, data_summary, args
     )
-    gathered = gather_trainable(model) if under_fsdp else None  # a collective: every rank
+    results.update(_outcome(trainer, outcome, throughput, resume_from, runtime, run, config))
+    results["warnings"] = rising.warnings
     if under_fsdp:
         results["fsdp"] = {
             "version": 2,
             "sharded_loading": sharded_loading,
             "packed_base_bytes_rank0": packed_base_bytes(model),
         }
+    adapter_dir = _save_run(output, model, trainer, results, under_fsdp)
+    return TrainResult(output, adapter_dir, results, model)
+
+
+def _outcome(trainer, outcome, throughput, resume_from, runtime, run: RunSetup, config) -> dict:
+    """train_results.json's outcome part: steps, losses, throughput, what the run used."""
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    return {
+        "global_step": trainer.state.global_step,
+        "epochs_done": trainer.state.epoch,
+        "train_loss": outcome.training_loss,
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "train_runtime_seconds": outcome.metrics.get("train_runtime"),
+        "throughput": throughput.summary(),
+        "resumed_from": str(resume_from) if resume_from else None,
+        "runtime": runtime.to_dict(),
+        "trained_scales": run.scale_count,
+        "distill": config.distill,
+        "versions": library_versions(),
+    }
+
+
+def _save_run(output: Path, model, trainer, results: dict, under_fsdp: bool) -> Path:
+    """Write the final adapter and train_results.json (rank 0), and say what was trained."""
+    adapter_dir = output / ADAPTER_DIR
+    gathered = gather_trainable(model) if under_fsdp else None  # a collective: every rank
     if trainer.is_world_process_zero():
         with guard(output):
             # File by file (a file of the user's in adapter/ stays); the run's marker is
@@ -411,11 +307,11 @@ def _train_into(
             write_json(output / RESULTS_FILE, results)
         tps = results["throughput"]["tokens_per_second"]
         first, last = results["first_logged_loss"], results["last_logged_loss"]
-        _say(
+        say(
             f"trained {trainer.state.global_step} steps"
-            + (f", loss {first:.4f} → {last:.4f}" if losses else "")
+            + (f", loss {first:.4f} → {last:.4f}" if first is not None else "")
             + (f", {tps:.0f} tokens/s" if tps else "")
             + f"; adapter saved to {adapter_dir}"
-            + "".join(f"\nwarning: {w}" for w in rising.warnings)
+            + "".join(f"\nwarning: {w}" for w in results["warnings"])
         )
-    return TrainResult(output, adapter_dir, results, model)
+    return adapter_dir

@@ -17,8 +17,8 @@ from torch import nn
 from transformers import Trainer, TrainerState, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
+from qdiablo.adapters.registry import method_of
 from qdiablo.devices import resolve_device
-from qdiablo.diablo import DiaBloModel
 from qdiablo.errors import UserError
 from qdiablo.faults import guard
 from qdiablo.optional import prepare_trainer_imports
@@ -64,10 +64,7 @@ class AdapterTrainer(Trainer):
         self.scale_lr = scale_lr
         self.teacher = teacher
         self.distill_weight = distill_weight
-        if isinstance(model, DiaBloModel):
-            # Trainer refuses a quantized model "without trainable adapters" unless PEFT's flag
-            # says adapters are attached; DiaBlo blocks are such adapters.
-            model._hf_peft_config_loaded = True
+        method_of(model).prepare_for_trainer(model)  # Trainer's check for attached adapters
         prepare_trainer_imports()  # Trainer imports PEFT (and it bitsandbytes): quietly first
         super().__init__(model, *args, **kwargs)
         if load_shards is not None:

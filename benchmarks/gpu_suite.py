@@ -355,6 +355,7 @@ def copy_bandwidth(device: torch.device, smoke: bool) -> float:
 
 def run_decode(args, device: torch.device) -> dict:
     from quantizers import kernels
+    from quantizers.kernels.backends import get_backend
 
     bw = copy_bandwidth(device, args.smoke)
     shapes = [(256, 256)] if args.smoke else [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -371,9 +372,9 @@ def run_decode(args, device: torch.device) -> dict:
             nbytes = sum(b.numel() * b.element_size() for b in layer.packed_tensors())
             group = layer.contiguous_group_size()
             backend = kernels.select(x, bits)
-            if backend == "triton":
+            if backend != kernels.TORCH:  # the backend's own forward, without the layer
                 bufs = (*layer.packed_tensors(), bits, None, group)
-                fn = partial(kernels.triton_module().forward, x, *bufs)
+                fn = partial(get_backend(backend).forward, x, *bufs)
             else:
                 fn = partial(layer, x)
             with torch.no_grad():
@@ -403,13 +404,15 @@ def run_decode(args, device: torch.device) -> dict:
 def run_kernels(args, device: torch.device) -> dict:
     """QuantLinear forward and forward+backward: Triton against the torch path."""
     from quantizers import kernels
+    from quantizers.kernels.backends import all_backends
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = [(256, 256)] if args.smoke else [(4096, 4096), (11008, 4096), (4096, 11008)]
     ms = [17, 1] if args.smoke else [2048, 128, 16, 1]
     n = 3 if args.smoke else 20
     bit_widths = (4,) if args.smoke else (4, 2, 3)
-    backends = ["torch", "triton"] if device.type == "cuda" else ["torch"]
+    registered = [b.name for b in all_backends()]  # triton, and any other registered backend
+    backends = ["torch", *registered] if device.type == "cuda" else ["torch"]
     rows = []
     for bits in bit_widths:
         for out_f, in_f in shapes:

@@ -154,7 +154,8 @@ def load_base(
     if local and is_quantized_folder(path):
         raise UserError(
             f"{source} is already quantized ({QUANTIZE_CONFIG}); it cannot be loaded as '{kind}'",
-            hint="use --base gptq/rtn (train) or --quant none (eval), or a full-precision model",
+            hint=f"use --base {'/'.join(PACKED_KINDS)} (train) or --quant none (eval), "
+            "or a full-precision model",
         )
     if kind == "nf4":
         return _finite(load_nf4(source, gguf_file, torch_dtype, device), source)
@@ -206,11 +207,12 @@ def load_packed(
 ) -> nn.Module:
     """A `qdiablo quantize` folder with its linear layers packed (int32 codes, fp16 scales).
 
-    `method` ('gptq' / 'rtn'), when given, must be the one the folder was written with. `dtype`
-    casts only the float parameters (embeddings, norms, head), as `from_pretrained(dtype=...)`
-    leaves the buffers: `model.to(dtype)` would also round rotary tables and packed biases.
-    The packed bytes are never cast: they are held as `storage_dtype` (see QuantLinear). On the
-    meta device nothing is read but the headers (FSDP's sharded loading fills it later).
+    `method` (a registered quantizer: 'gptq', 'rtn', ...), when given, must be the one the
+    folder was written with. `dtype` casts only the float parameters (embeddings, norms, head),
+    as `from_pretrained(dtype=...)` leaves the buffers: `model.to(dtype)` would also round
+    rotary tables and packed biases. The packed bytes are never cast: they are held as
+    `storage_dtype` (see QuantLinear). On the meta device nothing is read but the headers
+    (FSDP's sharded loading fills it later).
     """
     what = f"--base {method}" if method else "a quantized base"
     require_finished(folder, MODEL_VERBS)

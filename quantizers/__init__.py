@@ -6,13 +6,16 @@
 
 This package imports from neither `qdiablo` nor `eval` (docs/architecture.md, "Layers"). Its
 names are imported lazily, so that `quantizers.config` (the flags of `qdiablo quantize`) loads
-without torch.
+without torch. Importing the package registers the built-in quantizers (`quantizers.methods`,
+declarations only: each loads its algorithm when it first runs).
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING
+
+from quantizers import methods  # noqa: F401  (registers RTN, GPTQ, MagR, CD, reconstruction)
 
 if TYPE_CHECKING:
     from quantizers import kernels

@@ -6,7 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("gptq", "rtn")
+from quantizers.registry import METHOD_NAMES, get_method
+
+METHODS = METHOD_NAMES  # every registered quantizer (quantizers/registry.py), read live
 BITS = (2, 3, 4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 MAGR_SOLVERS = ("fista", "plain")
@@ -38,7 +40,8 @@ class QuantConfig:
     method: str = field(
         default="gptq",
         metadata={
-            "help": "'gptq' (error-compensating, needs calibration data) or 'rtn'",
+            "help": "the quantizer: 'gptq' (error-compensating, needs calibration data), 'rtn' "
+            "(round to nearest), or any other registered in quantizers/registry.py",
             "choices": METHODS,
         },
     )
@@ -241,8 +244,9 @@ class QuantConfig:
         def is_num(v: Any) -> bool:
             return isinstance(v, int | float) and not isinstance(v, bool)
 
-        if self.method not in METHODS:
+        if not isinstance(self.method, str):
             raise bad("method", " or ".join(repr(m) for m in METHODS))
+        method = get_method(self.method)  # a ValueError naming the registered ones
         if not is_int(self.bits) or self.bits not in BITS:
             raise bad("bits", "one of 2, 3, 4, 8")
         g = self.group_size
@@ -254,8 +258,7 @@ class QuantConfig:
         ):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
-        if self.method == "rtn" and (self.desc_act or self.static_groups):
-            raise ValueError("QuantConfig: desc_act and static_groups apply to method 'gptq' only")
+        method.check(self)  # what the method declares it supports
         if not is_num(self.damp_percent) or not 0 < self.damp_percent <= 1:
             raise bad("damp_percent", "a number in (0, 1]")
         if not is_int(self.cd_sweeps) or self.cd_sweeps < 0:

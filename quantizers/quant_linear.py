@@ -83,7 +83,7 @@ def _flat(t: Tensor) -> Tensor:
 # The packed matmul is one custom op, `torch.ops.qdiablo.packed_matmul`, with its input gradient
 # `qdiablo::packed_matmul_dx`, a fake (shape-only) implementation of each and an autograd
 # formula: torch.compile traces QuantLinear through them without looking inside, and at run
-# time they dispatch to the Triton kernels or the torch path as `quantizers.kernels` says.
+# time they dispatch to a kernel backend (Triton) or the torch path as `quantizers.kernels` says.
 
 
 @torch.library.custom_op("qdiablo::packed_matmul", mutates_args=())
@@ -99,8 +99,11 @@ def packed_matmul(
 ) -> Tensor:
     """y = x · W (+ bias), W = dequantize_packed(...) [in, out]; x [..., in] -> y [..., out].
     `group` (the group size when g_idx has no act-order, else None) only speeds things up."""
-    if kernels.select(x, bits) == "triton":
-        y = kernels.triton_forward(_flat(x), qweight, qzeros, scales, g_idx, bits, bias, group)
+    backend = kernels.select(x, bits)
+    if backend != kernels.TORCH:
+        y = kernels.backend_forward(
+            backend, _flat(x), qweight, qzeros, scales, g_idx, bits, bias, group
+        )
         if y is not None:  # None: the self-check sent this kernel variant to the torch path
             return y.view(*x.shape[:-1], y.shape[-1])
     y = x @ dequantize_packed(qweight, qzeros, scales, g_idx, bits, x.dtype, group)
@@ -123,9 +126,12 @@ def packed_matmul_dx(
     group: int | None = None,
 ) -> Tensor:
     """dx = dy · Wᵀ, W dequantized again (nothing of it was saved by the forward)."""
-    if kernels.select(grad_out, bits) == "triton":
+    backend = kernels.select(grad_out, bits)
+    if backend != kernels.TORCH:
         dy = _flat(grad_out)
-        dx = kernels.triton_backward_input(dy, qweight, qzeros, scales, g_idx, bits, group)
+        dx = kernels.backend_backward_input(
+            backend, dy, qweight, qzeros, scales, g_idx, bits, group
+        )
         if dx is not None:
             return dx.view(*grad_out.shape[:-1], dx.shape[-1])
     w = dequantize_packed(qweight, qzeros, scales, g_idx, bits, grad_out.dtype, group)

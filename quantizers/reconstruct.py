@@ -47,12 +47,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from quantizers.calibration import block_output, to_device
 from quantizers.config import RECON_PARAMS, QuantConfig
 from quantizers.quant_linear import QuantLinear, dequantize_cache
-from quantizers.rtn import MIN_SCALE, QuantResult
+from quantizers.trainable import TrainableQuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -73,110 +72,6 @@ class BlockRecon:
     codes_changed: float  # fraction of the block's codes that differ from GPTQ's
     kept: bool  # False: held-out error did not improve, the GPTQ result stays
     seconds: float
-
-
-def round_ste(x: Tensor) -> Tensor:
-    """round(x) forward, identity backward (straight-through estimator)."""
-    return x + (x.round() - x).detach()
-
-
-def _windows(batches: Sequence[Tensor]) -> list[Tensor]:
-    return [w for batch in batches for w in batch.split(1)]
-
-
-def _rebatch(windows: list[Tensor], size: int) -> list[Tensor]:
-    """Consecutive windows of the same length into batches of at most `size`."""
-    out: list[list[Tensor]] = []
-    for w in windows:
-        if out and len(out[-1]) < size and out[-1][0].shape == w.shape:
-            out[-1].append(w)
-        else:
-            out.append([w])
-    return [torch.cat(b) for b in out]
-
-
-def split_holdout(
-    calib_data: Sequence[Tensor], fraction: float, batch_size: int | None = None
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Split calibration windows into (train, held-out) batches: the last round(fraction·n)
-    windows are held out (at least one when fraction > 0), batched as the input was (or in
-    `batch_size` windows)."""
-    windows = _windows(calib_data)
-    n = len(windows)
-    hold = 0 if fraction <= 0 else min(max(1, round(fraction * n)), n - 1)
-    if fraction > 0 and hold < 1:
-        raise ValueError(
-            f"reconstruction's held-out split needs at least 2 calibration windows, got {n}"
-        )
-    size = batch_size or calib_data[0].shape[0]
-    return _rebatch(windows[: n - hold], size), _rebatch(windows[n - hold :], size)
-
-
-def recon_batches(
-    calib_data: Sequence[Tensor], heldout_data: Sequence[Tensor] | None, config: QuantConfig
-) -> tuple[list[Tensor], int]:
-    """The token batches quantize_model runs with reconstruction: the training windows in
-    mini-batches of `recon_batch_size`, then the held-out ones; and how many batches are
-    held out. Held-out windows come from `heldout_data` (another source or slice) when given,
-    else the last `recon_holdout` share of `calib_data`."""
-    size = config.recon_batch_size
-    if heldout_data:
-        train, held = _rebatch(_windows(calib_data), size), _rebatch(_windows(heldout_data), size)
-    else:
-        train, held = split_holdout(calib_data, config.recon_holdout, size)
-    return train + held, len(held)
-
-
-class TrainableQuantLinear(nn.Module):
-    """A QuantLinear's codes and scales as trainable parameters (see the module docstring)."""
-
-    def __init__(self, layer: QuantLinear, train_codes: bool = True, train_scales: bool = True):
-        super().__init__()
-        self.bits = layer.bits
-        self.group_size = layer.group_size
-        self.maxq = 2**layer.bits - 1
-        packed = layer.packed_tensors()
-        codes = layer.codes().float()
-        self.latent = nn.Parameter(codes, requires_grad=train_codes)
-        self.register_buffer("codes0", codes.to(torch.uint8))
-        self.register_buffer("scales0", packed.scales.float())
-        self.register_buffer("zeros", layer.zeros().float())
-        self.register_buffer("g_idx", packed.g_idx.long())
-        self.multiplier = nn.Parameter(torch.ones_like(self.scales0), requires_grad=train_scales)
-        self.bias = layer.bias
-
-    def current_codes(self) -> Tensor:
-        return torch.clamp(round_ste(self.latent), 0, self.maxq)
-
-    def current_scales(self) -> Tensor:
-        """s₀·m rounded to fp16 (what the layout stores; floor MIN_SCALE), as float32."""
-        s = (self.scales0 * self.multiplier.detach()).clamp(min=MIN_SCALE)
-        return s.half().float()
-
-    def weight(self, fp16_scales: bool = False) -> Tensor:
-        """The dequantized weight [out, in]; fp16_scales: the scales as they will be stored."""
-        s = self.current_scales() if fp16_scales else self.scales0 * self.multiplier
-        g = self.g_idx
-        return (self.current_codes() - self.zeros.t()[:, g]) * s.t()[:, g]
-
-    def forward(self, x: Tensor) -> Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight().to(x.dtype), bias)
-
-    @torch.no_grad()
-    def clamp_latent_(self) -> None:
-        """Keep V where a step back can still move the code (clamp's gradient is 0 outside)."""
-        self.latent.clamp_(-0.49, self.maxq + 0.49)
-
-    @torch.no_grad()
-    def result(self) -> QuantResult:
-        codes = self.current_codes().to(torch.uint8)
-        return QuantResult(
-            codes, self.current_scales(), self.zeros.to(torch.int32), self.g_idx.int(), self.bits
-        )
-
-    def to_quant_linear(self) -> QuantLinear:
-        return QuantLinear.from_result(self.result(), self.group_size, self.bias)
 
 
 def _swap(block: nn.Module, name: str, new: nn.Module) -> None:

@@ -1,5 +1,6 @@
 """The tensor-level pipeline: one weight matrix (or a group of layers reading the same input)
-through MagR → GPTQ or RTN → coordinate descent, packed into QuantLinear layers.
+through the registered steps and method (MagR → GPTQ or RTN → coordinate descent: see
+quantizers/registry.py), packed into QuantLinear layers.
 
 Layers that read the same input (q/k/v, gate/up) share one Hessian, so they are stacked row-wise
 and solved together: MagR and GPTQ treat the rows of W independently given H, so this gives the
@@ -14,13 +15,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from quantizers.cd import cd_refine
 from quantizers.config import QuantConfig
-from quantizers.gptq import gptq_quantize
-from quantizers.magr import fast_matmul_dtype, magr
+from quantizers.magr import fast_matmul_dtype
 from quantizers.quant_linear import QuantLinear
+from quantizers.registry import calibration_users, get_method, steps
 from quantizers.report import LayerReport, QuantReport, median_max_abs, relative_output_error
-from quantizers.rtn import QuantResult, rtn_quantize
+from quantizers.rtn import QuantResult
 
 log = logging.getLogger(__name__)
 
@@ -28,46 +28,23 @@ log = logging.getLogger(__name__)
 def quantize_weights(
     W: Tensor, H: Tensor | None, config: QuantConfig, name: str = "layer"
 ) -> tuple[QuantResult, Tensor | None]:
-    """The tensor-level pipeline for one weight matrix [out, in]: MagR (optional) → GPTQ or RTN
-    → coordinate descent (optional). Returns the result and the MagR'd weights (or None)."""
+    """The tensor-level pipeline for one weight matrix [out, in]: the registered `pre` steps
+    (MagR), the method (GPTQ, RTN, ...), the `post` steps (coordinate descent), as
+    `config` turns them on (quantizers/registry.py). Returns the result and the weights the
+    pre-steps made (or None when none ran)."""
     W = W.float()
-    if H is None and (config.method == "gptq" or config.magr or config.cd_sweeps):
-        raise ValueError(f"{name}: method {config.method!r} with MagR/CD needs calibration data")
-    W_magr = None
+    if H is None:
+        users = calibration_users(config, ("pre", "post"))
+        if users:
+            verb = "needs" if len(users) == 1 else "need"
+            raise ValueError(f"{name}: {' and '.join(users)} {verb} calibration data")
     target = W
-    if config.magr:
-        W_magr = magr(
-            W,
-            H,
-            alpha=config.resolved_magr_alpha,
-            iters=config.magr_iters,
-            group_size=config.group_size,
-            accelerate=config.magr_solver == "fista",
-            matmul_dtype=fast_matmul_dtype(W.device),
-        )
-        target = W_magr
-    beta = config.resolved_beta
-    if config.method == "gptq":
-        result = gptq_quantize(
-            target,
-            H,
-            config.bits,
-            group_size=config.group_size,
-            sym=config.sym,
-            beta=beta,
-            damp_percent=config.damp_percent,
-            desc_act=config.desc_act,
-            static_groups=config.static_groups,
-            min_zero=config.min_zero,
-            name=name,
-        )
-    else:
-        result = rtn_quantize(
-            target, config.bits, config.group_size, config.sym, beta, config.min_zero
-        )
-    if config.cd_sweeps:
-        result = cd_refine(W, result, H, config.cd_sweeps, config.cd_damp)
-    return result, W_magr
+    for step in steps(config, "pre"):
+        target = step.run(target, H, config)
+    result = get_method(config.method).quantize(target, H, config, name)
+    for step in steps(config, "post"):
+        result = step.run(W, result, H, config)
+    return result, (None if target is W else target)
 
 
 def _rows(result: QuantResult, a: int, b: int) -> QuantResult:
@@ -90,7 +67,12 @@ def quantize_group(
     prefix: str,
     report: QuantReport,
 ) -> None:
-    """Quantize layers that share one input (and Hessian) together, then swap them in."""
+    """Quantize layers that share one input (and Hessian) together, then swap them in. The
+    method's `prepare` hook, when it has one, runs first (it may change the layers and the
+    block in place, and returns the Hessian of the inputs the layers then see)."""
+    prepare = get_method(config.method).prepare
+    if prepare is not None:
+        H = prepare(block, {n: linears[n] for n in names}, H, config)
     layers = [linears[n] for n in names]
     W = torch.cat([lin.weight.detach().float() for lin in layers])
     result, W_magr = quantize_weights(W, H, config, name=f"{prefix}.{'+'.join(names)}")

@@ -27,8 +27,9 @@ PACKAGES = ("quantizers", "qdiablo", "eval")
 # A module belongs to the layer of its longest matching prefix.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
-        "quantizers: calibration capture, MagR, RTN, GPTQ, coordinate descent, reconstruction, "
-        "packing, `QuantLinear`, the GPTQ checkpoint layout, kernels, safetensors read and written "
+        "quantizers: the quantizer registry (each method and step declares what it supports), "
+        "calibration capture, MagR, RTN, GPTQ, coordinate descent, reconstruction, packing, "
+        "`QuantLinear`, the GPTQ checkpoint layout, kernel backends, safetensors read and written "
         "a module at a time, resumable quantization, its own file I/O; it imports nothing from "
         "qdiablo or eval",
         ("quantizers",),

@@ -217,15 +217,15 @@ def test_a_killed_quantize_resumes_to_the_same_folder(models, tmp_path, monkeypa
     assert partial == ["block-00000.safetensors", "block-00001.safetensors"]
     assert not (out / "model.safetensors").exists()
     quantized = []
-    from quantizers import quantize as quantize_module
+    from quantizers import block_loop
 
-    original = quantize_module.quantize_block
+    original = block_loop.quantize_block
 
     def recording(block, name, *a, **kw):
         quantized.append(name)
         return original(block, name, *a, **kw)
 
-    monkeypatch.setattr(quantize_module, "quantize_block", recording)
+    monkeypatch.setattr(block_loop, "quantize_block", recording)
     with caplog.at_level(logging.INFO):
         assert cli.main(argv) == 0
     assert quantized == ["model.layers.2"]  # blocks 0 and 1 were not quantized again
@@ -260,7 +260,7 @@ def test_partial_work_of_other_settings_is_refused_naming_the_difference(
 
     fresh = tmp_path / "fresh"
     with monkeypatch.context() as m:
-        m.setattr("quantizers.quantize.quantize_block", dead)
+        m.setattr("quantizers.block_loop.quantize_block", dead)
         with pytest.raises(RuntimeError, match="died in block 0"):
             cli.main(_argv(models, "fp32", fresh, "--bits", "4", "--group-size", "32"))
     assert (fresh / PARTIAL_DIR / "state.json").is_file()

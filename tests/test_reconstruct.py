@@ -11,8 +11,10 @@ from safetensors.torch import load_file, save_file
 from qdiablo import cli
 from quantizers import QuantConfig, QuantLinear, load_quantized, quantize_model, save_quantized
 from quantizers.calibration import block_output
-from quantizers.reconstruct import TrainableQuantLinear, _batch_order, split_holdout
+from quantizers.recon_data import split_holdout
+from quantizers.reconstruct import _batch_order
 from quantizers.rtn import rtn_quantize
+from quantizers.trainable import TrainableQuantLinear
 
 TEXT = (
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "

@@ -16,6 +16,7 @@ from pathlib import Path
 from qdiablo.calibration import add_calibration_arguments, check_calibration_arguments
 from qdiablo.devices import add_device_argument
 from qdiablo.errors import UserError
+from quantizers.registry import METHOD_NAMES
 
 HELP = "export a quantized base + adapter (optionally merged) with a model card and manifest"
 
@@ -117,7 +118,7 @@ def _add_requantize_arguments(p: argparse.ArgumentParser) -> None:
         "--serve marlin then sets its own bits, group size and symmetric grid)"
     )
     add_calibration_arguments(g, "calibration text: Math10K .json/.jsonl or text")
-    g.add_argument("--method", choices=["gptq", "rtn"], help="quantizer")
+    g.add_argument("--method", choices=METHOD_NAMES, help="quantizer")
     g.add_argument("--bits", type=int, choices=[2, 3, 4, 8], help="bits per weight")
     g.add_argument("--group-size", type=int, help="-1 (per channel) or a power of two >= 16")
     g.add_argument("--sym", action=argparse.BooleanOptionalAction, help="symmetric grid")

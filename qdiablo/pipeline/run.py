@@ -16,6 +16,7 @@ from typing import Any
 from qdiablo.errors import UserError
 from qdiablo.flags import load_yaml
 from qdiablo.io import read_json
+from qdiablo.kinds import PACKED_KINDS
 from qdiablo.pipeline.stages import Outcome, Runner, Stage, summary_table
 from qdiablo.train.checkpoint import latest_checkpoint
 
@@ -104,7 +105,7 @@ def train_stage(
         source=source,
         resume=_train_resume,
     )
-    if base is None and stage.namespace().base in ("gptq", "rtn"):
+    if base is None and stage.namespace().base in PACKED_KINDS:
         raise UserError(
             f"{source}: base '{stage.namespace().base}' needs a quantize stage",
             hint="add a quantize stage, or use base fp, nf4 or nf2",

@@ -21,6 +21,7 @@ from torch import nn
 
 from qdiablo.adapters.common import is_dtensor, trainable_named
 from qdiablo.errors import UserError
+from qdiablo.kinds import PACKED_KINDS
 from quantizers.quant_linear import QuantLinear
 
 FSDP_OPTIMIZER = "optimizer.pt"  # the unsharded optimizer state (same name as Trainer's)
@@ -51,12 +52,12 @@ def check_fsdp_launch(base: str, packed_storage: str = "int32", precision: str =
             "--base nf4 cannot train under FSDP: sharding drops bitsandbytes' quant_state",
             hint="use --base gptq or rtn (packed, sharded) or fp, or train nf4 with DDP",
         )
-    if base in ("gptq", "rtn") and _env_true("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+    if base in PACKED_KINDS and _env_true("FSDP_CPU_RAM_EFFICIENT_LOADING"):
         raise UserError(
             "fsdp_cpu_ram_efficient_loading is not supported with a packed base",
             hint="set fsdp_cpu_ram_efficient_loading: false (see examples/fsdp2.yaml)",
         )
-    if base in ("gptq", "rtn") and packed_storage.startswith("float"):
+    if base in PACKED_KINDS and packed_storage.startswith("float"):
         wanted = {"bf16": "bfloat16", "fp16": "float16"}
         policies = {wanted.get(precision), wanted.get(os.environ.get("ACCELERATE_MIXED_PRECISION"))}
         cast_to = sorted(p for p in policies if p is not None and p != packed_storage)

@@ -33,10 +33,11 @@ from qdiablo.errors import UserError
 from qdiablo.kinds import PACKED_KINDS
 from qdiablo.train.config import TrainConfig
 from qdiablo.train.fsdp import fsdp_requested
+from quantizers.registry import Names
 
 log = logging.getLogger(__name__)
 
-QUANTIZED_BASES = (*PACKED_KINDS, "nf4", "nf2")
+QUANTIZED_BASES = Names(lambda: (*PACKED_KINDS, "nf4", "nf2"))
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Compile every Triton kernel variant the launchers can start, for real GPU targets, on a machine
 without a GPU, and read what each cubin needs (registers, spills, shared memory).
 
-The launchers of `triton_qmm` build `Launch`es from tensors; here they get meta tensors (shapes,
+The matrix holds every registered kernel backend that declares `aot_launches`
+(quantizers/kernels/backends.py): the built-in Triton kernels give `launches` below. The
+launchers of `triton_qmm` build `Launch`es from tensors; here they get meta tensors (shapes,
 strides and dtypes, no data) over a sweep of M, bit widths, dtypes, group layouts and bias, so
 every tile and constexpr combination they can choose is found by running their own rules. Each
 launch goes through Triton's own argument binder for the target, which yields exactly what the
@@ -39,6 +41,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from quantizers.kernels import triton_qmm as qmm
+from quantizers.kernels.backends import all_backends
 
 # Opt-in dynamic shared memory per block (CUDA programming guide, compute capabilities table).
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 120: 99 * 1024}
@@ -129,32 +132,41 @@ def _bind(launch, target: GPUTarget):
     return fn._pack_args(backend, launch.meta, bound, spec, options)
 
 
-@functools.cache
-def variants() -> dict[Variant, object]:
-    """Every distinct (kernel, constexprs, warps, stages) the launchers can start, each with one
-    Launch that starts it."""
-    found: dict[Variant, object] = {}
+def _settings():
+    """Every (bits, dtype name, dtype, aligned, bias, m) of the sweep."""
     for bits in BITS:
         for dname, dtype in DTYPES.items():
             for aligned in (True, False):
                 for bias in (False, True):
                     for m in M_SWEEP:
-                        for kind, launch in launches(m, bits, dtype, aligned, bias):
-                            meta = launch.meta
-                            consts = tuple(
-                                (k, v)
-                                for k, v in meta.items()
-                                if k not in ("num_warps", "num_stages")
-                            )
-                            v = Variant(
-                                launch.kernel.__name__,
-                                f"{kind} {bits}-bit {dname} {'aligned' if aligned else 'act-order'}"
-                                + (" bias" if bias and kind == "fwd" else ""),
-                                consts,
-                                meta["num_warps"],
-                                meta["num_stages"],
-                            )
-                            found.setdefault(v, launch)
+                        yield bits, dname, dtype, aligned, bias, m
+
+
+@functools.cache
+def variants() -> dict[Variant, object]:
+    """Every distinct (kernel, constexprs, warps, stages) the launchers of every registered
+    backend with `aot_launches` can start, each with one Launch that starts it."""
+    found: dict[Variant, object] = {}
+    for backend in all_backends():
+        if backend.aot_launches is None:
+            continue
+        for bits, dname, dtype, aligned, bias, m in _settings():
+            for kind, launch in backend.aot_launches(m, bits, dtype, aligned, bias):
+                consts = tuple(
+                    (k, v) for k, v in launch.meta.items() if k not in ("num_warps", "num_stages")
+                )
+                layout = "aligned" if aligned else "act-order"
+                label = f"{kind} {bits}-bit {dname} {layout}" + (
+                    " bias" if bias and kind == "fwd" else ""
+                )
+                v = Variant(
+                    launch.kernel.__name__,
+                    label,
+                    consts,
+                    launch.meta["num_warps"],
+                    launch.meta["num_stages"],
+                )
+                found.setdefault(v, launch)
     return found
 
 
@@ -213,7 +225,7 @@ def _compile_job(job: tuple) -> Result:
 def cache_key(variant: Variant, arch: int, spec: str) -> str:
     """What a compile result depends on: the kernel's source (Triton's hash of it and of the
     functions it calls), triton's version, the variant, the target and the attributes."""
-    kernel = getattr(qmm, variant.kernel)
+    kernel = variants()[variant].kernel
     h = hashlib.sha256(f"{triton.__version__} {kernel.cache_key}".encode())
     h.update(repr((variant, arch, spec)).encode())
     return h.hexdigest()[:20]

@@ -1,11 +1,14 @@
-"""First-use self-check of the Triton kernels: trust no compiled variant before it has matched
-the torch path once on this device.
+"""First-use self-check of every kernel backend (quantizers/kernels/backends.py; the Triton
+kernels are the built-in one): trust no compiled variant before it has matched the torch path
+once on this device.
 
-The first time a variant (kernel, tile, ALIGNED, HAS_BIAS, bits, dtype, device) is about to run,
+The first time a variant (the backend's `variant`: for Triton the kernel, tile and ALIGNED;
+then HAS_BIAS, bits, dtype, device) is about to run,
 it runs once on a random case with ragged N and K (and the same M, so the same tile), and its
 result is compared with the torch path's (float32 dequantize + matmul). A mismatch beyond
 TOLERANCE, or a compile or launch error, logs one warning naming the variant and sends that
-variant to the torch path from then on; under QDIABLO_KERNEL=triton it raises instead. The check
+variant to the torch path from then on; when that backend is forced (QDIABLO_KERNEL=triton) it
+raises instead. The check
 never runs during CUDA-graph capture or torch.compile tracing (the variant then runs unchecked,
 and is checked at its next eager call). It runs on CUDA; tests turn it on for the interpreter
 with `ON_CPU`.
@@ -45,40 +48,43 @@ def _busy() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def passed(qmm, kind: str, a: Tensor, bits: int, group, has_bias: bool, mode: str, k=None) -> bool:
-    """Whether the variant that `kind` ("fwd" or "dx") runs for input `a` [M, K or N] may run:
-    checked once per variant and device. False: use the torch path (raises under mode triton)."""
+def passed(
+    backend, kind: str, a: Tensor, bits: int, group, has_bias: bool, mode: str, k=None
+) -> bool:
+    """Whether the variant of `backend` (a KernelBackend) that `kind` ("fwd" or "dx") runs for
+    input `a` [M, K or N] may run: checked once per variant and device. False: use the torch
+    path (raises when `mode` forces this backend)."""
     if a.device.type != "cuda" and not ON_CPU:
         return True
     m = a.shape[0]
     k = a.shape[1] if k is None else k
-    variant = qmm.variant(kind, m, k, a.dtype, bits, group)
-    key = (*variant, has_bias if kind == "fwd" else False, bits, a.dtype, str(a.device))
+    variant = backend.variant(kind, m, k, a.dtype, bits, group)
+    bias = has_bias if kind == "fwd" else False
+    key = (backend.name, *variant, bias, bits, a.dtype, str(a.device))
     verdict = _verdicts.get(key)
     if verdict is not None:
         return verdict
     if _busy():
         return True
     name = (
-        f"{variant[0]} kernel, tile {'x'.join(map(str, variant[1:4]))} warps {variant[4]} "
-        f"stages {variant[5]}, ALIGNED={variant[6]}, HAS_BIAS={key[7]}, {bits}-bit, "
+        f"{backend.name} {backend.describe(variant)}, HAS_BIAS={bias}, {bits}-bit, "
         f"{str(a.dtype).removeprefix('torch.')}, {a.device}"
     )
     try:
-        error = _run(qmm, kind, m, a.dtype, a.device, bits, aligned=variant[6], bias=key[7])
+        error = _run(backend, kind, m, a.dtype, a.device, bits, aligned=variant[-1], bias=bias)
         problem = None if error <= TOLERANCE[a.dtype] else f"relative error {error:.3g}"
     except Exception as e:
         problem = f"{type(e).__name__}: {e}"
     if problem is not None:
         if problem.startswith("relative"):
             problem += f" > tolerance {TOLERANCE[a.dtype]:g}"
-        if mode == "triton":
+        if mode == backend.name:
             raise RuntimeError(
-                f"QDIABLO_KERNEL=triton: the Triton {name} failed its self-check"
+                f"QDIABLO_KERNEL={mode}: the {name} failed its self-check"
                 f" against the torch path: {problem}"
             )
         log.warning(
-            "Triton %s failed its first-use self-check against the torch path (%s): using the "
+            "%s failed its first-use self-check against the torch path (%s): using the "
             "torch path for it from now on",
             name,
             problem,
@@ -87,7 +93,7 @@ def passed(qmm, kind: str, a: Tensor, bits: int, group, has_bias: bool, mode: st
     return problem is None
 
 
-def _run(qmm, kind, m, dtype, device, bits, aligned: bool, bias: bool) -> float:
+def _run(backend, kind, m, dtype, device, bits, aligned: bool, bias: bool) -> float:
     """The kernel's relative error on a random packed layer with ragged N and K."""
 
     g = torch.Generator().manual_seed(1234)
@@ -107,11 +113,11 @@ def _run(qmm, kind, m, dtype, device, bits, aligned: bool, bias: bool) -> float:
     if kind == "fwd":
         x = torch.randn(m, k, generator=g).to(device, dtype)
         b = torch.randn(n, generator=g).to(device, dtype) if bias else None
-        got = qmm.forward(x, *packed, bits, b, group)
+        got = backend.forward(x, *packed, bits, b, group)
         want = x.double() @ w + (b.double() if bias else 0)
     else:
         dy = torch.randn(m, n, generator=g).to(device, dtype)
-        got = qmm.backward_input(dy, *packed, bits, group)
+        got = backend.backward_input(dy, *packed, bits, group)
         want = dy.double() @ w.t()
     if not torch.isfinite(got).all():
         return float("inf")

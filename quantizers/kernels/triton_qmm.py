@@ -1,4 +1,5 @@
 """Triton kernels for the packed GPTQ layout: dequantize in registers, multiply, never write W.
+(One file over 400 lines: the kernels and the launchers that pick their tiles share constexprs.)
 
     W[k, n] = scales[g, n] · (q[k, n] − z[g, n]),   g = g_idx[k]          (W is [in, out])
     forward         Y  = X · W      (+ bias)     X [M, K], Y [M, N]
@@ -9,7 +10,6 @@ Code q[k, n] is the `bits`-bit field at bit k·bits of column n's stream (see pa
 (k·bits) >> 5 of qweight's column n, shifted right by (k·bits) & 31. At 3 bits a field can
 straddle two words (values 10 and 21 of each 32); its high bits then come from the next word.
 Zero points are packed the same way along the output dimension of qzeros.
-
 This module imports triton at the top: import it only through `quantizers.kernels`, which checks
 that triton is there. Under TRITON_INTERPRET=1 (set before this module is first imported) the
 kernels run on CPU tensors through Triton's interpreter, which is how CI tests them.

@@ -6,8 +6,8 @@ sets) -> evaluate again -> export (GPTQ-layout base + adapter + model card + sha
 then a table of the two evaluations side by side. It runs on the `qdiablo run` stage machinery,
 so an interrupted demo resumes where it stopped. Each stage runs in its own process (its memory
 is returned when it ends, and its peak RSS is its own) with a fixed torch thread count
-(`--threads`, default 1), so two runs on one machine print the same figures. The defaults take
-an estimated 35 minutes on one CPU thread, a third of it reconstruction (`--no-reconstruct`
+(`--threads`, default the cores this process may use), so two runs on one machine with the same
+count print the same figures. Reconstruction is most of the quantize stage (`--no-reconstruct`
 skips it: a worse base, a faster demo); `--full` drops the size limits (all calibration
 samples, every training record for 3 epochs, the full test sets).
 """

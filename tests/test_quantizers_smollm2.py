@@ -59,7 +59,7 @@ def test_gptq_beats_rtn_at_3_bits(smollm2):
 
 
 def test_magr_gptq_beats_gptq_at_2_bits(smollm2):
-    gptq, _ = quantized_perplexity(smollm2, 32, bits=2)
-    magr_gptq, _ = quantized_perplexity(smollm2, 32, bits=2, magr=True)
+    gptq, _ = quantized_perplexity(smollm2, 16, bits=2)
+    magr_gptq, _ = quantized_perplexity(smollm2, 16, bits=2, magr=True)
     print(f"\nSmolLM2 W2 g64 perplexity: GPTQ {gptq:.1f}, MagR+GPTQ {magr_gptq:.1f}")
     assert magr_gptq < gptq

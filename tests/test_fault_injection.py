@@ -468,6 +468,6 @@ def test_quantize_killed_among_user_files(inputs, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("verb", ["quantize-recon", "train", "eval", "export", "run"])
+@pytest.mark.parametrize("verb", ["quantize", "quantize-recon", "train", "eval", "export", "run"])
 def test_every_verb_killed_disk_full_read_only_among_user_files(verb, inputs, tmp_path):
     fault_cases(verb, kills=3, fulls=2, inputs=inputs, tmp_path=tmp_path)

@@ -34,6 +34,7 @@ def test_gpu_suite_refuses_without_cuda():
     assert proc.returncode != 0 and "no CUDA device" in proc.stderr
 
 
+@pytest.mark.slow  # waits out its 60 s budget: kept out of the quick loop
 def test_gpu_suite_budget_stops_in_time_and_keeps_finished_sections(tmp_path):
     """--budget: sections run in priority order; the one running when the budget is spent is
     killed and recorded, later ones are skipped, and every finished section's JSON is kept."""

@@ -45,8 +45,8 @@ def quantized_perplexity(smollm2, samples: int, **config) -> tuple[float, torch.
 def test_gptq_beats_rtn_at_3_bits(smollm2):
     fp = perplexity(smollm2[0], smollm2[3]).perplexity
     rtn, _ = quantized_perplexity(smollm2, 0, method="rtn", bits=3)
-    gptq, model = quantized_perplexity(smollm2, 16, bits=3)
-    magr_gptq, magr_model = quantized_perplexity(smollm2, 16, bits=3, magr=True)
+    gptq, model = quantized_perplexity(smollm2, 8, bits=3)
+    magr_gptq, magr_model = quantized_perplexity(smollm2, 8, bits=3, magr=True)
     print(
         f"\nSmolLM2 W3 g64 perplexity: FP {fp:.2f}, RTN {rtn:.2f}, GPTQ {gptq:.2f}, "
         f"MagR+GPTQ {magr_gptq:.2f}"

@@ -154,6 +154,7 @@ def test_grid_shares_identical_stages(tmp_path, tiny_model_dir, math_file):
         build_grid(data, "c.yaml")
 
 
+@pytest.mark.slow  # every cell of a small grid through quantize, train and eval: ~50 s
 def test_compare_end_to_end(tmp_path, tiny_model_dir, math_file):
     pytest.importorskip("bitsandbytes")  # QLoRA's base
     pytest.importorskip("peft")

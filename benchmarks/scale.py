@@ -172,6 +172,7 @@ class Row:
 def measured(argv: list[str], log: Path) -> tuple[float, float]:
     """Run `argv` with one thread; (peak RSS GiB, wall seconds). A failure stops the script."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU figures, whatever the machine has
     start = time.time()
     with open(log, "w") as f:
         child = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env)

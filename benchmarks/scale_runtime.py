@@ -24,16 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from benchmarks.scale import measured, qdiablo  # noqa: E402 (after the sys.path line)
 
 GiB = 1024**3
 BITS, GROUP, BLOCKS = 4, 128, 64
@@ -53,23 +52,6 @@ class Row:
     @property
     def ratio(self) -> float:
         return self.measured_gib / self.predicted_gib
-
-
-def measured(argv: list[str], log: Path) -> tuple[float, float]:
-    """Run `argv` with one thread; (peak RSS GiB, wall seconds). A failure stops the script."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    start = time.time()
-    with open(log, "w") as f:
-        child = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(child.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(argv)} failed; see {log}")
-    return usage.ru_maxrss * 1024 / GiB, time.time() - start
-
-
-def qdiablo(*args: str) -> list[str]:
-    return [sys.executable, "-m", "qdiablo", *args]
 
 
 def quantized(work: Path, size: str, model: str) -> Path:

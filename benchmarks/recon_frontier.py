@@ -36,6 +36,40 @@ def _v(source: str, samples: int, *sets: str, seq_len: int = 256, held: int | No
 
 # name -> (label, quantizers_smollm2.py arguments after the method)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "m10k64": ("Math10K 64×256, 2 epochs (the default)", _v("math10k", 64)),
+    "m10k64-e4-lr3": (
+        "Math10K 64×256, 4 epochs, code lr 3e-2, scale lr 3e-3",
+        _v("math10k", 64, "recon_epochs=4", "recon_lr_code=0.03", "recon_lr_scale=0.003"),
+    ),
+    "m10k64-e4-lr10": (
+        "Math10K 64×256, 4 epochs, code lr 1e-1, scale lr 1e-2",
+        _v("math10k", 64, "recon_epochs=4", "recon_lr_code=0.1", "recon_lr_scale=0.01"),
+    ),
+    "m10k128-e4-lr3": (
+        "Math10K 128×256, 4 epochs, code lr 3e-2, scale lr 3e-3",
+        _v("math10k", 128, "recon_epochs=4", "recon_lr_code=0.03", "recon_lr_scale=0.003"),
+    ),
+    "m10k64-e2e": (
+        "Math10K 64×256, 2 epochs + end-to-end 2 epochs",
+        _v("math10k", 64, "recon_e2e_epochs=2", "recon_e2e_lr=0.001"),
+    ),
+    "m10k64-e2e-lr3": (
+        "Math10K 64×256, 2 epochs + end-to-end 2 epochs at lr 3e-3",
+        _v("math10k", 64, "recon_e2e_epochs=2", "recon_e2e_lr=0.003"),
+    ),
+    "m10k64-e4-lr3-e2e": (
+        "Math10K 64×256, 4 epochs, code lr 3e-2, scale lr 3e-3 + end-to-end 2 epochs",
+        _v(
+            "math10k",
+            64,
+            "recon_epochs=4",
+            "recon_lr_code=0.03",
+            "recon_lr_scale=0.003",
+            "recon_e2e_epochs=2",
+            "recon_e2e_lr=0.001",
+        ),
+    ),
+    "gen64": ("generated 64×256, 2 epochs", _v("generated", 64)),
     "m10k128": ("Math10K 128×256, 2 epochs", _v("math10k", 128)),
     "gen128": ("generated 128×256, 2 epochs", _v("generated", 128)),
     "m10k128-e2e": (

@@ -32,8 +32,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from quantizers.calibration import find_decoder_blocks
-from quantizers.lazy import streamed_logits
+from quantizers.calibration import (
+    block_output,
+    capture_block_inputs,
+    find_decoder_blocks,
+    to_device,
+)
+from quantizers.lazy import blocks_standing_aside
 from quantizers.trained_scales import add_multipliers, fold_multipliers, packed_layers
 
 log = logging.getLogger(__name__)
@@ -71,26 +76,35 @@ def teacher_topk(
     autocast_dtype: torch.dtype | None,
     device: torch.device | str | None = None,
     load_block: Callable[[int, torch.device], nn.Module] | None = None,
+    keep: torch.device | str | None = None,
 ) -> list[TopK]:
     """The model's top-k next-token log-probabilities on every batch (run before quantizing),
-    kept where the head runs. With `load_block`, the model's blocks are read one at a time and
-    run on `device` (a model that is never whole in memory, quantizers.lazy)."""
+    kept where the head runs.
+
+    Block by block, like the calibration pass: every batch's hidden states go through block i
+    on `device` before block i + 1 is read, so each block is read once, however many batches
+    (a streamed model's blocks, from `load_block`, are read from disk and put back on the meta
+    device; a whole model's are moved to `device` and back). The hidden states stay on `keep`
+    (default `device`; the host when quantize offloads its activations). The model's own
+    final norm and head then run on them."""
     host = next(p.device for p in model.parameters() if not p.is_meta)
     device = torch.device(device) if device is not None else host
-    unload = None
-    if load_block is None:  # a whole model: its own blocks, each moved to the device and back
-        originals = list(find_decoder_blocks(model)[1])
-
-        def load_block(i: int, where: torch.device) -> nn.Module:
-            return originals[i].to(where)
-
-        def unload(i: int, block: nn.Module) -> None:
-            block.to(host)
-
-    out = []
-    for batch in tqdm(batches, desc="teacher distributions", unit="batch", leave=False):
+    keep = torch.device(keep) if keep is not None else device
+    _, blocks = find_decoder_blocks(model)
+    hidden, kwargs = capture_block_inputs(model, blocks, batches, keep)
+    returns_tuple = False
+    for i in tqdm(range(len(blocks)), desc="teacher distributions", unit="block", leave=False):
+        block = load_block(i, device) if load_block is not None else blocks[i].to(device)
         with _autocast(device, autocast_dtype):
-            logits = streamed_logits(model, load_block, batch.to(host), device, unload)
+            for j, kw in enumerate(kwargs):
+                out = block(hidden[j].to(device), **to_device(kw, device))
+                returns_tuple = isinstance(out, tuple | list)
+                hidden[j] = block_output(out).to(keep)
+        block.to("meta" if load_block is not None else host)  # freed, or back where it was
+    out = []
+    for batch, h in zip(batches, hidden):
+        with _autocast(host, autocast_dtype), blocks_standing_aside(blocks, h, returns_tuple):
+            logits = model(batch.to(host), use_cache=False).logits
         logp = F.log_softmax(logits.float(), dim=-1)
         top, ids = logp.topk(k, dim=-1)
         rest = _log1mexp(torch.logsumexp(top, dim=-1))
@@ -119,6 +133,23 @@ def topk_kl(student_logits: Tensor, target: TopK) -> Tensor:
     return kl.mean()
 
 
+def _recompute_activations(model: nn.Module) -> Callable[[], None]:
+    """Recompute each block's activations in the backward pass instead of keeping them: the
+    stage backpropagates through the whole model, and the kept activations of every block grow
+    with depth × width × tokens. Returns the undo (a no-op for a model without support)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        return lambda: None
+    was_training = model.training
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # transformers recomputes only in training mode (dropout stays as configured)
+
+    def undo() -> None:
+        model.activation_checkpointing_disable()
+        model.train(was_training)
+
+    return undo
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return torch.autocast(device_type=device.type, enabled=False)
@@ -145,10 +176,12 @@ def train_scales_end_to_end(
     patience: int = 2,
     seed: int = 0,
     autocast_dtype: torch.dtype | None = None,
+    checkpointing: bool | None = None,
 ) -> E2EReport:
     """Train every packed layer's scale multiplier of `model` against the teacher's `targets`
     (None: the batches' own next tokens), the last `heldout` batches held out, then fold them
-    into the stored scales."""
+    into the stored scales. `checkpointing`: recompute each block's activations in the backward
+    pass (None: on a GPU only; the results are the same either way)."""
     start = time.perf_counter()
     device = next(model.parameters()).device
     n_train = len(batches) - heldout
@@ -160,6 +193,9 @@ def train_scales_end_to_end(
         p.requires_grad_(False)
     add_multipliers(model, requires_grad=True)
     params = [m.scale_multiplier for m in packed_layers(model).values()]
+    if checkpointing is None:  # on a GPU, where device memory is the limit
+        checkpointing = device.type != "cpu"
+    recompute = _recompute_activations(model) if checkpointing else lambda: None
     before = _heldout_loss(model, hold_b, hold_t, device, autocast_dtype) if heldout else None
     best, best_state = before, [p.detach().clone() for p in params]
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -192,6 +228,7 @@ def train_scales_end_to_end(
                         if stale >= patience:
                             break
     finally:
+        recompute()
         for p, was in frozen.items():
             p.requires_grad_(was)
     with torch.no_grad():

@@ -151,9 +151,9 @@ def quantize_model(
     model.eval()
 
     inputs = BlockInputs(None, None, heldout=heldout, dtype=act_dtype)
-    teacher = _e2e_teacher(model, config, calib_data, calib_dtype, device, load_block)
+    keep = torch.device("cpu") if offload else device
+    teacher = _e2e_teacher(model, config, calib_data, calib_dtype, device, load_block, keep)
     if calib_data:
-        keep = torch.device("cpu") if offload else device
         args = (report, config.reconstruct, device, keep, calib_dtype)
         capture_inputs(model, blocks, calib_data, inputs, *args)
     parts = (blocks, prefix, inputs, config, report, calib_dtype, product_dtype, device)
@@ -174,13 +174,13 @@ def _e2e_on(config: QuantConfig) -> bool:
     return config.reconstruct and config.recon_e2e_epochs > 0
 
 
-def _e2e_teacher(model, config, calib_data, calib_dtype, device, load_block):
+def _e2e_teacher(model, config, calib_data, calib_dtype, device, load_block, keep):
     """The end-to-end stage's targets: the full-precision model's top-k next tokens, taken
     before any block changes; None when the stage is off or fits the text's own loss."""
     if not _e2e_on(config) or config.recon_e2e_loss != "kl":
         return None
     k = config.recon_e2e_topk
-    return teacher_topk(model, calib_data, k, calib_dtype, device, load_block)
+    return teacher_topk(model, calib_data, k, calib_dtype, device, load_block, keep)
 
 
 def _finish(

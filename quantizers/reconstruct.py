@@ -116,10 +116,10 @@ def block_error(
 class ReconSchedule:
     """How one block trains (QuantConfig's recon_* fields; see `QuantConfig` for each)."""
 
-    epochs: float = 2.0
+    epochs: float = 4.0
     steps: int | None = None  # overrides epochs
-    lr_code: float = 1e-2
-    lr_scale: float = 1e-3
+    lr_code: float = 3e-2
+    lr_scale: float = 3e-3
     lr_norm: float = 1e-3
     params: str = "scales+codes"
     norms: bool = False

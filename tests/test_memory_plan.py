@@ -5,6 +5,7 @@ forward + backward allocates, tracked by a dispatch mode. It reads only config.j
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -196,3 +197,41 @@ def test_the_issue_questions():
     quantize = plan.quantize()
     assert quantize.device <= usable(80 * GiB) and quantize.host <= 64 * GiB
     assert plan.largest_micro_batch(48 * GiB) >= 1
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["cpu-kept", "gpu-recomputed"])
+def test_end_to_end_stage_peak_is_within_the_quantize_plan(checkpointing):
+    """Reconstruction's end-to-end stage (a step through the whole packed model, the scale
+    multipliers training): the plan's term bounds a measured step's live bytes, kept activations
+    on the CPU, recomputed per block on a GPU."""
+    from quantizers.e2e import lm_loss
+    from quantizers.trained_scales import add_multipliers
+
+    model = make_tiny_llama(**{**SIZES, "layers": 4})
+    logging.disable(logging.INFO)
+    try:
+        quantize_model(model, None, QuantConfig(method="rtn", bits=4, group_size=32))
+    finally:
+        logging.disable(logging.NOTSET)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    add_multipliers(model, requires_grad=True)
+    model.train()
+    if checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    seq_len = 24
+    ids = torch.randint(3, 500, (4, seq_len), generator=torch.Generator().manual_seed(0))
+    with LiveBytes(model) as tracker:
+        lm_loss(model(ids, use_cache=False).logits, ids).backward()
+    settings = PlanSettings(
+        bits=4, group_size=32, dtype="float32", precision="fp32", reconstruct=True, num_blocks=8,
+        calib_seq_len=seq_len, device="cuda" if checkpointing else "cpu",
+    )  # fmt: skip
+    plan = MemoryPlan(load_source_from(model.config), settings)
+    predicted = plan.end_to_end() - plan.packed_model()
+    grads = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    assert 0.5 * predicted <= tracker.peak <= 1.05 * (predicted + grads), (tracker.peak, predicted)
+    without = MemoryPlan(load_source_from(model.config), PlanSettings(**{
+        **dataclasses.asdict(settings), "recon_e2e": False
+    }))  # fmt: skip
+    assert without.quantize().host <= plan.quantize().host

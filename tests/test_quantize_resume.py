@@ -47,7 +47,7 @@ def _masked(path: Path) -> bytes:
 
         return json.dumps(strip(json.loads(data)), sort_keys=True).encode()
     if path.name == "quantization_report.md":
-        return re.sub(rb"\d+ s\)", b"T s)", data)
+        return re.sub(rb"(\d+ s\)|steps in \d+ s)", b"T s", data)
     return data
 
 
@@ -136,14 +136,19 @@ def _argv(models: Path, model: str, out: Path, *flags: str) -> list[str]:
             ["--bits", "2", "--group-size", "32", "--calib-dtype", "float32", "--calib-offload"],
             "float32",
         ),
+        (  # the end-to-end stage's teacher runs the streamed model block by block
+            "fp32",
+            ["--bits", "2", "--group-size", "32", "--reconstruct", "--recon-steps", "2"],
+            "float32",
+        ),
     ],
+    ids=["fp32", "bf16-sharded", "synthetic", "fp32-reconstruct-e2e"],
 )
 def test_streamed_quantize_writes_the_folder_of_the_whole_model_path(
     models, tmp_path, model, flags, dtype, caplog
 ):
-    from qdiablo.calibration import build_calibration_data
     from qdiablo.cli import build_parser
-    from qdiablo.commands.quantize import _calib_dtype, quant_config_from_args
+    from qdiablo.commands.quantize import _calib_dtype, calibration_for, quant_config_from_args
     from qdiablo.models import load_model, load_tokenizer
 
     argv = _argv(models, model, tmp_path / "streamed", *flags, "--dtype", dtype)
@@ -153,15 +158,17 @@ def test_streamed_quantize_writes_the_folder_of_the_whole_model_path(
     # The reference: the whole model in memory, as `qdiablo quantize` loaded it before.
     args = build_parser()[0].parse_args(argv)
     tokenizer = load_tokenizer(str(models / model))
-    calib = build_calibration_data(tokenizer, args.calib, 6, 32, 2)
     whole = load_model(str(models / model), dtype=dtype)
+    config = quant_config_from_args(args)
+    calib, heldout = calibration_for(args, config, tokenizer, whole)  # the command's windows
     calib_dtype = _calib_dtype(args.calib_dtype, torch.device("cpu"))
-    quantize_model(whole, calib, quant_config_from_args(args), calib_dtype=calib_dtype)
+    quantize_model(whole, calib, config, calib_dtype=calib_dtype, heldout_data=heldout)
     save_quantized(whole, tmp_path / "whole", tokenizer)
     assert_same_folder(tmp_path / "streamed", tmp_path / "whole")
 
 
-def test_one_block_at_a_time_is_full_precision(models, tmp_path, monkeypatch):
+@pytest.mark.parametrize("reconstruct", [False, True], ids=["gptq", "reconstruct-e2e"])
+def test_one_block_at_a_time_is_full_precision(models, tmp_path, monkeypatch, reconstruct):
     from qdiablo.streamed import StreamedModel
 
     seen = []
@@ -179,8 +186,11 @@ def test_one_block_at_a_time_is_full_precision(models, tmp_path, monkeypatch):
 
     monkeypatch.setattr(StreamedModel, "load_block", counting)
     argv = _argv(models, "fp32", tmp_path / "q", "--bits", "4", "--group-size", "32")
+    if reconstruct:  # the end-to-end stage's teacher reads every block first, one at a time
+        argv += ["--reconstruct", "--recon-steps", "2"]
     assert cli.main(argv) == 0
-    assert seen == [[0], [1], [2]]  # block i, and no other, holds float weights when it is read
+    # block i, and no other, holds float weights when it is read
+    assert seen == [[0], [1], [2]] * (2 if reconstruct else 1)
     model = load_quantized(tmp_path / "q")
     assert not any(type(m) is torch.nn.Linear for m in model.model.layers.modules())
 

@@ -302,3 +302,41 @@ def test_end_to_end_stage_lowers_its_heldout_loss_and_keeps_the_layout(tmp_path,
     with torch.no_grad():
         assert torch.equal(load_quantized(tmp_path / "q")(ids).logits, model(ids).logits)
     assert "End-to-end scales" in (tmp_path / "q" / "quantization_report.md").read_text()
+
+
+def test_end_to_end_stage_recomputing_activations_gives_the_same_scales():
+    """On a GPU the stage recomputes each block's activations in the backward pass (its memory);
+    the gradients, hence the trained scales, are those of the stage that keeps them."""
+    from quantizers.e2e import train_scales_end_to_end
+    from quantizers.trained_scales import packed_layers
+
+    calib = calibration()
+    config = QuantConfig(bits=2, group_size=32, magr=True)
+    base = quantize_model(make_tiny_llama(init_range=0.2), calib, config)
+    results, calls = [], []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(base)
+        act, count = model.model.layers[0].mlp.act_fn, [0]
+        forward = act.forward  # counted by the call itself: module hooks do not see a recompute
+
+        def counted(*args, forward=forward, count=count):
+            count[0] += 1
+            return forward(*args)
+
+        act.forward = counted
+        report = train_scales_end_to_end(
+            model, calib, None, heldout=1, epochs=3, lr=1e-2, checkpointing=checkpointing
+        )
+        calls.append(count[0])
+        assert report.steps > 0 and not model.training  # the mode is restored
+        assert not model.is_activation_checkpointing
+        scales = {n: m.packed_tensors().scales.clone() for n, m in packed_layers(model).items()}
+        results.append((report.heldout_after, scales))
+    assert calls[1] == calls[0] + report.steps  # each step ran the MLP once more: recomputed
+    (loss_kept, kept), (loss_recomputed, recomputed) = results
+    assert kept.keys() == recomputed.keys() and kept
+    before = {n: m.packed_tensors().scales for n, m in packed_layers(base).items()}
+    assert any(not torch.equal(kept[n], before[n]) for n in kept)  # it trained
+    for n in kept:
+        torch.testing.assert_close(recomputed[n], kept[n], rtol=0, atol=1e-3)
+    assert loss_recomputed == pytest.approx(loss_kept, rel=1e-4)

@@ -1,15 +1,15 @@
 """`qdiablo demo`: the whole pipeline on the embedded SmolLM2-135M-Instruct, offline.
 
-MagR + GPTQ at 2 bits with block-wise reconstruction -> evaluate the un-tuned quantized base ->
-train DiaBlo blocks on the shipped real Math10K records (decontaminated against the evaluated
-sets) -> evaluate again -> export (GPTQ-layout base + adapter + model card + sha256 manifest),
-then a table of the two evaluations side by side. It runs on the `qdiablo run` stage machinery,
-so an interrupted demo resumes where it stopped. Each stage runs in its own process (its memory
-is returned when it ends, and its peak RSS is its own) with a fixed torch thread count
-(`--threads`, default the cores this process may use), so two runs on one machine with the same
-count print the same figures. Reconstruction is most of the quantize stage (`--no-reconstruct`
-skips it: a worse base, a faster demo); `--full` drops the size limits (all calibration
-samples, every training record for 3 epochs, the full test sets).
+MagR + GPTQ at 2 bits with block-wise reconstruction and its end-to-end stage -> evaluate the
+un-tuned quantized base -> train DiaBlo blocks on the shipped real Math10K records
+(decontaminated against the evaluated sets) -> evaluate again -> export (GPTQ-layout base +
+adapter + model card + sha256 manifest), then a table of the two evaluations side by side. It
+runs on the `qdiablo run` stage machinery, so an interrupted demo resumes where it stopped. Each
+stage runs in its own process (its memory is returned when it ends, and its peak RSS is its own)
+with a fixed torch thread count (`--threads`, default the cores this process may use), so two
+runs on one machine with the same count print the same figures. Reconstruction is most of the
+quantize stage (`--no-reconstruct` skips it: a worse base, a faster demo); `--full` drops the
+size limits (all calibration samples, every training record for 3 epochs, the full test sets).
 """
 
 from __future__ import annotations
@@ -38,7 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=2, choices=[2, 3, 4], help="GPTQ bits")
     p.add_argument("--num-blocks", type=int, default=64, help="DiaBlo blocks per layer (N)")
     p.add_argument(
-        "--calib-samples", type=int, default=64, help="calibration windows of 256 tokens"
+        "--calib-samples",
+        type=int,
+        default=48,
+        help="calibration windows of 256 tokens (the quantizer's default is 64; 48 keeps the "
+        "demo within 15 minutes on 2 cores)",
     )
     p.add_argument(
         "--no-reconstruct",
@@ -52,8 +56,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--recon-epochs",
         type=float,
         default=1.0,
-        help="reconstruction epochs over the calibration windows (the quantizer's default is 2; "
-        "the demo's 1 halves that stage's time)",
+        help="reconstruction epochs over the calibration windows (the quantizer's default is 4, "
+        "of which early stopping runs about half; the demo's 1 halves that stage's time)",
+    )
+    p.add_argument(
+        "--recon-e2e-epochs",
+        type=float,
+        default=1.0,
+        help="epochs of reconstruction's end-to-end stage (the quantizer's default is 2; 0 skips "
+        "it)",
     )
     p.add_argument(
         "--train-scales",
@@ -69,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, default=30, help="training steps (batch 8)")
     p.add_argument("--limit", type=int, default=8, help="evaluated items per test set")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="generation budget per answer")
+    p.add_argument("--max-new-tokens", type=int, default=160, help="generation budget per answer")
     p.add_argument(
         "--full",
         action="store_true",
@@ -111,6 +122,7 @@ def stage_settings(args: argparse.Namespace) -> dict[str, dict]:
         quantize["recon_steps"] = args.recon_steps
     if args.reconstruct and not args.full:
         quantize["recon_epochs"] = args.recon_epochs
+        quantize["recon_e2e_epochs"] = args.recon_e2e_epochs
     train = {
         "adapter": "diablo",
         "num_blocks": args.num_blocks,

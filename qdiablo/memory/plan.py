@@ -42,6 +42,7 @@ tensors of a SmolLM2 step (0.908 GiB, exactly the formula) raised RSS by 1.215 G
 sizes of BENCHMARKS.md ("Memory planner") the step's RSS is 1.24-1.31 times the formula's
 activations, whose mean this is. On a GPU, `usable` accounts for the caching allocator."""
 QUANTIZE_SLACK = int(1.5 * GiB)  # the issue's constant in the quantize host bound
+E2E_BATCH = 4  # windows a step of reconstruction's end-to-end stage (QuantConfig.recon_batch_size)
 
 
 def usable(memory: int) -> int:
@@ -207,9 +208,23 @@ class MemoryPlan:
         host = P + 2 * B + A + QUANTIZE_SLACK
         device = max(B + H, 6 * B if s.reconstruct else 0) + 3 * A
         note = f"{s.calib_samples}×{s.calib_seq_len} calibration tokens: {_g(A)}"
+        e2e = self.end_to_end() if s.reconstruct and s.recon_e2e else 0
         if s.device == "cpu":
-            return Peak("quantize", P + 2 * B + H + 3 * A + QUANTIZE_SLACK, None, note)
-        return Peak("quantize", host, device, note)
+            e2e = HOST_RUNTIME + int(CPU_ALLOCATOR * e2e) if e2e else 0
+            return Peak("quantize", max(P + 2 * B + H + 3 * A + QUANTIZE_SLACK, e2e), None, note)
+        return Peak("quantize", host, max(device, e2e), note)
+
+    def end_to_end(self) -> int:
+        """Reconstruction's end-to-end stage (quantizers/e2e.py): the packed model and a
+        training step's activations for one batch of windows (recomputed per block on a GPU,
+        kept on the CPU), and in a layer's backward the float32 gradient of its whole weight
+        (the scales' gradient is its sum over each group) beside the dequantized weight. The
+        training formula counts an adapter's activations too, which this stage has not: an
+        upper bound."""
+        s = self.settings
+        tokens = E2E_BATCH * s.calib_seq_len
+        act = self.train_activations().peak(tokens, self.shape.layers, s.device != "cpu")
+        return self.packed_model() + act + 8 * self.largest
 
     def export(self) -> Peak:
         """`export --merged`, streamed (issue 19 item 8): host P + S + M + B + 1.5 GiB (S: one

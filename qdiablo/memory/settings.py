@@ -64,6 +64,13 @@ class PlanSettings:
     reconstruct: bool = field(
         default=False, metadata=_meta("quantize: block-wise reconstruction (--reconstruct)")
     )
+    recon_e2e: bool = field(
+        default=True,
+        metadata=_meta(
+            "quantize: with --reconstruct, its end-to-end stage (on unless --recon-e2e-epochs "
+            "0), which backpropagates through the whole packed model on the device"
+        ),
+    )
     eval_batch: int = field(default=16, metadata=_meta("eval: examples per batch"))
     eval_prompt: int = field(default=256, metadata=_meta("eval: prompt tokens"))
     eval_new_tokens: int = field(default=512, metadata=_meta("eval: generated tokens"))

@@ -201,11 +201,11 @@ class QuantConfig:
             "calibration windows training every layer's scales so that the model's next-token "
             "distributions match the full-precision model's (KL on its top-k, computed before "
             "quantizing); 0 = off. At W2 g64 on SmolLM2 it took the benchmark perplexity from "
-            "33.3 to 20.7 (BENCHMARKS.md, issue 21)"
+            "50.5 to 17.4 (BENCHMARKS.md, issue 21)"
         },
     )
     recon_e2e_lr: float = field(
-        default=1e-4,
+        default=3e-3,
         metadata={"help": "reconstruction's end-to-end stage: learning rate of the scales"},
     )
     recon_e2e_loss: str = field(

@@ -69,8 +69,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
             "recon_e2e_lr=0.001",
         ),
     ),
-    "default": ("Math10K 64×256: today's defaults (4 epochs, code lr 3e-2, scale lr 3e-3 + "
-                "end-to-end 2 epochs at lr 3e-3)", _v("math10k", 64)),
+    "default": (
+        "Math10K 64×256: today's defaults (4 epochs, code lr 3e-2, scale lr 3e-3 + "
+        "end-to-end 2 epochs at lr 3e-3)",
+        _v("math10k", 64),
+    ),
     "gen64": ("generated 64×256, 2 epochs", _v("generated", 64)),
     "m10k128": ("Math10K 128×256, 2 epochs", _v("math10k", 128)),
     "gen128": ("generated 128×256, 2 epochs", _v("generated", 128)),

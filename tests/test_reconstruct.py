@@ -340,3 +340,22 @@ def test_end_to_end_stage_recomputing_activations_gives_the_same_scales():
     for n in kept:
         torch.testing.assert_close(recomputed[n], kept[n], rtol=0, atol=1e-3)
     assert loss_recomputed == pytest.approx(loss_kept, rel=1e-4)
+
+
+def test_teacher_block_by_block_is_the_models_own_top_k():
+    """The end-to-end stage's teacher runs every batch through block i before block i + 1
+    (each block read once) and the model's own norm and head after: its top-k must be that of
+    the model's plain forward pass."""
+    from quantizers.e2e import teacher_topk
+
+    model = make_tiny_llama(init_range=0.2).eval()
+    calib = calibration()
+    teacher = teacher_topk(model, calib, k=8, autocast_dtype=None)
+    assert len(teacher) == len(calib)
+    for batch, t in zip(calib, teacher):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(batch, use_cache=False).logits.float(), dim=-1)
+        top, ids = logp.topk(8, dim=-1)
+        torch.testing.assert_close(t.logprobs, top, rtol=0, atol=1e-5)
+        assert torch.equal(t.ids, ids.int())
+    assert all(not p.is_meta for p in model.parameters())  # a whole model keeps its blocks

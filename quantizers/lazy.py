@@ -16,22 +16,29 @@ from torch import nn
 from quantizers.calibration import block_output, find_decoder_blocks, to_device
 
 
-class _LazyBlock(nn.Module):
-    """Stands in for decoder block i during one forward: loads it, runs it on its device, and
-    hands it to `unload`; other attributes (e.g. attention_type) are the original block's."""
+class _StandInBase(nn.Module):
+    """A module put in a decoder block's place for one forward; attributes it lacks (e.g.
+    attention_type, which the model reads from each block) are the original block's."""
 
-    def __init__(self, blocks: nn.ModuleList, i: int, load, device, unload) -> None:
+    def __init__(self, original: nn.Module) -> None:
         super().__init__()
-        # not submodules: no weights here
-        object.__setattr__(self, "_original", blocks[i])
-        object.__setattr__(self, "_blocks", blocks)
-        self._i, self._load, self._device, self._unload = i, load, device, unload
+        object.__setattr__(self, "_original", original)  # not a submodule: no weights here
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(object.__getattribute__(self, "_original"), name)
+
+
+class _LazyBlock(_StandInBase):
+    """Stands in for decoder block i during one forward: loads it, runs it on its device, and
+    hands it to `unload`."""
+
+    def __init__(self, blocks: nn.ModuleList, i: int, load, device, unload) -> None:
+        super().__init__(blocks[i])
+        object.__setattr__(self, "_blocks", blocks)  # the model's list, not a submodule
+        self._i, self._load, self._device, self._unload = i, load, device, unload
 
     def forward(self, hidden, *args, **kwargs):
         # The original back in its place while it runs: a `load` that fills the model's own
@@ -72,21 +79,13 @@ def streamed_logits(
             blocks[i] = block
 
 
-class _StandIn(nn.Module):
+class _StandIn(_StandInBase):
     """In place of a decoder block during one forward: returns `value` (the hidden states after
-    the last block, for the first stand-in) or its input unchanged, in the block's return type;
-    other attributes (e.g. attention_type) are the original block's."""
+    the last block, for the first stand-in) or its input unchanged, in the block's return type."""
 
     def __init__(self, original: nn.Module, value: torch.Tensor | None, as_tuple: bool) -> None:
-        super().__init__()
-        object.__setattr__(self, "_original", original)  # not a submodule: no weights here
+        super().__init__(original)
         self._value, self._as_tuple = value, as_tuple
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_original"), name)
 
     def forward(self, hidden, *args, **kwargs):
         h = hidden if self._value is None else self._value.to(hidden.device, hidden.dtype)

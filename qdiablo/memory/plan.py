@@ -42,7 +42,6 @@ tensors of a SmolLM2 step (0.908 GiB, exactly the formula) raised RSS by 1.215 G
 sizes of BENCHMARKS.md ("Memory planner") the step's RSS is 1.24-1.31 times the formula's
 activations, whose mean this is. On a GPU, `usable` accounts for the caching allocator."""
 QUANTIZE_SLACK = int(1.5 * GiB)  # the issue's constant in the quantize host bound
-E2E_BATCH = 4  # windows a step of reconstruction's end-to-end stage (QuantConfig.recon_batch_size)
 
 
 def usable(memory: int) -> int:
@@ -221,8 +220,10 @@ class MemoryPlan:
         (the scales' gradient is its sum over each group) beside the dequantized weight. The
         training formula counts an adapter's activations too, which this stage has not: an
         upper bound."""
+        from quantizers import QuantConfig  # its windows a step: the quantizer's default
+
         s = self.settings
-        tokens = E2E_BATCH * s.calib_seq_len
+        tokens = QuantConfig().recon_batch_size * s.calib_seq_len
         act = self.train_activations().peak(tokens, self.shape.layers, s.device != "cpu")
         return self.packed_model() + act + 8 * self.largest
 

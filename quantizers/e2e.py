@@ -204,7 +204,7 @@ def train_scales_end_to_end(
     order: list[int] = []
     while len(order) < total:
         order += torch.randperm(n_train, generator=gen).tolist()
-    stale, step = 0, 0
+    stale, step, running = 0, 0, torch.zeros((), device=device)
     try:
         with torch.enable_grad():
             bar = tqdm(order[:total], desc="end-to-end scales", unit="step", leave=False)
@@ -217,9 +217,17 @@ def train_scales_end_to_end(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                bar.set_postfix(kl=f"{loss.item():.4f}")
+                # Summed on the device and read only every `eval_every` steps: reading the loss
+                # each step would make the host wait for the GPU at every step.
+                if (step - 1) % eval_every == 0:
+                    running = torch.zeros((), device=device)
+                running = running + loss.detach()
+                if step % eval_every == 0 or step == total:
+                    shown = {"kl": f"{float(running) / ((step - 1) % eval_every + 1):.4f}"}
+                    bar.set_postfix(shown)
                 if heldout and (step % eval_every == 0 or step == total):
                     err = _heldout_loss(model, hold_b, hold_t, device, autocast_dtype)
+                    bar.set_postfix(shown | {"held-out": f"{err:.4f}"})
                     log.debug("end-to-end: step %d, held-out KL %.5f", step, err)
                     if err < best:
                         best, best_state, stale = err, [p.detach().clone() for p in params], 0

@@ -149,3 +149,29 @@ def test_kernel_selection_is_cached(monkeypatch):
     kernels.select(x, 4)
     assert len(calls) == 4
     kernels.set_kernel(None)
+
+
+def test_the_end_to_end_scale_stage_reads_its_loss_only_every_eval_every_steps():
+    """Quantize's end-to-end stage shows its loss in the progress bar: summed on the device and
+    read once per `eval_every` steps (and at the last), never once per step."""
+    from quantizers.e2e import train_scales_end_to_end
+
+    torch.manual_seed(0)
+    model = make_tiny_llama()
+    quantize_model(model, None, QuantConfig(method="rtn", bits=2, group_size=32))
+    batches = [torch.randint(0, 261, (2, 16)) for _ in range(9)]
+    with SyncCounter() as counter:
+        report = train_scales_end_to_end(
+            model, batches, None, heldout=0, epochs=1, lr=1e-3, eval_every=4
+        )
+    assert report.steps == 9
+    e2e = REPO / "quantizers" / "e2e.py"
+    lines = e2e.read_text().splitlines()
+    # Adam reads its step count, a host tensor even for a GPU's parameters: not a device sync.
+    reads = [
+        s
+        for s in counter.syncs
+        if s[1].startswith(f"{e2e}:")
+        and "optimizer.step()" not in lines[int(s[1].split(":")[-1]) - 1]
+    ]
+    assert len(reads) == 3, reads  # steps 4, 8 and 9

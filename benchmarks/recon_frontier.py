@@ -34,63 +34,48 @@ def _v(source: str, samples: int, *sets: str, seq_len: int = 256, held: int | No
     return args
 
 
-# name -> (label, quantizers_smollm2.py arguments after the method)
+OLD = ("recon_epochs=2", "recon_lr_code=0.01", "recon_lr_scale=0.001", "recon_e2e_epochs=0")
+NEW_BLOCKS = ("recon_epochs=4", "recon_lr_code=0.03", "recon_lr_scale=0.003")
+
+# name -> (label, quantizers_smollm2.py arguments after the method). A label names what differs
+# from today's defaults (block-wise 4 epochs at code lr 3e-2 / scale lr 3e-3, then the end-to-end
+# stage 2 epochs at lr 3e-3); "old" is the schedule before issue 21's second round.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "m10k64": ("Math10K 64×256, 2 epochs (the default)", _v("math10k", 64)),
+    "default": ("Math10K 64×256, today's defaults", _v("math10k", 64)),
+    "m10k64": (
+        "Math10K 64×256, old schedule (2 epochs, code lr 1e-2, no e2e)",
+        _v("math10k", 64, *OLD),
+    ),
     "m10k64-e4-lr3": (
-        "Math10K 64×256, 4 epochs, code lr 3e-2, scale lr 3e-3",
-        _v("math10k", 64, "recon_epochs=4", "recon_lr_code=0.03", "recon_lr_scale=0.003"),
+        "Math10K 64×256, no end-to-end stage",
+        _v("math10k", 64, *NEW_BLOCKS, "recon_e2e_epochs=0"),
     ),
     "m10k64-e4-lr10": (
-        "Math10K 64×256, 4 epochs, code lr 1e-1, scale lr 1e-2",
-        _v("math10k", 64, "recon_epochs=4", "recon_lr_code=0.1", "recon_lr_scale=0.01"),
-    ),
-    "m10k128-e4-lr3": (
-        "Math10K 128×256, 4 epochs, code lr 3e-2, scale lr 3e-3",
-        _v("math10k", 128, "recon_epochs=4", "recon_lr_code=0.03", "recon_lr_scale=0.003"),
+        "Math10K 64×256, code lr 1e-1, scale lr 1e-2, no end-to-end stage",
+        _v("math10k", 64, "recon_lr_code=0.1", "recon_lr_scale=0.01", "recon_e2e_epochs=0"),
     ),
     "m10k64-e2e": (
-        "Math10K 64×256, 2 epochs + end-to-end 2 epochs",
-        _v("math10k", 64, "recon_e2e_epochs=2", "recon_e2e_lr=0.001"),
+        "Math10K 64×256, old block-wise schedule, end-to-end at lr 1e-3",
+        _v("math10k", 64, *OLD[:3], "recon_e2e_epochs=2", "recon_e2e_lr=0.001"),
     ),
     "m10k64-e2e-lr3": (
-        "Math10K 64×256, 2 epochs + end-to-end 2 epochs at lr 3e-3",
-        _v("math10k", 64, "recon_e2e_epochs=2", "recon_e2e_lr=0.003"),
+        "Math10K 64×256, old block-wise schedule",
+        _v("math10k", 64, *OLD[:3], "recon_e2e_epochs=2", "recon_e2e_lr=0.003"),
     ),
     "m10k64-e4-lr3-e2e": (
-        "Math10K 64×256, 4 epochs, code lr 3e-2, scale lr 3e-3 + end-to-end 2 epochs",
-        _v(
-            "math10k",
-            64,
-            "recon_epochs=4",
-            "recon_lr_code=0.03",
-            "recon_lr_scale=0.003",
-            "recon_e2e_epochs=2",
-            "recon_e2e_lr=0.001",
-        ),
+        "Math10K 64×256, end-to-end at lr 1e-3",
+        _v("math10k", 64, *NEW_BLOCKS, "recon_e2e_epochs=2", "recon_e2e_lr=0.001"),
     ),
-    "default": (
-        "Math10K 64×256: today's defaults (4 epochs, code lr 3e-2, scale lr 3e-3 + "
-        "end-to-end 2 epochs at lr 3e-3)",
-        _v("math10k", 64),
+    "m10k64-e2e4": ("Math10K 64×256, end-to-end 4 epochs", _v("math10k", 64, "recon_e2e_epochs=4")),
+    "m10k32": ("Math10K 32×256", _v("math10k", 32)),
+    "m10k128": ("Math10K 128×256", _v("math10k", 128)),
+    "gen64": ("generated 64×256 (held out: another seed's)", _v("generated", 64)),
+    "gen64-m10k": (
+        "generated 64×256, held out: 16 Math10K windows",
+        _v("generated", 64, heldout_source="math10k"),
     ),
-    "gen64": ("generated 64×256, 2 epochs", _v("generated", 64)),
-    "m10k128": ("Math10K 128×256, 2 epochs", _v("math10k", 128)),
-    "gen128": ("generated 128×256, 2 epochs", _v("generated", 128)),
-    "m10k128-e2e": (
-        "Math10K 128×256, 2 epochs + end-to-end 1 epoch",
-        _v("math10k", 128, "recon_e2e_epochs=1", "recon_e2e_lr=0.001"),
-    ),
-    "m10k128-norms": ("Math10K 128×256, 2 epochs, norms", _v("math10k", 128, "recon_norms=true")),
-    "m10k128-e4": ("Math10K 128×256, 4 epochs", _v("math10k", 128, "recon_epochs=4")),
-    "m10k128-lrc3": (
-        "Math10K 128×256, 2 epochs, code lr 3e-2",
-        _v("math10k", 128, "recon_lr_code=0.03"),
-    ),
-    "m10k128-norms-e2e": (
-        "Math10K 128×256, 2 epochs, norms + end-to-end 1 epoch",
-        _v("math10k", 128, "recon_norms=true", "recon_e2e_epochs=1", "recon_e2e_lr=0.001"),
-    ),
+    "gen128": ("generated 128×256", _v("generated", 128)),
+    "m10k128-norms": ("Math10K 128×256, norms trained too", _v("math10k", 128, "recon_norms=true")),
 }
 
 

@@ -53,6 +53,19 @@ def test_generated_windows_are_cached_and_reused(tmp_path, monkeypatch):
         generated_windows(make_tiny_llama(seed=1), tokenizer, spec, tmp_path)
 
 
+def test_the_cache_key_reads_a_weight_larger_than_float32_counts_exactly():
+    """A real model's embedding has more than 2**24 elements (SmolLM2-135M: 28.3M), where
+    float32 positions round: the sampled positions stay inside the tensor and include its last
+    element, so a change there gives another key."""
+    model = torch.nn.Linear(4097, 4098, bias=False)  # 16,789,506 weights > 2**24, n - 1 odd
+    spec = GenerationSpec(num=1, seq_len=2)
+    with torch.no_grad():
+        model.weight.zero_()
+        key = generated.cache_key(model, spec, threads=1)
+        model.weight[-1, -1] = 1.0
+    assert generated.cache_key(model, spec, threads=1) != key
+
+
 def test_heldout_windows_follow_the_calibration_ones(tmp_path):
     tokenizer = make_tokenizer()
     texts = [f"Record {i}: {i} apples and {2 * i} pears make {3 * i} fruits." for i in range(80)]

@@ -28,6 +28,9 @@ def test_short_demo_runs_the_pipeline_and_resumes(tmp_path, capsys):
     # Training lowers the reference-response NLL of the 2-bit base on the held-out test items.
     mean = lambda s: sum(t["nll"] for t in s["tasks"].values()) / len(s["tasks"])  # noqa: E731
     assert mean(tuned) < mean(base)
+    # ... distilled from the full-precision model, the demo's default.
+    trained = json.loads((out_dir / "train" / "train_results.json").read_text())
+    assert trained["distill"] == "smollm2"
     report = json.loads((out_dir / "quantized" / "quantization_report.json").read_text())
     assert len(report["reconstruction"]) == 30  # every block went through reconstruction
     card = (out_dir / "export" / "README.md").read_text()

@@ -26,9 +26,11 @@ from quantizers import QuantConfig, QuantLinear, quantize_model
 SIZES = dict(hidden=128, intermediate=352, layers=3, heads=8, kv_heads=2, vocab=500)
 
 
-def packed_diablo(dtype: torch.dtype = torch.float32, dropout: float = 0.05, layers: int = 3):
+def packed_diablo(
+    dtype: torch.dtype = torch.float32, dropout: float = 0.05, layers: int = 3, **sizes
+):
     """A tiny LLaMA, RTN 4-bit g32 packed, DiaBlo N=8 on the default targets, in train mode."""
-    model = make_tiny_llama(**{**SIZES, "layers": layers})
+    model = make_tiny_llama(**{**SIZES, "layers": layers, **sizes})
     logging.disable(logging.INFO)
     try:
         quantize_model(model, None, QuantConfig(method="rtn", bits=4, group_size=32))
@@ -175,6 +177,54 @@ def test_step_peak_is_a_measured_steps(dtype, checkpointing):
         tracker.peak,
         predicted,
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["saved", "checkpointed"])
+def test_distilled_step_peak_is_a_measured_steps(dtype, checkpointing):
+    """--distill: the trainer's loss (the student's forward, the teacher's under no_grad, the KL)
+    on a vocabulary large enough for the KL's tensors to be most of the step: the planned step
+    bounds the measured one, and the teacher's weights are the full-precision model's."""
+    from qdiablo.train.distill import distillation_loss, next_token_mask
+
+    wrapped = packed_diablo(dtype, layers=2, vocab=4000)
+    teacher = make_tiny_llama(**{**SIZES, "layers": 2, "vocab": 4000}).to(dtype).eval()
+    if checkpointing:
+        wrapped.model.activation_checkpointing_enable({"use_reentrant": False})
+    ids = torch.randint(3, 4000, (2, 64), generator=torch.Generator().manual_seed(0))
+    autocast = dtype == torch.bfloat16
+    with LiveBytes(torch.nn.ModuleList([wrapped, teacher])) as tracker:
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = wrapped(input_ids=ids, labels=ids)
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=ids).logits
+            mask = next_token_mask(None, ids)
+            loss = distillation_loss(out.logits[:, :-1], teacher_logits[:, :-1], mask)
+        loss.backward()
+    p = 4 if dtype == torch.float32 else 2
+    shape = ModelShape.from_config(wrapped.model.config, "tiny")
+    largest = max(
+        m.in_features * m.out_features for m in wrapped.modules() if isinstance(m, QuantLinear)
+    )
+    act = train_activations(
+        shape, block_adapted(wrapped), Dtypes(p, p), dropout=0.05, largest_packed_weights=largest,
+        distill=True,
+    )  # fmt: skip
+    predicted = act.peak(ids.numel(), 2, checkpointing)
+    grads = sum(p.numel() * 4 for p in wrapped.parameters() if p.requires_grad)
+    assert 0.88 * predicted <= tracker.peak <= 1.05 * (predicted + grads), (
+        tracker.peak,
+        predicted,
+    )
+    settings = PlanSettings(bits=4, group_size=32, num_blocks=8, dtype=str(dtype)[6:])
+    plain = MemoryPlan(load_source_from(teacher.config), settings)
+    distilled = MemoryPlan(
+        load_source_from(teacher.config), dataclasses.replace(settings, distill=True)
+    )
+    assert distilled.teacher() == sum(t.numel() * t.element_size() for t in teacher.parameters())
+    assert distilled.train().device - plain.train().device > distilled.teacher()
+    with pytest.raises(UserError, match="--distill is refused under FSDP"):
+        dataclasses.replace(settings, distill=True, processes=2)
 
 
 def test_largest_micro_batch_fits_and_twice_it_does_not():

@@ -23,6 +23,11 @@ cast copy of the output head's weight (V·h·c) is saved too, and of every float
 for a float base. With gradient checkpointing a layer keeps only its input (h·p) and one layer's
 activations come back while its backward runs.
 
+Distillation (`--distill`) replaces the loss phase's transient with the KL's: the teacher's
+logits (cV) and float32 tensors over the vocabulary (the student's and the teacher's log-softmax,
+kept for backward, their float32 copies and the gradients): `DISTILL_FLOAT32_COPIES`·4V + cV a
+token (the LM loss's own transient has ended inside the model's forward by then).
+
 The step's peak adds a transient to what is saved: the loss's (logits in c and their float32
 copy in forward, two float32 gradients of the logits in backward: at most max(cV + 4V, 8V) a
 token), or, later in backward, the larger of one packed layer dequantized (8 bytes a weight: the
@@ -47,6 +52,9 @@ ATTN_OUT = ("o_proj", "dense", "out_proj")
 MLP_IN = ("gate_proj", "up_proj", "gate_up_proj", "fc1", "w1", "w3", "dense_h_to_4h")
 MLP_MID = ("down_proj", "fc2", "w2", "dense_4h_to_h")
 INPUT_BYTES_PER_TOKEN = 3 * 8  # input_ids, labels and attention_mask (int64) in the batch
+DISTILL_FLOAT32_COPIES = (
+    6  # float32 vocabulary-sized tensors a token at the KL's peak (measured 5.4-5.9)
+)
 
 
 @dataclass(frozen=True)
@@ -90,16 +98,19 @@ class TrainActivations:
     layer_transient: int  # per token, a DiaBlo layer's backward transient
     dequant: int  # one packed layer dequantized (the largest)
     fixed: int  # per step: autocast's saved weight copies
+    distill: int = 0  # per token, the distillation loss's tensors (0: the plain LM loss)
 
     def peak(self, tokens: int, layers: int, checkpointing: bool) -> int:
         """Peak bytes above the model state for a micro-batch of `tokens` tokens."""
         base = tokens * INPUT_BYTES_PER_TOKEN + self.fixed
         late = max(self.dequant, tokens * self.layer_transient)  # in a layer's backward
+        # The LM loss's transient is gone (inside the model's forward) when the KL's begins.
+        loss_transient = max(self.loss_transient, self.distill)
         if not checkpointing:
             saved = tokens * (layers * self.per_layer + self.shared)
-            return base + saved + max(tokens * self.loss_transient, late - tokens * self.logprobs)
+            return base + saved + max(tokens * loss_transient, late - tokens * self.logprobs)
         kept = tokens * layers * self.checkpoint
-        loss = tokens * (self.shared + self.loss_transient)
+        loss = tokens * (self.shared + loss_transient)
         layer = tokens * (self.shared - self.logprobs + self.per_layer) + late
         return base + kept + max(loss, layer)
 
@@ -113,6 +124,7 @@ def train_activations(
     rank: int = 0,
     largest_packed_weights: int = 0,
     float_linear_weights: int = 0,
+    distill: bool = False,
 ) -> TrainActivations:
     """The per-token terms of the module docstring for this model and adapter (a registered
     name or method: its `activation_bytes_per_layer`); `per_block`: the adapted layers of one
@@ -142,6 +154,7 @@ def train_activations(
         layer_transient=2 * c * i,
         dequant=8 * largest_packed_weights,
         fixed=fixed,
+        distill=v * (DISTILL_FLOAT32_COPIES * 4 + c) if distill else 0,
     )
 
 

@@ -101,7 +101,16 @@ class MemoryPlan:
             s.rank,
             self.largest if self.bits is not None else 0,
             0 if self.bits is not None else self.linear_weights(),
+            distill=s.distill,
         )
+
+    def teacher(self) -> int:
+        """--distill's full-precision teacher: every weight in the float dtype (an fp base's
+        float parameters already count its linear layers)."""
+        if not self.settings.distill:
+            return 0
+        linears = self.linear_weights() * self.dtypes.param if self.bits is not None else 0
+        return linears + self.state.other
 
     def linear_weights(self) -> int:
         """Weights of every decoder linear layer."""
@@ -111,10 +120,13 @@ class MemoryPlan:
         s = self.settings
         b, t = micro_batch or s.micro_batch, seq_len or s.seq_len
         act = self.train_activations().peak(b * t, self.shape.layers, s.checkpointing)
-        need = self.state.total + act
+        teacher = self.teacher()
+        need = self.state.total + teacher + act
         note = f"micro-batch {b}×{t}, state {_g(self.state.total)} + activations {_g(act)}"
+        if teacher:
+            note += f" + teacher {_g(teacher)}"
         if s.device == "cpu":
-            host = HOST_RUNTIME + self.state.total + int(CPU_ALLOCATOR * act)
+            host = HOST_RUNTIME + self.state.total + teacher + int(CPU_ALLOCATOR * act)
             return Peak("train", host, None, note)
         return Peak("train", HOST_RUNTIME + self.state.base, need, note)
 

@@ -59,6 +59,13 @@ class PlanSettings:
             "default: this machine's GPU, if any"
         ),
     )
+    distill: bool = field(
+        default=False,
+        metadata=_meta(
+            "train: with --distill, the full-precision teacher beside the student (its weights, "
+            "and its logits with the KL's float32 tensors in the loss); not under FSDP"
+        ),
+    )
     calib_samples: int = field(default=128, metadata=_meta("quantize: calibration windows"))
     calib_seq_len: int = field(default=2048, metadata=_meta("quantize: tokens per window"))
     reconstruct: bool = field(
@@ -91,3 +98,5 @@ class PlanSettings:
         for name in ("num_blocks", "rank", "micro_batch", "seq_len", "processes", "eval_batch"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be ≥ 1")
+        if self.distill and self.processes > 1:
+            raise UserError("--distill is refused under FSDP (--processes > 1): plan one process")

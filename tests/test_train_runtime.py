@@ -74,6 +74,11 @@ def test_a_gpu_gets_bf16_checkpointing_and_the_planners_micro_batch(gpu, tmp_pat
         d for d in (1, 2, 4, 8, 16) if d <= fits
     )
 
+    # --distill: the full-precision teacher shares the GPU, so fewer examples fit a pass.
+    _, distilled = resolve_runtime(dataclasses.replace(config, distill=str(folder)))
+    with_teacher = MemoryPlan(load_source(str(folder)), dataclasses.replace(settings, distill=True))
+    assert distilled.planner["fits"] == with_teacher.largest_micro_batch(24 * GiB) < fits
+
     resolved, _ = resolve_runtime(dataclasses.replace(config, base="nf4"))
     assert resolved.gradient_checkpointing is True  # a quantized base: on
     resolved, runtime = resolve_runtime(dataclasses.replace(config, micro_batch_size=2))

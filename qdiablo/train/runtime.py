@@ -106,6 +106,7 @@ def planned_micro_batch(
         log.warning("micro-batch: %s; using the whole per-device batch %d", e, per_device)
         return per_device, {"error": str(e)}
     packed = config.base in PACKED_KINDS or config.base == "nf4"
+    processes = devices if fsdp_requested() else 1  # FSDP2 shards the model state
     settings = PlanSettings(
         bits=(source.bits or 4) if packed else None,
         group_size=source.group_size or 64,
@@ -118,7 +119,8 @@ def planned_micro_batch(
         precision=config.precision,
         dtype=config.dtype,
         checkpointing=bool(config.gradient_checkpointing),
-        processes=devices if fsdp_requested() else 1,  # FSDP2 shards the model state
+        processes=processes,
+        distill=bool(config.distill) and processes == 1,  # under FSDP train refuses it next
     )
     fits = MemoryPlan(source, settings).largest_micro_batch(memory)
     micro = max(

@@ -11,7 +11,7 @@ from qdiablo.export import load_exported
 
 pytestmark = pytest.mark.slow
 
-SHORT = ["--calib-samples", "8", "--recon-steps", "3", "--steps", "6", "--limit", "1"]
+SHORT = ["--calib-samples", "8", "--recon-steps", "3", "--steps", "4", "--limit", "1"]
 SHORT += ["--max-new-tokens", "24"]
 
 

@@ -4,9 +4,9 @@ distributions (`qdiablo train --distill TEACHER`).
 The teacher runs on the fly, on the same batch, under no_grad: one forward of the full-precision
 model per step plus a KL exact over the whole vocabulary, and nothing to store (a distilled step
 took ~1.5× a plain one on SmolLM2-135M on a CPU, where the 49k-token vocabulary is a large
-share). Caching top-k teacher logits instead would save that forward
-only when the same text is seen again, i.e. from the second epoch on; the runs here train one
-epoch or less, and a top-k cache changes the loss (the tail of the distribution is dropped).
+share). Caching top-k teacher logits instead would save that forward only when the same text is
+seen again, i.e. from the second epoch on; the runs here train one epoch or less, and a top-k
+cache changes the loss (the tail of the distribution is dropped).
 """
 
 from __future__ import annotations
